@@ -1,0 +1,24 @@
+"""Where a tensor's work runs: the Triton kernels or the PyTorch path.
+
+The library's contract: CUDA tensors run the Triton kernels; CPU tensors run the
+PyTorch path, unless ``TRITON_INTERPRET=1`` is set, in which case they run the Triton
+kernels through Triton's interpreter (that is how CI tests every kernel).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def interpret_mode() -> bool:
+    """True when Triton's interpreter is switched on for this process."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when ``t``'s work should go through the Triton kernels."""
+    if t.device.type == "cuda":
+        return True
+    return t.device.type == "cpu" and interpret_mode()

@@ -1,0 +1,138 @@
+"""The omni router as a ``torch.library`` custom op.
+
+``omni_router`` and the two Triton entry points (``triton_omni_router_func``: the
+original full scan, ``triton_omni_router_func_optimized``: the exact pruned kernel) all
+go through the ops registered here, so every one of them validates its arguments the
+same way, has the same backward, and is traceable by ``torch.compile(fullgraph=True)``.
+
+Dispatch (see ``omni_moe._dispatch``): CUDA tensors, and CPU tensors under
+``TRITON_INTERPRET=1``, run the Triton kernels of the chosen algorithm; other CPU
+tensors run ``omni_moe.reference.router_pruned``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import use_triton
+from .reference.router import router_backward_reference, router_pruned
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ALGORITHMS = ("fullscan", "pruned")
+# Flat expert indices are int32.
+MAX_NUM_EXPERT_SQRT = 46340
+
+
+def check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token):
+    """Validate user input; raise TypeError/ValueError naming the offending argument."""
+    for name, t in (("router_logits_x", router_logits_x), ("router_logits_y", router_logits_y)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must have shape (T, N), got {tuple(t.shape)}")
+    x, y = router_logits_x, router_logits_y
+    if y.dtype != x.dtype:
+        raise TypeError(f"router_logits_y has dtype {y.dtype} but router_logits_x has {x.dtype}")
+    if y.device != x.device:
+        raise ValueError(f"router_logits_y is on {y.device} but router_logits_x is on {x.device}")
+    if y.shape != x.shape:
+        raise ValueError(
+            f"router_logits_y has shape {tuple(y.shape)} but router_logits_x has {tuple(x.shape)}"
+        )
+    for name, v in (("num_expert_sqrt", num_expert_sqrt), ("num_experts_per_token", num_experts_per_token)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    n = num_expert_sqrt
+    if n < 1 or n > MAX_NUM_EXPERT_SQRT:
+        raise ValueError(f"num_expert_sqrt must be in [1, {MAX_NUM_EXPERT_SQRT}], got {n}")
+    if x.shape[1] != n:
+        raise ValueError(
+            f"num_expert_sqrt={n} does not match router_logits_x.shape[1]={x.shape[1]}"
+        )
+    k = num_experts_per_token
+    if k < 0 or k > n * n:
+        raise ValueError(f"num_experts_per_token must be in [0, {n * n}] (N*N), got {k}")
+
+
+def _triton_forward(algorithm: str):
+    if algorithm == "fullscan":
+        from .triton.omni_router import fullscan_router_forward
+
+        return fullscan_router_forward
+    if algorithm == "pruned":
+        from .triton.omni_router_optimized import pruned_router_forward
+
+        return pruned_router_forward
+    raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+
+
+@torch.library.custom_op("omni_moe::router_forward", mutates_args=())
+def _router_forward(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        return _triton_forward(algorithm)(x, y, k)
+    return router_pruned(x, y, k)
+
+
+@_router_forward.register_fake
+def _(x, y, k, algorithm):
+    T = x.shape[0]
+    return x.new_empty((T, k)), x.new_empty((T, k), dtype=torch.int32)
+
+
+@torch.library.custom_op("omni_moe::router_backward", mutates_args=())
+def _router_backward(grad: torch.Tensor, indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(grad):
+        from .triton.router_backward import router_backward
+
+        return router_backward(grad, indices, n)
+    return router_backward_reference(grad, indices, n)
+
+
+@_router_backward.register_fake
+def _(grad, indices, n):
+    T = grad.shape[0]
+    return grad.new_empty((T, n)), grad.new_empty((T, n))
+
+
+def _setup_context(ctx, inputs, output):
+    x, _, _, _ = inputs
+    ctx.save_for_backward(output[1])
+    ctx.n = x.shape[1]
+
+
+def _backward(ctx, grad_scores, grad_indices):
+    (indices,) = ctx.saved_tensors
+    dx, dy = torch.ops.omni_moe.router_backward(grad_scores, indices, ctx.n)
+    return dx, dy, None, None
+
+
+_router_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def route(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token, algorithm):
+    """Validate, then run the router op with the given Triton algorithm."""
+    check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token)
+    return torch.ops.omni_moe.router_forward(
+        router_logits_x, router_logits_y, num_experts_per_token, algorithm
+    )
+
+
+def omni_router(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token):
+    """Top-k experts of the N x N Cartesian-product grid; the fastest exact router.
+
+    Args:
+        router_logits_x, router_logits_y: (T, N) float32/float16/bfloat16 tensors on
+            one device; any strides (e.g. the two column halves of one (T, 2N) tensor).
+        num_expert_sqrt: N.
+        num_experts_per_token: k, 0 <= k <= N*N.
+
+    Returns:
+        scores: (T, k) in the input dtype, sorted descending; scores[t, r] is
+            float32(x[t, i]) + float32(y[t, j]) rounded, for indices[t, r] = i*N + j.
+        indices: (T, k) int32, distinct per row.
+
+    Differentiable in both logits (scores only).  See docs/omni_router.md.
+    """
+    return route(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token, "pruned")

@@ -1,0 +1,1 @@
+"""Triton kernels.  One file per op; small shared helpers in ``utils``."""

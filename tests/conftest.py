@@ -1,0 +1,20 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+# Kernel tests run on CUDA when present, else on CPU through Triton's interpreter.
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@pytest.fixture
+def device():
+    if HAS_CUDA:
+        return "cuda"
+    if not INTERPRET:
+        pytest.fail("kernel tests need CUDA or TRITON_INTERPRET=1 (see README)")
+    return "cpu"
