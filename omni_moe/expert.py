@@ -1,0 +1,223 @@
+"""The atomic-expert op (``omni_expert``) as ``torch.library`` custom ops.
+
+    out[t] = sum_r act(u[idx[t,r]] . h[t]) * w[t,r] * v[idx[t,r]]
+
+u = up_weights, v = down_weights (row e: expert e's input / output vector), w =
+routing_weights (= exp(router scores)).  Forward and backward are custom ops with fake
+(meta) implementations and a registered autograd formula, so ``torch.compile(
+fullgraph=True)`` traces through them.  In eager mode the same two implementation
+functions run behind a ``torch.autograd.Function`` instead (less host time per call);
+both paths give identical bits (tested).
+
+Dispatch (``omni_moe._dispatch.use_triton``): CUDA tensors, and CPU tensors under
+``TRITON_INTERPRET=1``, run the expert-centric Triton kernels of
+``omni_moe.triton.omni_expert``; other CPU tensors run the token-centric PyTorch
+reference of ``omni_moe.reference.expert``.
+
+Index range: indices must lie in [0, E).  Checking that on a CUDA tensor needs a device
+-> host sync, which this op never does; there, out-of-range slots are masked instead
+(they contribute nothing to ``out`` and get zero gradients; no memory outside the
+tensors is read).  For CPU tensors (no sync to pay) the op raises ValueError.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import use_triton
+from .reference.expert import ACTIVATIONS, expert_backward_reference, expert_forward_reference
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_INT32_MAX = 2**31 - 1
+
+
+def check_expert_args(hidden_states, up_weights, down_weights, routing_weights, indices, act):
+    """Validate user input; raise TypeError/ValueError naming the offending argument.
+
+    Only metadata is checked here (no data reads, so it is free and traceable); the
+    index range is checked inside the op (see the module docstring).
+    """
+    named = (("hidden_states", hidden_states), ("up_weights", up_weights),
+             ("down_weights", down_weights), ("routing_weights", routing_weights),
+             ("indices", indices))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    for name, t in named[:4]:
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if indices.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
+    if not isinstance(act, str):
+        raise TypeError(f"act must be a str, got {type(act).__name__}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    dev = hidden_states.device
+    for name, t in named[1:]:
+        if t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but hidden_states is on {dev}")
+    T, H = hidden_states.shape
+    E = up_weights.shape[0]
+    if up_weights.shape[1] != H:
+        raise ValueError(
+            f"up_weights must have shape (E, H={H}), got {tuple(up_weights.shape)}")
+    if tuple(down_weights.shape) != tuple(up_weights.shape):
+        raise ValueError(
+            f"down_weights has shape {tuple(down_weights.shape)} but up_weights has "
+            f"{tuple(up_weights.shape)}")
+    if routing_weights.shape[0] != T:
+        raise ValueError(
+            f"routing_weights must have shape (T={T}, k), got {tuple(routing_weights.shape)}")
+    if tuple(indices.shape) != tuple(routing_weights.shape):
+        raise ValueError(
+            f"indices has shape {tuple(indices.shape)} but routing_weights has "
+            f"{tuple(routing_weights.shape)}")
+    if E > _INT32_MAX:
+        raise ValueError(f"up_weights has {E} rows; at most {_INT32_MAX} experts are supported")
+    if indices.numel() > _INT32_MAX:
+        raise ValueError(f"indices has {indices.numel()} elements; at most {_INT32_MAX} supported")
+
+
+def _check_index_range_cpu(indices: torch.Tensor, num_experts: int):
+    if indices.device.type == "cpu" and indices.numel() > 0:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(
+                f"indices must be in [0, {num_experts}) (num experts = up_weights.shape[0]), "
+                f"got values in [{lo}, {hi}]")
+
+
+def _forward_impl(h, up, down, w, idx, act):
+    """(out, a, sorted_e, perm); the last two are empty on the PyTorch path."""
+    _check_index_range_cpu(idx, up.shape[0])
+    if use_triton(h):
+        from .triton.omni_expert import expert_forward
+
+        return expert_forward(h, up, down, w, idx, act)
+    out, a = expert_forward_reference(h, up, down, w, idx, act)
+    # The PyTorch path needs no grouping; empty placeholders keep the op's signature.
+    return out, a.contiguous(), idx.new_empty((0,), dtype=torch.int32), idx.new_empty((0,), dtype=torch.int64)
+
+
+def _backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup, need_ddown):
+    """(dh, dup, ddown, dw); a gradient not needed comes back as an empty (0,) tensor."""
+    if use_triton(h):
+        from .triton.omni_expert import expert_backward
+
+        dh, dup, ddown, dw = expert_backward(grad_out, h, up, down, w, idx, a, sorted_e, perm, act,
+                                             need_dh, need_dup, need_ddown)
+    else:
+        dh, dup, ddown, dw = expert_backward_reference(grad_out, h, up, down, w, idx, a, act)
+    return (dh if need_dh else h.new_empty((0,)), dup if need_dup else up.new_empty((0,)),
+            ddown if need_ddown else down.new_empty((0,)), dw)
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library custom ops: what torch.compile traces (opaque to the compiler).
+
+@torch.library.custom_op("omni_moe::expert_forward", mutates_args=())
+def _expert_forward(h: torch.Tensor, up: torch.Tensor, down: torch.Tensor, w: torch.Tensor,
+                    idx: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward_impl(h, up, down, w, idx, act)
+
+
+@_expert_forward.register_fake
+def _(h, up, down, w, idx, act):
+    T, H = h.shape
+    K = idx.shape[1]
+    P = T * K if use_triton(h) else 0
+    return (h.new_empty((T, H)), h.new_empty((T, K), dtype=torch.float32),
+            h.new_empty((P,), dtype=torch.int32), h.new_empty((P,), dtype=torch.int64))
+
+
+@torch.library.custom_op("omni_moe::expert_backward", mutates_args=())
+def _expert_backward(grad_out: torch.Tensor, h: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                     w: torch.Tensor, idx: torch.Tensor, a: torch.Tensor, sorted_e: torch.Tensor,
+                     perm: torch.Tensor, act: str, need_dh: bool, need_dup: bool,
+                     need_ddown: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup, need_ddown)
+
+
+@_expert_backward.register_fake
+def _(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup, need_ddown):
+    return (h.new_empty(h.shape if need_dh else (0,)),
+            up.new_empty(up.shape if need_dup else (0,)),
+            down.new_empty(down.shape if need_ddown else (0,)),
+            w.new_empty(w.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    h, up, down, w, idx, act = inputs
+    _, a, sorted_e, perm = output
+    ctx.save_for_backward(h, up, down, w, idx, a, sorted_e, perm)
+    ctx.act = act
+
+
+def _grads(ctx, grad_out, backward_fn):
+    h, up, down, w, idx, a, sorted_e, perm = ctx.saved_tensors
+    need_dh, need_dup, need_ddown, need_dw = ctx.needs_input_grad[:4]
+    if not (need_dh or need_dup or need_ddown or need_dw):
+        return None, None, None, None, None, None
+    if grad_out is None:
+        grad_out = torch.zeros_like(h)
+    dh, dup, ddown, dw = backward_fn(grad_out, h, up, down, w, idx, a, sorted_e, perm, ctx.act,
+                                     bool(need_dh), bool(need_dup), bool(need_ddown))
+    return (dh if need_dh else None, dup if need_dup else None,
+            ddown if need_ddown else None, dw if need_dw else None, None, None)
+
+
+def _backward(ctx, grad_out, _grad_a, _grad_sorted, _grad_perm):
+    return _grads(ctx, grad_out, torch.ops.omni_moe.expert_backward)
+
+
+_expert_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# Eager mode: the same implementation behind a plain autograd.Function.  A custom op
+# call costs tens of microseconds of host time (dispatcher + Python), paid twice per
+# step; in eager mode that is time the GPU idles between this op's short kernels.
+
+class _ExpertFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, up, down, w, idx, act):
+        out, a, sorted_e, perm = _forward_impl(h, up, down, w, idx, act)
+        ctx.save_for_backward(h, up, down, w, idx, a, sorted_e, perm)
+        ctx.act = act
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        return _grads(ctx, grad_out, _backward_impl)
+
+
+def omni_expert(hidden_states, up_weights, down_weights, routing_weights, indices, act="silu"):
+    """Atomic-expert mixture: out[t] = sum_r act(u_e . h_t) * w[t, r] * v_e, e = indices[t, r].
+
+    Args:
+        hidden_states: (T, H) float32/float16/bfloat16.
+        up_weights, down_weights: (E, H) float tensors (the ``up_embed`` /
+            ``down_embed`` weights): row e is expert e's input vector u_e / output
+            vector v_e.
+        routing_weights: (T, k) float tensor (exp of the router scores).
+        indices: (T, k) int32 or int64 in [0, E); duplicates allowed.
+        act: "silu", "gelu" (exact erf form) or "relu".
+
+    Returns:
+        (T, H) tensor in hidden_states' dtype; float32 accumulation, one rounding.
+
+    Differentiable in hidden_states, up_weights, down_weights (dense (E, H) gradients,
+    zero rows for unused experts) and routing_weights; not in indices.  Any strides,
+    T, k or E may be 0; the float inputs may have different dtypes.  Deterministic
+    (bitwise) run to run.  On CUDA, out-of-range indices are masked rather than
+    reported (reporting would need a host sync); on CPU they raise ValueError.
+    """
+    check_expert_args(hidden_states, up_weights, down_weights, routing_weights, indices, act)
+    if torch.compiler.is_compiling():
+        return torch.ops.omni_moe.expert_forward(
+            hidden_states, up_weights, down_weights, routing_weights, indices, act)[0]
+    return _ExpertFunction.apply(hidden_states, up_weights, down_weights, routing_weights, indices, act)

@@ -1,0 +1,427 @@
+"""Tests of the atomic-expert op: forward and every gradient against float64.
+
+Kernel tests run the Triton kernels: on CUDA when present, else on CPU through Triton's
+interpreter (TRITON_INTERPRET=1).  Run:
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_expert.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import omni_moe
+from omni_moe import omni_expert
+from omni_moe.expert import check_expert_args
+from omni_moe.reference.expert import (
+    expert_backward_reference,
+    expert_forward_reference,
+    expert_naive,
+)
+from omni_moe.triton import omni_expert as kern
+
+HAS_CUDA = torch.cuda.is_available()
+ACTS = ("silu", "gelu", "relu")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Slack (eps) of the low-precision criterion "no worse than 2x naive PyTorch + eps":
+# a quarter of the relative error of rounding the exact result once to the output
+# dtype (half an ulp at 1.0), which both sides pay.
+ROUNDING = {torch.float16: 2.0**-11 / 4, torch.bfloat16: 2.0**-9 / 4}
+
+
+# --------------------------------------------------------------------------- inputs
+
+def make_indices(T, k, E, kind, gen, dtype=torch.int64):
+    """(T, k) indices in [0, E).
+
+    random: uniform, duplicates possible within a row;  distinct: distinct per row
+    (as the router returns; needs k <= E);  skewed: most pairs on a few hot experts,
+    about half the experts unused.
+    """
+    if kind == "random":
+        idx = torch.randint(0, E, (T, k), generator=gen)
+    elif kind == "distinct":
+        idx = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :k]
+    elif kind == "skewed":
+        hot = torch.randint(0, max(1, E // 4), (T, k), generator=gen)
+        cold = torch.randint(0, max(1, E // 2), (T, k), generator=gen) * 2 % E
+        idx = torch.where(torch.rand(T, k, generator=gen) < 0.7, hot, cold)
+    else:
+        raise ValueError(kind)
+    return idx.to(dtype)
+
+
+def make_inputs(T, H, E, k, dtypes, device, kind="random", seed=0, idx_dtype=torch.int64):
+    """Fresh (h, up, down, w, idx, grad_out); dtypes = (h, up, down, w) dtypes or one."""
+    if isinstance(dtypes, torch.dtype):
+        dtypes = (dtypes,) * 4
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(T, H, generator=g)
+    up = torch.randn(E, H, generator=g) / max(H, 1) ** 0.5 * 2.0
+    down = torch.randn(E, H, generator=g)
+    w = torch.rand(T, k, generator=g) + 0.05
+    go = torch.randn(T, H, generator=g)
+    idx = make_indices(T, k, E, kind, g, idx_dtype) if E > 0 else torch.zeros(T, k, dtype=idx_dtype)
+    ts = [x.to(dt).to(device) for x, dt in zip((h, up, down, w), dtypes)]
+    return (*ts, idx.to(device), go.to(dtypes[0]).to(device))
+
+
+def rel_l2(x, ref):
+    x = x.detach().double().cpu()
+    ref = ref.detach().double().cpu()
+    assert x.shape == ref.shape
+    assert not torch.isnan(x).any(), "NaN in result"
+    den = ref.norm().item()
+    num = (x - ref).norm().item()
+    if den == 0.0:
+        return num
+    return num / den
+
+
+def run_op(h, up, down, w, idx, go, act, fn=omni_expert):
+    leaves = [x.detach().clone().requires_grad_() for x in (h, up, down, w)]
+    out = fn(*leaves, idx, act)
+    out.backward(go)
+    return [out.detach()] + [x.grad for x in leaves]
+
+
+def run_naive(h, up, down, w, idx, go, act, dtype):
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (h, up, down, w)]
+    out = expert_naive(*leaves, idx, act)
+    out.backward(go.to(dtype))
+    return [out.detach()] + [x.grad for x in leaves]
+
+
+NAMES = ("out", "d_hidden", "d_up", "d_down", "d_routing")
+
+
+def check_against_float64(h, up, down, w, idx, go, act, got, fp32_tol=1e-5):
+    """Every result vs the float64 oracle; low precision vs naive PyTorch in that dtype."""
+    assert got[0].dtype == h.dtype and got[0].shape == h.shape
+    for g, x in zip(got[1:], (h, up, down, w)):
+        assert g.dtype == x.dtype and g.shape == x.shape
+    ref = run_naive(h, up, down, w, idx, go, act, torch.float64)
+    dtypes = [h.dtype, h.dtype, up.dtype, down.dtype, w.dtype]
+    low = [d for d in dtypes if d != torch.float32]
+    naive = None
+    if low:
+        lowest = torch.bfloat16 if torch.bfloat16 in low else torch.float16
+        naive = run_naive(h, up, down, w, idx, go, act, lowest)
+    for i, name in enumerate(NAMES):
+        err = rel_l2(got[i], ref[i])
+        if dtypes[i] == torch.float32 and not low:
+            assert err <= fp32_tol, f"{name}: rel L2 {err:.3g} > {fp32_tol}"
+        else:
+            lowest = torch.bfloat16 if torch.bfloat16 in low else torch.float16
+            bound = 2.0 * rel_l2(naive[i], ref[i]) + ROUNDING[lowest]
+            assert err <= bound, f"{name}: rel L2 {err:.3g} > {bound:.3g} (2x naive {lowest})"
+
+
+# --------------------------------------------------------------------------- correctness
+
+CASES = [
+    # (T, H, E, k, kind)
+    (1, 8, 4, 1, "random"),
+    (7, 8, 9, 3, "random"),
+    (7, 48, 64, 3, "distinct"),
+    (33, 48, 9, 8, "random"),       # k close to E, many duplicates within rows
+    (33, 8, 64, 8, "distinct"),
+    (33, 48, 64, 3, "skewed"),
+    (17, 300, 20, 2, "random"),     # H above one column block, not a power of two
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}_H{}_E{}_k{}_{}".format(*c))
+def test_matches_float64_three_calls(case, dtype, device):
+    T, H, E, k, kind = case
+    for call in range(3):  # consecutive calls, fresh inputs each
+        act = ACTS[(call + len(kind)) % 3]
+        inputs = make_inputs(T, H, E, k, dtype, device, kind, seed=100 * call + T + H + E + k,
+                             idx_dtype=(torch.int32, torch.int64)[call % 2])
+        got = run_op(*inputs, act)
+        check_against_float64(*inputs, act, got)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_activations_float32(act, device):
+    for call in range(3):
+        inputs = make_inputs(33, 48, 9, 3, torch.float32, device, "random", seed=7 + call)
+        check_against_float64(*inputs, act, run_op(*inputs, act))
+
+
+@pytest.mark.parametrize("dtypes", [
+    (torch.bfloat16, torch.float32, torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16, torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16, torch.float16, torch.float32),
+], ids=["h_bf16", "weights_bf16", "w_fp32"])
+def test_mixed_dtypes(dtypes, device):
+    inputs = make_inputs(9, 48, 9, 3, dtypes, device, "random", seed=3)
+    check_against_float64(*inputs, "silu", run_op(*inputs, "silu"))
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 4, 3), (5, 8, 4, 0), (0, 8, 0, 2), (4, 0, 3, 2)],
+                         ids=["T0", "k0", "T0_E0", "H0"])
+def test_empty(shape, device):
+    T, H, E, k = shape
+    inputs = make_inputs(T, H, E, k, torch.float32, device, "random", seed=1)
+    h, up, down, w, idx, go = inputs
+    got = run_op(*inputs, "gelu")
+    assert got[0].shape == (T, H) and torch.equal(got[0], torch.zeros(T, H, device=device))
+    for g, x in zip(got[1:], (h, up, down, w)):
+        assert g.shape == x.shape and not torch.isnan(g).any()
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_non_contiguous(device):
+    T, H, E, k = 13, 40, 11, 3
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(H, T, generator=g).to(device).t()                    # column-major
+    big = (torch.randn(E, 3 * H, generator=g) / H ** 0.5).to(device)
+    up = big[:, H:2 * H]                                                 # row stride 3H
+    down = torch.randn(H, E, generator=g).to(device).t()                 # column-major
+    w = (torch.rand(k, T, generator=g) + 0.1).to(device).t()
+    idx = torch.randint(0, E, (k, T), generator=g).to(torch.int32).to(device).t()
+    go = torch.randn(2 * T, H, generator=g).to(device)[::2]              # every other row
+    assert not any(x.is_contiguous() for x in (h, up, down, w, idx, go))
+    got = run_op(h, up, down, w, idx, go, "silu")
+    check_against_float64(h, up, down, w, idx, go, "silu", got)
+
+
+def test_only_some_inputs_need_grad(device):
+    h, up, down, w, idx, go = make_inputs(9, 16, 7, 2, torch.float32, device, seed=11)
+    full = run_op(h, up, down, w, idx, go, "silu")
+    for which in range(4):
+        leaves = [x.detach().clone().requires_grad_(i == which) for i, x in enumerate((h, up, down, w))]
+        out = omni_expert(*leaves, idx, "silu")
+        out.backward(go)
+        for i, x in enumerate(leaves):
+            if i == which:
+                assert torch.allclose(x.grad, full[1 + i], rtol=1e-6, atol=1e-6)
+            else:
+                assert x.grad is None
+    with torch.no_grad():
+        out = omni_expert(h, up, down, w, idx, "silu")
+    assert torch.allclose(out, full[0])
+
+
+def test_custom_op_path_matches_eager_path(device):
+    """omni_expert runs an autograd.Function eagerly and the custom ops under
+    torch.compile; both call the same implementation: identical bits."""
+    inputs = make_inputs(13, 24, 9, 3, torch.bfloat16, device, "random", seed=23)
+    eager = run_op(*inputs, "silu")
+    via_op = run_op(*inputs, "silu",
+                    fn=lambda *a: torch.ops.omni_moe.expert_forward(*a)[0])
+    for x, y in zip(eager, via_op):
+        assert torch.equal(x, y)
+    # A .sum() loss hands the backward an expanded (stride-0) gradient.
+    h, up, down, w, idx, _ = inputs
+    leaves = [x.detach().clone().requires_grad_() for x in (h, up, down, w)]
+    omni_expert(*leaves, idx, "silu").float().sum().backward()
+    ones = run_op(h, up, down, w, idx, torch.ones_like(h), "silu")
+    for x, y in zip(leaves, ones[1:]):
+        assert torch.equal(x.grad, y)
+
+
+def test_deterministic(device):
+    inputs = make_inputs(33, 48, 9, 8, torch.bfloat16, device, "skewed", seed=21)
+    first = run_op(*inputs, "silu")
+    for _ in range(2):
+        again = run_op(*inputs, "silu")
+        for x, y in zip(first, again):
+            assert torch.equal(x, y)
+
+
+def test_reference_path_matches_float64():
+    """The plain-CPU PyTorch path (reference forward + explicit backward formula)."""
+    for call, act in enumerate(ACTS):
+        h, up, down, w, idx, go = make_inputs(17, 24, 10, 4, torch.float32, "cpu", "random", seed=call)
+        out, a = expert_forward_reference(h, up, down, w, idx, act)
+        grads = expert_backward_reference(go, h, up, down, w, idx, a, act)
+        check_against_float64(h, up, down, w, idx, go, act, [out, *grads])
+
+
+# --------------------------------------------------------------------------- launchers: poison, ranges
+
+def _poison(t):
+    if t.dtype.is_floating_point:
+        return t.fill_(float("nan"))
+    return t.fill_(-1)
+
+
+def test_poisoned_outputs(device):
+    T, H, E, k = 21, 40, 64, 3   # 63 pairs over 64 experts: many unused rows
+    h, up, down, w, idx, go = make_inputs(T, H, E, k, torch.bfloat16, device, "random", seed=9)
+    w = w.float()
+    act = "gelu"
+    out, a, se, perm = kern.expert_forward(h, up, down, w, idx, act)
+    out_p = _poison(torch.empty_like(out))
+    a_p = _poison(torch.empty_like(a))
+    kern.expert_forward(h, up, down, w, idx, act, out=out_p, a=a_p)
+    assert torch.equal(out_p, out) and torch.equal(a_p, a)
+    grads = kern.expert_backward(go, h, up, down, w, idx, a, se, perm, act)
+    poisoned = [_poison(torch.empty_like(g)) for g in grads]
+    got = kern.expert_backward(go, h, up, down, w, idx, a, se, perm, act,
+                               dh=poisoned[0], dup=poisoned[1], ddown=poisoned[2], dw=poisoned[3])
+    used = torch.zeros(E, dtype=torch.bool, device=device)
+    used[idx.long().reshape(-1)] = True
+    assert not used.all()
+    for g, p, ref in zip(got, poisoned, grads):
+        assert g is p and torch.equal(p, ref)
+    assert torch.equal(got[1][~used], torch.zeros_like(got[1][~used]))
+    assert torch.equal(got[2][~used], torch.zeros_like(got[2][~used]))
+    check_against_float64(h, up, down, w, idx, go, act, [out, *got])
+
+
+@pytest.mark.parametrize("cfg", [(2, 16, 3, 4), (8, 64, 1, 4), (1, 32, 2, 2)], ids=str)
+def test_expert_grad_tilings_same_bits(cfg, device):
+    """The expert-gradient kernel sums each expert's pairs one at a time in sorted
+    order, whatever its tiling: every tiling gives identical bits."""
+    inputs = make_inputs(21, 40, 9, 3, torch.float32, device, "skewed", seed=4)
+    ref = run_op(*inputs, "gelu")
+    kern.CONFIG_OVERRIDE["expert_grad"] = cfg
+    try:
+        got = run_op(*inputs, "gelu")
+    finally:
+        kern.CONFIG_OVERRIDE["expert_grad"] = None
+    for x, y in zip(got, ref):
+        assert torch.equal(x, y)
+
+
+def test_out_of_range_indices_masked_by_kernels(device):
+    """The launchers never read outside the weights; bad slots contribute nothing."""
+    T, H, E, k = 11, 24, 6, 3
+    h, up, down, w, idx, go = make_inputs(T, H, E, k, torch.float32, device, seed=13)
+    bad = torch.zeros(T, k, dtype=torch.bool)
+    bad[0, 0] = bad[3, 2] = bad[5, 1] = bad[10, 0] = True
+    vals = torch.tensor([-1, E, 2**40, -(2**40)])
+    idx_bad = idx.clone().cpu()
+    idx_bad[bad] = vals
+    idx_bad = idx_bad.to(device)
+    out, a, se, perm = kern.expert_forward(h, up, down, w, idx_bad, "silu")
+    dh, dup, ddown, dw = kern.expert_backward(go, h, up, down, w, idx_bad, a, se, perm, "silu")
+    # Reference: the same pairs with zero routing weight and an in-range index.
+    w0 = w.clone()
+    w0[bad.to(device)] = 0.0
+    idx0 = torch.where(bad.to(device), torch.zeros_like(idx), idx)
+    ref = run_naive(h, up, down, w0, idx0, go, "silu", torch.float64)
+    assert rel_l2(out, ref[0]) <= 1e-5
+    assert rel_l2(dh, ref[1]) <= 1e-5
+    assert rel_l2(dup, ref[2]) <= 1e-5
+    assert rel_l2(ddown, ref[3]) <= 1e-5
+    good = ~bad.to(device)
+    assert rel_l2(dw[good], ref[4][good]) <= 1e-5
+    assert torch.equal(dw[~good], torch.zeros_like(dw[~good]))
+    # int32 indices: the same.
+    out32, _, _, _ = kern.expert_forward(h, up, down, w, idx_bad.clamp(-5, E + 5).to(torch.int32), "silu")
+    assert torch.equal(out32, out)
+
+
+def test_out_of_range_indices_raise_on_cpu():
+    h, up, down, w, idx, go = make_inputs(5, 8, 4, 2, torch.float32, "cpu", seed=2)
+    for v in (-1, 4):
+        bad = idx.clone()
+        bad[2, 1] = v
+        with pytest.raises(ValueError, match="indices"):
+            omni_expert(h, up, down, w, bad)
+
+
+def test_grouping_helpers(device):
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 10, (13, 4), generator=g).to(device)
+    se, perm = kern.group_pairs(idx, 10)
+    flat = idx.reshape(-1)
+    assert torch.equal(flat[perm].to(torch.int32), se)
+    assert bool((se[1:] >= se[:-1]).all())
+    same = se[1:] == se[:-1]
+    assert bool((perm[1:][same] > perm[:-1][same]).all()), "not stable"
+    off = kern.expert_offsets(se, 10).cpu()
+    counts = torch.bincount(flat.cpu(), minlength=10)
+    assert torch.equal(off[1:] - off[:-1], counts.to(off.dtype)) and off[0] == 0
+
+
+# --------------------------------------------------------------------------- API
+
+def test_exported():
+    assert omni_moe.omni_expert is omni_expert
+    assert "omni_expert" in omni_moe.__all__
+
+
+def test_bad_inputs():
+    h, up, down, w, idx, _ = make_inputs(4, 8, 5, 2, torch.float32, "cpu", seed=0)
+    good = dict(hidden_states=h, up_weights=up, down_weights=down, routing_weights=w, indices=idx)
+
+    def call(**kw):
+        args = dict(good)
+        act = kw.pop("act", "silu")
+        args.update(kw)
+        return omni_expert(args["hidden_states"], args["up_weights"], args["down_weights"],
+                           args["routing_weights"], args["indices"], act)
+
+    cases = [
+        (TypeError, "hidden_states", dict(hidden_states=h.numpy())),
+        (ValueError, "hidden_states", dict(hidden_states=h[0])),
+        (TypeError, "hidden_states", dict(hidden_states=h.double())),
+        (TypeError, "up_weights", dict(up_weights=up.to(torch.int32))),
+        (ValueError, "up_weights", dict(up_weights=up[:, :7])),
+        (ValueError, "up_weights", dict(up_weights=up[None])),
+        (ValueError, "down_weights", dict(down_weights=down[:4])),
+        (TypeError, "routing_weights", dict(routing_weights=w.double())),
+        (ValueError, "routing_weights", dict(routing_weights=w[:3])),
+        (ValueError, "indices", dict(indices=idx[:, :1])),
+        (TypeError, "indices", dict(indices=idx.float())),
+        (TypeError, "indices", dict(indices=idx.to(torch.int16))),
+        (ValueError, "indices", dict(indices=idx.to("meta"))),
+        (ValueError, "down_weights", dict(down_weights=down.to("meta"))),
+        (ValueError, "act", dict(act="tanh")),
+        (TypeError, "act", dict(act=None)),
+    ]
+    for exc, name, kw in cases:
+        with pytest.raises(exc, match=name):
+            call(**kw)
+    check_expert_args(h, up, down, w, idx, "relu")  # the good case passes
+
+
+def test_torch_compile_fullgraph(device):
+    inputs = make_inputs(9, 16, 7, 3, torch.float32, device, seed=17)
+    h, up, down, w, idx, go = inputs
+    eager = run_op(*inputs, "gelu")
+
+    def layer(h, up, down, w, idx):
+        return omni_expert(h * 1.0, up, down, torch.exp(torch.log(w)), idx, act="gelu")
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        got = run_op(*inputs, "gelu", fn=lambda a, b, c, d, i, act: compiled(a, b, c, d, i))
+        for x, y in zip(got, eager):
+            assert torch.allclose(x, y, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- cost model
+
+def test_floor_bytes():
+    # (8192, 1024, 65536, 32) bf16: ~64.3K distinct experts -> ~251 MiB of weight rows.
+    D = kern.expected_distinct_experts(8192, 32, 65536)
+    assert 64000 < D < 64500
+    fwd = kern.expert_floor_bytes(8192, 1024, 65536, 32, 2)
+    assert fwd == pytest.approx(2 * D * 1024 * 2 + 2 * 8192 * 1024 * 2 + 8192 * 32 * 6)
+    both = kern.expert_floor_bytes(8192, 1024, 65536, 32, 2, backward=True)
+    sparse = kern.expert_floor_bytes(8192, 1024, 65536, 32, 2, backward=True, dense_weight_grads=False)
+    assert both > sparse > 2 * fwd * 0.9
+    assert kern.expert_floor_bytes(4, 8, 16, 2, 2, distinct=3) == 2 * 3 * 8 * 2 + 2 * 4 * 8 * 2 + 4 * 2 * 6
+
+
+# --------------------------------------------------------------------------- GPU, larger
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="large sizes need CUDA")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", [(512, 256, 4096, 16, "random"), (1024, 512, 65536, 32, "distinct"),
+                                  (1000, 200, 300, 8, "skewed")],
+                         ids=lambda c: "T{}_H{}_E{}_k{}_{}".format(*c))
+def test_large_gpu(case, dtype):
+    T, H, E, k, kind = case
+    for call in range(3):
+        inputs = make_inputs(T, H, E, k, dtype, "cuda", kind, seed=call)
+        got = run_op(*inputs, ACTS[call])
+        check_against_float64(*inputs, ACTS[call], got)
