@@ -1,0 +1,5 @@
+"""Benchmarks behind ``omni-moe bench ...`` (see docs/benchmarks.md).
+
+``router``: every router implementation, forward and backward, against the HBM floor.
+``layer``: the whole OmniMoE layer.
+"""

@@ -1,0 +1,473 @@
+"""``omni-moe bench router``: every router implementation, forward and backward.
+
+Implementations (``--impls``):
+
+    original      omni_moe.triton.omni_router.triton_omni_router_func (Triton, full scan)
+    optimized     omni_moe.triton.omni_router_optimized.triton_omni_router_func_optimized
+                  (Triton, exact pruned; what ``omni_moe.omni_router`` runs)
+    torch_pruned  omni_moe.reference.router_pruned (PyTorch, exact pruned)
+    torch_brute   omni_moe.reference.router_bruteforce (PyTorch, all N*N pairs); only
+                  where T*N*N*4 bytes < --brute-max-gib
+
+An implementation whose module does not exist yet is skipped with a note.  The PyTorch
+ones are differentiable through ordinary torch ops (gathers of float32 logits), so their
+backward is whatever autograd makes of them.
+
+For every case and implementation, on the same inputs:
+
+- check: scores equal the reference's (brute force where it is small, else the exact
+  pruned PyTorch reference), indices in range, distinct per row and consistent with the
+  scores; gradients equal ``router_backward_reference`` for the implementation's own
+  indices.  Checked on the first call and again after timing ('ok' column).
+- forward: median time of the call under ``torch.no_grad()``.
+- backward: median time of ``torch.autograd.grad(scores, (x, y), g, retain_graph=True)``
+  on a graph built beforehand: the autograd engine plus the backward kernels, nothing
+  of the forward and no gradient accumulation into ``.grad``.
+- both rotate among enough input sets that their total size exceeds 2x L2 (do_bench also
+  flushes L2 before every timed call).
+- first call (Triton implementations): seconds of the first forward and first backward
+  call of this shape in this process, compilation included.  The Triton cache points to
+  a fresh directory for the run (unless --reuse-triton-cache), so nothing comes from an
+  earlier run; a case or implementation whose kernels were already compiled in this run
+  (same kernel, N, k, dtype, launch configuration; e.g. the backward kernel, which both
+  Triton implementations share) shows only its launch and run time.
+- HBM floor: forward reads 2*T*N*b bytes of logits and writes T*k*(b+4) of scores and
+  int32 indices; backward reads T*k*(b+4) and writes 2*T*N*b: the same byte count, at
+  --hbm-tbps (3.0 TB/s, H100 device-to-device copy).  'floor/time' = floor / measured.
+
+--json saves the rows and the environment after every case; --from-json reprints (and
+--plot redraws) a saved run without running anything.
+
+The process exits 1 if any check fails, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+
+IMPLS = {
+    "original": ("omni_moe.triton.omni_router", "triton_omni_router_func", True),
+    "optimized": ("omni_moe.triton.omni_router_optimized", "triton_omni_router_func_optimized", True),
+    "torch_pruned": ("omni_moe.reference.router", "router_pruned", False),
+    "torch_brute": ("omni_moe.reference.router", "router_bruteforce", False),
+}
+
+DEFAULT_CASES = [
+    (1024, 64, 16), (1024, 64, 32),
+    (1024, 128, 16), (1024, 128, 32),
+    (1024, 256, 16), (1024, 256, 32),
+    (16384, 256, 16), (16384, 256, 32),
+    (65536, 256, 16),
+    (1024, 512, 16),
+    (4096, 1024, 16),
+]
+# Without CUDA: small enough for Triton's interpreter.
+CPU_CASES = [(64, 8, 4), (64, 16, 7), (32, 32, 16)]
+# Under the interpreter, Triton implementations skip cases with more pairs than this.
+INTERPRET_MAX_PAIRS = 2**17
+# Brute force is the oracle up to this size; above it, the exact pruned reference is.
+BRUTE_ORACLE_MAX_BYTES = 256 * 2**20
+
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+
+
+def parse_cases(text: str):
+    """'T,N,k;T,N,k' -> [(T, N, k), ...]."""
+    cases = []
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            T, N, k = (int(v) for v in part.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad case {part!r}: expected T,N,k (three integers)")
+        if T < 0 or N < 1 or not 0 <= k <= N * N:
+            raise argparse.ArgumentTypeError(f"bad case {part!r}: need T >= 0, N >= 1, 0 <= k <= N*N")
+        cases.append((T, N, k))
+    if not cases:
+        raise argparse.ArgumentTypeError("no cases given")
+    return cases
+
+
+def parse_impls(text: str):
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in names if v not in IMPLS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown implementation(s) {bad}; choose from {', '.join(IMPLS)}")
+    return names
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cases", type=parse_cases, default=None, metavar="T,N,k;...",
+                   help="cases to run (default: the standard H100 set on CUDA; small ones on CPU)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16", help="logit dtype (default bf16)")
+    p.add_argument("--impls", type=parse_impls, default=list(IMPLS), metavar="A,B",
+                   help=f"implementations (default all: {','.join(IMPLS)})")
+    p.add_argument("--skip-original", action="store_true",
+                   help="leave out the original full-scan kernel (slow at large sizes)")
+    p.add_argument("--json", metavar="PATH", help="write all rows and the environment here")
+    p.add_argument("--plot", metavar="PATH", help="PNG bar chart (needs matplotlib: pip install 'omni-moe[plot]')")
+    p.add_argument("--warmup", type=float, default=25, help="do_bench warm-up budget, ms (default 25)")
+    p.add_argument("--rep", type=float, default=100, help="do_bench timing budget, ms (default 100)")
+    p.add_argument("--brute-max-gib", type=float, default=4.0,
+                   help="run torch_brute only where T*N*N*4 bytes are below this (default 4)")
+    p.add_argument("--hbm-tbps", type=float, default=3.0, help="HBM bandwidth for the floor, TB/s (default 3.0)")
+    p.add_argument("--rotate-mb", type=float, default=None,
+                   help="total size of the rotated input sets, MiB (default 2x L2 on CUDA, no rotation on CPU)")
+    p.add_argument("--reuse-triton-cache", action="store_true",
+                   help="keep Triton's usual cache (first-call times then may not include compilation)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-json", metavar="PATH",
+                   help="run nothing: print the table (and --plot) of a saved --json file")
+
+
+def _load(name):
+    """(callable(x, y, k), None) or (None, why it is unavailable).
+
+    A module that does not exist is 'not available'; one that exists but fails to
+    import is an error the caller reports as a failed row.
+    """
+    module, attr, is_triton = IMPLS[name]
+    if importlib.util.find_spec(module) is None:
+        return None, f"{module} does not exist (not written yet?)"
+    fn = getattr(importlib.import_module(module), attr)
+    if is_triton:
+        return (lambda x, y, k: fn(x, y, x.shape[1], k)), None
+    return fn, None
+
+
+def _same(a, b) -> bool:
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def check(x, y, k, scores, indices, ref_scores, g, dx, dy):
+    """Contract problems of one forward + backward (an empty list when all is well)."""
+    import torch
+
+    from omni_moe.reference import router_backward_reference
+
+    T, N = x.shape
+    if tuple(scores.shape) != (T, k) or tuple(indices.shape) != (T, k):
+        return [f"output shapes {tuple(scores.shape)}, {tuple(indices.shape)}, expected {(T, k)}"]
+    problems = []
+    if scores.dtype != x.dtype:
+        problems.append(f"scores dtype {scores.dtype}")
+    if indices.dtype != torch.int32:
+        return problems + [f"indices dtype {indices.dtype}"]
+    idx = indices.long()
+    if T * k:
+        if bool(((idx < 0) | (idx >= N * N)).any()):
+            return problems + ["index out of range"]
+        if k > 1:
+            srt = idx.sort(dim=1).values
+            if bool((srt[:, 1:] == srt[:, :-1]).any()):
+                problems.append("duplicate index in a row")
+        recomputed = (x.float().gather(1, idx // N) + y.float().gather(1, idx % N)).to(x.dtype)
+        if not _same(scores, recomputed):
+            problems.append("a score does not match its index")
+        if not _same(scores, ref_scores):
+            problems.append("scores differ from the reference")
+    ref_dx, ref_dy = router_backward_reference(g, indices, N)
+    # float32 sums in another order may round to a neighbouring value of the dtype.
+    rtol = {torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}[x.dtype]
+    for name, got, want in (("dx", dx, ref_dx), ("dy", dy, ref_dy)):
+        if got is None or got.shape != want.shape or got.dtype != want.dtype:
+            problems.append(f"{name} has the wrong shape or dtype")
+        elif not torch.allclose(got.float(), want.float(), rtol=rtol, atol=1e-5):
+            err = (got.float() - want.float()).abs().max().item()
+            problems.append(f"{name} differs from the reference (max abs error {err:.3g})")
+    return problems
+
+
+def _bench_impl(name, fn, case, sets, grads, ref_scores, args, common):
+    """Check, then time, one implementation on one case; returns the row's measured fields."""
+    import torch
+
+    T, N, k = case
+    is_triton = IMPLS[name][2]
+    (x0, y0), g0 = sets[0], grads[0]
+
+    def leaves(x, y):
+        return x.detach().requires_grad_(), y.detach().requires_grad_()
+
+    def forward_and_check(label, first=False):
+        xl, yl = leaves(x0, y0)
+        (s, i), t_fwd = common.first_call_s(lambda: fn(xl, yl, k))
+        (dx, dy), t_bwd = common.first_call_s(
+            lambda: torch.autograd.grad(s, (xl, yl), g0, retain_graph=True))
+        problems = [f"{label}: {p}" for p in check(x0, y0, k, s, i, ref_scores, g0, dx, dy)]
+        return problems, t_fwd, t_bwd
+
+    problems, first_fwd, first_bwd = forward_and_check("first call")
+
+    with torch.no_grad():
+        fwd_ms = common.median_ms(common.cycling(lambda x, y: fn(x, y, k), sets), args.warmup, args.rep)
+
+    graphs = []
+    for (x, y), g in zip(sets, grads):
+        xl, yl = leaves(x, y)
+        graphs.append((fn(xl, yl, k)[0], (xl, yl), g))
+    bwd_ms = common.median_ms(
+        common.cycling(lambda s, xy, g: torch.autograd.grad(s, xy, g, retain_graph=True), graphs),
+        args.warmup, args.rep)
+    del graphs
+
+    problems += forward_and_check("after timing")[0]
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "fwd_us": fwd_ms * 1e3,
+        "bwd_us": bwd_ms * 1e3,
+        "first_fwd_s": first_fwd if is_triton else None,
+        "first_bwd_s": first_bwd if is_triton else None,
+    }
+
+
+COLUMNS = [
+    ("T", "T", "d"), ("N", "N", "d"), ("k", "k", "d"), ("dtype", "dtype", "s"), ("impl", "impl", "s"),
+    ("ok", "ok", "ok"),
+    ("fwd us", "fwd_us", ".1f"), ("bwd us", "bwd_us", ".1f"),
+    ("fwd x orig", "fwd_speedup", ".2f"), ("bwd x orig", "bwd_speedup", ".2f"),
+    ("floor us", "floor_us", ".3g"),
+    ("fwd floor/time", "fwd_floor_frac", ".3g"), ("bwd floor/time", "bwd_floor_frac", ".3g"),
+    ("first fwd s", "first_fwd_s", ".2f"), ("first bwd s", "first_bwd_s", ".2f"),
+]
+
+
+def _cell(row, key, fmt):
+    v = row.get(key)
+    if fmt == "ok":
+        return "-" if v is None else ("yes" if v else "NO")
+    if v is None:
+        return "-"
+    return format(v, fmt) if fmt != "s" else str(v)
+
+
+def format_table(rows) -> str:
+    """Markdown table of the rows."""
+    head = "| " + " | ".join(c[0] for c in COLUMNS) + " |"
+    align = "|" + "|".join("---" if c[2] in ("s", "ok") else "---:" for c in COLUMNS) + "|"
+    body = ["| " + " | ".join(_cell(r, key, fmt) for _, key, fmt in COLUMNS) + " |" for r in rows]
+    return "\n".join([head, align, *body])
+
+
+def plot(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys((r["T"], r["N"], r["k"]) for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows if r.get("fwd_us") is not None))
+    by = {(r["T"], r["N"], r["k"], r["impl"]): r for r in rows}
+    floors = {(r["T"], r["N"], r["k"]): r["floor_us"] for r in rows}
+    width = 0.8 / max(1, len(impls))
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.2 * len(cases)), 8), sharex=True)
+    for ax, key, label in ((axes[0], "fwd_us", "forward"), (axes[1], "bwd_us", "backward")):
+        for j, impl in enumerate(impls):
+            vals = [(by.get((*c, impl)) or {}).get(key) or math.nan for c in cases]
+            xs = [i + (j - (len(impls) - 1) / 2) * width for i in range(len(cases))]
+            ax.bar(xs, vals, width, label=impl)
+        for i, c in enumerate(cases):
+            ax.hlines(floors[c], i - 0.45, i + 0.45, colors="k", linestyles="dashed",
+                      label="HBM floor" if i == 0 else None)
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{label}, µs (median)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize="small", ncol=min(5, len(impls) + 1))
+    axes[1].set_xticks(range(len(cases)))
+    axes[1].set_xticklabels([f"T={T}\nN={N} k={k}" for T, N, k in cases], fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _report(result, plot_path=None) -> None:
+    """Print the table of a result (fresh or loaded from --json); draw it if asked."""
+    env, st = result["env"], result["settings"]
+    where = env["gpu"] or f"CPU ({result['mode']})"
+    print(f"omni router, {st['dtype']}, {where}, torch {env['torch']}, triton {env['triton']}, "
+          f"{env['date']}; x orig = original time / this time; "
+          f"floor = HBM bytes at {st['hbm_tbps']:g} TB/s")
+    print(format_table(result["rows"]))
+    for r in result["rows"]:
+        for text in ([r["note"]] if r.get("note") else []) + (r.get("problems") or []):
+            print(f"  T={r['T']} N={r['N']} k={r['k']} {r['impl']}: {text}")
+    sys.stdout.flush()
+    if plot_path:
+        plot(result["rows"], plot_path, f"omni router, {st['dtype']}, {where}, {env['date'][:10]}")
+        print(f"wrote {plot_path}")
+
+
+def run(args) -> int:
+    import torch
+
+    from omni_moe._dispatch import interpret_mode
+    from omni_moe.reference import router_bruteforce, router_pruned
+
+    from . import common
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    no_plot = None
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        # Still run: the numbers matter more than the picture, which --from-json can redraw.
+        no_plot = (f"--plot {args.plot} ignored: matplotlib is not installed "
+                   "(pip install 'omni-moe[plot]'; then redraw with --from-json)")
+        print("warning: " + no_plot, file=sys.stderr, flush=True)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        _report(saved, args.plot if not no_plot else None)
+        return 2 if no_plot else 0
+
+    cuda = common.has_cuda()
+    interp = interpret_mode()
+    mode = "cuda" if cuda else ("cpu-interpret" if interp else "cpu")
+    device = "cuda" if cuda else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    b = dtype.itemsize
+    cases = args.cases or (DEFAULT_CASES if cuda else CPU_CASES)
+    impls = [n for n in args.impls if not (args.skip_original and n == "original")]
+    notes = []
+    if not cuda:
+        notes.append(
+            "NO CUDA DEVICE: timings are CPU wall times of small cases, not GPU numbers. "
+            + ("Triton implementations run through Triton's interpreter (TRITON_INTERPRET=1): "
+               "their correctness is checked, their times mean nothing."
+               if interp else
+               "Triton implementations are skipped (they need CUDA, or TRITON_INTERPRET=1 "
+               "to run through the interpreter).")
+        )
+    skipped = {}
+    loaded = {}
+    failures = 0
+    for name in impls:
+        if IMPLS[name][2] and not (cuda or interp):
+            skipped[name] = "Triton implementation: needs CUDA or TRITON_INTERPRET=1"
+            continue
+        try:
+            fn, why = _load(name)
+        except Exception as e:  # noqa: BLE001 - a module that exists but is broken
+            fn, why = None, f"import failed: {type(e).__name__}: {e}"
+            failures += 1
+        if fn is None:
+            skipped[name] = why
+        else:
+            loaded[name] = fn
+    for name, why in skipped.items():
+        notes.append(f"{name} skipped: {why}")
+
+    rotate_bytes = (int(args.rotate_mb * 2**20) if args.rotate_mb is not None
+                    else 2 * common.l2_bytes())
+    settings = {
+        "dtype": args.dtype, "device": device, "warmup_ms": args.warmup, "rep_ms": args.rep,
+        "hbm_tbps": args.hbm_tbps, "rotate_bytes": rotate_bytes, "brute_max_gib": args.brute_max_gib,
+        "fresh_triton_cache": cuda and not args.reuse_triton_cache,
+        "timer": "triton.testing.do_bench median" if cuda else "time.perf_counter median (CPU)",
+        "forward": "the call under torch.no_grad()",
+        "backward": "torch.autograd.grad(scores, (x, y), g, retain_graph=True) on a prebuilt graph",
+    }
+    result = {"benchmark": "router", "mode": mode, "env": common.environment(), "settings": settings,
+              "notes": notes, "skipped": skipped, "rows": []}
+
+    def save():
+        if args.json:
+            d = os.path.dirname(os.path.abspath(args.json))
+            os.makedirs(d, exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+
+    for n in notes:
+        print("note: " + n, flush=True)
+
+    cache_dir, saved_cache_env = None, os.environ.get("TRITON_CACHE_DIR")
+    if settings["fresh_triton_cache"]:
+        cache_dir = tempfile.mkdtemp(prefix="omni-moe-triton-cache-")
+        os.environ["TRITON_CACHE_DIR"] = cache_dir
+    try:
+        if cuda and loaded.keys() & {"original", "optimized"}:
+            common.warm_up_triton()
+        rows = result["rows"]
+        for ci, case in enumerate(cases):
+            T, N, k = case
+            floor_us = (2 * T * N * b + T * k * (b + 4)) / (args.hbm_tbps * 1e12) * 1e6
+            n_sets = common.num_sets(2 * T * N * b, rotate_bytes)
+            log(f"[{ci + 1}/{len(cases)}] T={T} N={N} k={k} {args.dtype}: {n_sets} input set(s)")
+            torch.manual_seed(args.seed)
+            sets = [(torch.randn(T, N, device=device).to(dtype), torch.randn(T, N, device=device).to(dtype))
+                    for _ in range(n_sets)]
+            grads = [torch.randn(T, k, device=device).to(dtype) for _ in range(n_sets)]
+            brute_bytes = T * N * N * 4
+            oracle = router_bruteforce if brute_bytes <= BRUTE_ORACLE_MAX_BYTES else router_pruned
+            with torch.no_grad():
+                ref_scores = oracle(*sets[0], k)[0]
+            case_rows = []
+            for name, fn in loaded.items():
+                row = {"T": T, "N": N, "k": k, "dtype": args.dtype, "impl": name, "ok": None,
+                       "floor_us": floor_us, "n_sets": n_sets, "note": None}
+                if name == "torch_brute" and brute_bytes >= args.brute_max_gib * 2**30:
+                    row["note"] = (f"skipped: T*N*N*4 = {brute_bytes / 2**30:.3g} GiB "
+                                   f">= --brute-max-gib {args.brute_max_gib:g}")
+                elif IMPLS[name][2] and not cuda and T * N * N > INTERPRET_MAX_PAIRS:
+                    row["note"] = f"skipped under the interpreter: T*N*N > {INTERPRET_MAX_PAIRS}"
+                else:
+                    try:
+                        row.update(_bench_impl(name, fn, case, sets, grads, ref_scores, args, common))
+                    except torch.cuda.OutOfMemoryError as e:
+                        row["note"] = f"skipped: out of memory ({str(e).splitlines()[0]})"
+                    except Exception as e:  # noqa: BLE001 - report and go on with the others
+                        row.update(ok=False, problems=[f"{type(e).__name__}: {e}"])
+                    if cuda:
+                        torch.cuda.empty_cache()
+                if row["ok"] is False:
+                    failures += 1
+                for key in ("fwd", "bwd"):
+                    t = row.get(f"{key}_us")
+                    row[f"{key}_floor_frac"] = floor_us / t if t else None
+                case_rows.append(row)
+                msg = (f"    {name:13s} ok={_cell(row, 'ok', 'ok'):3s} fwd {_cell(row, 'fwd_us', '.1f')} us"
+                       f"  bwd {_cell(row, 'bwd_us', '.1f')} us  first {_cell(row, 'first_fwd_s', '.2f')} s")
+                if row.get("note"):
+                    msg += "  " + row["note"]
+                for p in row.get("problems") or []:
+                    msg += "\n      problem: " + p
+                log(msg)
+            orig = next((r for r in case_rows if r["impl"] == "original"), {})
+            for r in case_rows:
+                for key in ("fwd", "bwd"):
+                    t, t0 = r.get(f"{key}_us"), orig.get(f"{key}_us")
+                    r[f"{key}_speedup"] = t0 / t if t and t0 else None
+            rows.extend(case_rows)
+            del sets, grads
+            save()
+    finally:
+        if cache_dir:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            if saved_cache_env is None:
+                os.environ.pop("TRITON_CACHE_DIR", None)
+            else:
+                os.environ["TRITON_CACHE_DIR"] = saved_cache_env
+
+    save()
+    if args.json:
+        print(f"wrote {args.json}")
+    _report(result, args.plot if not no_plot else None)
+    if no_plot:
+        print("warning: " + no_plot, file=sys.stderr)
+    if failures:
+        print(f"FAILED: {failures} implementation/case(s) did not meet the contract (see 'problem' lines)",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,61 @@
+"""The package's public surface: names, entry points, and the one test command."""
+
+import importlib
+import importlib.util
+import os
+import re
+
+import torch
+
+import omni_moe
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_COMMAND = "TRITON_INTERPRET=1 python -m pytest -q -p no:cacheprovider --durations=15 tests"
+
+
+def _read(name):
+    with open(os.path.join(REPO, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_public_router_api():
+    from omni_moe.reference import router_bruteforce
+    from omni_moe.triton.omni_router import triton_omni_router_func
+    from omni_moe.triton.omni_router_optimized import triton_omni_router_func_optimized
+
+    assert "omni_router" in omni_moe.__all__
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    want, _ = router_bruteforce(x, y, 4)
+    # Same signature for all three: (router_logits_x, router_logits_y, N, k).
+    for fn in (omni_moe.omni_router, triton_omni_router_func, triton_omni_router_func_optimized):
+        scores, indices = fn(x, y, 3, 4)
+        assert torch.equal(scores, want), fn.__name__
+        assert indices.dtype == torch.int32 and indices.shape == (5, 4)
+
+
+def test_top_level_names():
+    for name in ("omni_router", "omni_expert", "swiglu", "OmniMoE", "OmniMoEConfig", "__version__"):
+        assert name in omni_moe.__all__ and getattr(omni_moe, name) is not None, name
+    for name in ("omni_router", "omni_expert", "swiglu"):
+        assert callable(getattr(omni_moe, name)), name
+
+
+def test_version_matches_pyproject():
+    m = re.search(r'^version\s*=\s*"([^"]+)"', _read("pyproject.toml"), re.M)
+    assert m and omni_moe.__version__ == m.group(1)
+
+
+def test_console_script_target_exists():
+    m = re.search(r'^omni-moe\s*=\s*"([\w.]+):(\w+)"', _read("pyproject.toml"), re.M)
+    assert m, "pyproject.toml must declare the omni-moe console script"
+    assert callable(getattr(importlib.import_module(m.group(1)), m.group(2)))
+    assert importlib.util.find_spec("omni_moe.__main__") is not None
+
+
+def test_readme_and_ci_run_the_same_test_command():
+    readme, ci = _read("README.md"), _read(".ci/run")
+    assert TEST_COMMAND in readme
+    assert re.search(r"^" + re.escape(TEST_COMMAND) + r"$", ci, re.M), ".ci/run must run the README's command"
+    assert ci.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in ci
+    assert os.access(os.path.join(REPO, ".ci", "run"), os.X_OK)
