@@ -1,0 +1,181 @@
+"""The dense (shared) branch of an OmniMoE layer: a gated MLP with a fused activation.
+
+    swiglu(gate, up, act)      = act(gate) * up            one fused kernel each way
+    swiglu_mlp(h, Wg, Wu, Wd)  = (act(h Wg^T) * (h Wu^T)) Wd^T
+
+The three GEMMs run through ``torch.nn.functional.linear`` (cuBLAS on CUDA); only the
+elementwise activation and its backward are ours (``omni_moe/triton/swiglu.py``).
+
+``swiglu`` is a ``torch.library`` custom op with a fake implementation and an autograd
+formula, so it is traceable by ``torch.compile(fullgraph=True)``.  Dispatch follows
+``omni_moe._dispatch``: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) run
+the Triton kernels; other CPU tensors run the same float32 formula in PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import use_triton
+
+ACTIVATIONS = ("silu", "gelu", "relu")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_activation(act, name: str = "act") -> None:
+    """Raise TypeError/ValueError naming ``name`` unless ``act`` is a supported activation."""
+    if not isinstance(act, str):
+        raise TypeError(f"{name} must be a str, one of {ACTIVATIONS}, got {type(act).__name__}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{name} must be one of {ACTIVATIONS}, got {act!r}")
+
+
+def check_swiglu_args(gate, up, act) -> None:
+    """Validate ``swiglu`` input; raise TypeError/ValueError naming the argument."""
+    for name, t in (("gate", gate), ("up", up)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.dim() < 1:
+            raise ValueError(f"{name} must have at least one dimension, got a scalar")
+    if up.dtype != gate.dtype:
+        raise TypeError(f"up has dtype {up.dtype} but gate has {gate.dtype}")
+    if up.device != gate.device:
+        raise ValueError(f"up is on {up.device} but gate is on {gate.device}")
+    if up.shape != gate.shape:
+        raise ValueError(f"up has shape {tuple(up.shape)} but gate has {tuple(gate.shape)}")
+    check_activation(act)
+
+
+# --------------------------------------------------------------------------- PyTorch path
+def _act_torch(g: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "silu":
+        return F.silu(g)
+    if act == "gelu":
+        return F.gelu(g)
+    return F.relu(g)
+
+
+def _act_grad_torch(g: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "silu":
+        s = torch.sigmoid(g)
+        return s * (1.0 + g * (1.0 - s))
+    if act == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(g * 0.7071067811865476))
+        return cdf + g * torch.exp(-0.5 * g * g) * 0.3989422804014327
+    # threshold_backward's rule: zero where x <= 0, the gradient elsewhere (NaN included).
+    return (~(g <= 0)).to(g.dtype)
+
+
+def swiglu_forward_torch(gate, up, act):
+    """The forward formula in PyTorch: float32 math, one rounding to the input dtype."""
+    return (_act_torch(gate.float(), act) * up.float()).to(gate.dtype)
+
+
+def swiglu_backward_torch(grad, gate, up, act):
+    g, u, d = gate.float(), up.float(), grad.float()
+    return (d * u * _act_grad_torch(g, act)).to(gate.dtype), (d * _act_torch(g, act)).to(up.dtype)
+
+
+# --------------------------------------------------------------------------- custom op
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    # A view whenever the leading dimensions can be merged (the usual (B, S, I) case);
+    # 2-D inputs keep their strides and go to the kernel as they are.
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+@torch.library.custom_op("omni_moe::swiglu_forward", mutates_args=())
+def _swiglu_forward(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    if use_triton(gate):
+        from .triton.swiglu import swiglu_forward
+
+        return swiglu_forward(_as_2d(gate), _as_2d(up), act).view(gate.shape)
+    return swiglu_forward_torch(gate, up, act)
+
+
+@_swiglu_forward.register_fake
+def _(gate, up, act):
+    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+
+
+@torch.library.custom_op("omni_moe::swiglu_backward", mutates_args=())
+def _swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(gate):
+        from .triton.swiglu import swiglu_backward
+
+        dg, du = swiglu_backward(_as_2d(grad), _as_2d(gate), _as_2d(up), act)
+        return dg.view(gate.shape), du.view(up.shape)
+    return swiglu_backward_torch(grad, gate, up, act)
+
+
+@_swiglu_backward.register_fake
+def _(grad, gate, up, act):
+    return (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device),
+            torch.empty(up.shape, dtype=up.dtype, device=up.device))
+
+
+def _setup_context(ctx, inputs, output):
+    gate, up, act = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.act = act
+
+
+def _backward(ctx, grad):
+    gate, up = ctx.saved_tensors
+    dgate, dup = torch.ops.omni_moe.swiglu_backward(grad, gate, up, ctx.act)
+    return dgate, dup, None
+
+
+_swiglu_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public API
+def swiglu(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """Fused gated activation: ``act(gate) * up``.
+
+    Args:
+        gate, up: tensors of one shape (..., I), float32/float16/bfloat16, one device; any
+            strides (2-D inputs are read in place, e.g. the column halves of one (M, 2I)
+            projection).
+        act: "silu" (SwiGLU, default), "gelu" (exact erf GELU, GeGLU) or "relu".
+
+    Returns:
+        A new contiguous tensor of gate's shape and dtype: float32 math, rounded once
+        (round to nearest even).  Differentiable in ``gate`` and ``up``; the backward is
+        one fused kernel that recomputes act(gate).
+    """
+    check_swiglu_args(gate, up, act)
+    return torch.ops.omni_moe.swiglu_forward(gate, up, act)
+
+
+def swiglu_mlp(hidden_states: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
+               down_weight: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """Dense gated MLP ``down(act(gate(h)) * up(h))`` with bias-free weights.
+
+    Args:
+        hidden_states: (..., H).
+        gate_weight, up_weight: (I, H) (nn.Linear layout); down_weight: (H, I).
+        act: see ``swiglu``.
+    Returns (..., H) in hidden_states' dtype.  GEMMs via ``F.linear`` (cuBLAS).
+    """
+    if not isinstance(hidden_states, torch.Tensor):
+        raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
+    if hidden_states.dim() < 1:
+        raise ValueError("hidden_states must have shape (..., hidden_size), got a scalar")
+    H = hidden_states.shape[-1]
+    for name, w in (("gate_weight", gate_weight), ("up_weight", up_weight), ("down_weight", down_weight)):
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+        if w.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(w.shape)}")
+    I = gate_weight.shape[0]
+    if tuple(gate_weight.shape) != (I, H):
+        raise ValueError(f"gate_weight must have shape (I, {H}), got {tuple(gate_weight.shape)}")
+    if tuple(up_weight.shape) != (I, H):
+        raise ValueError(f"up_weight must have shape ({I}, {H}), got {tuple(up_weight.shape)}")
+    if tuple(down_weight.shape) != (H, I):
+        raise ValueError(f"down_weight must have shape ({H}, {I}), got {tuple(down_weight.shape)}")
+    inner = swiglu(F.linear(hidden_states, gate_weight), F.linear(hidden_states, up_weight), act)
+    return F.linear(inner, down_weight)

@@ -1,0 +1,228 @@
+"""The OmniMoE layer (arXiv 2602.05711): a shared dense SwiGLU MLP plus k atomic experts
+per token, chosen by the Cartesian-product omni router out of E = N^2.
+
+Per token h (see docs/omni_moe_layer.md):
+
+    lx = norm(W_x h),  ly = norm(W_y h)                 W_x, W_y: (N, H); norm: BatchNorm1d
+    px = log_softmax(lx), py = log_softmax(ly)          float32
+    scores, idx = omni_router(px, py, N, k)             top-k of px[i] + py[j] over N x N
+    w = exp(scores)                                     = p_x(i) p_y(j)
+    experts = omni_expert(h, up_embed, down_embed, w, idx, act)
+            = sum_r act(u[idx_r] . h) * w_r * v[idx_r]
+    mlp = down_proj(act(gate_proj h) * up_proj h)       cuBLAS GEMMs + fused activation
+    out = mlp + experts
+
+Parameter names follow the public reference module (flash-algo/omni-moe ``OmniMoE``):
+``gate_proj``, ``up_proj``, ``down_proj``, ``router_gate_x``, ``router_gate_y``,
+``router_norm_x``, ``router_norm_y``, ``up_embed``, ``down_embed``, so its state_dict
+loads unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..expert import omni_expert
+from ..mlp import ACTIVATIONS, swiglu
+from ..router import MAX_NUM_EXPERT_SQRT, omni_router
+
+ROUTER_NORMS = ("batchnorm", "none")
+
+
+def _check_int(name, v, lo, hi=None):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be {rng}, got {v}")
+
+
+def _check_choice(name, v, choices):
+    if not isinstance(v, str):
+        raise TypeError(f"{name} must be a str, one of {choices}, got {type(v).__name__}")
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {v!r}")
+
+
+@dataclass
+class OmniMoEConfig:
+    """Sizes and choices of one OmniMoE layer; validated on construction.
+
+    Field order matches the public reference's ``OmniMoEConfig(hidden_size,
+    intermediate_size, hidden_act, num_experts, num_experts_per_token)``, so positional
+    calls written for it work here.
+
+    Attributes:
+        hidden_size: H, the model width (>= 1).
+        intermediate_size: I, width of the shared dense MLP (>= 1).
+        hidden_act: "silu" (default), "gelu" (exact erf GELU) or "relu"; used by both
+            the shared MLP and the atomic experts.
+        num_experts: E, a perfect square N^2 (the router's grid), 1 <= N <= 46340.
+            Required.
+        num_experts_per_token: k, 1 <= k <= E.  Required.
+        router_norm: "batchnorm" (BatchNorm1d without affine on each router axis, as the
+            paper and the public reference) or "none".
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    hidden_act: str = "silu"
+    num_experts: int | None = None
+    num_experts_per_token: int | None = None
+    router_norm: str = "batchnorm"
+
+    def __post_init__(self):
+        _check_int("hidden_size", self.hidden_size, 1)
+        _check_int("intermediate_size", self.intermediate_size, 1)
+        _check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
+        if self.num_experts is None:
+            raise TypeError("num_experts is required (a perfect square N*N)")
+        _check_int("num_experts", self.num_experts, 1, MAX_NUM_EXPERT_SQRT**2)
+        n = math.isqrt(self.num_experts)
+        if n * n != self.num_experts:
+            raise ValueError(
+                f"num_experts must be a perfect square (the router's N x N grid), got "
+                f"{self.num_experts}; nearest: {n * n} or {(n + 1) ** 2}"
+            )
+        if self.num_experts_per_token is None:
+            raise TypeError("num_experts_per_token is required")
+        _check_int("num_experts_per_token", self.num_experts_per_token, 1, self.num_experts)
+        _check_choice("router_norm", self.router_norm, ROUTER_NORMS)
+
+    @property
+    def num_expert_sqrt(self) -> int:
+        """N = sqrt(num_experts)."""
+        return math.isqrt(self.num_experts)
+
+
+class RouterNorm(nn.BatchNorm1d):
+    """``BatchNorm1d(N, affine=False)`` over router logits that computes in float32.
+
+    Its running statistics (``running_mean``, ``running_var``, ``num_batches_tracked``)
+    are buffers, not parameters: they are in the state_dict, no optimizer touches them,
+    and they are updated in place by every forward in training mode.  They stay float32
+    when the module is cast (``.to(torch.bfloat16)``, ``.half()``): router logits are
+    normalised in float32 because bf16 logits produce many exact ties in the router.
+    """
+
+    def __init__(self, num_features: int):
+        super().__init__(num_features, affine=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for name in ("running_mean", "running_var"):
+            buf = self._buffers.get(name)
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.training and x.shape[0] == 0:
+            # Batch statistics of an empty batch are NaN and would poison the running
+            # statistics; an empty batch is normalised with (and leaves) the running ones.
+            return F.batch_norm(x, self.running_mean, self.running_var, None, None, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+class OmniMoE(nn.Module):
+    """One OmniMoE layer: ``out = mlp(h) + experts(h)`` for input of shape (..., H).
+
+    Runs anywhere the three ops do: CUDA tensors go through the Triton kernels (router,
+    atomic experts, fused activation) and cuBLAS; CPU tensors through the PyTorch paths
+    (through the Triton interpreter under ``TRITON_INTERPRET=1``).  Traceable by
+    ``torch.compile(fullgraph=True)``.
+
+    Parameters (state_dict keys, shared with the public reference module):
+        gate_proj, up_proj: nn.Linear(H, I, bias=False); down_proj: nn.Linear(I, H, bias=False)
+        router_gate_x, router_gate_y: nn.Linear(H, N, bias=False)
+        router_norm_x, router_norm_y: ``RouterNorm`` (BatchNorm1d, affine=False) with
+            buffers running_mean, running_var, num_batches_tracked; ``nn.Identity`` (no
+            keys) when ``config.router_norm == "none"``
+        up_embed, down_embed: nn.Embedding(E, H)  (the atomic experts' u and v rows)
+
+    Initialisation: Linear layers as nn.Linear; the expert embeddings normal with std
+    1/sqrt(H) (nn.Embedding's default std 1 makes u . h grow like sqrt(H)).
+
+    In training mode the router norms use batch statistics over all tokens of the call
+    (which must then be more than one, as for any BatchNorm1d; an empty batch is fine).
+    """
+
+    def __init__(self, config: OmniMoEConfig):
+        super().__init__()
+        if not isinstance(config, OmniMoEConfig):
+            raise TypeError(f"config must be an OmniMoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.hidden_size = H = config.hidden_size
+        self.intermediate_size = I = config.intermediate_size
+        self.num_experts = E = config.num_experts
+        self.num_expert_sqrt = N = config.num_expert_sqrt
+        self.top_k = config.num_experts_per_token
+        self.act = config.hidden_act
+
+        self.gate_proj = nn.Linear(H, I, bias=False)
+        self.up_proj = nn.Linear(H, I, bias=False)
+        self.down_proj = nn.Linear(I, H, bias=False)
+
+        self.router_gate_x = nn.Linear(H, N, bias=False)
+        self.router_gate_y = nn.Linear(H, N, bias=False)
+        if config.router_norm == "batchnorm":
+            self.router_norm_x = RouterNorm(N)
+            self.router_norm_y = RouterNorm(N)
+        else:
+            self.router_norm_x = nn.Identity()
+            self.router_norm_y = nn.Identity()
+
+        self.up_embed = nn.Embedding(E, H)
+        self.down_embed = nn.Embedding(E, H)
+        self.reset_expert_parameters()
+
+    def reset_expert_parameters(self) -> None:
+        std = 1.0 / math.sqrt(self.hidden_size)
+        nn.init.normal_(self.up_embed.weight, std=std)
+        nn.init.normal_(self.down_embed.weight, std=std)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"hidden_size={c.hidden_size}, intermediate_size={c.intermediate_size}, "
+                f"num_experts={c.num_experts} ({self.num_expert_sqrt}^2), top_k={self.top_k}, "
+                f"act={c.hidden_act!r}, router_norm={c.router_norm!r}")
+
+    def route(self, h: torch.Tensor):
+        """(scores, indices) of the k experts of each row of 2-D ``h``: scores are the
+        float32 log-probabilities log p_x(i) + log p_y(j), indices int32 i*N + j."""
+        lx = self.router_norm_x(self.router_gate_x(h).float())
+        ly = self.router_norm_y(self.router_gate_y(h).float())
+        px = F.log_softmax(lx.float(), dim=-1)
+        py = F.log_softmax(ly.float(), dim=-1)
+        return omni_router(px, py, self.num_expert_sqrt, self.top_k)
+
+    def forward(self, hidden_states: torch.Tensor, return_routing: bool = False):
+        """``hidden_states`` (..., H) -> (..., H), same dtype.
+
+        With ``return_routing=True`` returns ``(out, (scores, indices))``, scores float32
+        log-probabilities and indices int32, both of shape (..., k).
+        """
+        if not isinstance(hidden_states, torch.Tensor):
+            raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
+        if hidden_states.dim() < 1 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states must have shape (..., {self.hidden_size}), got {tuple(hidden_states.shape)}"
+            )
+        shape = hidden_states.shape
+        h = hidden_states.reshape(-1, self.hidden_size)
+        scores, indices = self.route(h)
+        weights = scores.exp()
+        experts = omni_expert(h, self.up_embed.weight, self.down_embed.weight,
+                              weights, indices, act=self.act)
+        mlp = self.down_proj(swiglu(self.gate_proj(h), self.up_proj(h), self.act))
+        out = (mlp + experts).view(shape)
+        if return_routing:
+            lead = shape[:-1]
+            return out, (scores.view(*lead, self.top_k), indices.view(*lead, self.top_k))
+        return out

@@ -1,0 +1,172 @@
+"""Fused gated activation ("SwiGLU" for silu): out = act(gate) * up, and its backward.
+
+The dense branch of an OmniMoE layer is W_down (act(W_gate h) * W_up h).  The three GEMMs
+go to cuBLAS; what is left is an elementwise op that PyTorch runs as three kernels forward
+(act, mul, and a cast under autocast) and more backward, each a round trip through HBM.
+These kernels do it in one pass each way:
+
+    forward:  read gate, up            write out               3 * M * I * b bytes
+    backward: read dout, gate, up      write dgate, dup        5 * M * I * b bytes
+
+The activation is recomputed in backward from ``gate`` (nothing extra is saved).  All math
+is float32; stores round to the output dtype with ``to_dtype`` (RNE, also interpreted).
+
+Activations (``ACT`` constexpr): 0 = silu  x * sigmoid(x)
+                                  1 = gelu  0.5 * x * (1 + erf(x / sqrt 2))   (exact, as F.gelu)
+                                  2 = relu  x if not x < 0 else 0             (NaN passes, as F.relu)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import to_dtype
+
+ACTIVATIONS = ("silu", "gelu", "relu")
+_ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
+
+_SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _act_and_grad(g, ACT: tl.constexpr):
+    """(act(g), act'(g)) in float32."""
+    if ACT == 0:
+        s = tl.sigmoid(g)
+        return g * s, s * (1.0 + g * (1.0 - s))
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(g * _SQRT1_2))
+        pdf = tl.exp(-0.5 * g * g) * _INV_SQRT_2PI
+        return g * cdf, cdf + g * pdf
+    else:
+        # torch's threshold_backward passes the gradient where not (x <= 0); NaN included.
+        return tl.where(g < 0.0, 0.0, g), tl.where(g <= 0.0, 0.0, 1.0)
+
+
+@triton.jit
+def _act(g, ACT: tl.constexpr):
+    if ACT == 0:
+        return g * tl.sigmoid(g)
+    elif ACT == 1:
+        return 0.5 * g * (1.0 + tl.math.erf(g * _SQRT1_2))
+    else:
+        return tl.where(g < 0.0, 0.0, g)
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    GATE, UP, OUT,
+    M, I,
+    stride_gm, stride_gi, stride_um, stride_ui, stride_om,
+    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """out[m, i] = act(float32(gate[m, i])) * float32(up[m, i]), rounded to out's dtype.
+
+    Grid: (cdiv(M, BLOCK_M), cdiv(I, BLOCK_I)); each program owns one BLOCK_M x BLOCK_I
+    tile and touches each element once.  Inputs may have any strides (e.g. the two
+    column halves of one fused (M, 2I) projection); out is row-major with row stride
+    stride_om.  Bytes: reads 2 * M * I * b, writes M * I * b.
+    """
+    pid_m = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = (rows < M)[:, None] & (cols < I)[None, :]
+    cols64 = cols.to(tl.int64)
+    g = tl.load(GATE + rows[:, None] * stride_gm + cols64[None, :] * stride_gi, mask=mask, other=0.0)
+    u = tl.load(UP + rows[:, None] * stride_um + cols64[None, :] * stride_ui, mask=mask, other=0.0)
+    out = _act(g.to(tl.float32), ACT) * u.to(tl.float32)
+    tl.store(OUT + rows[:, None] * stride_om + cols64[None, :],
+             to_dtype(out, OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    DOUT, GATE, UP, DGATE, DUP,
+    M, I,
+    stride_dm, stride_di, stride_gm, stride_gi, stride_um, stride_ui,
+    stride_dgm, stride_dum,
+    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """dgate = dout * up * act'(gate),  dup = dout * act(gate)   (float32 math).
+
+    Grid: (cdiv(M, BLOCK_M), cdiv(I, BLOCK_I)), one tile per program, each element read
+    and written once; act(gate) is recomputed, not loaded.  dgate/dup are row-major.
+    Bytes: reads 3 * M * I * b, writes 2 * M * I * b.
+    """
+    pid_m = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = (rows < M)[:, None] & (cols < I)[None, :]
+    cols64 = cols.to(tl.int64)
+    d = tl.load(DOUT + rows[:, None] * stride_dm + cols64[None, :] * stride_di, mask=mask, other=0.0)
+    g = tl.load(GATE + rows[:, None] * stride_gm + cols64[None, :] * stride_gi, mask=mask, other=0.0)
+    u = tl.load(UP + rows[:, None] * stride_um + cols64[None, :] * stride_ui, mask=mask, other=0.0)
+    d = d.to(tl.float32)
+    a, da = _act_and_grad(g.to(tl.float32), ACT)
+    dg = d * u.to(tl.float32) * da
+    du = d * a
+    tl.store(DGATE + rows[:, None] * stride_dgm + cols64[None, :],
+             to_dtype(dg, DGATE.dtype.element_ty), mask=mask)
+    tl.store(DUP + rows[:, None] * stride_dum + cols64[None, :],
+             to_dtype(du, DUP.dtype.element_ty), mask=mask)
+
+
+# Launch configurations: a tile of ~4K elements (16 per thread over 8 warps) keeps enough
+# loads in flight to stream at HBM speed; rows are narrowed only when I is small so a
+# program never sits mostly masked.
+_TILE_ELEMS = 4096
+_MAX_BLOCK_I = 1024
+
+
+def _config(M: int, I: int):
+    block_i = min(triton.next_power_of_2(max(I, 1)), _MAX_BLOCK_I)
+    block_m = max(1, _TILE_ELEMS // block_i)
+    block_m = min(block_m, triton.next_power_of_2(max(M, 1)))
+    warps = 8 if block_m * block_i >= 4096 else 4
+    return block_m, block_i, warps
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, act: str, out: torch.Tensor | None = None):
+    """Launch the forward on 2-D (M, I) ``gate``/``up`` (any strides).
+
+    ``out`` (row-major (M, I), unit column stride) may be given: tests poison it first.
+    """
+    M, I = gate.shape
+    if out is None:
+        out = torch.empty((M, I), dtype=gate.dtype, device=gate.device)
+    if M == 0 or I == 0:
+        return out
+    block_m, block_i, warps = _config(M, I)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(I, block_i))
+    _swiglu_fwd_kernel[grid](
+        gate, up, out, M, I,
+        gate.stride(0), gate.stride(1), up.stride(0), up.stride(1), out.stride(0),
+        ACT=_ACT_ID[act], BLOCK_M=block_m, BLOCK_I=block_i, num_warps=warps,
+    )
+    return out
+
+
+def swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str,
+                    dgate: torch.Tensor | None = None, dup: torch.Tensor | None = None):
+    """Launch the backward on 2-D (M, I) tensors; returns row-major (dgate, dup)."""
+    M, I = gate.shape
+    if dgate is None:
+        dgate = torch.empty((M, I), dtype=gate.dtype, device=gate.device)
+    if dup is None:
+        dup = torch.empty((M, I), dtype=up.dtype, device=up.device)
+    if M == 0 or I == 0:
+        return dgate, dup
+    block_m, block_i, warps = _config(M, I)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(I, block_i))
+    _swiglu_bwd_kernel[grid](
+        grad, gate, up, dgate, dup, M, I,
+        grad.stride(0), grad.stride(1), gate.stride(0), gate.stride(1),
+        up.stride(0), up.stride(1), dgate.stride(0), dup.stride(0),
+        ACT=_ACT_ID[act], BLOCK_M=block_m, BLOCK_I=block_i, num_warps=warps,
+    )
+    return dgate, dup
