@@ -5,7 +5,10 @@ Implementations (``--impls``):
     original      omni_moe.triton.omni_router.triton_omni_router_func (Triton, full scan)
     optimized     omni_moe.triton.omni_router_optimized.triton_omni_router_func_optimized
                   (Triton, exact pruned; what ``omni_moe.omni_router`` runs)
-    torch_pruned  omni_moe.reference.router_pruned (PyTorch, exact pruned)
+    torch_pruned  omni_moe.reference.router_pruned (PyTorch, exact pruned, the contract's
+                  NaN/tie order through int64 keys: the CPU path)
+    torch_topk    omni_moe.reference.router_product_key_topk (PyTorch, the product-key
+                  trick with plain torch.topk, as PEER-style code writes it)
     torch_brute   omni_moe.reference.router_bruteforce (PyTorch, all N*N pairs); only
                   where T*N*N*4 bytes < --brute-max-gib
 
@@ -57,6 +60,7 @@ IMPLS = {
     "original": ("omni_moe.triton.omni_router", "triton_omni_router_func", True),
     "optimized": ("omni_moe.triton.omni_router_optimized", "triton_omni_router_func_optimized", True),
     "torch_pruned": ("omni_moe.reference.router", "router_pruned", False),
+    "torch_topk": ("omni_moe.reference.router", "router_product_key_topk", False),
     "torch_brute": ("omni_moe.reference.router", "router_bruteforce", False),
 }
 

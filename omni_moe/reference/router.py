@@ -69,3 +69,21 @@ def router_backward_reference(grad: torch.Tensor, indices: torch.Tensor, n: int)
     dx.scatter_add_(1, idx // n, g)
     dy.scatter_add_(1, idx % n, g)
     return dx.to(grad.dtype), dy.to(grad.dtype)
+
+
+def router_product_key_topk(x: torch.Tensor, y: torch.Tensor, k: int):
+    """The product-key trick as plain PyTorch code usually writes it (PEER, product-key
+    memories): ``torch.topk`` on each axis, then on the k'*k' grid of sums.
+
+    Same scores as ``router_pruned`` on inputs without NaN; its order among ties and its
+    NaN handling are ``torch.topk``'s (NaN ranks first), not the contract's.  It is the
+    benchmark's "what people write in PyTorch" baseline, not a library path.
+    """
+    T, N = x.shape
+    kk = min(k, N)
+    sx, ix = x.float().topk(kk, dim=-1)
+    sy, iy = y.float().topk(kk, dim=-1)
+    s = (sx[:, :, None] + sy[:, None, :]).reshape(T, kk * kk)
+    flat = (ix[:, :, None] * N + iy[:, None, :]).reshape(T, kk * kk)
+    scores, pos = s.topk(k, dim=-1)
+    return scores.to(x.dtype), flat.gather(1, pos).to(torch.int32)
