@@ -3,15 +3,17 @@
     out[t] = sum_r act(u[idx[t,r]] . h[t]) * w[t,r] * v[idx[t,r]]
 
 u = up_weights, v = down_weights (row e: expert e's input / output vector), w =
-routing_weights (= exp(router scores)).  Forward and backward are custom ops with fake
+routing_weights (= exp(router scores); ``omni_expert_from_scores`` takes the scores and
+fuses the exp into the kernels).  Forward and backward are custom ops with fake
 (meta) implementations and a registered autograd formula, so ``torch.compile(
 fullgraph=True)`` traces through them.  In eager mode the same two implementation
 functions run behind a ``torch.autograd.Function`` instead (less host time per call);
 both paths give identical bits (tested).
 
 Dispatch (``omni_moe._dispatch.use_triton``): CUDA tensors, and CPU tensors under
-``TRITON_INTERPRET=1``, run the expert-centric Triton kernels of
-``omni_moe.triton.omni_expert``; other CPU tensors run the token-centric PyTorch
+``TRITON_INTERPRET=1``, run the Triton kernels of ``omni_moe.triton.omni_expert`` (its
+docstring: two schedules chosen from the shapes; one launch forward and two plus a
+device sort backward in the default one); other CPU tensors run the token-centric PyTorch
 reference of ``omni_moe.reference.expert``.
 
 Index range: indices must lie in [0, E).  Checking that on a CUDA tensor needs a device
@@ -90,29 +92,57 @@ def _check_index_range_cpu(indices: torch.Tensor, num_experts: int):
                 f"got values in [{lo}, {hi}]")
 
 
-def _forward_impl(h, up, down, w, idx, act):
-    """(out, a, sorted_e, perm); the last two are empty on the PyTorch path."""
+def _forward_impl(h, up, down, w, idx, act, log_weights=False):
+    """(out, a, sorted_e, perm): a (T, k) float32 pre-activations; sorted_e/perm the pairs'
+    grouping by expert when the kernels' "expert" schedule ran, else empty (all four
+    saved for backward)."""
     _check_index_range_cpu(idx, up.shape[0])
     if use_triton(h):
         from .triton.omni_expert import expert_forward
 
-        return expert_forward(h, up, down, w, idx, act)
+        return expert_forward(h, up, down, w, idx, act, log_weights=log_weights)
+    if log_weights:
+        w = w.float().exp()
     out, a = expert_forward_reference(h, up, down, w, idx, act)
     # The PyTorch path needs no grouping; empty placeholders keep the op's signature.
-    return out, a.contiguous(), idx.new_empty((0,), dtype=torch.int32), idx.new_empty((0,), dtype=torch.int64)
+    return (out, a.contiguous(), idx.new_empty((0,), dtype=_sort_key_dtype(h, up)),
+            idx.new_empty((0,), dtype=torch.int64))
 
 
-def _backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup, need_ddown):
+def _backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup,
+                   need_ddown, log_weights=False):
     """(dh, dup, ddown, dw); a gradient not needed comes back as an empty (0,) tensor."""
     if use_triton(h):
         from .triton.omni_expert import expert_backward
 
         dh, dup, ddown, dw = expert_backward(grad_out, h, up, down, w, idx, a, sorted_e, perm, act,
-                                             need_dh, need_dup, need_ddown)
+                                             need_dh, need_dup, need_ddown, log_weights=log_weights)
     else:
-        dh, dup, ddown, dw = expert_backward_reference(grad_out, h, up, down, w, idx, a, act)
+        wx = w.float().exp() if log_weights else w
+        dh, dup, ddown, dw = expert_backward_reference(grad_out, h, up, down, wx, idx, a, act)
+        if log_weights:  # d score = exp(score) * d weight
+            dw = (dw * wx).to(w.dtype)
     return (dh if need_dh else h.new_empty((0,)), dup if need_dup else up.new_empty((0,)),
             ddown if need_ddown else down.new_empty((0,)), dw)
+
+
+def _sort_key_dtype(h, up) -> torch.dtype:
+    if not use_triton(h):
+        return torch.int32
+    from .triton.omni_expert import sort_key_dtype
+
+    return sort_key_dtype(up.shape[0])
+
+
+def _grouped_pairs(h, up, idx) -> int:
+    """How many pairs the forward groups (the fake implementation's output size)."""
+    if not use_triton(h):
+        return 0
+    from .triton.omni_expert import choose_mode
+
+    T, H = h.shape
+    K = idx.shape[1]
+    return T * K if choose_mode(T, H, up.shape[0], K, up.element_size()) == "expert" else 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -120,29 +150,33 @@ def _backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_d
 
 @torch.library.custom_op("omni_moe::expert_forward", mutates_args=())
 def _expert_forward(h: torch.Tensor, up: torch.Tensor, down: torch.Tensor, w: torch.Tensor,
-                    idx: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward_impl(h, up, down, w, idx, act)
+                    idx: torch.Tensor, act: str,
+                    log_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward_impl(h, up, down, w, idx, act, log_weights)
 
 
 @_expert_forward.register_fake
-def _(h, up, down, w, idx, act):
+def _(h, up, down, w, idx, act, log_weights=False):
     T, H = h.shape
     K = idx.shape[1]
-    P = T * K if use_triton(h) else 0
+    P = _grouped_pairs(h, up, idx)
     return (h.new_empty((T, H)), h.new_empty((T, K), dtype=torch.float32),
-            h.new_empty((P,), dtype=torch.int32), h.new_empty((P,), dtype=torch.int64))
+            h.new_empty((P,), dtype=_sort_key_dtype(h, up)),
+            h.new_empty((P,), dtype=torch.int64))
 
 
 @torch.library.custom_op("omni_moe::expert_backward", mutates_args=())
 def _expert_backward(grad_out: torch.Tensor, h: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                      w: torch.Tensor, idx: torch.Tensor, a: torch.Tensor, sorted_e: torch.Tensor,
-                     perm: torch.Tensor, act: str, need_dh: bool, need_dup: bool,
-                     need_ddown: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup, need_ddown)
+                     perm: torch.Tensor, act: str, need_dh: bool, need_dup: bool, need_ddown: bool,
+                     log_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup,
+                          need_ddown, log_weights)
 
 
 @_expert_backward.register_fake
-def _(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup, need_ddown):
+def _(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup, need_ddown,
+      log_weights=False):
     return (h.new_empty(h.shape if need_dh else (0,)),
             up.new_empty(up.shape if need_dup else (0,)),
             down.new_empty(down.shape if need_ddown else (0,)),
@@ -150,23 +184,24 @@ def _(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup, 
 
 
 def _setup_context(ctx, inputs, output):
-    h, up, down, w, idx, act = inputs
+    h, up, down, w, idx, act, log_weights = inputs
     _, a, sorted_e, perm = output
     ctx.save_for_backward(h, up, down, w, idx, a, sorted_e, perm)
     ctx.act = act
+    ctx.log_weights = log_weights
 
 
 def _grads(ctx, grad_out, backward_fn):
     h, up, down, w, idx, a, sorted_e, perm = ctx.saved_tensors
     need_dh, need_dup, need_ddown, need_dw = ctx.needs_input_grad[:4]
     if not (need_dh or need_dup or need_ddown or need_dw):
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     if grad_out is None:
         grad_out = torch.zeros_like(h)
     dh, dup, ddown, dw = backward_fn(grad_out, h, up, down, w, idx, a, sorted_e, perm, ctx.act,
-                                     bool(need_dh), bool(need_dup), bool(need_ddown))
+                                     bool(need_dh), bool(need_dup), bool(need_ddown), ctx.log_weights)
     return (dh if need_dh else None, dup if need_dup else None,
-            ddown if need_ddown else None, dw if need_dw else None, None, None)
+            ddown if need_ddown else None, dw if need_dw else None, None, None, None)
 
 
 def _backward(ctx, grad_out, _grad_a, _grad_sorted, _grad_perm):
@@ -183,16 +218,26 @@ _expert_forward.register_autograd(_backward, setup_context=_setup_context)
 
 class _ExpertFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, up, down, w, idx, act):
-        out, a, sorted_e, perm = _forward_impl(h, up, down, w, idx, act)
+    def forward(ctx, h, up, down, w, idx, act, log_weights):
+        out, a, sorted_e, perm = _forward_impl(h, up, down, w, idx, act, log_weights)
         ctx.save_for_backward(h, up, down, w, idx, a, sorted_e, perm)
         ctx.act = act
+        ctx.log_weights = log_weights
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         return _grads(ctx, grad_out, _backward_impl)
+
+
+def _apply(hidden_states, up_weights, down_weights, routing_weights, indices, act, log_weights):
+    check_expert_args(hidden_states, up_weights, down_weights, routing_weights, indices, act)
+    if torch.compiler.is_compiling():
+        return torch.ops.omni_moe.expert_forward(
+            hidden_states, up_weights, down_weights, routing_weights, indices, act, log_weights)[0]
+    return _ExpertFunction.apply(hidden_states, up_weights, down_weights, routing_weights, indices,
+                                 act, log_weights)
 
 
 def omni_expert(hidden_states, up_weights, down_weights, routing_weights, indices, act="silu"):
@@ -216,8 +261,15 @@ def omni_expert(hidden_states, up_weights, down_weights, routing_weights, indice
     (bitwise) run to run.  On CUDA, out-of-range indices are masked rather than
     reported (reporting would need a host sync); on CPU they raise ValueError.
     """
-    check_expert_args(hidden_states, up_weights, down_weights, routing_weights, indices, act)
-    if torch.compiler.is_compiling():
-        return torch.ops.omni_moe.expert_forward(
-            hidden_states, up_weights, down_weights, routing_weights, indices, act)[0]
-    return _ExpertFunction.apply(hidden_states, up_weights, down_weights, routing_weights, indices, act)
+    return _apply(hidden_states, up_weights, down_weights, routing_weights, indices, act, False)
+
+
+def omni_expert_from_scores(hidden_states, up_weights, down_weights, scores, indices, act="silu"):
+    """``omni_expert(hidden_states, up_weights, down_weights, scores.exp(), indices, act)``
+    with the exp fused into the kernels (no launch and no autograd node of its own).
+
+    ``scores`` (T, k) are log routing weights (the router's log-probabilities); the
+    gradient it receives is that of the scores.  Same contract as ``omni_expert``
+    otherwise; used by ``omni_moe.OmniMoE``.
+    """
+    return _apply(hidden_states, up_weights, down_weights, scores, indices, act, True)

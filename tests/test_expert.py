@@ -119,6 +119,14 @@ def check_against_float64(h, up, down, w, idx, go, act, got, fp32_tol=1e-5):
 
 # --------------------------------------------------------------------------- correctness
 
+@pytest.fixture(params=["token", "expert"])
+def mode(request):
+    """Both schedules of the kernels (``omni_expert.choose_mode``), forced."""
+    kern.CONFIG_OVERRIDE["mode"] = request.param
+    yield request.param
+    kern.CONFIG_OVERRIDE["mode"] = None
+
+
 CASES = [
     # (T, H, E, k, kind)
     (1, 8, 4, 1, "random"),
@@ -133,7 +141,7 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}_H{}_E{}_k{}_{}".format(*c))
-def test_matches_float64_three_calls(case, dtype, device):
+def test_matches_float64_three_calls(case, dtype, device, mode):
     T, H, E, k, kind = case
     for call in range(3):  # consecutive calls, fresh inputs each
         act = ACTS[(call + len(kind)) % 3]
@@ -155,14 +163,14 @@ def test_activations_float32(act, device):
     (torch.float32, torch.bfloat16, torch.bfloat16, torch.float32),
     (torch.float16, torch.float16, torch.float16, torch.float32),
 ], ids=["h_bf16", "weights_bf16", "w_fp32"])
-def test_mixed_dtypes(dtypes, device):
+def test_mixed_dtypes(dtypes, device, mode):
     inputs = make_inputs(9, 48, 9, 3, dtypes, device, "random", seed=3)
     check_against_float64(*inputs, "silu", run_op(*inputs, "silu"))
 
 
 @pytest.mark.parametrize("shape", [(0, 8, 4, 3), (5, 8, 4, 0), (0, 8, 0, 2), (4, 0, 3, 2)],
                          ids=["T0", "k0", "T0_E0", "H0"])
-def test_empty(shape, device):
+def test_empty(shape, device, mode):
     T, H, E, k = shape
     inputs = make_inputs(T, H, E, k, torch.float32, device, "random", seed=1)
     h, up, down, w, idx, go = inputs
@@ -173,7 +181,7 @@ def test_empty(shape, device):
         assert torch.equal(g, torch.zeros_like(g))
 
 
-def test_non_contiguous(device):
+def test_non_contiguous(device, mode):
     T, H, E, k = 13, 40, 11, 3
     g = torch.Generator().manual_seed(5)
     h = torch.randn(H, T, generator=g).to(device).t()                    # column-major
@@ -188,7 +196,7 @@ def test_non_contiguous(device):
     check_against_float64(h, up, down, w, idx, go, "silu", got)
 
 
-def test_only_some_inputs_need_grad(device):
+def test_only_some_inputs_need_grad(device, mode):
     h, up, down, w, idx, go = make_inputs(9, 16, 7, 2, torch.float32, device, seed=11)
     full = run_op(h, up, down, w, idx, go, "silu")
     for which in range(4):
@@ -205,7 +213,7 @@ def test_only_some_inputs_need_grad(device):
     assert torch.allclose(out, full[0])
 
 
-def test_custom_op_path_matches_eager_path(device):
+def test_custom_op_path_matches_eager_path(device, mode):
     """omni_expert runs an autograd.Function eagerly and the custom ops under
     torch.compile; both call the same implementation: identical bits."""
     inputs = make_inputs(13, 24, 9, 3, torch.bfloat16, device, "random", seed=23)
@@ -223,7 +231,7 @@ def test_custom_op_path_matches_eager_path(device):
         assert torch.equal(x.grad, y)
 
 
-def test_deterministic(device):
+def test_deterministic(device, mode):
     inputs = make_inputs(33, 48, 9, 8, torch.bfloat16, device, "skewed", seed=21)
     first = run_op(*inputs, "silu")
     for _ in range(2):
@@ -249,7 +257,7 @@ def _poison(t):
     return t.fill_(-1)
 
 
-def test_poisoned_outputs(device):
+def test_poisoned_outputs(device, mode):
     T, H, E, k = 21, 40, 64, 3   # 63 pairs over 64 experts: many unused rows
     h, up, down, w, idx, go = make_inputs(T, H, E, k, torch.bfloat16, device, "random", seed=9)
     w = w.float()
@@ -273,10 +281,11 @@ def test_poisoned_outputs(device):
     check_against_float64(h, up, down, w, idx, go, act, [out, *got])
 
 
-@pytest.mark.parametrize("cfg", [(2, 16, 3, 4), (8, 64, 1, 4), (1, 32, 2, 2)], ids=str)
-def test_expert_grad_tilings_same_bits(cfg, device):
+@pytest.mark.parametrize("cfg", [(2, 16, 3, 4), (8, 64, 1, 4), (1, 32, 2, 2), (2, 16, 2, 4, 4), (1, 64, 2, 4, 3)],
+                         ids=str)
+def test_expert_grad_tilings_same_bits(cfg, device, mode):
     """The expert-gradient kernel sums each expert's pairs one at a time in sorted
-    order, whatever its tiling: every tiling gives identical bits."""
+    order, whatever its tiling (a 5th entry: experts per program): identical bits."""
     inputs = make_inputs(21, 40, 9, 3, torch.float32, device, "skewed", seed=4)
     ref = run_op(*inputs, "gelu")
     kern.CONFIG_OVERRIDE["expert_grad"] = cfg
@@ -288,7 +297,69 @@ def test_expert_grad_tilings_same_bits(cfg, device):
         assert torch.equal(x, y)
 
 
-def test_out_of_range_indices_masked_by_kernels(device):
+@pytest.mark.parametrize("cfg", [(2, 16, 2, 4), (1, 16, 3, 4), (4, 64, 1, 4), (8, 32, 2, 2)], ids=str)
+def test_token_kernel_tilings(cfg, device):
+    """Other (BLOCK_T, BLOCK_H, UNROLL, warps) of the token kernels, including the
+    two-phase path (H > BLOCK_H: dots by column chunks, a CTA barrier, then the sums):
+    every result matches float64, also with unused and out-of-range slots."""
+    kern.CONFIG_OVERRIDE["token"] = cfg
+    try:
+        for call, (T, H, E, k, kind) in enumerate([(13, 40, 9, 3, "random"), (9, 33, 64, 5, "skewed")]):
+            act = ACTS[call + 1]
+            inputs = make_inputs(T, H, E, k, torch.float32, device, kind, seed=31 + call,
+                                 idx_dtype=(torch.int32, torch.int64)[call])
+            check_against_float64(*inputs, act, run_op(*inputs, act))
+            inputs = make_inputs(T, H, E, k, torch.bfloat16, device, kind, seed=41 + call)
+            check_against_float64(*inputs, act, run_op(*inputs, act))
+        # poisoned outputs and an out-of-range slot on the two-phase path
+        h, up, down, w, idx, go = make_inputs(11, 40, 6, 3, torch.float32, device, seed=5)
+        idx = idx.clone()
+        idx[2, 1] = -1
+        idx[7, 0] = 6
+        out_p = _poison(torch.empty(11, 40, device=device))
+        a_p = _poison(torch.empty(11, 3, device=device))
+        out, a, se, perm = kern.expert_forward(h, up, down, w, idx, "silu", out=out_p, a=a_p)
+        got = kern.expert_backward(go, h, up, down, w, idx, a, se, perm, "silu",
+                                   dh=_poison(torch.empty_like(h)), dup=_poison(torch.empty_like(up)),
+                                   ddown=_poison(torch.empty_like(down)), dw=_poison(torch.empty_like(w)))
+        assert a[2, 1] == 0 and a[7, 0] == 0 and got[3][2, 1] == 0 and got[3][7, 0] == 0
+        w0 = w.clone()
+        w0[2, 1] = w0[7, 0] = 0.0
+        idx0 = idx.clamp(0, 5)
+        ref = run_naive(h, up, down, w0, idx0, go, "silu", torch.float64)
+        for x, y in zip([out, *got[:3]], ref[:4]):
+            assert rel_l2(x, y) <= 1e-5
+    finally:
+        kern.CONFIG_OVERRIDE["token"] = None
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=["fp32", "bf16"])
+def test_from_scores(dtype, device, mode):
+    """omni_expert_from_scores(s) == omni_expert(exp(s)) with the exp fused; the
+    gradient it returns is that of the scores (d s = exp(s) d w)."""
+    from omni_moe.expert import omni_expert_from_scores
+
+    h, up, down, w, idx, go = make_inputs(17, 24, 10, 4, dtype, device, "random", seed=3)
+    s = (w.float().log() - 0.5).to(torch.float32)   # fp32 log-probabilities, as the router's
+    for act in ACTS:
+        got = run_op(h, up, down, s, idx, go, act, fn=omni_expert_from_scores)
+        # float64 oracle of the composition
+        leaves = [x.detach().double().requires_grad_() for x in (h, up, down, s)]
+        ref_out = expert_naive(leaves[0], leaves[1], leaves[2], leaves[3].exp(), idx, act)
+        ref_out.backward(go.double())
+        ref = [ref_out] + [x.grad for x in leaves]
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        for i, (x, y) in enumerate(zip(got, ref)):
+            assert x.dtype == (h.dtype, h.dtype, up.dtype, down.dtype, s.dtype)[i]
+            assert rel_l2(x, y) <= tol, (act, i, rel_l2(x, y))
+        # torch.compile path (custom ops): the same bits as the eager path
+        via_op = run_op(h, up, down, s, idx, go, act,
+                        fn=lambda *a: torch.ops.omni_moe.expert_forward(*a, True)[0])
+        for x, y in zip(got, via_op):
+            assert torch.equal(x, y)
+
+
+def test_out_of_range_indices_masked_by_kernels(device, mode):
     """The launchers never read outside the weights; bad slots contribute nothing."""
     T, H, E, k = 11, 24, 6, 3
     h, up, down, w, idx, go = make_inputs(T, H, E, k, torch.float32, device, seed=13)
@@ -313,7 +384,7 @@ def test_out_of_range_indices_masked_by_kernels(device):
     assert rel_l2(dw[good], ref[4][good]) <= 1e-5
     assert torch.equal(dw[~good], torch.zeros_like(dw[~good]))
     # int32 indices: the same.
-    out32, _, _, _ = kern.expert_forward(h, up, down, w, idx_bad.clamp(-5, E + 5).to(torch.int32), "silu")
+    out32 = kern.expert_forward(h, up, down, w, idx_bad.clamp(-5, E + 5).to(torch.int32), "silu")[0]
     assert torch.equal(out32, out)
 
 
@@ -331,7 +402,7 @@ def test_grouping_helpers(device):
     idx = torch.randint(0, 10, (13, 4), generator=g).to(device)
     se, perm = kern.group_pairs(idx, 10)
     flat = idx.reshape(-1)
-    assert torch.equal(flat[perm].to(torch.int32), se)
+    assert torch.equal(flat[perm].to(torch.int32), se.to(torch.int32))
     assert bool((se[1:] >= se[:-1]).all())
     same = se[1:] == se[:-1]
     assert bool((perm[1:][same] > perm[:-1][same]).all()), "not stable"

@@ -163,6 +163,19 @@ def test_float32_three_steps(device, case):
     assert_float32(train_and_compare(cfg(**c), shape, device, torch.float32))
 
 
+def test_float32_expert_schedule(device):
+    """The layer with the experts' "expert" schedule forced (sorted dot products; the
+    shapes above all pick the "token" one)."""
+    from omni_moe.triton import omni_expert as kern
+
+    kern.CONFIG_OVERRIDE["mode"] = "expert"
+    try:
+        c, shape = CASES[0]
+        assert_float32(train_and_compare(cfg(**c), shape, device, torch.float32))
+    finally:
+        kern.CONFIG_OVERRIDE["mode"] = None
+
+
 def test_bf16_no_worse_than_naive(device):
     # 256 tokens: enough that each rel. L2 error averages many roundings (with a few
     # dozen tokens, ours-vs-naive on the GEMM-dominated MLP gradients is a coin flip).
@@ -315,3 +328,108 @@ def test_compile_fullgraph(backend):
     for (n, p), (_, q) in zip(layer.named_parameters(), twin.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
     torch.testing.assert_close(layer.router_norm_x.running_mean, twin.router_norm_x.running_mean)
+
+
+# --------------------------------------------------------------------------- router prologue kernels
+
+@pytest.mark.parametrize("mode", ["batch", "running", "none"])
+@pytest.mark.parametrize("T,N,splits,dtype", [
+    (37, 5, 3, torch.float32),       # three uneven row splits, N not a power of two
+    (130, 16, 2, torch.float32),     # splits of 65 rows: a full and a 1-row tile each
+    (9, 3, None, torch.bfloat16),    # bf16 logits (the GEMM's dtype), default splits
+    (520, 4, None, torch.float32),   # 260 splits and 33 row blocks: several finalize tiles
+], ids=["T37_N5", "T130_N16", "T9_N3_bf16", "T520_N4"])
+def test_router_norm_kernels(device, mode, T, N, splits, dtype):
+    """BatchNorm (batch / running statistics / none) + log_softmax of both router axes
+    and the backward, against float64 PyTorch; running statistics updated once; strided
+    inputs, poisoned outputs."""
+    import torch.nn.functional as F
+
+    from omni_moe.triton import router_norm as rn
+
+    g = torch.Generator().manual_seed(T + N)
+    big = torch.randn(T, 2 * N + 3, generator=g) * 3.0 + 1.5
+    x = big.to(dtype).to(device)[:, 1:2 * N + 1]                      # row stride 2N + 3
+    dpx = torch.randn(N, T, generator=g).to(device).t()                # column-major
+    dpy = torch.randn(T, N, generator=g).to(device)
+    rm = [(torch.randn(N, generator=g) * 0.1).to(device) for _ in range(2)]
+    rv = [(torch.rand(N, generator=g) + 0.5).to(device) for _ in range(2)]
+    nbt = [torch.tensor(3, device=device) for _ in range(2)]
+    running = (rm[0].clone(), rv[0].clone(), nbt[0], rm[1].clone(), rv[1].clone(), nbt[1])
+    mom, eps = 0.1, 1e-5
+
+    ref_p, ref_dx, ref_rm, ref_rv = [], [], [], []
+    for ax, dp in enumerate((dpx, dpy)):
+        xa = x[:, ax * N:(ax + 1) * N].detach().double().cpu().requires_grad_()
+        if mode == "batch":
+            mean, var = xa.mean(0), xa.var(0, unbiased=False)
+            xh = (xa - mean) / torch.sqrt(var + eps)
+            ref_rm.append((1 - mom) * rm[ax].double().cpu() + mom * mean.detach())
+            ref_rv.append((1 - mom) * rv[ax].double().cpu() + mom * xa.detach().var(0, unbiased=True))
+        elif mode == "running":
+            xh = (xa - rm[ax].double().cpu()) / torch.sqrt(rv[ax].double().cpu() + eps)
+        else:
+            xh = xa
+        p = F.log_softmax(xh, dim=-1)
+        p.backward(dp.double().cpu())
+        ref_p.append(p.detach())
+        ref_dx.append(xa.grad)
+
+    rn.CONFIG_OVERRIDE["splits"] = splits
+    try:
+        out = torch.full((T, 2 * N), float("nan"), device=device)
+        p, stats = rn.norm_log_softmax_forward(x, N, mode, running if mode != "none" else None,
+                                               mom, eps, out=out)
+        dx = torch.full((T, 2 * N), float("nan"), dtype=dtype, device=device)
+        got = rn.norm_log_softmax_backward(dpx, dpy, p, x, stats, N, mode,
+                                           running if mode != "none" else None, eps, dx=dx)
+    finally:
+        rn.CONFIG_OVERRIDE["splits"] = None
+    assert p is out and got is dx and dx.dtype == dtype
+    tol_dx = 1e-5 if dtype == torch.float32 else 2.0**-8
+    for ax in range(2):
+        cols = slice(ax * N, (ax + 1) * N)
+        assert rel(p[:, cols], ref_p[ax]) <= 1e-6
+        assert rel(dx[:, cols], ref_dx[ax]) <= tol_dx
+    if mode == "batch":
+        for ax in range(2):
+            assert rel(running[3 * ax], ref_rm[ax]) <= 1e-6
+            assert rel(running[3 * ax + 1], ref_rv[ax]) <= 1e-6
+        assert int(nbt[0]) == 4 and int(nbt[1]) == 4
+    elif mode == "running":
+        assert torch.equal(running[0], rm[0]) and torch.equal(running[4], rv[1])
+        assert int(nbt[0]) == 3
+
+
+def test_fused_router_matches_plain_path(device):
+    """The layer's fused router prologue (one GEMM + router_norm kernels) against its
+    plain PyTorch path (two Linear, RouterNorm, log_softmax) on the same module: the
+    log-probabilities, the input/gate gradients and the running statistics agree, in
+    training and in eval mode; a forward hook on a router module selects the plain path."""
+    torch.manual_seed(11)
+    layer = OmniMoE(cfg(H=24, E=49, k=3)).to(device)
+    twin = copy.deepcopy(layer)
+    twin._fused_router_mode = lambda h: None            # always the plain path
+    for training in (True, False):
+        layer.train(training)
+        twin.train(training)
+        x = torch.randn(21, 24, device=device)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        assert layer._fused_router_mode(xa) == ("batch" if training else "running")
+        pa, pb = layer.router_log_probs(xa), twin.router_log_probs(xb)
+        gp = [torch.randn_like(t) for t in pa]
+        torch.autograd.backward(pa, gp)
+        torch.autograd.backward(pb, gp)
+        for u, v in zip(pa, pb):
+            assert rel(u, v) <= 1e-6
+        assert rel(xa.grad, xb.grad) <= 1e-5
+        for name in ("router_gate_x", "router_gate_y"):
+            assert rel(getattr(layer, name).weight.grad, getattr(twin, name).weight.grad) <= 1e-5
+        for ax in ("x", "y"):
+            na, nb = getattr(layer, "router_norm_" + ax), getattr(twin, "router_norm_" + ax)
+            assert rel(na.running_mean, nb.running_mean) <= 1e-6
+            assert rel(na.running_var, nb.running_var) <= 1e-6
+            assert int(na.num_batches_tracked) == int(nb.num_batches_tracked)
+    handle = layer.router_norm_y.register_forward_hook(lambda m, i, o: None)
+    assert layer._fused_router_mode(x) is None
+    handle.remove()

@@ -292,3 +292,26 @@ def test_torch_compile_fullgraph_cpu(backend):
         out_e.backward()
         out_c.backward()
         assert torch.equal(xe.grad, xc.grad) and torch.equal(ye.grad, yc.grad)
+
+
+@pytest.mark.parametrize("algorithm", ["fullscan", "pruned"])
+def test_eager_path_matches_custom_op(device, algorithm):
+    """Eager calls skip the custom op (host time); both paths must give the same bits."""
+    from omni_moe.router import route
+
+    T, N, k = 37, 12, 9
+    x0, y0 = make_logits(T, N, torch.bfloat16, device, "randn", seed=11)
+    g = torch.randn(T, k, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16).to(device)
+    xe, ye = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+    se, ie = route(xe, ye, N, k, algorithm)
+    se.backward(g)
+    xo, yo = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+    so, io = torch.ops.omni_moe.router_forward(xo, yo, k, algorithm)
+    so.backward(g)
+    assert torch.equal(se, so) and torch.equal(ie, io)
+    assert torch.equal(xe.grad, xo.grad) and torch.equal(ye.grad, yo.grad)
+    with torch.no_grad():
+        sn, i_n = route(x0, y0, N, k, algorithm)
+    assert torch.equal(sn, se) and torch.equal(i_n, ie)
+    assert not ie.requires_grad
+    check_router_output(x0, y0, k, se, ie)

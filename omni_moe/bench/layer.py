@@ -25,6 +25,8 @@ floor -- bytes that must move at the copy bandwidth measured on this device:
               actual indices) + 2*T*H*b (read h, write out) + T*k*(4 + 4) (indices, weights)
     backward  D*2*H*b (read u, v) + D*2*H*b (write du, dv rows) + 3*T*H*b (h, dout, dh)
               + T*k*(4 + 4 + 4) (indices, weights, dw)
+    dense     the same plus 2*(E-D)*H*b: the zero rows of the dense (E, H) gradients that
+              autograd's parameter gradients require (8 GiB at E = 2^20, H = 2048)
 -- and the ratios: speedup of the expert path over the reference, expert time / floor, and
 layer fwd+bwd / dense MLP fwd+bwd (what the experts cost on top of the shared MLP).
 
@@ -126,10 +128,12 @@ def copy_bandwidth(device) -> float | None:
     return 2 * n / (ms * 1e-3)
 
 
-def expert_floor_bytes(T, H, K, D, b):
+def expert_floor_bytes(T, H, K, D, b, E=None):
+    """(forward, forward+backward, forward+backward with dense (E, H) weight gradients)."""
     fwd = D * 2 * H * b + 2 * T * H * b + T * K * 8
     bwd = D * 4 * H * b + 3 * T * H * b + T * K * 12
-    return fwd, fwd + bwd
+    dense = fwd + bwd + (2 * (E - D) * H * b if E is not None else 0)
+    return fwd, fwd + bwd, dense
 
 
 def _rel(a, b):
@@ -313,8 +317,8 @@ def run_case(case, dtype, act, variants, device, args, bw, label):
                     t.grad = None
                 _free()
 
-    fwd_bytes, fb_bytes = expert_floor_bytes(T, H, K, D, b)
-    row["expert_floor_bytes"] = {"fwd": fwd_bytes, "fwd+bwd": fb_bytes}
+    fwd_bytes, fb_bytes, dense_bytes = expert_floor_bytes(T, H, K, D, b, E)
+    row["expert_floor_bytes"] = {"fwd": fwd_bytes, "fwd+bwd": fb_bytes, "fwd+bwd dense grads": dense_bytes}
     tm = row["times_ms"]
     ratios = {}
     for mode in ("fwd", "fwd+bwd"):
@@ -325,6 +329,10 @@ def run_case(case, dtype, act, variants, device, args, bw, label):
             floor_ms = (fwd_bytes if mode == "fwd" else fb_bytes) / bw * 1e3
             row.setdefault("expert_floor_ms", {})[mode] = floor_ms
             ratios[f"expert x-floor {mode}"] = e / floor_ms
+            if mode == "fwd+bwd":
+                dense_ms = dense_bytes / bw * 1e3
+                row["expert_floor_ms"]["fwd+bwd dense grads"] = dense_ms
+                ratios["expert x-floor fwd+bwd dense grads"] = e / dense_ms
     lf, mf = tm.get("layer fwd+bwd"), tm.get("dense_mlp fwd+bwd")
     if lf and mf:
         ratios["layer / dense_mlp fwd+bwd"] = lf / mf
@@ -338,7 +346,7 @@ def _table(rows, bw):
     lines = []
     hdr = (f"{'T':>5} {'H':>5} {'I':>5} {'E':>8} {'k':>3} {'D':>7} | "
            + " ".join(f"{v[:9] + ' ' + m:>16}" for v in VARIANTS for m in ("fwd", "f+b"))
-           + " | floor f/f+b | xfloor f/f+b | vs ref f/f+b | layer/mlp")
+           + " | floor f/f+b | xfloor f/f+b | x dense-grad floor | vs ref f/f+b | layer/mlp")
     lines.append(hdr)
     for r in rows:
         tm = r["times_ms"]
@@ -358,8 +366,11 @@ def _table(rows, bw):
             f"{r['distinct_experts']:>7} | {cells} | "
             f"{pair(fl.get('fwd'), fl.get('fwd+bwd'), '.3f'):>11} | "
             f"{pair(ra.get('expert x-floor fwd'), ra.get('expert x-floor fwd+bwd'), '.1f'):>12} | "
+            f"{ra.get('expert x-floor fwd+bwd dense grads', float('nan')):>18.1f} | "
             f"{pair(ra.get('expert speedup vs reference fwd'), ra.get('expert speedup vs reference fwd+bwd'), '.1f'):>12} | "
             f"{ra.get('layer / dense_mlp fwd+bwd', float('nan')):.2f}")
+    lines.append("x dense-grad floor: expert fwd+bwd / (floor + the 2*(E-D)*H*b bytes of zero rows that "
+                 "dense (E, H) weight gradients must also write)")
     lines.append("times in ms (median); floor = expert path HBM bytes / measured copy bandwidth"
                  + (f" {bw / 1e12:.2f} TB/s" if bw else " (n/a on CPU)"))
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """The OmniMoE layer (arXiv 2602.05711): a shared dense SwiGLU MLP plus k atomic experts
 per token, chosen by the Cartesian-product omni router out of E = N^2.
 
-Per token h (see docs/omni_moe_layer.md):
+Per token h (see docs/layer.md):
 
     lx = norm(W_x h),  ly = norm(W_y h)                 W_x, W_y: (N, H); norm: BatchNorm1d
     px = log_softmax(lx), py = log_softmax(ly)          float32
@@ -11,6 +11,11 @@ Per token h (see docs/omni_moe_layer.md):
             = sum_r act(u[idx_r] . h) * w_r * v[idx_r]
     mlp = down_proj(act(gate_proj h) * up_proj h)       cuBLAS GEMMs + fused activation
     out = mlp + experts
+
+Launches of one eager training step on CUDA (docs/layer.md): the two gate projections
+are one GEMM (stacked weights); BatchNorm + log_softmax of both axes are 3 Triton
+launches (``omni_moe.triton.router_norm``); exp(scores) is fused into the expert
+kernels; the shared MLP's last GEMM adds the experts' output in its epilogue (addmm).
 
 Parameter names follow the public reference module (flash-algo/omni-moe ``OmniMoE``):
 ``gate_proj``, ``up_proj``, ``down_proj``, ``router_gate_x``, ``router_gate_y``,
@@ -27,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..expert import omni_expert
+from .._dispatch import use_triton
+from ..expert import omni_expert_from_scores
 from ..mlp import ACTIVATIONS, swiglu
 from ..router import MAX_NUM_EXPERT_SQRT, omni_router
 
@@ -130,6 +136,46 @@ class RouterNorm(nn.BatchNorm1d):
         return super().forward(x)
 
 
+def _plain(m: nn.Module) -> bool:
+    """True if calling ``m`` runs only its own forward (no hooks): the layer may then use
+    its weights directly in fused calls."""
+    return not (m._forward_hooks or m._forward_pre_hooks)
+
+
+class _RouterLogProbs(torch.autograd.Function):
+    """(px, py) = the halves of ``norm_log_softmax_forward(logits)``; see
+    ``OmniMoE.router_log_probs``.  Differentiable in ``logits``."""
+
+    @staticmethod
+    def forward(ctx, logits, n, mode, running, momentum, eps):
+        from ..triton.router_norm import norm_log_softmax_forward
+
+        p, stats = norm_log_softmax_forward(logits, n, mode, running, momentum, eps)
+        ctx.n, ctx.mode, ctx.eps = n, mode, eps
+        if mode == "running" and ctx.needs_input_grad[0]:
+            # Copies: a training-mode call before this backward updates the running
+            # statistics in place (in a kernel, which autograd's version counters miss).
+            ctx.save_for_backward(logits, p, stats, running[1].clone(), running[4].clone())
+        else:
+            ctx.save_for_backward(logits, p, stats)
+        return p[:, :n], p[:, n:]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dpx, dpy):
+        from ..triton.router_norm import norm_log_softmax_backward
+
+        logits, p, stats, *rv = ctx.saved_tensors
+        n = ctx.n
+        if dpx is None:
+            dpx = torch.zeros_like(p[:, :n])
+        if dpy is None:
+            dpy = torch.zeros_like(p[:, n:])
+        running = (None, rv[0], None, None, rv[1], None) if rv else None
+        dx = norm_log_softmax_backward(dpx, dpy, p, logits, stats, n, ctx.mode, running, ctx.eps)
+        return dx, None, None, None, None, None
+
+
 class OmniMoE(nn.Module):
     """One OmniMoE layer: ``out = mlp(h) + experts(h)`` for input of shape (..., H).
 
@@ -196,11 +242,53 @@ class OmniMoE(nn.Module):
     def route(self, h: torch.Tensor):
         """(scores, indices) of the k experts of each row of 2-D ``h``: scores are the
         float32 log-probabilities log p_x(i) + log p_y(j), indices int32 i*N + j."""
-        lx = self.router_norm_x(self.router_gate_x(h).float())
-        ly = self.router_norm_y(self.router_gate_y(h).float())
-        px = F.log_softmax(lx.float(), dim=-1)
-        py = F.log_softmax(ly.float(), dim=-1)
+        px, py = self.router_log_probs(h)
         return omni_router(px, py, self.num_expert_sqrt, self.top_k)
+
+    def router_log_probs(self, h: torch.Tensor):
+        """(px, py): float32 (T, N) log_softmax(norm(W_x h)), log_softmax(norm(W_y h)).
+
+        Fast path (Triton tensors, eager): one GEMM with the stacked gate weights, then
+        ``omni_moe.triton.router_norm`` (3 launches forward and backward in training, 1
+        otherwise, instead of ~10 each way); px and py are the two column halves of one
+        (T, 2N) tensor.  Same math as the plain path below, which runs otherwise (CPU,
+        torch.compile -- where inductor fuses it --, N > 4096, momentum=None, hooks on
+        the router modules, a training batch of fewer than 2 tokens).
+        """
+        mode = self._fused_router_mode(h)
+        if mode is None:
+            lx = self.router_norm_x(self.router_gate_x(h).float())
+            ly = self.router_norm_y(self.router_gate_y(h).float())
+            return F.log_softmax(lx.float(), dim=-1), F.log_softmax(ly.float(), dim=-1)
+        logits = F.linear(h, torch.cat((self.router_gate_x.weight, self.router_gate_y.weight)))
+        if mode == "none":
+            return _RouterLogProbs.apply(logits, self.num_expert_sqrt, mode, None, 0.0, 0.0)
+        nx, ny = self.router_norm_x, self.router_norm_y
+        running = (nx.running_mean, nx.running_var, nx.num_batches_tracked,
+                   ny.running_mean, ny.running_var, ny.num_batches_tracked)
+        return _RouterLogProbs.apply(logits, self.num_expert_sqrt, mode, running, nx.momentum, nx.eps)
+
+    def _fused_router_mode(self, h: torch.Tensor):
+        """"none" / "batch" / "running" when the fused router prologue applies, else None."""
+        from ..triton.router_norm import MAX_N
+
+        if (not use_triton(h) or torch.compiler.is_compiling() or h.shape[0] == 0
+                or self.num_expert_sqrt > MAX_N):
+            return None
+        gx, gy, nx, ny = self.router_gate_x, self.router_gate_y, self.router_norm_x, self.router_norm_y
+        if not all(_plain(m) for m in (gx, gy, nx, ny)) or gx.weight.dtype != h.dtype:
+            return None
+        if type(nx) is nn.Identity and type(ny) is nn.Identity:
+            return "none"
+        if not (type(nx) is RouterNorm and type(ny) is RouterNorm):
+            return None
+        if not (nx.track_running_stats and ny.track_running_stats and nx.training == ny.training
+                and nx.momentum is not None and nx.momentum == ny.momentum and nx.eps == ny.eps
+                and nx.running_mean is not None and ny.running_mean is not None):
+            return None
+        if nx.training:
+            return "batch" if h.shape[0] >= 2 else None
+        return "running"
 
     def forward(self, hidden_states: torch.Tensor, return_routing: bool = False):
         """``hidden_states`` (..., H) -> (..., H), same dtype.
@@ -217,11 +305,16 @@ class OmniMoE(nn.Module):
         shape = hidden_states.shape
         h = hidden_states.reshape(-1, self.hidden_size)
         scores, indices = self.route(h)
-        weights = scores.exp()
-        experts = omni_expert(h, self.up_embed.weight, self.down_embed.weight,
-                              weights, indices, act=self.act)
-        mlp = self.down_proj(swiglu(self.gate_proj(h), self.up_proj(h), self.act))
-        out = (mlp + experts).view(shape)
+        # w = exp(scores) is fused into the expert kernels (no launch, no autograd node).
+        experts = omni_expert_from_scores(h, self.up_embed.weight, self.down_embed.weight,
+                                          scores, indices, act=self.act)
+        inner = swiglu(self.gate_proj(h), self.up_proj(h), self.act)
+        if _plain(self.down_proj) and self.down_proj.weight.dtype == experts.dtype:
+            # experts + inner @ W_down^T in one cuBLAS call (the add in its epilogue).
+            out = torch.addmm(experts, inner, self.down_proj.weight.t())
+        else:
+            out = self.down_proj(inner) + experts
+        out = out.view(shape)
         if return_routing:
             lead = shape[:-1]
             return out, (scores.view(*lead, self.top_k), indices.view(*lead, self.top_k))

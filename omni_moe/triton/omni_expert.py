@@ -1,53 +1,54 @@
-"""Atomic experts, expert-centric: forward and backward kernels (no float atomics).
+"""Atomic experts: forward and backward kernels (no float atomics), in two schedules.
 
 Notation: T tokens, hidden size H, E experts, k slots per token, P = T*k (token, slot)
 pairs, b = bytes per element, D = distinct experts touched (~ min(E, P)).
 For pair p = t*k + r with e = idx[t, r]:  a_p = u_e . h_t,  c_p = act(a_p) * w_p,
-out_t = sum_r c_p v_e.
+out_t = sum_r c_p v_e.  With ``LOG_W`` the kernels read router scores s and use
+w = exp(s) (the layer's routing weights), and the weight gradient they write is
+d s = w * d w: the exp and its backward cost no launch of their own.
 
-Grouping: the P flat indices are sorted (``torch.sort``, stable, int32 keys) on the
-device: ``sorted_e`` (expert of each sorted position) and ``perm`` (pair id of each
-sorted position).  Within one expert the pairs stay in token order, so every
-expert-centric sum below runs in a fixed order: results are bitwise reproducible.
-Nothing is read back to the host; every grid is sized from P, T, E or H.
+Two schedules for the per-pair dot products (``choose_mode``, from shapes only):
 
-Forward (two launches after the sort):
-  1. ``_pair_dot_kernel`` over sorted positions: a_p = u_e . h_t, c_p = act(a_p)*w_p.
-     Consecutive positions share an expert, so u_e comes from HBM once per expert and
-     from L1/L2 for its other pairs.  Stores a (saved for backward) and c (T, k) fp32.
-  2. ``_gather_combine_kernel`` by token: out_t = sum_r c[t, r] * v[idx[t, r]], r in
-     order 0..k-1 (a deterministic per-token sum instead of float atomics).
+"token" (default): everything per token block, one pass over the pairs each way.
+  forward   ``_token_forward_kernel``: a_p = u_e . h_t and out_t = sum_r c_p v_e.
+            One launch, no grouping of pairs.
+  backward  ``_token_backward_kernel``: g_p = v_e . do_t, dw_p = act(a_p) g_p,
+            da_p = act'(a_p) w_p g_p, dh_t = sum_r da_p u_e.  Then, only if du or dv is
+            wanted: ``group_pairs`` (device sort), ``expert_offsets`` and
+            ``_expert_grad_kernel`` (reading the pairs through the sort permutation).
+  Reads each pair's u and v rows (P*H*b per weight and direction): free when the tables
+  are L2-resident or when pairs rarely share an expert (P ~ D).
 
-Why not scatter out_t expert-centrically?  It needs float atomics on out (P*H atomic
-adds, non-deterministic order) or a (P, H) buffer of contributions (the (T, k, H)
-tensor this design avoids).  The token-centric second pass reads a v row per pair
-(P*H*b) instead of per expert (D*H*b).  At the issue's sizes that costs:
-  (T,H,E,k) = (4096,1024,4096,16):   v is 8 MiB, L2-resident: ~no extra HBM bytes;
-  (8192,1024,65536,32):  P*H*b = 512 MiB vs D*H*b ~ 126 MiB (part hits the 50 MB L2);
-  (4096,2048,2^20,16):   P ~ 1.03 D: no extra bytes.
-So only the middle case pays extra, ~1.5-2x on that one pass.
+"expert": the dot products by expert (sorted pairs), the sums by token.
+  forward   ``group_pairs``; ``_pair_dot_kernel`` over sorted positions (u_e from HBM
+            once per expert, h rows from L2): a_p and c_p; ``_gather_combine_kernel``:
+            out_t = sum_r c_p v_e by token.
+  backward  ``_pair_dot_kernel`` (BACKWARD): g_p = v_e . do_t (v_e once per expert),
+            dw, da by pair and da, c, token by sorted position; ``_expert_grad_kernel``
+            on those contiguous arrays; ``_gather_combine_kernel``: dh_t = sum_r da_p u_e.
+  Chosen when the tables do not fit in L2 and experts are reused (P >= 2 D): at
+  (T,H,E,k) = (8192,1024,65536,32) the token schedule moves 2 GiB of rows per step
+  where this one moves ~1.3 GiB.
 
-Backward (three launches after ``searchsorted`` builds per-expert offsets):
-  1. ``_pair_dot_kernel`` (BACKWARD) over sorted positions: g_p = v_e . do_t,
-     dw_p = act(a_p) g_p, da_p = act'(a_p) w_p g_p; also c_p = act(a_p) w_p.
-     v_e from HBM once per expert.  Writes dw (T, k), da by pair, and da, c and the
-     token by sorted position (contiguous for step 2).
-  2. ``_expert_grad_kernel``, one program per block of experts x column block:
-     du_e = sum da_p h_t, dv_e = sum c_p do_t over the expert's pairs in sorted order.
-     Reads no weights at all.  Writes every element of the dense (E, H) gradients
-     exactly once: rows of unused experts get zeros from the same launch (no separate
-     zero fill, no atomics).  The dense write, 2*E*H*b, is what autograd's dense
-     parameter gradient costs; at E = 2^20, H = 2048, bf16 it is 8 GiB (~2.7 ms at
-     3 TB/s) and dominates the backward.
-  3. ``_gather_combine_kernel`` by token: dh_t = sum_r da[t, r] * u[idx[t, r]].
+The weight gradients (both schedules): ``_expert_grad_kernel`` writes du_e =
+sum_p da_p h_t and dv_e = sum_p c_p do_t over each expert's pairs in sorted (token)
+order; every row of the dense (E, H) gradients is written once (zeros for unused
+experts).  2*E*H*b bytes of writes, which autograd's dense parameter gradients
+require: at E = 2^20, H = 2048, bf16 that is 8 GiB (~2.7 ms at 3 TB/s) and it
+dominates the backward at that size.
 
-Measured (H100 80GB HBM3, triton 3.6, bf16, 2026-11-26; scripts/check_expert_gpu.py),
-microseconds per launch at (T,H,E,k) = (4096,1024,4096,16) / (8192,1024,65536,32) /
-(4096,2048,2^20,16):  pair dot fwd 37/139/141, gather out 23/109/111, pair dot bwd
-41/151/142, expert grads 44/217/3213 (the last is the 8 GiB dense write: 2.7 TB/s;
-torch.zeros_like for the same bytes took 2609), gather dh 23/109/110.
+Measured (H100 80GB HBM3, triton 3.6, bf16, 2026-11-26; scripts/profile_layer.py, see
+docs/layer.md) at (T,H,E,k) = (4096,1024,4096,16) / (8192,1024,65536,32) /
+(4096,2048,2^20,16): token forward 55 / 364 / 217 us and token backward 61 / 372 / 226 us
+per launch; op fwd+bwd GPU-only (CUDA graph) 0.233 ms ("token") and 0.746 ms ("expert")
+at the first two sizes; at the third the expert-gradient launch alone took 3.20 ms (the
+8 GiB dense write; torch.zeros_like of the same bytes: 2.61 ms).
 
-Indices outside [0, E) are masked everywhereIndices outside [0, E) are masked everywhere (they contribute nothing and receive no
+Every sum runs in a fixed order (over r = 0..k-1 by token; over the stable sort's token
+order by expert): results are bitwise reproducible, with no float atomics anywhere, and
+nothing is read back to the host.
+
+Indices outside [0, E) are masked everywhere (they contribute nothing and receive no
 gradient) and never dereferenced; the op raises on them only for CPU tensors, where
 the check costs no device sync (see ``omni_moe.expert``).
 
@@ -98,40 +99,241 @@ def _act_fwd_bwd(a, ACT: tl.constexpr):
     return z, dz
 
 
+@triton.jit
+def _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik, stride_wt, stride_wk,
+          LOG_W: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(e, ok, r_ok, w) of slot r for a block of tokens: e clamped to 0 where not ok."""
+    # (a tensor comparison: under the interpreter r and K are plain ints)
+    r_ok = row_ok & ((tl.zeros((BLOCK_T,), dtype=tl.int32) + r) < K)
+    e = tl.load(IDX + rows * stride_it + r * stride_ik, mask=r_ok, other=-1).to(tl.int64)
+    ok = r_ok & (e >= 0) & (e < E)
+    e = tl.where(ok, e, 0)
+    w = tl.load(W + rows * stride_wt + r * stride_wk, mask=ok, other=0.0).to(tl.float32)
+    if LOG_W:
+        w = tl.where(ok, tl.exp(w), 0.0)
+    return e, ok, r_ok, w
+
+
 # --------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _token_forward_kernel(
+    HID, UP, DOWN, W, IDX, A, OUT,
+    T, E, H, K,
+    stride_ht, stride_hh, stride_ue, stride_uh, stride_ve, stride_vh,
+    stride_wt, stride_wk, stride_it, stride_ik, stride_ot, stride_oh,
+    ACT: tl.constexpr, LOG_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, UNROLL: tl.constexpr,
+):
+    """a[t, r] = u_e . h_t;  OUT[t] = sum_{r=0..K-1} act(a[t, r]) w[t, r] v_e  (e = IDX[t, r]).
+
+    A is a contiguous float32 (T, K) tensor; slots with e outside [0, E) get a = 0 and
+    contribute nothing.  Grid: (cdiv(T, BLOCK_T),); each program owns BLOCK_T tokens.
+    ONE_CHUNK (H <= BLOCK_H): h_t stays in registers and each slot is one pass (load u_e
+    and v_e, dot, accumulate).  Otherwise two phases: all a[t, :] by BLOCK_H column
+    chunks, stored to A, then (after a CTA barrier, which makes A's stores visible to
+    the whole program) out by column chunks.  The slot loop is unrolled UNROLL times
+    so that several row gathers are in flight.
+    Bytes: u and v rows 2*P*H*b gathered (HBM unless L2-resident), h read T*H*b (again
+    per slot from L1/L2 when H > BLOCK_H), idx and w P*(4 + b), writes T*H*b + 4P.
+    """
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    row_ok = rows < T
+    if ONE_CHUNK:
+        cols = tl.arange(0, BLOCK_H)
+        col_ok = cols < H
+        hv = tl.load(HID + rows[:, None] * stride_ht + cols[None, :] * stride_hh,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+        for r0 in range(0, K, UNROLL):
+            for j in tl.static_range(UNROLL):
+                r = r0 + j
+                e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik,
+                                       stride_wt, stride_wk, LOG_W, BLOCK_T)
+                m = ok[:, None] & col_ok[None, :]
+                u = tl.load(UP + e[:, None] * stride_ue + cols[None, :] * stride_uh,
+                            mask=m, other=0.0).to(tl.float32)
+                v = tl.load(DOWN + e[:, None] * stride_ve + cols[None, :] * stride_vh,
+                            mask=m, other=0.0).to(tl.float32)
+                a = tl.where(ok, tl.sum(u * hv, axis=1), 0.0)
+                c = tl.where(ok, _act_fwd(a, ACT) * w, 0.0)
+                acc += c[:, None] * v
+                tl.store(A + rows * K + r, a, mask=r_ok)
+        tl.store(OUT + rows[:, None] * stride_ot + cols[None, :] * stride_oh,
+                 to_dtype(acc, OUT.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        for r0 in range(0, K, UNROLL):
+            for j in tl.static_range(UNROLL):
+                r = r0 + j
+                e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik,
+                                       stride_wt, stride_wk, LOG_W, BLOCK_T)
+                dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
+                for h0 in range(0, H, BLOCK_H):
+                    cols = h0 + tl.arange(0, BLOCK_H)
+                    m = ok[:, None] & (cols < H)[None, :]
+                    hv = tl.load(HID + rows[:, None] * stride_ht + cols[None, :] * stride_hh,
+                                 mask=m, other=0.0).to(tl.float32)
+                    u = tl.load(UP + e[:, None] * stride_ue + cols[None, :] * stride_uh,
+                                mask=m, other=0.0).to(tl.float32)
+                    dot += tl.sum(u * hv, axis=1)
+                tl.store(A + rows * K + r, tl.where(ok, dot, 0.0), mask=r_ok)
+        tl.debug_barrier()
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            col_ok = cols < H
+            acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+            for r0 in range(0, K, UNROLL):
+                for j in tl.static_range(UNROLL):
+                    r = r0 + j
+                    e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik,
+                                           stride_wt, stride_wk, LOG_W, BLOCK_T)
+                    a = tl.load(A + rows * K + r, mask=ok, other=0.0)
+                    c = tl.where(ok, _act_fwd(a, ACT) * w, 0.0)
+                    v = tl.load(DOWN + e[:, None] * stride_ve + cols[None, :] * stride_vh,
+                                mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                    acc += c[:, None] * v
+            tl.store(OUT + rows[:, None] * stride_ot + cols[None, :] * stride_oh,
+                     to_dtype(acc, OUT.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _token_backward_kernel(
+    GO, UP, DOWN, W, IDX, A, DW, DA, DH,
+    T, E, H, K,
+    stride_gt, stride_gh, stride_ue, stride_uh, stride_ve, stride_vh,
+    stride_wt, stride_wk, stride_it, stride_ik, stride_dwt, stride_dwk, stride_dht, stride_dhh,
+    ACT: tl.constexpr, LOG_W: tl.constexpr, COMPUTE_DH: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr, ONE_CHUNK: tl.constexpr, UNROLL: tl.constexpr,
+):
+    """Per token t and slot r (e = IDX[t, r], a = A[t, r], g = v_e . GO[t]):
+
+        DW[t, r] = act(a) g  (times w = exp(s) with LOG_W: the gradient of the score)
+        DA[t, r] = act'(a) w g          (contiguous float32 (T, K), read by the expert grads)
+        DH[t]    = sum_{r=0..K-1} DA[t, r] u_e          (only if COMPUTE_DH)
+
+    Slots with e outside [0, E) get DW = DA = 0 and read no weight row.
+    Grid: (cdiv(T, BLOCK_T),).  ONE_CHUNK (H <= BLOCK_H): GO[t] stays in registers and
+    each slot is one pass.  Otherwise g by column chunks, DA stored, a CTA barrier, then
+    DH by column chunks.  Slot loop unrolled UNROLL times.
+    Bytes: v rows P*H*b and (COMPUTE_DH) u rows P*H*b gathered, GO read T*H*b, A, w, idx
+    P*(8 + b), writes DW P*b, DA 4P, DH T*H*b.
+    """
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    row_ok = rows < T
+    if ONE_CHUNK:
+        cols = tl.arange(0, BLOCK_H)
+        col_ok = cols < H
+        go = tl.load(GO + rows[:, None] * stride_gt + cols[None, :] * stride_gh,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+        for r0 in range(0, K, UNROLL):
+            for j in tl.static_range(UNROLL):
+                r = r0 + j
+                e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik,
+                                       stride_wt, stride_wk, LOG_W, BLOCK_T)
+                m = ok[:, None] & col_ok[None, :]
+                v = tl.load(DOWN + e[:, None] * stride_ve + cols[None, :] * stride_vh,
+                            mask=m, other=0.0).to(tl.float32)
+                if COMPUTE_DH:
+                    u = tl.load(UP + e[:, None] * stride_ue + cols[None, :] * stride_uh,
+                                mask=m, other=0.0).to(tl.float32)
+                a = tl.load(A + rows * K + r, mask=ok, other=0.0)
+                g = tl.sum(v * go, axis=1)
+                z, dz = _act_fwd_bwd(a, ACT)
+                dw = tl.where(ok, z * g, 0.0)
+                if LOG_W:
+                    dw = dw * w
+                da = tl.where(ok, dz * w * g, 0.0)
+                tl.store(DW + rows * stride_dwt + r * stride_dwk, to_dtype(dw, DW.dtype.element_ty),
+                         mask=r_ok)
+                tl.store(DA + rows * K + r, da, mask=r_ok)
+                if COMPUTE_DH:
+                    acc += da[:, None] * u
+        if COMPUTE_DH:
+            tl.store(DH + rows[:, None] * stride_dht + cols[None, :] * stride_dhh,
+                     to_dtype(acc, DH.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        for r0 in range(0, K, UNROLL):
+            for j in tl.static_range(UNROLL):
+                r = r0 + j
+                e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik,
+                                       stride_wt, stride_wk, LOG_W, BLOCK_T)
+                g = tl.zeros((BLOCK_T,), dtype=tl.float32)
+                for h0 in range(0, H, BLOCK_H):
+                    cols = h0 + tl.arange(0, BLOCK_H)
+                    m = ok[:, None] & (cols < H)[None, :]
+                    go = tl.load(GO + rows[:, None] * stride_gt + cols[None, :] * stride_gh,
+                                 mask=m, other=0.0).to(tl.float32)
+                    v = tl.load(DOWN + e[:, None] * stride_ve + cols[None, :] * stride_vh,
+                                mask=m, other=0.0).to(tl.float32)
+                    g += tl.sum(v * go, axis=1)
+                a = tl.load(A + rows * K + r, mask=ok, other=0.0)
+                z, dz = _act_fwd_bwd(a, ACT)
+                dw = tl.where(ok, z * g, 0.0)
+                if LOG_W:
+                    dw = dw * w
+                da = tl.where(ok, dz * w * g, 0.0)
+                tl.store(DW + rows * stride_dwt + r * stride_dwk, to_dtype(dw, DW.dtype.element_ty),
+                         mask=r_ok)
+                tl.store(DA + rows * K + r, da, mask=r_ok)
+        if COMPUTE_DH:
+            tl.debug_barrier()
+            for h0 in range(0, H, BLOCK_H):
+                cols = h0 + tl.arange(0, BLOCK_H)
+                col_ok = cols < H
+                acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+                for r0 in range(0, K, UNROLL):
+                    for j in tl.static_range(UNROLL):
+                        r = r0 + j
+                        r_ok = row_ok & ((tl.zeros((BLOCK_T,), dtype=tl.int32) + r) < K)
+                        e = tl.load(IDX + rows * stride_it + r * stride_ik, mask=r_ok,
+                                    other=-1).to(tl.int64)
+                        ok = r_ok & (e >= 0) & (e < E)
+                        e = tl.where(ok, e, 0)
+                        da = tl.load(DA + rows * K + r, mask=ok, other=0.0)
+                        u = tl.load(UP + e[:, None] * stride_ue + cols[None, :] * stride_uh,
+                                    mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                        acc += da[:, None] * u
+                tl.store(DH + rows[:, None] * stride_dht + cols[None, :] * stride_dhh,
+                         to_dtype(acc, DH.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
 
 @triton.jit
 def _pair_dot_kernel(
     W, X, SORTED_E, PERM, R, A,
     C_OUT, DW_OUT, DA_OUT, DA_S_OUT, C_S_OUT, T_S_OUT,
     P, E, H, K,
-    stride_we, stride_wh, stride_xt, stride_xh, stride_rt, stride_rk,
-    ACT: tl.constexpr, BACKWARD: tl.constexpr,
+    stride_we, stride_wh, stride_xt, stride_xh, stride_rt, stride_rk, stride_dwt, stride_dwk,
+    ACT: tl.constexpr, LOG_W: tl.constexpr, BACKWARD: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Per sorted pair position p (expert e, token t, slot r): d_p = W[e] . X[t].
 
     Forward  (W = u, X = h):  writes A[pair] = d, C_OUT[pair] = act(d) * w.
-    Backward (W = v, X = do): with a = A[pair]: writes DW_OUT[t, r] = act(a) d (in w's
-    dtype), DA_OUT[pair] = DA_S_OUT[p] = act'(a) w d, C_S_OUT[p] = act(a) w (float32)
-    and T_S_OUT[p] = t (int32): what ``_expert_grad_kernel`` reads, contiguously.
-    Pairs whose expert is outside [0, E) get zeros and read nothing.
+    Backward (W = v, X = do): with a = A[pair]: writes DW_OUT[t, r] = act(a) d (times w
+    with LOG_W; in DW_OUT's dtype), DA_OUT[pair] = DA_S_OUT[p] = act'(a) w d,
+    C_S_OUT[p] = act(a) w (float32) and T_S_OUT[p] = t (int32): what
+    ``_expert_grad_kernel`` reads, contiguously.  A, C_OUT, DA_OUT are contiguous
+    float32 (T, K).  Pairs whose expert is outside [0, E) get zeros and read nothing.
 
     Grid: (cdiv(P, BLOCK_P),).  Each program owns BLOCK_P consecutive sorted positions
     and loops over H in BLOCK_H columns, summing in float32.
     Bytes: W rows D*H*b from HBM (a repeated expert hits L1/L2), X rows P*H*b gathered
-    (L2-resident at the issue's sizes: T*H*b <= 16 MiB), metadata ~ P*(4+8+4+b), writes
-    8P (forward) or P*(16+b) (backward).
+    (L2-resident when T*H*b is), metadata ~ P*(4+8+4+b), writes 8P (forward) or
+    P*(16+b) (backward).
     """
     pid = tl.program_id(0)
     pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     in_range = pos < P
     e = tl.load(SORTED_E + pos, mask=in_range, other=-1).to(tl.int64)
-    pair = tl.load(PERM + pos, mask=in_range, other=0).to(tl.int64)
+    pair = tl.load(PERM + pos, mask=in_range, other=0).to(tl.int32)
     valid = in_range & (e >= 0) & (e < E)
     e = tl.where(valid, e, 0)
     t = pair // K
     r = pair - t * K
+    t = t.to(tl.int64)
     acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
     w_row = W + e * stride_we
     x_row = X + t * stride_xt
@@ -142,21 +344,25 @@ def _pair_dot_kernel(
         xv = tl.load(x_row[:, None] + cols[None, :] * stride_xh, mask=m, other=0.0).to(tl.float32)
         acc += tl.sum(wv * xv, axis=1)
     wr = tl.load(R + t * stride_rt + r * stride_rk, mask=valid, other=0.0).to(tl.float32)
+    if LOG_W:
+        wr = tl.where(valid, tl.exp(wr), 0.0)
     if BACKWARD:
         a = tl.load(A + pair, mask=valid, other=0.0)
         z, dz = _act_fwd_bwd(a, ACT)
         dw = tl.where(valid, z * acc, 0.0)
+        if LOG_W:
+            dw = dw * wr
         da = tl.where(valid, dz * wr * acc, 0.0)
         c = tl.where(valid, z * wr, 0.0)
-        # DW_OUT is a fresh contiguous (T, K) tensor: its flat offset is the pair id.
-        tl.store(DW_OUT + pair, to_dtype(dw, DW_OUT.dtype.element_ty), mask=in_range)
+        tl.store(DW_OUT + t * stride_dwt + r * stride_dwk, to_dtype(dw, DW_OUT.dtype.element_ty),
+                 mask=in_range)
         tl.store(DA_OUT + pair, da, mask=in_range)
         tl.store(DA_S_OUT + pos, da, mask=in_range)
         tl.store(C_S_OUT + pos, c, mask=in_range)
         tl.store(T_S_OUT + pos, t.to(tl.int32), mask=in_range)
     else:
         c = tl.where(valid, _act_fwd(acc, ACT) * wr, 0.0)
-        tl.store(A + pair, acc, mask=in_range)
+        tl.store(A + pair, tl.where(valid, acc, 0.0), mask=in_range)
         tl.store(C_OUT + pair, c, mask=in_range)
 
 
@@ -201,68 +407,126 @@ def _gather_combine_kernel(
 
 @triton.jit
 def _expert_grad_kernel(
-    OFFSETS, TOK_S, DA_S, C_S, HID, GO, DU, DV,
-    E, H,
-    stride_ht, stride_hh, stride_gt, stride_gh,
+    OFFSETS, PERM, A, DA, W, HID, GO, DU, DV,
+    E, H, K,
+    stride_wt, stride_wk, stride_ht, stride_hh, stride_gt, stride_gh,
     stride_due, stride_duh, stride_dve, stride_dvh,
-    COMPUTE_DU: tl.constexpr, COMPUTE_DV: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, UNROLL: tl.constexpr,
+    experts_per_program,
+    ACT: tl.constexpr, LOG_W: tl.constexpr, SORTED: tl.constexpr, COMPUTE_DU: tl.constexpr,
+    COMPUTE_DV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    """du_e = sum_j DA_S[p_j] * HID[t_j],  dv_e = sum_j C_S[p_j] * GO[t_j]  over e's pairs.
+    """du_e = sum_j da_j HID[t_j],  dv_e = sum_j c_j GO[t_j]  over expert e's pairs j.
 
-    The pairs of expert e are the sorted positions p_j = OFFSETS[e] + j, j = 0..n_e-1
-    (token order), with tokens t_j = TOK_S[p_j].  Each program owns a [BLOCK_E, BLOCK_H]
-    tile of du and dv (BLOCK_E consecutive experts) and walks j = 0..max_e n_e - 1, each
-    step gathering one row slice per expert (rows past their n_e are masked): float32
-    sums in a fixed order, no atomics, no cross-thread reduction.  Unused experts get
-    zero rows, so the dense (E, H) gradients are fully written by this launch.
-    Grid: (cdiv(E, BLOCK_E), cdiv(H, BLOCK_H)).  The j loop is unrolled UNROLL times.
+    Expert e's pairs are the sorted positions q_j = OFFSETS[e] + j, j = 0..n_e-1 (token
+    order: the sort is stable).  SORTED: PERM = t_j (int32), DA = da_j, A = c_j, all by
+    sorted position (contiguous; what ``_pair_dot_kernel`` writes).  Otherwise PERM =
+    the sort permutation (pair ids p_j, t_j = p_j // K), DA and A are (T, K) float32 by
+    pair and c_j = act(A[p_j]) w[p_j] is recomputed.
+    Each program owns ``experts_per_program`` consecutive experts (a multiple of BLOCK_E;
+    by default BLOCK_E) and BLOCK_H columns, and takes them BLOCK_E at a time: [BLOCK_E,
+    BLOCK_H] tiles of du and dv, walking j = 0..max_e n_e - 1, each step gathering one
+    row slice per expert (rows past their n_e are masked): float32 sums in a fixed
+    order, no atomics, no cross-thread reduction.  Unused experts get zero rows, so the
+    dense (E, H) gradients are fully written by this launch (at E = 2^20 that 8 GiB
+    write is the whole cost).
+    Grid: (cdiv(E, experts_per_program), cdiv(H, BLOCK_H)).  j loop unrolled UNROLL times.
     Bytes: HID/GO rows 2*P*H*b gathered (L2-resident at the issue's sizes), metadata
-    12*P per column block, 4*(E+1) offsets, writes 2*E*H*b.
+    ~16*P per column block, 4*(E+1) offsets, writes 2*E*H*b.
     Cost of skew: a block's trip count is its busiest expert's pair count.
     """
     pid_e = tl.program_id(0)
     pid_h = tl.program_id(1)
-    es = pid_e.to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    e_ok = es < E
     col_ok = cols < H
-    start = tl.load(OFFSETS + es, mask=e_ok, other=0)
-    cnt = tl.load(OFFSETS + es + 1, mask=e_ok, other=0) - start
-    n = tl.max(cnt, axis=0)
-    acc_u = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
-    acc_v = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
-    for j0 in range(0, n, UNROLL):
-        for jj in tl.static_range(UNROLL):
-            ok = (j0 + jj) < cnt
-            pos = start + (j0 + jj)
-            t = tl.load(TOK_S + pos, mask=ok, other=0).to(tl.int64)
-            m = ok[:, None] & col_ok[None, :]
-            if COMPUTE_DU:
-                da = tl.load(DA_S + pos, mask=ok, other=0.0)
-                hv = tl.load(HID + t[:, None] * stride_ht + cols[None, :] * stride_hh,
-                             mask=m, other=0.0).to(tl.float32)
-                acc_u += da[:, None] * hv
-            if COMPUTE_DV:
-                c = tl.load(C_S + pos, mask=ok, other=0.0)
-                gv = tl.load(GO + t[:, None] * stride_gt + cols[None, :] * stride_gh,
-                             mask=m, other=0.0).to(tl.float32)
-                acc_v += c[:, None] * gv
-    out_m = e_ok[:, None] & col_ok[None, :]
-    if COMPUTE_DU:
-        tl.store(DU + es[:, None] * stride_due + cols[None, :] * stride_duh,
-                 to_dtype(acc_u, DU.dtype.element_ty), mask=out_m)
-    if COMPUTE_DV:
-        tl.store(DV + es[:, None] * stride_dve + cols[None, :] * stride_dvh,
-                 to_dtype(acc_v, DV.dtype.element_ty), mask=out_m)
+    e_begin = pid_e.to(tl.int64) * experts_per_program
+    e_end = tl.minimum(e_begin + experts_per_program, E)
+    for e0 in range(e_begin, e_end, BLOCK_E):
+        es = e0 + tl.arange(0, BLOCK_E)
+        e_ok = es < e_end
+        start = tl.load(OFFSETS + es, mask=e_ok, other=0)
+        cnt = tl.load(OFFSETS + es + 1, mask=e_ok, other=0) - start
+        n = tl.max(cnt, axis=0)
+        acc_u = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
+        acc_v = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
+        for j0 in range(0, n, UNROLL):
+            for jj in tl.static_range(UNROLL):
+                ok = (j0 + jj) < cnt
+                q = start + (j0 + jj)
+                if SORTED:
+                    t = tl.load(PERM + q, mask=ok, other=0).to(tl.int64)
+                else:
+                    pair = tl.load(PERM + q, mask=ok, other=0).to(tl.int32)
+                    t32 = pair // K
+                    t = t32.to(tl.int64)
+                m = ok[:, None] & col_ok[None, :]
+                if COMPUTE_DU:
+                    if SORTED:
+                        da = tl.load(DA + q, mask=ok, other=0.0)
+                    else:
+                        da = tl.load(DA + pair, mask=ok, other=0.0)
+                    hv = tl.load(HID + t[:, None] * stride_ht + cols[None, :] * stride_hh,
+                                 mask=m, other=0.0).to(tl.float32)
+                    acc_u += da[:, None] * hv
+                if COMPUTE_DV:
+                    if SORTED:
+                        c = tl.load(A + q, mask=ok, other=0.0)
+                    else:
+                        a = tl.load(A + pair, mask=ok, other=0.0)
+                        w = tl.load(W + t * stride_wt + (pair - t32 * K) * stride_wk, mask=ok,
+                                    other=0.0).to(tl.float32)
+                        if LOG_W:
+                            w = tl.exp(w)
+                        c = tl.where(ok, _act_fwd(a, ACT) * w, 0.0)
+                    gv = tl.load(GO + t[:, None] * stride_gt + cols[None, :] * stride_gh,
+                                 mask=m, other=0.0).to(tl.float32)
+                    acc_v += c[:, None] * gv
+        out_m = e_ok[:, None] & col_ok[None, :]
+        if COMPUTE_DU:
+            tl.store(DU + es[:, None] * stride_due + cols[None, :] * stride_duh,
+                     to_dtype(acc_u, DU.dtype.element_ty), mask=out_m)
+        if COMPUTE_DV:
+            tl.store(DV + es[:, None] * stride_dve + cols[None, :] * stride_dvh,
+                     to_dtype(acc_v, DV.dtype.element_ty), mask=out_m)
 
 
 # --------------------------------------------------------------------------- launch configs
-# Small, fixed heuristics (no autotuning): all three kernels are memory/latency bound
-# gathers of H-contiguous rows: tiles of 1-2K elements per operand over 4 warps, and
-# BLOCK_H = 256 (512 contiguous bytes per bf16 row read).  The choices below come from
-# the sweep in scripts/check_expert_gpu.py; ``CONFIG_OVERRIDE`` lets it try others.
-CONFIG_OVERRIDE = {"pair_dot": None, "gather": None, "expert_grad": None}
+# Small, fixed heuristics (no autotuning): all kernels are memory/latency-bound gathers of
+# H-contiguous rows.  ``CONFIG_OVERRIDE`` lets tests and scripts/profile_layer.py try
+# others ("mode": force "token" or "expert").
+CONFIG_OVERRIDE = {"mode": None, "token": None, "pair_dot": None, "gather": None, "expert_grad": None}
+_MAX_ROW = 2048
+_L2_TABLES = 40 * 2**20   # u and v together below this: L2-resident on an H100 (50 MB)
+
+
+def choose_mode(T: int, H: int, E: int, K: int, itemsize: int) -> str:
+    """"expert" when the u/v tables do not fit in L2 and pairs share experts (P >= 2 D,
+    D from uniform routing); else "token".  Shapes only: no data is read.
+
+    Measured on H100 (bf16, 2026-11-26, scripts/profile_layer.py): at (T,H,E,k) =
+    (8192,1024,65536,32) the "expert" schedule's fwd+bwd is 0.746 ms GPU-only (CUDA
+    graph), where the "token" schedule's launches alone add up to ~1.15 ms; at
+    (4096,2048,2^20,16) the "token" forward takes 0.217 ms against 0.29 ms.
+    """
+    if CONFIG_OVERRIDE["mode"] is not None:
+        return CONFIG_OVERRIDE["mode"]
+    P = T * K
+    if P == 0 or 2 * E * H * itemsize <= _L2_TABLES:
+        return "token"
+    return "expert" if P >= 2 * expected_distinct_experts(T, K, E) else "token"
+
+
+def _token_config(T: int, H: int, K: int):
+    """(BLOCK_T, BLOCK_H, UNROLL, num_warps); ONE_CHUNK follows from H <= BLOCK_H.
+    Measured on H100 (bf16, scripts/profile_layer.py sweep): one token per program with
+    its whole row, 4 warps per 1K columns, slot loop unrolled twice, was the best of
+    the configurations tried at H = 1024 and 2048."""
+    if CONFIG_OVERRIDE["token"] is not None:
+        return CONFIG_OVERRIDE["token"]
+    block_h = max(16, min(_MAX_ROW, triton.next_power_of_2(max(H, 1))))
+    block_t = max(1, min(16, 1024 // block_h, triton.next_power_of_2(max(T, 1))))
+    warps = 4 if block_t * block_h <= 1024 else 8
+    unroll = 2 if K >= 2 else 1
+    return block_t, block_h, unroll, warps
 
 
 def _pair_dot_config(P: int, H: int):
@@ -287,27 +551,46 @@ def _gather_config(T: int, H: int, K: int):
 
 
 def _expert_grad_config(P: int, E: int, H: int):
+    """(BLOCK_E, BLOCK_H, UNROLL, num_warps[, experts_per_program]); default one expert
+    (or a few, for small H) per program.
+
+    One expert per program with up to 1024 columns: the trip count is that expert's own
+    pair count (with several experts per program it is the busiest one's: 1.3x / 1.55x
+    the pairs at the first two issue sizes with 4 experts, the router's routing not
+    being uniform), and the pair metadata is read once per 1024 columns.  Measured on
+    H100 (scripts/profile_layer.py, run 2; expert op fwd+bwd at (4096,2048,2^20,16)):
+    (1, 1024, 2, 4 warps) 3.64 ms, (4, 256, 2, 4) 3.65-3.71, (1, 1024, 2, 8) 4.02-4.10,
+    the same with 128 experts per program 3.86; at the smaller sizes the differences
+    were inside the run-to-run noise of the host-bound timings.  Every tiling gives the
+    same bits (each expert's pairs are summed one at a time in sorted order).
+    """
     if CONFIG_OVERRIDE["expert_grad"] is not None:
         return CONFIG_OVERRIDE["expert_grad"]
-    # Measured on H100: 4 experts x 256 columns, pair loop unrolled twice, was the best
-    # or tied of the tilings tried at all three issue sizes (every tiling gives the same
-    # bits: each expert's pairs are summed one at a time in sorted order).
-    block_h = max(16, min(256, triton.next_power_of_2(max(H, 1))))
-    block_e = max(1, min(4, 1024 // block_h, triton.next_power_of_2(max(E, 1))))
+    block_h = max(16, min(1024, triton.next_power_of_2(max(H, 1))))
+    block_e = max(1, min(16, 1024 // block_h, triton.next_power_of_2(max(E, 1))))
     return block_e, block_h, 2, 4
 
 
 # --------------------------------------------------------------------------- launchers
 
-def group_pairs(indices: torch.Tensor, num_experts: int):
-    """Sort the T*k pairs by expert on the device: (sorted_e int32, perm int64).
+def sort_key_dtype(num_experts: int) -> torch.dtype:
+    """dtype of ``group_pairs``' sorted keys: int16 when E < 2^15 - 1, else int32."""
+    return torch.int16 if num_experts < 2**15 - 1 else torch.int32
 
-    int64 indices are clamped to [-1, E] first so that the int32 sort keys keep every
-    out-of-range index out of range.  Stable, so pairs of one expert keep token order.
+
+def group_pairs(indices: torch.Tensor, num_experts: int):
+    """Sort the T*k pairs by expert on the device: (sorted_e, perm int64).
+
+    Keys are int16 when E < 2^15 - 1 (half the radix passes of int32), else int32;
+    int64/int32 indices are clamped to [-1, E] first so that every out-of-range index
+    stays out of range.  Stable, so pairs of one expert keep token order.
     """
     flat = indices.reshape(-1)
-    if flat.dtype != torch.int32:
-        flat = flat.clamp(-1, num_experts).to(torch.int32)
+    key = sort_key_dtype(num_experts)
+    if flat.dtype != key:
+        if flat.dtype != torch.int32 or key == torch.int16:
+            flat = flat.clamp(-1, num_experts)
+        flat = flat.to(key)
     sorted_e, perm = torch.sort(flat, stable=True)
     return sorted_e, perm
 
@@ -318,8 +601,56 @@ def expert_offsets(sorted_e: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.searchsorted(sorted_e, bounds, out_int32=True)
 
 
+def launch_token_forward(hidden_states, up_weights, down_weights, routing_weights, indices,
+                         a, out, act, log_weights=False):
+    """Launch ``_token_forward_kernel`` into preallocated ``a`` (T, K) float32
+    contiguous and ``out`` (T, H)."""
+    T, H = hidden_states.shape
+    K = indices.shape[1]
+    if T == 0 or (H == 0 and K == 0):
+        return
+    if K == 0:
+        out.zero_()
+        return
+    block_t, block_h, unroll, warps = _token_config(T, H, K)
+    _token_forward_kernel[(triton.cdiv(T, block_t),)](
+        hidden_states, up_weights, down_weights, routing_weights, indices, a, out,
+        T, up_weights.shape[0], H, K,
+        hidden_states.stride(0), hidden_states.stride(1), up_weights.stride(0), up_weights.stride(1),
+        down_weights.stride(0), down_weights.stride(1), routing_weights.stride(0),
+        routing_weights.stride(1), indices.stride(0), indices.stride(1), out.stride(0), out.stride(1),
+        ACT=_ACT_ID[act], LOG_W=bool(log_weights), BLOCK_T=block_t, BLOCK_H=block_h,
+        ONE_CHUNK=H <= block_h, UNROLL=unroll, num_warps=warps,
+    )
+
+
+def launch_token_backward(grad_out, up_weights, down_weights, routing_weights, indices, a,
+                          dw, da, dh, act, log_weights=False):
+    """Launch ``_token_backward_kernel``: dw (T, K), da (T, K) float32 contiguous, and dh
+    (T, H) unless it is None."""
+    T, K = indices.shape
+    H = grad_out.shape[1]
+    if T == 0 or K == 0:
+        if dh is not None:
+            dh.zero_()
+        return
+    block_t, block_h, unroll, warps = _token_config(T, H, K)
+    dh_arg = dh if dh is not None else da
+    _token_backward_kernel[(triton.cdiv(T, block_t),)](
+        grad_out, up_weights, down_weights, routing_weights, indices, a, dw, da, dh_arg,
+        T, up_weights.shape[0], H, K,
+        grad_out.stride(0), grad_out.stride(1), up_weights.stride(0), up_weights.stride(1),
+        down_weights.stride(0), down_weights.stride(1), routing_weights.stride(0),
+        routing_weights.stride(1), indices.stride(0), indices.stride(1), dw.stride(0), dw.stride(1),
+        dh_arg.stride(0), dh_arg.stride(-1),
+        ACT=_ACT_ID[act], LOG_W=bool(log_weights), COMPUTE_DH=dh is not None,
+        BLOCK_T=block_t, BLOCK_H=block_h, ONE_CHUNK=H <= block_h, UNROLL=unroll, num_warps=warps,
+    )
+
+
 def launch_pair_dot(weights, x, sorted_e, perm, routing_weights, a, act, backward=False,
-                    c=None, dw=None, da=None, da_sorted=None, c_sorted=None, tok_sorted=None):
+                    c=None, dw=None, da=None, da_sorted=None, c_sorted=None, tok_sorted=None,
+                    log_weights=False):
     """Launch ``_pair_dot_kernel``; outputs must be preallocated (see kernel)."""
     P = sorted_e.numel()
     T, H = x.shape
@@ -328,16 +659,18 @@ def launch_pair_dot(weights, x, sorted_e, perm, routing_weights, a, act, backwar
         return
     block_p, block_h, warps = _pair_dot_config(P, H)
     dummy = a
+    dw_arg = dw if dw is not None else routing_weights
     _pair_dot_kernel[(triton.cdiv(P, block_p),)](
         weights, x, sorted_e, perm, routing_weights, a,
-        c if c is not None else dummy, dw if dw is not None else dummy,
+        c if c is not None else dummy, dw_arg,
         da if da is not None else dummy, da_sorted if da_sorted is not None else dummy,
         c_sorted if c_sorted is not None else dummy,
         tok_sorted if tok_sorted is not None else dummy,
         P, weights.shape[0], H, K,
         weights.stride(0), weights.stride(1), x.stride(0), x.stride(1),
-        routing_weights.stride(0), routing_weights.stride(1),
-        ACT=_ACT_ID[act], BACKWARD=backward, BLOCK_P=block_p, BLOCK_H=block_h, num_warps=warps,
+        routing_weights.stride(0), routing_weights.stride(1), dw_arg.stride(0), dw_arg.stride(1),
+        ACT=_ACT_ID[act], LOG_W=bool(log_weights), BACKWARD=backward,
+        BLOCK_P=block_p, BLOCK_H=block_h, num_warps=warps,
     )
 
 
@@ -360,30 +693,43 @@ def launch_gather_combine(weights, indices, coef, out):
     return out
 
 
-def launch_expert_grads(offsets, tok_sorted, da_sorted, c_sorted, hidden_states, grad_out, dup, ddown):
-    """Dense du/dv (either may be None: not computed); every row written."""
+def launch_expert_grads(offsets, perm, a, da, routing_weights, hidden_states, grad_out, dup, ddown,
+                        act, log_weights=False, sorted_inputs=False):
+    """Dense du/dv (either may be None: not computed); every row written.
+
+    ``sorted_inputs``: perm, da, a are (tok_sorted, da_sorted, c_sorted) by sorted
+    position; else the sort permutation and (T, K) float32 a, da by pair."""
     E = offsets.numel() - 1
-    H = hidden_states.shape[1]
+    T, H = hidden_states.shape
+    K = routing_weights.shape[1]
     if E == 0 or H == 0 or (dup is None and ddown is None):
         return
-    block_e, block_h, unroll, warps = _expert_grad_config(tok_sorted.numel(), E, H)
+    cfg = _expert_grad_config(perm.numel(), E, H)
+    block_e, block_h, unroll, warps = cfg[:4]
+    per = cfg[4] if len(cfg) > 4 else block_e
     du = dup if dup is not None else ddown
     dv = ddown if ddown is not None else dup
-    grid = (triton.cdiv(E, block_e), triton.cdiv(H, block_h))
+    grid = (triton.cdiv(E, per), triton.cdiv(H, block_h))
     _expert_grad_kernel[grid](
-        offsets, tok_sorted, da_sorted, c_sorted, hidden_states, grad_out, du, dv, E, H,
+        offsets, perm, a, da, routing_weights, hidden_states, grad_out, du, dv, E, H, max(K, 1),
+        routing_weights.stride(0), routing_weights.stride(1),
         hidden_states.stride(0), hidden_states.stride(1), grad_out.stride(0), grad_out.stride(1),
-        du.stride(0), du.stride(1), dv.stride(0), dv.stride(1),
+        du.stride(0), du.stride(1), dv.stride(0), dv.stride(1), per,
+        ACT=_ACT_ID[act], LOG_W=bool(log_weights), SORTED=bool(sorted_inputs),
         COMPUTE_DU=dup is not None, COMPUTE_DV=ddown is not None,
         BLOCK_E=block_e, BLOCK_H=block_h, UNROLL=unroll, num_warps=warps,
     )
 
 
 def expert_forward(hidden_states, up_weights, down_weights, routing_weights, indices, act="silu",
-                   out=None, a=None):
+                   out=None, a=None, log_weights=False):
     """Forward: (out (T, H) in hidden dtype, a (T, k) float32, sorted_e, perm).
 
-    ``out``/``a`` may be preallocated (tests poison them first).  No host sync.
+    ``sorted_e``/``perm`` are the pairs' grouping by expert in the "expert" schedule
+    (``choose_mode``), empty tensors in the "token" one; pass them on to
+    ``expert_backward``.  ``out``/``a`` may be preallocated (tests poison them first;
+    ``a`` contiguous).  ``log_weights``: routing_weights holds scores s and the weights
+    are exp(s).  No host sync.
     """
     T, H = hidden_states.shape
     K = indices.shape[1]
@@ -393,21 +739,29 @@ def expert_forward(hidden_states, up_weights, down_weights, routing_weights, ind
         out = torch.empty((T, H), dtype=hidden_states.dtype, device=dev)
     if a is None:
         a = torch.empty((T, K), dtype=torch.float32, device=dev)
+    if choose_mode(T, H, E, K, up_weights.element_size()) == "token":
+        launch_token_forward(hidden_states, up_weights, down_weights, routing_weights, indices, a,
+                             out, act, log_weights)
+        return (out, a, indices.new_empty((0,), dtype=sort_key_dtype(E)),
+                indices.new_empty((0,), dtype=torch.int64))
     sorted_e, perm = group_pairs(indices, E)
     c = torch.empty((T, K), dtype=torch.float32, device=dev)
-    launch_pair_dot(up_weights, hidden_states, sorted_e, perm, routing_weights, a, act, c=c)
+    launch_pair_dot(up_weights, hidden_states, sorted_e, perm, routing_weights, a, act, c=c,
+                    log_weights=log_weights)
     launch_gather_combine(down_weights, indices, c, out)
     return out, a, sorted_e, perm
 
 
 def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_weights, indices,
                     a, sorted_e, perm, act="silu", need_dh=True, need_dup=True, need_ddown=True,
-                    dh=None, dup=None, ddown=None, dw=None):
+                    dh=None, dup=None, ddown=None, dw=None, log_weights=False):
     """Backward: (dh, dup, ddown, dw); an output not needed comes back as None.
 
-    dup/ddown are dense (E, H) in the weights' dtypes, every row written by
-    ``_expert_grad_kernel`` (zeros for unused experts).  dw is (T, k) in
-    routing_weights' dtype.  Outputs may be preallocated.  No host sync.
+    ``sorted_e``/``perm``: what ``expert_forward`` returned (empty: the "token"
+    schedule, which sorts here only if dup or ddown is needed).  dup/ddown are dense
+    (E, H) in the weights' dtypes, every row written by ``_expert_grad_kernel`` (zeros
+    for unused experts).  dw is (T, k) in routing_weights' dtype (with ``log_weights``:
+    the gradient of the scores).  Outputs may be preallocated.  No host sync.
     """
     T, H = hidden_states.shape
     K = indices.shape[1]
@@ -421,19 +775,30 @@ def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_w
         ddown = torch.empty((E, H), dtype=down_weights.dtype, device=dev)
     if dw is None:
         dw = torch.empty((T, K), dtype=routing_weights.dtype, device=dev)
-    P = T * K
+    need_w = need_dup or need_ddown
     da = torch.empty((T, K), dtype=torch.float32, device=dev)
-    da_sorted = torch.empty((P,), dtype=torch.float32, device=dev)
-    c_sorted = torch.empty((P,), dtype=torch.float32, device=dev)
-    tok_sorted = torch.empty((P,), dtype=torch.int32, device=dev)
-    launch_pair_dot(down_weights, grad_out, sorted_e, perm, routing_weights, a, act, backward=True,
-                    dw=dw, da=da, da_sorted=da_sorted, c_sorted=c_sorted, tok_sorted=tok_sorted)
-    if need_dup or need_ddown:
-        offsets = expert_offsets(sorted_e, E)
-        launch_expert_grads(offsets, tok_sorted, da_sorted, c_sorted, hidden_states, grad_out,
-                            dup if need_dup else None, ddown if need_ddown else None)
-    if need_dh:
-        launch_gather_combine(up_weights, indices, da, dh)
+    if perm.numel() == 0:                                   # "token" schedule
+        launch_token_backward(grad_out, up_weights, down_weights, routing_weights, indices, a,
+                              dw, da, dh if need_dh else None, act, log_weights)
+        if need_w:
+            sorted_e, perm = group_pairs(indices, E)
+            launch_expert_grads(expert_offsets(sorted_e, E), perm, a, da, routing_weights,
+                                hidden_states, grad_out, dup if need_dup else None,
+                                ddown if need_ddown else None, act, log_weights)
+    else:                                                   # "expert" schedule
+        P = T * K
+        da_s = torch.empty((P,), dtype=torch.float32, device=dev)
+        c_s = torch.empty((P,), dtype=torch.float32, device=dev)
+        t_s = torch.empty((P,), dtype=torch.int32, device=dev)
+        launch_pair_dot(down_weights, grad_out, sorted_e, perm, routing_weights, a, act,
+                        backward=True, dw=dw, da=da, da_sorted=da_s, c_sorted=c_s, tok_sorted=t_s,
+                        log_weights=log_weights)
+        if need_w:
+            launch_expert_grads(expert_offsets(sorted_e, E), t_s, c_s, da_s, routing_weights,
+                                hidden_states, grad_out, dup if need_dup else None,
+                                ddown if need_ddown else None, act, log_weights, sorted_inputs=True)
+        if need_dh:
+            launch_gather_combine(up_weights, indices, da, dh)
     return (dh if need_dh else None, dup if need_dup else None,
             ddown if need_ddown else None, dw)
 

@@ -1,7 +1,17 @@
-"""Router backward: dense gradient rows built on chip, no atomics, no zero fill.
+"""Router backward: gradient rows built on chip, no atomics, no zero fill.
 
 Shared by the full-scan and the pruned router (both return the same (scores, indices)
-contract, so they have the same backward).
+contract, so they have the same backward).  Two kernels, one launch each:
+
+- ``_router_bwd_sparse_kernel`` (k <= 64): per token, sum the k gradients of equal
+  row (column) indices in the order r = 0..k-1 (k^2 compares, not k*N), mark the hit
+  positions in a bitmask, then write every element once: the sums at the hit
+  positions, zeros elsewhere.
+- ``_router_bwd_kernel`` (larger k): dense rows, each element accumulates the k
+  matches in order (k*N compares).
+
+Both accumulate in float32 in the order r = 0..k-1 -- the order of the reference's
+sequential scatter-add -- so results are bitwise deterministic and equal to it.
 """
 
 from __future__ import annotations
@@ -51,12 +61,78 @@ def _router_bwd_kernel(
              to_dtype(acc_y, DY.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _router_bwd_sparse_kernel(
+    G, IDX, DX, DY,
+    T, K,
+    stride_gt, stride_gk, stride_it, stride_ik,
+    stride_dxt, stride_dyt,
+    N: tl.constexpr, TILE_T: tl.constexpr, KP: tl.constexpr, WORDS: tl.constexpr,
+):
+    """dx[t,i] = sum_r g[t,r]*[idx[t,r] div N == i];  dy[t,j] = same with idx mod N.
+
+    Grid: (cdiv(T, TILE_T),); one program owns whole dx and dy rows of TILE_T tokens.
+    For each token: tot[r] = sum over q of g[q]*[i_q == i_r], accumulated in float32 in
+    the order q = 0..K-1; first[r] = no q < r has i_q == i_r; a bitmask of WORDS int32
+    words marks the hit columns.  Hit columns get tot of their first r, the others 0:
+    every element is written exactly once.  Work per token O(K^2 + N).
+    Bytes: reads T*K*(b + 4) (re-reads hit L1), writes 2*T*N*b.
+    """
+    pid = tl.program_id(0)
+    rows = pid * TILE_T + tl.arange(0, TILE_T)
+    row_ok = rows < T
+    rows64 = rows.to(tl.int64)
+    r = tl.arange(0, KP)
+    m2 = row_ok[:, None] & (r[None, :] < K)
+    e = tl.load(IDX + rows64[:, None] * stride_it + r[None, :] * stride_ik, mask=m2, other=0)
+    ex = e // N
+    ey = e - ex * N
+    tx = tl.zeros((TILE_T, KP), dtype=tl.float32)
+    ty = tl.zeros((TILE_T, KP), dtype=tl.float32)
+    dupx = tl.zeros((TILE_T, KP), dtype=tl.int32)
+    dupy = tl.zeros((TILE_T, KP), dtype=tl.int32)
+    wi = tl.arange(0, WORDS)[None, :]
+    bx = tl.zeros((TILE_T, WORDS), dtype=tl.int32)
+    by = tl.zeros((TILE_T, WORDS), dtype=tl.int32)
+    for q in range(K):
+        eq = tl.load(IDX + rows64 * stride_it + q * stride_ik, mask=row_ok, other=0)
+        gq = tl.load(G + rows64 * stride_gt + q * stride_gk, mask=row_ok, other=0.0).to(tl.float32)
+        exq = eq // N
+        eyq = eq - exq * N
+        hx = exq[:, None] == ex
+        hy = eyq[:, None] == ey
+        tx += tl.where(hx, gq[:, None], 0.0)
+        ty += tl.where(hy, gq[:, None], 0.0)
+        before = q < r[None, :]
+        dupx = dupx | (hx & before).to(tl.int32)
+        dupy = dupy | (hy & before).to(tl.int32)
+        bx = bx | tl.where(wi == (exq >> 5)[:, None], 1 << (exq & 31)[:, None], 0)
+        by = by | tl.where(wi == (eyq >> 5)[:, None], 1 << (eyq & 31)[:, None], 0)
+    c = tl.arange(0, 32)[None, None, :]
+    col = tl.arange(0, WORDS)[None, :, None] * 32 + c
+    zero_ok = row_ok[:, None, None] & (col < N)
+    zx = tl.zeros((TILE_T, WORDS, 32), dtype=DX.dtype.element_ty)
+    tl.store(DX + rows64[:, None, None] * stride_dxt + col, zx,
+             mask=zero_ok & (((bx[:, :, None] >> c) & 1) == 0))
+    tl.store(DY + rows64[:, None, None] * stride_dyt + col, zx.to(DY.dtype.element_ty),
+             mask=zero_ok & (((by[:, :, None] >> c) & 1) == 0))
+    tl.store(DX + rows64[:, None] * stride_dxt + ex, to_dtype(tx, DX.dtype.element_ty),
+             mask=m2 & (dupx == 0))
+    tl.store(DY + rows64[:, None] * stride_dyt + ey, to_dtype(ty, DY.dtype.element_ty),
+             mask=m2 & (dupy == 0))
+
+
+SPARSE_MAX_K = 64
+
+
 def _config(T: int, N: int):
     # Each thread should hold a few dozen float32 accumulators: TILE_T*BLOCK_N ~ 2-4K
     # elements over 4 warps.
     block_n = min(triton.next_power_of_2(N), 1024)
     tile_t = max(1, min(64, 4096 // block_n))
     tile_t = min(tile_t, max(1, triton.next_power_of_2(T)))
+    while tile_t > 1 and triton.cdiv(T, tile_t) * triton.cdiv(N, block_n) < 264:
+        tile_t //= 2  # enough programs to fill the GPU at small T
     return tile_t, block_n, 4
 
 
@@ -72,6 +148,21 @@ def router_backward(grad: torch.Tensor, indices: torch.Tensor, n: int, dx=None, 
     if K == 0:
         dx.zero_()
         dy.zero_()
+        return dx, dy
+    if K <= SPARSE_MAX_K:
+        kp = triton.next_power_of_2(K)
+        words = max(1, triton.next_power_of_2(n) // 32)
+        # ~16 tokens per program (fewer for long rows), but enough programs to fill
+        # the GPU at small T.
+        tile_t = max(1, min(16, 4096 // max(kp * 32, words * 32)))
+        while tile_t > 1 and triton.cdiv(T, tile_t) < 264:
+            tile_t //= 2
+        _router_bwd_sparse_kernel[(triton.cdiv(T, tile_t),)](
+            grad, indices, dx, dy, T, K,
+            grad.stride(0), grad.stride(1), indices.stride(0), indices.stride(1),
+            dx.stride(0), dy.stride(0),
+            N=n, TILE_T=tile_t, KP=kp, WORDS=words, num_warps=4,
+        )
         return dx, dy
     tile_t, block_n, warps = _config(T, n)
     grid = (triton.cdiv(T, tile_t), triton.cdiv(n, block_n))

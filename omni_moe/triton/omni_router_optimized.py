@@ -1,0 +1,884 @@
+"""The optimized omni router: exact pruned top-k, one Triton launch per call.
+
+For each token t the router returns the k largest of s[t, i*N + j] = x[t, i] + y[t, j]
+(float32 sums, sorted descending, scores rounded to the input dtype, int32 indices).
+It never forms the N x N grid.  Per token (k' = min(k, N)):
+
+1. per axis, the k' largest logits, sorted, with their columns;
+2. the top-k of the sums over the candidate pairs (a, b) of ranks a, b < k' with
+   (a + 1) * (b + 1) <= k -- about k * ln k pairs instead of k'^2 -- because a pair
+   at ranks (a, b) is beaten or tied by the (a + 1)(b + 1) - 1 pairs of smaller ranks
+   on both axes, so it is never needed when that count reaches k.
+
+Selection works on int32 keys whose signed order is the router's total order (NaN
+below -inf; utils.f32_key).  For 16-bit inputs one int32 holds the value's ordered 16
+bits and the column (utils.half_key): a sort moves one register per element and every
+key of a row is distinct.  float32 inputs carry the column as a separate payload.  Grid
+keys are the ordered float32 sum with the flat index as payload.
+
+Two kernels (``default_config`` picks; docs/optimized_router.md has the measurements,
+the exactness argument and the launch rules):
+
+- ``_pruned_router_stream_kernel`` (k <= 16 <= next_pow2(N)): one to 32 threads per
+  token stream the row in 16-column chunks (16-key bitonic sort, bitonic merge into a
+  running sorted list), all in registers; the grid stage merges candidate blocks that
+  are sorted by construction.
+- ``_pruned_router_fwd_kernel`` (every fast-path shape): a token's row across a warp.
+  Per axis either a bitonic top-k' of the padded row, or a threshold stage: the minimum
+  of the maxima of k'' = next_pow2(k') column groups bounds the k'-th largest key from
+  below, bisection in key space brings the survivors to at most M, which are compacted
+  (prefix sum) into a per-program scratch row (L2-resident, reused by the persistent
+  loop) and sorted at width M.  The grid stage fetches the pruned pairs' keys by rank
+  (table (a << 16 | b) built on the host) through scratch or, without pruning, forms
+  the k''^2 pairs in registers.
+
+Bytes moved per call: reads 2*T*N*b logits (b = bytes per logit) once, writes
+T*k*(b + 4) outputs; the warp kernel's scratch traffic (per token at most 2*(M + k'')
+int32 words, 2x for float32) stays in L2.  Shapes past the fast path (k > 256 or
+next_pow2(N) > 4096) use the PyTorch pruned reference on the same device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import (
+    KEY_NONE,
+    _cas,
+    _pair_side,
+    _partner,
+    bitonic_topk,
+    f32_from_key,
+    f32_key,
+    half_from_key,
+    half_key,
+    to_dtype,
+)
+
+# Use the streaming kernel for k <= 16 (else the warp kernel for every shape).  Set to
+# False to fall back to the warp kernel, e.g. if a GPU test of the streaming kernel fails
+# on a Triton version it was not verified with.
+STREAM_KERNEL = True
+
+# Fast-path limits; beyond them ``pruned_router_forward`` uses the PyTorch pruned
+# reference on the same device (documented in docs/optimized_router.md).
+MAX_FAST_K = 256
+MAX_FAST_N = 4096
+_MAX_SORT_WIDTH = 4096
+
+
+@triton.jit
+def _axis_keys(P, rows64, row_ok, stride_t, stride_n, N, NP: tl.constexpr, PACKED: tl.constexpr,
+               EVEN_N: tl.constexpr):
+    # One [TILE_T, NP] tile of selection keys; padding columns and rows get KEY_NONE.
+    cols = tl.arange(0, NP)
+    if EVEN_N:
+        # A mask constant along the row keeps the loads 16 bytes wide.
+        ok = row_ok[:, None] & (cols[None, :] < NP)
+    else:
+        ok = row_ok[:, None] & (cols[None, :] < N)
+    v = tl.load(P + rows64[:, None] * stride_t + cols[None, :] * stride_n, mask=ok, other=0.0)
+    if PACKED:
+        key = half_key(v, cols[None, :])
+    else:
+        key = f32_key(v.to(tl.float32))
+    if not EVEN_N:
+        # Padding must rank below every real key.  (Rows past T keep their junk keys:
+        # their results are never stored.)
+        key = tl.where(ok, key, KEY_NONE)
+    return key
+
+
+@triton.jit
+def _lane_keys(P, rows64, row_ok, stride_t, stride_n, N, R: tl.constexpr, C: tl.constexpr,
+               PACKED: tl.constexpr, EVEN_N: tl.constexpr):
+    # [R, TILE_T, C] keys: element (j, t, l) is column l*R + j of token t.  Lane l owns
+    # R consecutive columns (one 16-byte load for R*b = 16), tokens go to warps, and
+    # every later [R, TILE_T, C] op -- including the data-dependent scatter -- keeps this
+    # layout, so nothing is reshuffled through shared memory.  Also returns the columns.
+    j = tl.arange(0, R)[:, None, None]
+    l = tl.arange(0, C)[None, None, :]
+    col = l * R + j
+    if EVEN_N:
+        ok = row_ok[None, :, None] & (col < R * C)
+    else:
+        ok = row_ok[None, :, None] & (col < N)
+    v = tl.load(P + rows64[None, :, None] * stride_t + col * stride_n, mask=ok, other=0.0)
+    if PACKED:
+        key = half_key(v, col)
+    else:
+        key = f32_key(v.to(tl.float32))
+    if not EVEN_N:
+        # Padding columns rank below every real key.  Rows past T keep their (distinct)
+        # keys of 0.0: their results are never stored, but their survivor count must
+        # stay <= M like any row's, since the scatter below relies on it.
+        key = tl.where(col < N, key, KEY_NONE)
+    return key, col
+
+
+@triton.jit
+def _count_ge3(key, thr):
+    return tl.sum(tl.sum((key >= thr[None, :, None]).to(tl.int32), axis=0), axis=1)
+
+
+@triton.jit
+def _excl_prefix3(f):
+    # Exclusive prefix count of the 0/1 tensor f ([R, TILE_T, C]) in (lane, register)
+    # order: a sequential sum inside each thread, then one scan across the lanes.
+    inner = tl.cumsum(f, axis=0) - f
+    tot = tl.sum(f, axis=0)
+    return (tl.cumsum(tot, axis=1) - tot)[None, :, :] + inner
+
+
+@triton.jit
+def _select_survivors(key, col, KX, SK, SP, KXP: tl.constexpr, M: tl.constexpr,
+                      PACKED: tl.constexpr):
+    # For each token of `key` ([R, TILE_T, C]) write between KX and M keys that include
+    # its top KX to SK[t, 0:count] (+ their columns to SP); return count ([TILE_T]).
+    # SK, SP: [1, TILE_T, 1] pointers to each token's scratch slots.
+    R: tl.constexpr = key.shape[0]
+    TILE_T: tl.constexpr = key.shape[1]
+    C: tl.constexpr = key.shape[2]
+    # KXP <= C groups, each holding at least one real column (see docs): their maxima
+    # are KXP distinct keys, so the smallest one, lo, has count(key >= lo) >= KXP >= KX.
+    lane_max = tl.max(key, axis=0)  # [TILE_T, C]
+    # group g = lanes g, g + KXP, ...
+    gmax = tl.max(tl.reshape(lane_max, [TILE_T, C // KXP, KXP]), axis=1)
+    lo = tl.min(gmax, axis=1).to(tl.int64)
+    hi = tl.max(gmax, axis=1).to(tl.int64) + 1  # count(key >= hi) = 0 < KX
+    c_lo = _count_ge3(key, lo.to(tl.int32))
+    # Bisect in key space.  Invariant: count(key >= lo) >= KX > count(key >= hi).
+    active = (c_lo > M) & (hi - lo > 1)
+    while tl.max(active.to(tl.int32), axis=0) > 0:
+        mid = (lo + hi) >> 1
+        c_mid = _count_ge3(key, mid.to(tl.int32))
+        up = active & (c_mid >= KX)
+        lo = tl.where(up, mid, lo)
+        c_lo = tl.where(up, c_mid, c_lo)
+        hi = tl.where(active & (c_mid < KX), mid, hi)
+        active = (c_lo > M) & (hi - lo > 1)
+    lo3 = lo.to(tl.int32)[None, :, None]
+    if PACKED:
+        # Keys are distinct, so the loop ended with c_lo <= M (or hi = lo + 1, c_lo <= KX).
+        surv = key >= lo3
+    else:
+        # float32 keys may tie at lo; then hi = lo + 1, fewer than KX keys are above lo,
+        # and any of the tied ones may fill the slots left (they are equal values).
+        gt = key > lo3
+        c_gt = tl.sum(tl.sum(gt.to(tl.int32), axis=0), axis=1)
+        eq = (key == lo3).to(tl.int32)
+        surv = gt | ((eq != 0) & (_excl_prefix3(eq) < (M - c_gt)[None, :, None]))
+    pos = _excl_prefix3(surv.to(tl.int32))
+    tl.store(SK + pos, key, mask=surv)
+    if not PACKED:
+        tl.store(SP + pos, col, mask=surv)
+    return tl.minimum(c_lo, M)
+
+
+@triton.jit
+def _lane_first(t, RG: tl.constexpr, KXP: tl.constexpr):
+    # Renumber the columns of t ([TILE_T, NP], each thread holding RG consecutive ones)
+    # as (lane_hi, register, lane_lo) with KXP lane_lo values, so the bitonic top-k
+    # sorts its K-blocks across lanes and its halving rounds drop whole registers first.
+    TILE_T: tl.constexpr = t.shape[0]
+    NP: tl.constexpr = t.shape[1]
+    L: tl.constexpr = NP // RG
+    LL: tl.constexpr = KXP if KXP < L else L
+    t = tl.reshape(t, [TILE_T, L // LL, LL, RG])
+    t = tl.permute(t, [0, 1, 3, 2])
+    return tl.reshape(t, [TILE_T, NP])
+
+
+@triton.jit
+def _decode(key, pay, DT: tl.constexpr, PACKED: tl.constexpr):
+    # (float32 value, int32 column) of per-axis keys.
+    if PACKED:
+        v, col = half_from_key(key, DT)
+    else:
+        v = f32_from_key(key)
+        col = pay
+    return v, col
+
+
+@triton.jit
+def _pruned_router_fwd_kernel(
+    X, Y, S, I, SCR, CAND,
+    T, N, K, KX, num_tiles,
+    stride_xt, stride_xn, stride_yt, stride_yn,
+    stride_st, stride_sk, stride_it, stride_ik,
+    TILE_T: tl.constexpr, LNP: tl.constexpr, LKX: tl.constexpr, LKO: tl.constexpr,
+    LC: tl.constexpr, LM: tl.constexpr,
+    AXIS_THRESH: tl.constexpr, GRID: tl.constexpr, PACKED: tl.constexpr,
+    EVEN_N: tl.constexpr, LANE_FIRST: tl.constexpr, STAGE: tl.constexpr,
+):
+    """Exact top-K of x[t, i] + y[t, j] over all N^2 pairs, for every token t.
+
+    Writes S[t, :K] (sorted descending, input dtype, RNE) and I[t, :K] (int32 i*N + j).
+    Grid: (P,) persistent programs; program p handles token tiles p, p + P, ... of
+    TILE_T tokens and owns scratch rows SCR[p*TILE_T*W : (p+1)*TILE_T*W] (W words per
+    token, see the launcher).  NP = 2^LNP >= N, KXP = 2^LKX >= KX = min(K, N),
+    KP = 2^LKO >= K, candidate width 2^LC, survivor slots M = 2^LM.  GRID: 0 = all
+    k''^2 pairs in registers, 1 = pruned pairs fetched through scratch, 2 = pruned
+    pairs gathered in registers (tl.gather).  LANE_FIRST (full-row stage): renumber the
+    row so the bitonic blocks lie across lanes and its halving rounds drop registers.
+    Bytes: reads 2*T*N*b logits once, writes T*K*(b + 4); scratch stays in L2.
+    STAGE=1 (timing only): stop after the per-axis stage and write rank-aligned pairs.
+    """
+    NP: tl.constexpr = 2**LNP
+    KXP: tl.constexpr = 2**LKX
+    KP: tl.constexpr = 2**LKO
+    CP: tl.constexpr = 2**LC
+    M: tl.constexpr = 2**LM
+    NPAY: tl.constexpr = 1 if PACKED else 2
+    SW: tl.constexpr = M * NPAY if AXIS_THRESH else 0
+    LW: tl.constexpr = KXP * NPAY if GRID == 1 else 0
+    W: tl.constexpr = 2 * SW + 2 * LW
+    DT: tl.constexpr = X.dtype.element_ty
+
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lanes = tl.arange(0, TILE_T)
+    scr_rows = (pid * TILE_T + lanes).to(tl.int64) * W
+    scr = SCR + scr_rows[:, None]  # [TILE_T, 1]
+    scr3 = SCR + scr_rows[None, :, None]  # [1, TILE_T, 1]
+    cols = tl.arange(0, NP)
+    cols2 = tl.broadcast_to(cols[None, :], [TILE_T, NP])
+    ko = tl.arange(0, KP)
+    if GRID != 0:
+        cand = tl.load(CAND + tl.arange(0, CP))
+        cvalid = (cand >= 0)[None, :]
+        cand = tl.where(cand >= 0, cand, 0)
+        ca = (cand >> 16)[None, :]
+        cb = (cand & 0xFFFF)[None, :]
+        ca2 = tl.broadcast_to(ca, [TILE_T, CP])
+        cb2 = tl.broadcast_to(cb, [TILE_T, CP])
+    else:
+        ga = tl.arange(0, KXP)[:, None]
+        gb = tl.arange(0, KXP)[None, :]
+        gvalid = (ga < KX) & (gb < KX) & ((ga + 1) * (gb + 1) <= K)
+        gvalid = tl.reshape(tl.broadcast_to(gvalid[None, :, :], [TILE_T, KXP, KXP]), [TILE_T, KXP * KXP])
+
+    for tile in range(pid, num_tiles, nprog):
+        rows = tile * TILE_T + lanes
+        row_ok = rows < T
+        rows64 = rows.to(tl.int64)
+        if AXIS_THRESH:
+            R: tl.constexpr = NP // 32
+            kx, cx3 = _lane_keys(X, rows64, row_ok, stride_xt, stride_xn, N, R, 32, PACKED, EVEN_N)
+            ky, cy3 = _lane_keys(Y, rows64, row_ok, stride_yt, stride_yn, N, R, 32, PACKED, EVEN_N)
+            cx = _select_survivors(kx, cx3, KX, scr3, scr3 + M, KXP, M, PACKED)
+            cy = _select_survivors(ky, cy3, KX, scr3 + SW, scr3 + SW + M, KXP, M, PACKED)
+            # Scratch rows are written and read by different threads of this program.
+            tl.debug_barrier()
+            m = tl.arange(0, M)[None, :]
+            kx = tl.load(scr + m, mask=m < cx[:, None], other=KEY_NONE)
+            ky = tl.load(scr + SW + m, mask=m < cy[:, None], other=KEY_NONE)
+            px = kx
+            py = ky
+            if not PACKED:
+                px = tl.load(scr + M + m, mask=m < cx[:, None], other=0)
+                py = tl.load(scr + SW + M + m, mask=m < cy[:, None], other=0)
+            tx, qx = bitonic_topk(kx, px, LM, LKX, not PACKED, PACKED)
+            ty, qy = bitonic_topk(ky, py, LM, LKX, not PACKED, PACKED)
+        else:
+            kx = _axis_keys(X, rows64, row_ok, stride_xt, stride_xn, N, NP, PACKED, EVEN_N)
+            ky = _axis_keys(Y, rows64, row_ok, stride_yt, stride_yn, N, NP, PACKED, EVEN_N)
+            px = cols2
+            if LANE_FIRST:
+                RG: tl.constexpr = 8 if PACKED else 4  # columns per 16-byte load
+                kx = _lane_first(kx, RG, KXP)
+                ky = _lane_first(ky, RG, KXP)
+                px = _lane_first(px, RG, KXP)
+            tx, qx = bitonic_topk(kx, px, LNP, LKX, not PACKED, PACKED)
+            ty, qy = bitonic_topk(ky, px, LNP, LKX, not PACKED, PACKED)
+
+        if STAGE == 1:
+            vx, ix = _decode(tx, qx, DT, PACKED)
+            vy, iy = _decode(ty, qy, DT, PACKED)
+            r = tl.arange(0, KXP)[None, :]
+            om = row_ok[:, None] & (r < K) & (r < KX)
+            tl.store(S + rows64[:, None] * stride_st + r * stride_sk,
+                     to_dtype(vx + vy, S.dtype.element_ty), mask=om)
+            tl.store(I + rows64[:, None] * stride_it + r * stride_ik, ix * N + iy, mask=om)
+        else:
+            if GRID == 1:
+                a = tl.arange(0, KXP)[None, :]
+                tl.store(scr + 2 * SW + a, tx)
+                tl.store(scr + 2 * SW + LW + a, ty)
+                if not PACKED:
+                    tl.store(scr + 2 * SW + KXP + a, qx)
+                    tl.store(scr + 2 * SW + LW + KXP + a, qy)
+                tl.debug_barrier()
+                ka = tl.load(scr + 2 * SW + ca, mask=cvalid, other=KEY_NONE)
+                kb = tl.load(scr + 2 * SW + LW + cb, mask=cvalid, other=KEY_NONE)
+                if PACKED:
+                    qa = ka
+                    qb = kb
+                else:
+                    qa = tl.load(scr + 2 * SW + KXP + ca, mask=cvalid, other=0)
+                    qb = tl.load(scr + 2 * SW + LW + KXP + cb, mask=cvalid, other=0)
+                va, ia = _decode(ka, qa, DT, PACKED)
+                vb, ib = _decode(kb, qb, DT, PACKED)
+                gkey = tl.where(cvalid, f32_key(va + vb), KEY_NONE)
+                gpay = ia * N + ib
+            elif GRID == 2:
+                ka = tl.gather(tx, ca2, 1)
+                kb = tl.gather(ty, cb2, 1)
+                qa = ka
+                qb = kb
+                if not PACKED:
+                    qa = tl.gather(qx, ca2, 1)
+                    qb = tl.gather(qy, cb2, 1)
+                va, ia = _decode(ka, qa, DT, PACKED)
+                vb, ib = _decode(kb, qb, DT, PACKED)
+                gkey = tl.where(cvalid, f32_key(va + vb), KEY_NONE)
+                gpay = ia * N + ib
+            else:
+                vx, ix = _decode(tx, qx, DT, PACKED)
+                vy, iy = _decode(ty, qy, DT, PACKED)
+                s3 = vx[:, :, None] + vy[:, None, :]
+                f3 = ix[:, :, None] * N + iy[:, None, :]
+                gkey = tl.where(gvalid, f32_key(tl.reshape(s3, [TILE_T, KXP * KXP])), KEY_NONE)
+                gpay = tl.reshape(f3, [TILE_T, KXP * KXP])
+            top, flat = bitonic_topk(gkey, gpay, LC, LKO, True)
+            om = row_ok[:, None] & (ko[None, :] < K)
+            tl.store(S + rows64[:, None] * stride_st + ko[None, :] * stride_sk,
+                     to_dtype(f32_from_key(top), S.dtype.element_ty), mask=om)
+            tl.store(I + rows64[:, None] * stride_it + ko[None, :] * stride_ik, flat, mask=om)
+
+
+# ---------------------------------------------------------------------------------------
+# Streaming kernel: one token per thread (or per few lanes), everything in registers.
+#
+# Only layout-preserving operations are used on the [R, L] register tensors below (R
+# rows spread over lanes and warps, L in each thread's registers): element-wise math,
+# reshapes/permutes that only rename registers, and exchanges with the partner along a
+# size-2 axis (utils._partner), which fold to register moves inside a thread.  So the
+# sorting networks compile to plain min/max/select instructions with no shuffles, no
+# shared memory and no barriers.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _hyper(x, LB: tl.constexpr):
+    return tl.reshape(x, [x.shape[0]] + [2] * LB)
+
+
+@triton.jit
+def _flip(x, LB: tl.constexpr):
+    # Reverse the last axis (L = 2^LB): flip every index bit.
+    R: tl.constexpr = x.shape[0]
+    h = _hyper(x, LB)
+    for i in tl.static_range(LB):
+        h = _partner(h, i + 1)
+    return tl.reshape(h, [R, 2**LB])
+
+
+@triton.jit
+def _bit(LB: tl.constexpr, i: tl.constexpr):
+    # Bit i of the position, shaped to broadcast over a hypercube of rank LB + 1.
+    return _pair_side(LB + 1, LB - i)
+
+
+@triton.jit
+def _bcast_elem(x, a: tl.constexpr, LB: tl.constexpr):
+    # Every position of row r gets x[r, a] (a constant): walk the bits where the
+    # position differs from a, swapping with the partner along each.
+    R: tl.constexpr = x.shape[0]
+    h = _hyper(x, LB)
+    for i in tl.static_range(LB):
+        h = tl.where(_bit(LB, i) == ((a >> i) & 1), h, _partner(h, LB - i))
+    return tl.reshape(h, [R, 2**LB])
+
+
+@triton.jit
+def _shift_down(x, SB: tl.constexpr, LB: tl.constexpr, fill):
+    # y[r, q] = x[r, q + 2^SB] (fill past the end).  Adding 2^SB increments the bit
+    # field above bit SB: flip bits SB..SB+t where t counts the trailing ones there.
+    R: tl.constexpr = x.shape[0]
+    h = _hyper(x, LB)
+    out = tl.full(h.shape, fill, h.dtype)
+    g = h
+    ones = _bit(LB, SB) != 0  # bits SB..SB+t-1 all one so far
+    for t in tl.static_range(LB - SB):
+        g = _partner(g, LB - (SB + t))  # bits SB..SB+t flipped
+        if t == 0:
+            hit = _bit(LB, SB) == 0
+        else:
+            hit = ones & (_bit(LB, SB + t) == 0)
+            ones = ones & (_bit(LB, SB + t) != 0)
+        out = tl.where(hit, g, out)
+    return tl.reshape(out, [R, 2**LB])
+
+
+@triton.jit
+def _merge_top(rk, rp, bk, bp, LB: tl.constexpr, HAS_P: tl.constexpr, DISTINCT: tl.constexpr):
+    # Top L of two descending lists of L: the element-wise max of one with the other
+    # reversed is a bitonic sequence holding the top L; one bitonic merge sorts it.
+    R: tl.constexpr = rk.shape[0]
+    fk = _flip(bk, LB)
+    take = fk > rk
+    h = tl.where(take, fk, rk)
+    p = h
+    if HAS_P:
+        p = tl.where(take, _flip(bp, LB), rp)
+    h = _hyper(h, LB)
+    p = _hyper(p, LB)
+    for i in tl.static_range(LB):
+        h, p = _cas(h, p, i + 1, 1, HAS_P, DISTINCT)
+    return tl.reshape(h, [R, 2**LB]), tl.reshape(p, [R, 2**LB])
+
+
+@triton.jit
+def _chunk_keys(P, tok64, row_ok, stride_t, stride_n, N, col0, PACKED: tl.constexpr,
+                EVEN_N: tl.constexpr):
+    # Keys (and columns) of 16 consecutive columns col0[r] .. col0[r] + 15 for each row:
+    # loaded as [V, R, E] with E * b = 16 bytes, so each thread issues V 16-byte loads
+    # and ends up holding all 16 keys of its row.
+    V: tl.constexpr = 2 if PACKED else 4
+    E: tl.constexpr = 16 // V
+    R: tl.constexpr = col0.shape[0]
+    v = tl.arange(0, V)[:, None, None]
+    e = tl.arange(0, E)[None, None, :]
+    col = col0[None, :, None] + v * E + e
+    if EVEN_N:
+        ok = row_ok[None, :, None] & (e < E)
+    else:
+        ok = row_ok[None, :, None] & (col < N)
+    x = tl.load(P + tok64[None, :, None] * stride_t + col * stride_n, mask=ok, other=0.0)
+    if PACKED:
+        key = half_key(x, col)
+    else:
+        key = f32_key(x.to(tl.float32))
+    if not EVEN_N:
+        key = tl.where(col < N, key, KEY_NONE)
+    key = tl.reshape(tl.permute(key, [1, 0, 2]), [R, 16])
+    col = tl.reshape(tl.permute(tl.broadcast_to(col, [V, R, E]), [1, 0, 2]), [R, 16])
+    return key, col
+
+
+@triton.jit
+def _stream_axis(P, tok64, row_ok, part, stride_t, stride_n, N,
+                 SEG: tl.constexpr, LKX: tl.constexpr, LLPT: tl.constexpr,
+                 PACKED: tl.constexpr, EVEN_N: tl.constexpr):
+    # Sorted top-KXP keys (+ columns) of each token's row; lane `part` of the token
+    # streams columns [part * SEG, (part + 1) * SEG) in chunks of 16, then the 2^LLPT
+    # lanes of a token merge their lists through LLPT butterfly exchanges.
+    R: tl.constexpr = tok64.shape[0]
+    KXP: tl.constexpr = 2**LKX
+    rk = tl.full([R, KXP], KEY_NONE, tl.int32)
+    rp = tl.zeros([R, KXP], tl.int32)
+    col0 = part * SEG
+    for c in range(0, SEG, 16):
+        ck, cp = _chunk_keys(P, tok64, row_ok, stride_t, stride_n, N, col0 + c, PACKED, EVEN_N)
+        ck, cp = bitonic_topk(ck, cp, 4, LKX, not PACKED, PACKED)
+        rk, rp = _merge_top(rk, rp, ck, cp, LKX, not PACKED, PACKED)
+    for j in tl.static_range(LLPT):
+        hk = tl.reshape(rk, [R // (2 << j), 2, 1 << j, KXP])
+        ok_ = tl.reshape(_partner(hk, 1), [R, KXP])
+        op_ = ok_
+        if not PACKED:
+            op_ = tl.reshape(_partner(tl.reshape(rp, [R // (2 << j), 2, 1 << j, KXP]), 1), [R, KXP])
+        rk, rp = _merge_top(rk, rp, ok_, op_, LKX, not PACKED, PACKED)
+    if LLPT > 0 and not PACKED:
+        # float32 keys can tie, and tied entries may then sit at different ranks in the
+        # token's lanes; the grid stage needs one list, so every lane takes lane 0's.
+        lane0 = (tl.arange(0, 2**LLPT) == 0)[None, :, None]
+        rk = tl.reshape(tl.broadcast_to(tl.sum(tl.where(lane0, tl.reshape(rk, [R >> LLPT, 2**LLPT, KXP]), 0), axis=1, keep_dims=True), [R >> LLPT, 2**LLPT, KXP]), [R, KXP])
+        rp = tl.reshape(tl.broadcast_to(tl.sum(tl.where(lane0, tl.reshape(rp, [R >> LLPT, 2**LLPT, KXP]), 0), axis=1, keep_dims=True), [R >> LLPT, 2**LLPT, KXP]), [R, KXP])
+    return rk, rp
+
+
+@triton.jit
+def _store_rows(P, tok64, stride_t, stride_k, vals, mask_row, K):
+    # Store vals [R, L] into P[tok, 0:K] with one 16-byte store per thread and piece.
+    R: tl.constexpr = vals.shape[0]
+    L: tl.constexpr = vals.shape[1]
+    BYTES: tl.constexpr = vals.dtype.primitive_bitwidth // 8
+    E0: tl.constexpr = 16 // BYTES
+    E: tl.constexpr = E0 if E0 < L else L
+    V: tl.constexpr = L // E
+    v3 = tl.permute(tl.reshape(vals, [R, V, E]), [1, 0, 2])
+    col = tl.arange(0, V)[:, None, None] * E + tl.arange(0, E)[None, None, :]
+    tl.store(P + tok64[None, :, None] * stride_t + col * stride_k, v3,
+             mask=mask_row[None, :, None] & (col < K))
+
+
+@triton.jit
+def _pruned_router_stream_kernel(
+    X, Y, S, I,
+    T, N, K, KX,
+    stride_xt, stride_xn, stride_yt, stride_yn,
+    stride_st, stride_sk, stride_it, stride_ik,
+    R: tl.constexpr, LLPT: tl.constexpr, SEG: tl.constexpr, LKX: tl.constexpr,
+    SB: tl.constexpr, KS: tl.constexpr, PACKED: tl.constexpr, EVEN_N: tl.constexpr,
+    GSPLIT: tl.constexpr, STAGE: tl.constexpr,
+):
+    """Exact top-K (K <= 16 <= N) of x[t, i] + y[t, j], LPT threads per token.
+
+    Writes S[t, :K] (sorted descending, input dtype, RNE) and I[t, :K] (int32 i*N + j).
+    Grid: (cdiv(T, R // LPT),) with LPT = 2^LLPT; thread r of program p serves token
+    p * R / LPT + r // LPT.
+    Per axis, each of a token's LPT threads streams SEG columns in chunks of 16 (sorted
+    by a 16-key bitonic network, merged into a running sorted top-KXP), then the LPT
+    lists merge by butterfly exchanges.  The grid stage forms the candidate pairs as
+    blocks that are already sorted -- rows a < 2^SB of (a, *) and columns b < 2^SB of
+    (2^SB + *, b): with (2^SB + 1)^2 > K no other pair has (a + 1)(b + 1) <= K -- and
+    merges them into a running top-KXP (KS = K as a constant: blocks that cannot hold a
+    candidate are skipped at compile time; with GSPLIT the LPT lanes of a token share the
+    blocks and merge by butterfly exchanges).  Everything stays in registers.
+    Bytes: reads 2*T*N*b logits once, writes T*K*(b + 4).
+    """
+    KXP: tl.constexpr = 2**LKX
+    LPT: tl.constexpr = 2**LLPT
+    BT: tl.constexpr = R // LPT
+    pid = tl.program_id(0)
+    r = tl.arange(0, R)
+    tok = pid * BT + r // LPT
+    part = r % LPT
+    row_ok = tok < T
+    tok64 = tok.to(tl.int64)
+    xk, xp = _stream_axis(X, tok64, row_ok, part, stride_xt, stride_xn, N, SEG, LKX, LLPT,
+                          PACKED, EVEN_N)
+    yk, yp = _stream_axis(Y, tok64, row_ok, part, stride_yt, stride_yn, N, SEG, LKX, LLPT,
+                          PACKED, EVEN_N)
+    DT: tl.constexpr = X.dtype.element_ty
+    if PACKED:
+        vx, ix = half_from_key(xk, DT)
+        vy, iy = half_from_key(yk, DT)
+    else:
+        vx = f32_from_key(xk)
+        ix = xp
+        vy = f32_from_key(yk)
+        iy = yp
+    store_ok = row_ok & (part == 0)
+    if STAGE == 1:
+        _store_rows(S, tok64, stride_st, stride_sk, to_dtype(vx + vy, S.dtype.element_ty),
+                    store_ok, K)
+        _store_rows(I, tok64, stride_it, stride_ik, ix * N + iy, store_ok, K)
+    else:
+        q = tl.arange(0, KXP)[None, :]
+        SP: tl.constexpr = 2**SB
+        vxs = _shift_down(vx, SB, LKX, 0.0)
+        ixs = _shift_down(ix, SB, LKX, 0)
+        rk = tl.full([R, KXP], KEY_NONE, tl.int32)
+        rp = tl.zeros([R, KXP], tl.int32)
+        if GSPLIT:
+            # The token's LPT lanes share the candidate blocks: lane `part` builds blocks
+            # part, part + LPT, ... (rows a < SP first, then columns b < SP), then the
+            # lanes merge their lists by butterfly exchanges.
+            qi = tl.arange(0, KXP)[None, :]
+            for i in tl.static_range((2 * SP + LPT - 1) // LPT):
+                blk = part + LPT * i  # [R]
+                is_row = blk < SP
+                a = tl.where(is_row, blk, 0)[:, None]
+                b = tl.where(is_row, 0, blk - SP)[:, None]
+                # element a of the x list / b of the y list, per row (selects in registers)
+                xa = tl.sum(tl.where(qi == a, xk, 0), axis=1)[:, None]
+                xa_i = tl.sum(tl.where(qi == a, xp, 0), axis=1)[:, None]
+                yb = tl.sum(tl.where(qi == b, yk, 0), axis=1)[:, None]
+                yb_i = tl.sum(tl.where(qi == b, yp, 0), axis=1)[:, None]
+                if PACKED:
+                    va, ia = half_from_key(xa, DT)
+                    vb, ib = half_from_key(yb, DT)
+                else:
+                    va = f32_from_key(xa)
+                    ia = xa_i
+                    vb = f32_from_key(yb)
+                    ib = yb_i
+                r2 = is_row[:, None]
+                s = tl.where(r2, va + vy, vxs + vb)
+                fl = tl.where(r2, ia * N + iy, ixs * N + ib)
+                ai = tl.where(r2, a, SP + q)
+                bi = tl.where(r2, q, b)
+                ok = ((blk < 2 * SP)[:, None] & (ai < KX) & (bi < KX)
+                      & ((ai + 1) * (bi + 1) <= K))
+                bk = tl.where(ok, f32_key(s), KEY_NONE)
+                rk, rp = _merge_top(rk, rp, bk, fl, LKX, True, False)
+            for j in tl.static_range(LLPT):
+                hk = _partner(tl.reshape(rk, [R // (2 << j), 2, 1 << j, KXP]), 1)
+                hp = _partner(tl.reshape(rp, [R // (2 << j), 2, 1 << j, KXP]), 1)
+                rk, rp = _merge_top(rk, rp, tl.reshape(hk, [R, KXP]), tl.reshape(hp, [R, KXP]),
+                                    LKX, True, False)
+        else:
+            for blk in tl.static_range(2 * SP):
+                if blk < SP:
+                    if blk + 1 <= KS:
+                        # row a = blk: (a, q), descending in q
+                        s = _bcast_elem(vx, blk, LKX) + vy
+                        fl = _bcast_elem(ix, blk, LKX) * N + iy
+                        ok = (blk < KX) & (q < KX) & ((blk + 1) * (q + 1) <= K)
+                        bk = tl.where(ok, f32_key(s), KEY_NONE)
+                        if blk == 0:
+                            rk = bk
+                            rp = fl
+                        else:
+                            rk, rp = _merge_top(rk, rp, bk, fl, LKX, True, False)
+                else:
+                    if (SP + 1) * (blk - SP + 1) <= KS:
+                        # column b = blk - SP: (SP + q, b), descending in q
+                        s = vxs + _bcast_elem(vy, blk - SP, LKX)
+                        fl = ixs * N + _bcast_elem(iy, blk - SP, LKX)
+                        ok = ((SP + q < KX) & (blk - SP < KX)
+                              & ((SP + q + 1) * (blk - SP + 1) <= K))
+                        bk = tl.where(ok, f32_key(s), KEY_NONE)
+                        rk, rp = _merge_top(rk, rp, bk, fl, LKX, True, False)
+        sc = to_dtype(f32_from_key(rk), S.dtype.element_ty)
+        _store_rows(S, tok64, stride_st, stride_sk, sc, store_ok, K)
+        _store_rows(I, tok64, stride_it, stride_ik, rp, store_ok, K)
+
+
+# ---------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------
+
+def _log2(v: int) -> int:
+    return int(v).bit_length() - 1
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def candidate_pairs(k: int, kx: int) -> tuple[tuple[int, int], ...]:
+    """Rank pairs (a, b), a, b < kx, with (a + 1) * (b + 1) <= k (at least k of them)."""
+    return tuple((a, b) for a in range(kx) for b in range(min(kx, k // (a + 1))))
+
+
+def candidate_width(k: int, kx: int) -> int:
+    """Padded length of the pruned candidate list (>= next_pow2(k))."""
+    return max(_pow2(len(candidate_pairs(k, kx))), _pow2(k))
+
+
+_CAND_CACHE: dict = {}
+
+
+def _candidate_table(k: int, kx: int, width: int, device) -> torch.Tensor:
+    key = (k, kx, width, device)
+    t = _CAND_CACHE.get(key)
+    if t is None:
+        pairs = candidate_pairs(k, kx)
+        vals = [(a << 16) | b for a, b in pairs] + [-1] * (width - len(pairs))
+        t = torch.tensor(vals, dtype=torch.int32, device=device)
+        _CAND_CACHE[key] = t
+    return t
+
+
+_SM_CACHE: dict = {}
+
+
+def _device_info(device) -> tuple[int, int]:
+    """(multiprocessor count, compute-capability major); the interpreter gets (2, 0)."""
+    if device.type != "cuda":
+        return 2, 0  # a small persistent grid still loops over several tiles
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    info = _SM_CACHE.get(idx)
+    if info is None:
+        p = torch.cuda.get_device_properties(idx)
+        info = _SM_CACHE[idx] = (p.multi_processor_count, p.major)
+    return info
+
+
+def threshold_ok(N: int, k: int, lm: int) -> bool:
+    """Whether the threshold per-axis stage applies (else the full-row bitonic top-k').
+
+    Rows are cut into 32 lanes of NP/32 columns; the k'' = next_pow2(k') <= 32 groups
+    (interleaved lanes) whose maxima bound the threshold must each hold a real column.
+    """
+    NP = _pow2(N)
+    kxp = _pow2(min(k, N))
+    m = 1 << lm
+    if NP < 64 or NP < 2 * m or m < kxp or kxp > 32:
+        return False
+    if N == NP:
+        return True
+    return kxp <= 16  # lanes g < k'' own a real column only if (k''-1)*NP/32 < N
+
+
+def stream_ok(N: int, k: int) -> bool:
+    """Whether the streaming (token-per-thread) kernel applies: k <= 16 <= next_pow2(N)."""
+    return 1 <= k <= 16 and _pow2(N) >= 16
+
+
+def _stream_defaults(T: int, N: int, k: int) -> dict:
+    # ~128K threads (a few per token at T <= 32K) keep the 132 SMs busy and the last
+    # wave full; each thread streams >= 16 columns.  Sharing the grid stage (gsplit)
+    # cuts registers (159 -> ~124 at N = 256) and the redundant grid work of LPT > 1.
+    lpt = _pow2(max(1, -(-131072 // max(1, T))))
+    lpt = max(1, min(lpt, 32, _pow2(N) // 16))
+    return dict(kernel="stream", lpt=lpt, warps=4, gsplit=lpt > 1)
+
+
+def _warp_defaults(T: int, N: int, k: int, sm_major: int) -> dict:
+    # Measured on an H100 (docs/optimized_router.md, run 1): small CTAs (2 tokens,
+    # 2 warps) are fastest at large T; at T <= 4096 and N <= 256 the full-row per-axis
+    # sort beats the threshold stage (no scratch round trip).
+    NP = _pow2(N)
+    kx = min(k, N)
+    kxp = _pow2(kx)
+    lm = _log2(2 * kxp)
+    cp = candidate_width(k, kx)
+    # Pruned pairs through scratch.  (grid=2, tl.gather, crashes triton 3.6's
+    # OptimizeThreadLocality pass; kept as an option for newer Tritons.)
+    grid = 1 if cp < kxp * kxp else 0
+    thresh = threshold_ok(N, k, lm)
+    if T > 4096 or NP > 256:
+        tile_t, warps = 2, 2
+    else:
+        tile_t, warps = 4, 4
+        thresh = False
+    if NP <= 64:
+        tile_t, warps = 2, 2
+    widest = max(NP, cp if grid else kxp * kxp)
+    tile_t = max(1, min(tile_t, (32 * 32 * warps) // widest))
+    tile_t = min(tile_t, _pow2(max(1, T)))
+    return dict(kernel="warp", tile_t=tile_t, warps=warps, thresh=thresh,
+                lm=lm, grid=grid, lane_first=False, progs_per_sm=8 if sm_major >= 9 else 4)
+
+
+def default_config(T: int, N: int, k: int, dtype: torch.dtype, sm_major: int = 9) -> dict:
+    """Launch configuration for one shape: a few rules, measured on an H100 (sm90).
+
+    kernel: "stream" (token per thread(s), k <= 16) or "warp" (rows across a warp).
+    stream keys: lpt (threads per token), warps.
+    warp keys: tile_t (tokens per tile), warps, thresh (threshold per-axis stage), lm
+    (log2 of the survivor slots M), grid (0 = all k''^2 pairs, 1 = pruned pairs via
+    scratch, 2 = pruned pairs via in-register gather), lane_first (full-row stage
+    numbering), progs_per_sm (persistent programs per multiprocessor).
+    See docs/optimized_router.md for the measurements behind each rule.
+    """
+    if STREAM_KERNEL and stream_ok(N, k):
+        return _stream_defaults(T, N, k)
+    return _warp_defaults(T, N, k, sm_major)
+
+
+def fast_path_ok(N: int, k: int) -> bool:
+    """Whether (N, k) runs in the Triton kernel (else the PyTorch pruned reference)."""
+    if k > MAX_FAST_K or _pow2(N) > MAX_FAST_N:
+        return False
+    kx = min(k, N)
+    return min(candidate_width(k, kx), _pow2(kx) ** 2) <= _MAX_SORT_WIDTH
+
+
+_PLANS: dict = {}
+
+
+def _plan(T, N, k, dtype, device, config, stage):
+    """Everything about a launch that depends only on the shape (cached: host time
+    matters when the kernel itself takes a few microseconds)."""
+    key = (T, N, k, dtype, device, tuple(sorted(config.items())) if config else None, stage)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    if not fast_path_ok(N, k):
+        plan = None
+    else:
+        sms, major = _device_info(device)
+        cfg = default_config(T, N, k, dtype, major)
+        if config:
+            if config.get("kernel", cfg["kernel"]) != cfg["kernel"]:
+                cfg = (_stream_defaults(T, N, k) if config["kernel"] == "stream"
+                       else _warp_defaults(T, N, k, major))
+            cfg.update(config)
+        NP = _pow2(N)
+        kx = min(k, N)
+        kxp = _pow2(kx)
+        kp = _pow2(k)
+        packed = dtype != torch.float32
+        if cfg["kernel"] == "stream":
+            assert stream_ok(N, k)
+            warps = int(cfg["warps"])
+            lpt = max(1, min(_pow2(int(cfg["lpt"])), 32, NP // 16))
+            R = 32 * warps
+            sb = 0
+            while ((1 << sb) + 1) ** 2 <= k:
+                sb += 1
+            gsplit = bool(cfg.get("gsplit", False)) and lpt > 1
+            consts = dict(R=R, LLPT=_log2(lpt), SEG=NP // lpt, LKX=_log2(kxp), SB=sb, KS=k,
+                          PACKED=packed, EVEN_N=(N == NP), GSPLIT=gsplit, STAGE=stage,
+                          num_warps=warps)
+            if cfg.get("maxnreg"):
+                consts["maxnreg"] = int(cfg["maxnreg"])
+            plan = ("stream", triton.cdiv(T, R // lpt), kx, consts)
+        else:
+            thresh = bool(cfg["thresh"]) and threshold_ok(N, k, cfg["lm"])
+            lm = cfg["lm"] if thresh else 0
+            grid_mode = int(cfg["grid"])
+            if grid_mode:
+                width = candidate_width(k, kx)
+                cand = _candidate_table(k, kx, width, device)
+            else:
+                width = kxp * kxp
+                cand = None
+            rg = 8 if packed else 4
+            lane_first = bool(cfg.get("lane_first")) and not thresh and NP >= 2 * rg
+            tile_t = int(cfg["tile_t"])
+            num_tiles = triton.cdiv(T, tile_t)
+            nprog = max(1, min(num_tiles, sms * int(cfg["progs_per_sm"])))
+            npay = 1 if packed else 2
+            words = (2 * (1 << lm) * npay if thresh else 0) + (2 * kxp * npay if grid_mode == 1 else 0)
+            consts = dict(TILE_T=tile_t, LNP=_log2(NP), LKX=_log2(kxp), LKO=_log2(kp),
+                          LC=_log2(width), LM=lm, AXIS_THRESH=thresh, GRID=grid_mode,
+                          PACKED=packed, EVEN_N=(N == NP), LANE_FIRST=lane_first, STAGE=stage,
+                          num_warps=int(cfg["warps"]))
+            plan = ("warp", nprog, num_tiles, kx, max(1, nprog * tile_t * words), cand, consts)
+    if len(_PLANS) > 4096:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def pruned_router_forward(x: torch.Tensor, y: torch.Tensor, k: int, scores=None, indices=None,
+                          *, config: dict | None = None, stage: int = 2):
+    """Exact top-k of x[t, i] + y[t, j]; returns (scores (T, k) x.dtype, indices (T, k) int32).
+
+    x, y: (T, N) float32/float16/bfloat16, any strides, same device (CUDA, or CPU under
+    TRITON_INTERPRET=1).  ``scores``/``indices`` may be preallocated (any strides).
+    One kernel launch; extra memory O(programs * tile * (M + k')) int32 words.  Shapes
+    past the fast path (k > 256 or N > 4096) use ``omni_moe.reference.router_pruned``.
+    ``config`` overrides ``default_config`` (tuning); ``stage=1`` times the per-axis
+    stage alone (its outputs are not the router's).
+    """
+    T, N = x.shape
+    if scores is None:
+        scores = torch.empty((T, k), dtype=x.dtype, device=x.device)
+    if indices is None:
+        indices = torch.empty((T, k), dtype=torch.int32, device=x.device)
+    if T == 0 or k == 0:
+        return scores, indices
+    plan = _plan(T, N, k, x.dtype, x.device, config, stage)
+    if plan is None:
+        from ..reference.router import router_pruned
+
+        s, i = router_pruned(x, y, k)
+        scores.copy_(s)
+        indices.copy_(i)
+        return scores, indices
+    strides = (x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+               scores.stride(0), scores.stride(1), indices.stride(0), indices.stride(1))
+    if plan[0] == "stream":
+        _, nblocks, kx, consts = plan
+        _pruned_router_stream_kernel[(nblocks,)](
+            x, y, scores, indices, T, N, k, kx, *strides, **consts)
+        return scores, indices
+    _, nprog, num_tiles, kx, words, cand, consts = plan
+    scratch = torch.empty(words, dtype=torch.int32, device=x.device)
+    _pruned_router_fwd_kernel[(nprog,)](
+        x, y, scores, indices, scratch, cand if cand is not None else indices,
+        T, N, k, kx, num_tiles, *strides, **consts,
+    )
+    return scores, indices
+
+
+def triton_omni_router_func_optimized(router_logits_x, router_logits_y, num_expert_sqrt,
+                                      num_experts_per_token):
+    """The exact pruned router (autograd-aware; same contract as ``omni_moe.omni_router``)."""
+    from ..router import route
+
+    return route(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token,
+                 "pruned")

@@ -1,0 +1,367 @@
+"""The OmniMoE router's prologue in a few launches: BatchNorm + log_softmax on both axes.
+
+Input: the two router logit blocks side by side, X = (T, 2N) = [h W_x^T | h W_y^T] (one
+GEMM of h with the stacked gate weights), in the GEMM's dtype.  Output: P = (T, 2N)
+float32, P[:, :N] = log_softmax(norm(X[:, :N])) and P[:, N:] = log_softmax(norm(X[:, N:])),
+each row normalised per axis.  ``norm`` is BatchNorm1d without affine, per column:
+
+  MODE 0  none            xhat = x
+  MODE 1  batch stats     xhat = (x - mean_T) / sqrt(var_T + eps)   (training; var biased)
+                          and the running statistics are updated in place:
+                          rm = (1 - m) rm + m mean, rv = (1 - m) rv + m var_T T/(T-1),
+                          num_batches_tracked += 1   (as torch's BatchNorm with momentum m)
+  MODE 2  running stats   xhat = (x - rm) / sqrt(rv + eps)          (eval)
+
+PyTorch runs this as ~10 launches forward and ~10 backward (two casts, two BatchNorms
+with their counter updates, two log_softmax, and their backward nodes); here:
+
+  forward   MODE 1: ``_stats_partial_kernel`` (column statistics of row splits),
+            ``_stats_finalize_kernel`` (combine, update running statistics),
+            ``_rows_forward_kernel`` (normalise + log_softmax); MODE 0/2: the last only.
+  backward  ``_rows_backward_kernel``: log_softmax backward dl = dp - softmax * sum(dp);
+            MODE 0/2 write dX = dl (* rstd) directly.  MODE 1 also needs the column sums
+            of dl and dl * xhat: partial sums per row block, ``_sums_finalize_kernel``,
+            then ``_bn_backward_kernel``: dX = rstd (dl - mean_T(dl) - xhat mean_T(dl xhat)).
+
+Every reduction runs in a fixed order (per-split two-pass statistics combined with
+Chan's formula, then across splits by fixed tiles; partial sums likewise):
+deterministic, no atomics.  All math float32; dX rounded once (RNE) to X's dtype.
+Limits: N <= 4096 (a whole row of one axis in registers); the caller falls back to
+PyTorch past that.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import to_dtype
+
+MAX_N = 4096
+MODES = {"none": 0, "batch": 1, "running": 2}
+
+
+@triton.jit
+def _stats_partial_kernel(X, PART, T, C, rows_per_split, stride_xt, stride_xc,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """PART[s, 0, c], PART[s, 1, c] = mean and M2 (sum of squared deviations) of X[rows, c]
+    over split s's rows [s*rows_per_split, min((s+1)*rows_per_split, T)).
+
+    Each BLOCK_R-row tile is reduced two-pass in registers and folded in with Chan's
+    formula, in row order.  Grid: (cdiv(C, BLOCK_C), S).  Bytes: X read once, 8*S*C written.
+    """
+    pid_c = tl.program_id(0)
+    s = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    r_begin = s * rows_per_split
+    r_end = tl.minimum(r_begin + rows_per_split, T)
+    n_a = 0.0
+    mean_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for r0 in range(r_begin, r_end, BLOCK_R):
+        rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        m = (rows < r_end)[:, None] & col_ok[None, :]
+        x = tl.load(X + rows[:, None] * stride_xt + cols[None, :] * stride_xc, mask=m,
+                    other=0.0).to(tl.float32)
+        n_b = tl.minimum(r_end - r0, BLOCK_R).to(tl.float32)
+        mean_b = tl.sum(x, axis=0) / n_b
+        d = tl.where(m, x - mean_b[None, :], 0.0)
+        m2_b = tl.sum(d * d, axis=0)
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        mean_a = mean_a + delta * (n_b / n)
+        m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n)
+        n_a = n
+    base = PART + s * 2 * C
+    tl.store(base + cols, mean_a, mask=col_ok)
+    tl.store(base + C + cols, m2_a, mask=col_ok)
+
+
+@triton.jit
+def _stats_finalize_kernel(PART, STATS, RMX, RVX, NBX, RMY, RVY, NBY,
+                           T, N, S, rows_per_split, momentum, eps,
+                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Combine the S splits into STATS[0] = mean, STATS[1] = 1/sqrt(var + eps) (biased
+    var) for the C = 2N columns, and update the running statistics of the x (columns
+    < N) and y axes in place; program 0 adds 1 to both counters.
+    Two passes over [BLOCK_S, BLOCK_C] tiles of the partials (fixed order):
+    mean = sum_s n_s mean_s / T, then M2 = sum_s M2_s + n_s (mean_s - mean)^2.
+    Grid: (cdiv(2N, BLOCK_C),).  Bytes: ~12*S*2N read, 8*2N + running stats read/written.
+    """
+    pid = tl.program_id(0)
+    C = 2 * N
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < C
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        s_ok = ss < S
+        n_s = tl.where(s_ok, tl.minimum(T - ss * rows_per_split, rows_per_split), 0).to(tl.float32)
+        m = s_ok[:, None] & ok[None, :]
+        mean_s = tl.load(PART + ss[:, None] * (2 * C) + cols[None, :], mask=m, other=0.0)
+        acc += tl.sum(n_s[:, None] * mean_s, axis=0)
+    mean = acc / T
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        s_ok = ss < S
+        n_s = tl.where(s_ok, tl.minimum(T - ss * rows_per_split, rows_per_split), 0).to(tl.float32)
+        m = s_ok[:, None] & ok[None, :]
+        mean_s = tl.load(PART + ss[:, None] * (2 * C) + cols[None, :], mask=m, other=0.0)
+        m2_s = tl.load(PART + ss[:, None] * (2 * C) + C + cols[None, :], mask=m, other=0.0)
+        d = mean_s - mean[None, :]
+        m2 += tl.sum(m2_s + n_s[:, None] * d * d, axis=0)
+    var = m2 / T
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(STATS + cols, mean, mask=ok)
+    tl.store(STATS + C + cols, rstd, mask=ok)
+    unbiased = m2 / (T - 1)
+    is_x = ok & (cols < N)
+    is_y = ok & (cols >= N)
+    cy = cols - N
+    rm = tl.where(is_x, tl.load(RMX + cols, mask=is_x, other=0.0), tl.load(RMY + cy, mask=is_y, other=0.0))
+    rv = tl.where(is_x, tl.load(RVX + cols, mask=is_x, other=0.0), tl.load(RVY + cy, mask=is_y, other=0.0))
+    rm = (1.0 - momentum) * rm + momentum * mean
+    rv = (1.0 - momentum) * rv + momentum * unbiased
+    tl.store(RMX + cols, rm, mask=is_x)
+    tl.store(RVX + cols, rv, mask=is_x)
+    tl.store(RMY + cy, rm, mask=is_y)
+    tl.store(RVY + cy, rv, mask=is_y)
+    if pid == 0:
+        tl.store(NBX, tl.load(NBX) + 1)
+        tl.store(NBY, tl.load(NBY) + 1)
+
+
+@triton.jit
+def _axis_stats(STATS, RMX, RVX, RMY, RVY, ax, N, cols, col_ok, eps, MODE: tl.constexpr):
+    """(mean, rstd) vectors of axis ``ax`` for MODE 1 (STATS) or MODE 2 (running)."""
+    if MODE == 1:
+        c = ax * N + cols
+        mean = tl.load(STATS + c, mask=col_ok, other=0.0)
+        rstd = tl.load(STATS + 2 * N + c, mask=col_ok, other=0.0)
+    else:
+        if ax == 0:
+            mean = tl.load(RMX + cols, mask=col_ok, other=0.0)
+            var = tl.load(RVX + cols, mask=col_ok, other=1.0)
+        else:
+            mean = tl.load(RMY + cols, mask=col_ok, other=0.0)
+            var = tl.load(RVY + cols, mask=col_ok, other=1.0)
+        rstd = 1.0 / tl.sqrt(var + eps)
+    return mean, rstd
+
+
+@triton.jit
+def _rows_forward_kernel(X, STATS, RMX, RVX, RMY, RVY, OUT, T, N, stride_xt, stride_xc,
+                         stride_ot, eps, MODE: tl.constexpr, BLOCK_R: tl.constexpr,
+                         NP: tl.constexpr):
+    """OUT[t, ax*N + j] = log_softmax_j(xhat[t, ax*N + :]) for a block of rows, one axis.
+
+    Grid: (cdiv(T, BLOCK_R), 2).  Bytes: X read once (T*2N*b), OUT written (T*2N*4).
+    """
+    pid = tl.program_id(0)
+    ax = tl.program_id(1)
+    rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.arange(0, NP)
+    col_ok = cols < N
+    m = (rows < T)[:, None] & col_ok[None, :]
+    c = ax * N + cols
+    x = tl.load(X + rows[:, None] * stride_xt + c[None, :] * stride_xc, mask=m, other=0.0).to(tl.float32)
+    if MODE != 0:
+        mean, rstd = _axis_stats(STATS, RMX, RVX, RMY, RVY, ax, N, cols, col_ok, eps, MODE)
+        x = (x - mean[None, :]) * rstd[None, :]
+    x = tl.where(col_ok[None, :], x, float("-inf"))
+    mx = tl.max(x, axis=1)
+    ex = tl.where(col_ok[None, :], tl.exp(x - mx[:, None]), 0.0)
+    out = x - (mx + tl.log(tl.sum(ex, axis=1)))[:, None]
+    tl.store(OUT + rows[:, None] * stride_ot + c[None, :], out, mask=m)
+
+
+@triton.jit
+def _rows_backward_kernel(DPX, DPY, P, X, STATS, RVX, RVY, DX, DL, PART,
+                          T, N, stride_dxt, stride_dxc, stride_dyt, stride_dyc, stride_pt,
+                          stride_xt, stride_xc, stride_gt, eps,
+                          MODE: tl.constexpr, BLOCK_R: tl.constexpr, NP: tl.constexpr):
+    """log_softmax backward for a block of rows of one axis: dl = dp - exp(p) sum_j dp.
+
+    MODE 0: DX = dl;  MODE 2: DX = dl * rstd (running);  both in DX's dtype.
+    MODE 1: DL = dl (float32 (T, 2N)) and PART[pid, 0 / 1, c] = sum over the block's rows of
+    dl and dl * xhat (for ``_sums_finalize_kernel``).
+    Grid: (cdiv(T, BLOCK_R), 2).  Bytes: dp and P read (T*2N*(b + 4)), MODE 1 also X;
+    writes T*2N*b (MODE 0/2) or T*2N*4 + partials (MODE 1).
+    """
+    pid = tl.program_id(0)
+    ax = tl.program_id(1)
+    rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.arange(0, NP)
+    col_ok = cols < N
+    m = (rows < T)[:, None] & col_ok[None, :]
+    c = ax * N + cols
+    if ax == 0:
+        dp = tl.load(DPX + rows[:, None] * stride_dxt + cols[None, :] * stride_dxc, mask=m, other=0.0)
+    else:
+        dp = tl.load(DPY + rows[:, None] * stride_dyt + cols[None, :] * stride_dyc, mask=m, other=0.0)
+    dp = dp.to(tl.float32)
+    p = tl.load(P + rows[:, None] * stride_pt + c[None, :], mask=m, other=0.0)
+    q = tl.where(m, tl.exp(p), 0.0)
+    dl = dp - q * tl.sum(dp, axis=1)[:, None]
+    if MODE == 1:
+        mean, rstd = _axis_stats(STATS, RVX, RVX, RVY, RVY, ax, N, cols, col_ok, eps, MODE)
+        x = tl.load(X + rows[:, None] * stride_xt + c[None, :] * stride_xc, mask=m, other=0.0).to(tl.float32)
+        xhat = tl.where(m, (x - mean[None, :]) * rstd[None, :], 0.0)
+        tl.store(DL + rows[:, None] * (2 * N) + c[None, :], dl, mask=m)
+        base = PART + pid.to(tl.int64) * 4 * N
+        tl.store(base + c, tl.sum(dl, axis=0), mask=col_ok)
+        tl.store(base + 2 * N + c, tl.sum(dl * xhat, axis=0), mask=col_ok)
+    else:
+        if MODE == 2:
+            mean, rstd = _axis_stats(STATS, RVX, RVX, RVY, RVY, ax, N, cols, col_ok, eps, MODE)
+            dl = dl * rstd[None, :]
+        tl.store(DX + rows[:, None] * stride_gt + c[None, :], to_dtype(dl, DX.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _sums_finalize_kernel(PART, SUMS, NB, C, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """SUMS[q, c] = sum over row blocks b < NB of PART[b, q, c], q = 0, 1, by [BLOCK_B,
+    BLOCK_C] tiles in a fixed order.  Grid: (cdiv(C, BLOCK_C),).  Bytes: 8*NB*C read."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < C
+    s1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for b0 in range(0, NB, BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        m = (bs < NB)[:, None] & ok[None, :]
+        base = PART + bs[:, None] * (2 * C) + cols[None, :]
+        s1 += tl.sum(tl.load(base, mask=m, other=0.0), axis=0)
+        s2 += tl.sum(tl.load(base + C, mask=m, other=0.0), axis=0)
+    tl.store(SUMS + cols, s1, mask=ok)
+    tl.store(SUMS + C + cols, s2, mask=ok)
+
+
+@triton.jit
+def _bn_backward_kernel(DL, X, STATS, SUMS, DX, T, C, stride_xt, stride_xc, stride_gt,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """DX = rstd * (dl - s1/T - xhat * s2/T), xhat = (X - mean) * rstd  (BatchNorm backward
+    through batch statistics).  Grid: (cdiv(T, BLOCK_R), cdiv(C, BLOCK_C)).
+    Bytes: DL (4) and X (b) read, DX (b) written per element."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    m = (rows < T)[:, None] & col_ok[None, :]
+    mean = tl.load(STATS + cols, mask=col_ok, other=0.0)
+    rstd = tl.load(STATS + C + cols, mask=col_ok, other=0.0)
+    inv_t = 1.0 / T
+    s1 = tl.load(SUMS + cols, mask=col_ok, other=0.0) * inv_t
+    s2 = tl.load(SUMS + C + cols, mask=col_ok, other=0.0) * inv_t
+    dl = tl.load(DL + rows[:, None] * C + cols[None, :], mask=m, other=0.0)
+    x = tl.load(X + rows[:, None] * stride_xt + cols[None, :] * stride_xc, mask=m, other=0.0).to(tl.float32)
+    xhat = (x - mean[None, :]) * rstd[None, :]
+    dx = rstd[None, :] * (dl - s1[None, :] - xhat * s2[None, :])
+    tl.store(DX + rows[:, None] * stride_gt + cols[None, :], to_dtype(dx, DX.dtype.element_ty), mask=m)
+
+
+# --------------------------------------------------------------------------- configs
+# Everything here is a few MB at most; the configs only keep enough programs in flight.
+_TARGET_PROGRAMS = 512
+_STATS_TILE = (64, 32)          # (BLOCK_R, BLOCK_C) of the partial statistics
+_FINAL_TILE = (32, 64)          # (partials, columns) per step of the finalize kernels
+CONFIG_OVERRIDE = {"splits": None}
+
+
+def _row_block(N: int) -> int:
+    """Rows per program of the row kernels: about 2K elements per tile."""
+    return max(1, min(16, 2048 // triton.next_power_of_2(N)))
+
+
+def _splits(T: int, C: int):
+    """(S, rows_per_split) for the partial statistics: every split non-empty."""
+    block_r, block_c = _STATS_TILE
+    if CONFIG_OVERRIDE["splits"] is not None:
+        want = CONFIG_OVERRIDE["splits"]
+    else:
+        want = max(1, _TARGET_PROGRAMS // triton.cdiv(C, block_c))
+    rows = max(1, triton.cdiv(T, min(want, triton.cdiv(T, 1))))
+    return triton.cdiv(T, rows), rows
+
+
+def _warps(elems: int) -> int:
+    return 8 if elems >= 4096 else 4
+
+
+# --------------------------------------------------------------------------- launchers
+
+def norm_log_softmax_forward(x, n, mode, running=None, momentum=0.1, eps=1e-5, out=None):
+    """(P, stats): P (T, 2N) float32 log-probabilities of both axes; ``stats`` (2, 2N)
+    float32 batch mean / rstd for MODE 1 (what the backward needs), else an empty tensor.
+
+    x: (T, 2N) logits, any strides.  mode: "none", "batch" or "running".  running: the
+    six buffers (rm_x, rv_x, nbt_x, rm_y, rv_y, nbt_y) (float32 (N,) contiguous, int64
+    counters) for "batch" (updated in place) and "running" (read).  "batch" needs T >= 2.
+    """
+    T, C = x.shape
+    assert C == 2 * n and n <= MAX_N
+    md = MODES[mode]
+    dev = x.device
+    if out is None:
+        out = torch.empty((T, C), dtype=torch.float32, device=dev)
+    stats = torch.empty((2, C) if md == 1 else (0,), dtype=torch.float32, device=dev)
+    if T == 0:
+        return out, stats
+    rmx, rvx, nbx, rmy, rvy, nby = running if running is not None else (out,) * 6
+    if md == 1:
+        assert T >= 2
+        S, rows = _splits(T, C)
+        part = torch.empty((S, 2, C), dtype=torch.float32, device=dev)
+        br, bc = _STATS_TILE
+        _stats_partial_kernel[(triton.cdiv(C, bc), S)](
+            x, part, T, C, rows, x.stride(0), x.stride(1), BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+        fs, fc = _FINAL_TILE
+        _stats_finalize_kernel[(triton.cdiv(C, fc),)](
+            part, stats, rmx, rvx, nbx, rmy, rvy, nby, T, n, S, rows, float(momentum), float(eps),
+            BLOCK_S=fs, BLOCK_C=fc, num_warps=4)
+    np_ = triton.next_power_of_2(n)
+    br = _row_block(n)
+    _rows_forward_kernel[(triton.cdiv(T, br), 2)](
+        x, stats if md == 1 else out, rmx, rvx, rmy, rvy, out, T, n, x.stride(0), x.stride(1),
+        out.stride(0), float(eps), MODE=md, BLOCK_R=br, NP=np_, num_warps=_warps(br * np_))
+    return out, stats
+
+
+def norm_log_softmax_backward(dpx, dpy, p, x, stats, n, mode, running=None, eps=1e-5, dx=None):
+    """dX (T, 2N) in x's dtype, row-major, from the gradients dpx, dpy (T, N) (any strides)
+    of P's two halves.  ``p``, ``x``, ``stats``: the forward's output, input and stats."""
+    T, C = x.shape
+    md = MODES[mode]
+    dev = x.device
+    if dx is None:
+        dx = torch.empty((T, C), dtype=x.dtype, device=dev)
+    if T == 0:
+        return dx
+    rvx, rvy = (running[1], running[4]) if running is not None else (p, p)
+    np_ = triton.next_power_of_2(n)
+    br = _row_block(n)
+    nb = triton.cdiv(T, br)
+    if md == 1:
+        dl = torch.empty((T, C), dtype=torch.float32, device=dev)
+        part = torch.empty((nb, 2, C), dtype=torch.float32, device=dev)
+    else:
+        dl = part = p
+    _rows_backward_kernel[(nb, 2)](
+        dpx, dpy, p, x, stats if md == 1 else p, rvx, rvy, dx, dl, part,
+        T, n, dpx.stride(0), dpx.stride(1), dpy.stride(0), dpy.stride(1), p.stride(0),
+        x.stride(0), x.stride(1), dx.stride(0), float(eps),
+        MODE=md, BLOCK_R=br, NP=np_, num_warps=_warps(br * np_))
+    if md == 1:
+        sums = torch.empty((2, C), dtype=torch.float32, device=dev)
+        fs, fc = _FINAL_TILE
+        _sums_finalize_kernel[(triton.cdiv(C, fc),)](part, sums, nb, C, BLOCK_B=fs, BLOCK_C=fc, num_warps=4)
+        bc = min(128, triton.next_power_of_2(C))
+        brr = max(1, 2048 // bc)
+        _bn_backward_kernel[(triton.cdiv(T, brr), triton.cdiv(C, bc))](
+            dl, x, stats, sums, dx, T, C, x.stride(0), x.stride(1), dx.stride(0),
+            BLOCK_R=brr, BLOCK_C=bc, num_warps=4)
+    return dx
