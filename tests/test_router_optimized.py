@@ -32,28 +32,33 @@ except ImportError:  # pragma: no cover - compare against the references only
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 WARP = {"kernel": "warp"}
+# The default picks the warp kernel below STREAM_MIN_T tokens; small cases name the
+# streaming kernel explicitly so that the interpreter runs both.
+STREAM = {"kernel": "stream"}
 
 # (T, N, k, kind, dtype, config): small enough for the interpreter.
 CASES = [
-    (5, 64, 16, "randn", BF16, {}),
+    (5, 64, 16, "randn", BF16, STREAM),
     (5, 64, 16, "randn", BF16, WARP),
-    (4, 64, 16, "ties", F32, {}),
+    (4, 64, 16, "ties", F32, STREAM),
     (4, 64, 16, "ties", F32, WARP),
-    (6, 37, 5, "masked", F16, {}),
+    (6, 37, 5, "masked", F16, STREAM),
     (6, 37, 5, "masked", F16, WARP),
-    (4, 100, 7, "nan", BF16, {}),
+    (4, 100, 7, "nan", BF16, STREAM),
     (4, 100, 7, "nan", F32, {"kernel": "warp", "thresh": True}),
-    (3, 64, 16, "halves", BF16, {"lpt": 1}),
-    (3, 48, 8, "transposed", F32, {"lpt": 2, "gsplit": False}),
+    (3, 64, 16, "halves", BF16, {"kernel": "stream", "lpt": 1}),
+    (3, 48, 8, "transposed", F32, {"kernel": "stream", "lpt": 2, "gsplit": False}),
     (3, 256, 16, "ties", BF16, {"kernel": "warp", "thresh": True, "tile_t": 2, "warps": 2}),
     (3, 256, 32, "nan", F16, {}),
-    (3, 16, 1, "randn", F32, {}),
+    (3, 16, 1, "randn", F32, STREAM),
     (4, 33, 3, "masked", BF16, {}),
+    (4, 33, 3, "ties", BF16, STREAM),
     (3, 8, 64, "ties", BF16, {}),  # k > N
     (2, 4, 16, "nan", F32, {}),  # k = N^2
     (2, 3, 9, "ties", F16, {}),  # k = N^2, odd N
     (3, 1, 1, "nan", BF16, {}),
-    (2, 1000, 16, "randn", BF16, {}),
+    (2, 1000, 16, "randn", BF16, STREAM),
+    (2, 1000, 16, "ties", F16, {}),
     (2, 300, 32, "masked", F32, {"kernel": "warp", "thresh": True}),
     (2, 16, 256, "randn", F32, {}),  # k = N^2 = 256: largest fast-path k
     (2, 32, 300, "ties", BF16, {}),  # k > 256: PyTorch pruned path on the same device
@@ -62,6 +67,7 @@ CASES = [
 # Larger shapes, CUDA only.
 GPU_CASES = [
     (4096, 256, 16, "randn", BF16, {}),
+    (4096, 256, 16, "randn", BF16, STREAM),
     (4096, 256, 16, "ties", BF16, {}),
     (4096, 256, 16, "nan", F32, {}),
     (1024, 1024, 16, "masked", BF16, {}),

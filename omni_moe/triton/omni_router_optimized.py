@@ -63,6 +63,10 @@ from .utils import (
 # False to fall back to the warp kernel, e.g. if a GPU test of the streaming kernel fails
 # on a Triton version it was not verified with.
 STREAM_KERNEL = True
+# Below this many tokens the warp kernel is at least as fast and compiles in under 3 s
+# (H100, 2026-11-26, same-run A/B: T=4096, N=1024: warp 56 us, stream 79; T=16384,
+# N=256: 56 vs 45; T=65536, N=256: 203 vs 93; docs/benchmarks.md).
+STREAM_MIN_T = 8192
 
 # Fast-path limits; beyond them ``pruned_router_forward`` uses the PyTorch pruned
 # reference on the same device (documented in docs/optimized_router.md).
@@ -752,7 +756,7 @@ def default_config(T: int, N: int, k: int, dtype: torch.dtype, sm_major: int = 9
     numbering), progs_per_sm (persistent programs per multiprocessor).
     See docs/optimized_router.md for the measurements behind each rule.
     """
-    if STREAM_KERNEL and stream_ok(N, k):
+    if STREAM_KERNEL and stream_ok(N, k) and T >= STREAM_MIN_T:
         return _stream_defaults(T, N, k)
     return _warp_defaults(T, N, k, sm_major)
 
