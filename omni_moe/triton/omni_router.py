@@ -243,8 +243,12 @@ def fullscan_router_forward(x, y, k, scores=None, indices=None, *,
         scores = torch.empty((T, k), dtype=x.dtype, device=x.device)
     if indices is None:
         indices = torch.empty((T, k), dtype=torch.int32, device=x.device)
-    assert scores.shape == (T, k) and scores.dtype == x.dtype
-    assert indices.shape == (T, k) and indices.dtype == torch.int32
+    if scores.shape != (T, k) or scores.dtype != x.dtype:
+        raise ValueError(f"scores must be a ({T}, {k}) {x.dtype} tensor, got "
+                         f"{tuple(scores.shape)} {scores.dtype}")
+    if indices.shape != (T, k) or indices.dtype != torch.int32:
+        raise ValueError(f"indices must be a ({T}, {k}) int32 tensor, got "
+                         f"{tuple(indices.shape)} {indices.dtype}")
     if T == 0 or k == 0:
         return scores, indices
     E = N * N
