@@ -195,8 +195,9 @@ def test_torch_path(monkeypatch):
 @pytest.mark.skipif(not HAS_CUDA, reason="larger sizes on GPU only")
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("norm", ("batchnorm", "none"))
-def test_gpu_large(dtype, norm):
-    config = cfg(H=256, I=512, E=4096, k=16, norm=norm)
+@pytest.mark.parametrize("E", (4096, 65536))
+def test_gpu_large(dtype, norm, E):
+    config = cfg(H=256, I=512, E=E, k=16, norm=norm)
     results = train_and_compare(config, (4, 512, 256), "cuda", dtype)
     if dtype == torch.float32:
         assert_float32(results)
