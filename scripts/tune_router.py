@@ -47,6 +47,26 @@ def plan_configs(plan: str, T: int, N: int, k: int):
     out = [("default", {}, 2)]
     if plan == "quick":
         return out
+    if plan == "regs":
+        # Register caps and CTA shapes for the three large cases (T >= 4096).
+        if d["kernel"] == "stream":
+            for lpt in (1, 2, 4):
+                for reg in (0, 64, 80, 96):
+                    for w in (2, 4):
+                        cfg = {"lpt": lpt, "gsplit": lpt > 1, "warps": w}
+                        if reg:
+                            cfg["maxnreg"] = reg
+                        out.append((f"lpt{lpt}_w{w}_r{reg}", cfg, 2))
+        else:
+            for tt, w in ((1, 1), (1, 2), (2, 2), (2, 4), (4, 4)):
+                for reg in (0, 96, 128, 168):
+                    cfg = {"tile_t": tt, "warps": w}
+                    if reg:
+                        cfg["maxnreg"] = reg
+                    out.append((f"t{tt}w{w}_r{reg}", cfg, 2))
+            out.append(("stream", {"kernel": "stream"}, 2))
+            out.append(("stream_lpt16", {"kernel": "stream", "lpt": 16, "gsplit": True}, 2))
+        return out
     if d["kernel"] == "stream":
         lpt = d["lpt"]
         g = {"gsplit": True}
@@ -265,6 +285,9 @@ def main():
             torch.cuda.synchronize()
             res.setdefault("cold_first_call_s", {})[str((T, N, k))] = time.perf_counter() - t0
         print("# cold first call (compile included):", res["cold_first_call_s"])
+    if args.plan == "regs":
+        TARGETS = [(16384, 256, 16), (65536, 256, 16), (4096, 1024, 16)]
+        EXTRA_CHECKS = []
     jobs = []
     for (T, N, k) in TARGETS:
         for name, cfg, stage in plan_configs(args.plan, T, N, k):

@@ -830,6 +830,8 @@ def _plan(T, N, k, dtype, device, config, stage):
                           LC=_log2(width), LM=lm, AXIS_THRESH=thresh, GRID=grid_mode,
                           PACKED=packed, EVEN_N=(N == NP), LANE_FIRST=lane_first, STAGE=stage,
                           num_warps=int(cfg["warps"]))
+            if cfg.get("maxnreg"):
+                consts["maxnreg"] = int(cfg["maxnreg"])
             plan = ("warp", nprog, num_tiles, kx, max(1, nprog * tile_t * words), cand, consts)
     if len(_PLANS) > 4096:
         _PLANS.clear()

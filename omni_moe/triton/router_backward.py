@@ -173,3 +173,181 @@ def router_backward(grad: torch.Tensor, indices: torch.Tensor, n: int, dx=None, 
         TILE_T=tile_t, BLOCK_N=block_n, num_warps=warps,
     )
     return dx, dy
+
+
+@triton.jit
+def _router_bwd_rows_kernel(
+    G, IDX, DX, DY,
+    T, K,
+    stride_gt, stride_gk, stride_it, stride_ik,
+    stride_dxt, stride_dyt,
+    N: tl.constexpr, NP: tl.constexpr, TILE_T: tl.constexpr, KP: tl.constexpr,
+    MODE: tl.constexpr, FCMP: tl.constexpr,
+):
+    """dx[t,i] = sum_r g[t,r]*[idx[t,r] div N == i];  dy[t,j] = same with idx mod N.
+
+    Grid: (cdiv(T, TILE_T),); one program builds whole dx and dy rows of TILE_T tokens as
+    [TILE_T, NP] float32 tiles in registers and stores each row once (coalesced).
+    MODE 0: every row element adds its matching gradients in the order r = 0..K-1.
+    MODE 1/2: first tot[r] = sum of g[q] over q with the same row index as r, added in
+    the order q = 0..K-1 (K^2 compares per token); then each element takes the tot of a
+    pair that hits it (equal for all such pairs) -- MODE 1 with a select per pair, MODE 2
+    with a [TILE_T, KP, NP] one-hot sum over first occurrences (one non-zero term).
+    All modes give the sequential scatter-add's float32 sums bit for bit.
+    Bytes: reads T*K*(b + 4), writes 2*T*N*b.
+    """
+    pid = tl.program_id(0)
+    rows = pid * TILE_T + tl.arange(0, TILE_T)
+    row_ok = rows < T
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, NP)[None, :]
+    if FCMP:
+        colc = cols.to(tl.float32)
+    else:
+        colc = cols
+    if MODE == 0:
+        ax = tl.zeros((TILE_T, NP), dtype=tl.float32)
+        ay = tl.zeros((TILE_T, NP), dtype=tl.float32)
+        for r in range(K):
+            e = tl.load(IDX + rows64 * stride_it + r * stride_ik, mask=row_ok, other=0)
+            g = tl.load(G + rows64 * stride_gt + r * stride_gk, mask=row_ok, other=0.0).to(tl.float32)
+            ex = e // N
+            ey = e - ex * N
+            if FCMP:
+                ex = ex.to(tl.float32)
+                ey = ey.to(tl.float32)
+            ax += tl.where(ex[:, None] == colc, g[:, None], 0.0)
+            ay += tl.where(ey[:, None] == colc, g[:, None], 0.0)
+    else:
+        rr = tl.arange(0, KP)[None, :]
+        m2 = row_ok[:, None] & (rr < K)
+        e = tl.load(IDX + rows64[:, None] * stride_it + rr * stride_ik, mask=m2, other=0)
+        ex = e // N
+        ey = e - ex * N
+        tx = tl.zeros((TILE_T, KP), dtype=tl.float32)
+        ty = tl.zeros((TILE_T, KP), dtype=tl.float32)
+        dupx = tl.zeros((TILE_T, KP), dtype=tl.int32)
+        dupy = tl.zeros((TILE_T, KP), dtype=tl.int32)
+        for q in range(K):
+            eq = tl.load(IDX + rows64 * stride_it + q * stride_ik, mask=row_ok, other=0)
+            gq = tl.load(G + rows64 * stride_gt + q * stride_gk, mask=row_ok, other=0.0).to(tl.float32)
+            exq = eq // N
+            eyq = eq - exq * N
+            hx = exq[:, None] == ex
+            hy = eyq[:, None] == ey
+            tx += tl.where(hx, gq[:, None], 0.0)
+            ty += tl.where(hy, gq[:, None], 0.0)
+            if MODE == 2:
+                dupx = dupx | (hx & (q < rr)).to(tl.int32)
+                dupy = dupy | (hy & (q < rr)).to(tl.int32)
+        if MODE == 1:
+            ax = tl.zeros((TILE_T, NP), dtype=tl.float32)
+            ay = tl.zeros((TILE_T, NP), dtype=tl.float32)
+            for r in range(K):
+                sel = rr == r
+                exr = tl.sum(tl.where(sel, ex, 0), axis=1)
+                eyr = tl.sum(tl.where(sel, ey, 0), axis=1)
+                txr = tl.sum(tl.where(sel, tx, 0.0), axis=1)
+                tyr = tl.sum(tl.where(sel, ty, 0.0), axis=1)
+                if FCMP:
+                    exr = exr.to(tl.float32)
+                    eyr = eyr.to(tl.float32)
+                ax = tl.where(exr[:, None] == colc, txr[:, None], ax)
+                ay = tl.where(eyr[:, None] == colc, tyr[:, None], ay)
+        else:
+            exf = tl.where(m2 & (dupx == 0), ex, -1)
+            eyf = tl.where(m2 & (dupy == 0), ey, -1)
+            if FCMP:
+                exf = exf.to(tl.float32)
+                eyf = eyf.to(tl.float32)
+            c3 = colc[:, None, :]
+            ax = tl.sum(tl.where(exf[:, :, None] == c3, tx[:, :, None], 0.0), axis=1)
+            ay = tl.sum(tl.where(eyf[:, :, None] == c3, ty[:, :, None], 0.0), axis=1)
+    if N == NP:
+        mask = row_ok[:, None] & (cols < NP)
+    else:
+        mask = row_ok[:, None] & (cols < N)
+    tl.store(DX + rows64[:, None] * stride_dxt + cols, to_dtype(ax, DX.dtype.element_ty), mask=mask)
+    tl.store(DY + rows64[:, None] * stride_dyt + cols, to_dtype(ay, DY.dtype.element_ty), mask=mask)
+
+
+def rows_backward(grad, indices, n, dx=None, dy=None, *, tile_t=8, mode=1, fcmp=False, warps=4):
+    """Launch ``_router_bwd_rows_kernel`` (experiment entry point)."""
+    T, K = indices.shape
+    if dx is None:
+        dx = torch.empty((T, n), dtype=grad.dtype, device=grad.device)
+    if dy is None:
+        dy = torch.empty((T, n), dtype=grad.dtype, device=grad.device)
+    if T == 0:
+        return dx, dy
+    _router_bwd_rows_kernel[(triton.cdiv(T, tile_t),)](
+        grad, indices, dx, dy, T, K,
+        grad.stride(0), grad.stride(1), indices.stride(0), indices.stride(1),
+        dx.stride(0), dy.stride(0),
+        N=n, NP=triton.next_power_of_2(n), TILE_T=tile_t, KP=triton.next_power_of_2(max(K, 1)),
+        MODE=mode, FCMP=fcmp, num_warps=warps,
+    )
+    return dx, dy
+
+
+
+@triton.jit
+def _router_bwd_lanes_kernel(
+    G, IDX, DX, DY,
+    T, K,
+    stride_gt, stride_gk, stride_it, stride_ik,
+    stride_dxt, stride_dyt,
+    N: tl.constexpr, NP: tl.constexpr, C: tl.constexpr, TILE_T: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    NG: tl.constexpr = NP // C
+    j = tl.arange(0, NG)[:, None, None]
+    t = tl.arange(0, TILE_T)[None, :, None]
+    l = tl.arange(0, C)[None, None, :]
+    col = j * C + l
+    rows = pid * TILE_T + t
+    row_ok = rows < T
+    rows64 = rows.to(tl.int64)
+    # Every lane of a token loads the same address (a broadcast within the warp), so the
+    # per-pair values arrive in the tile's own layout.
+    lane0 = l * 0
+    pi = IDX + rows64 * stride_it + lane0
+    pg = G + rows64 * stride_gt + lane0
+    ax = tl.zeros((NG, TILE_T, C), dtype=tl.float32)
+    ay = tl.zeros((NG, TILE_T, C), dtype=tl.float32)
+    for r0 in range(0, K, UNROLL):
+        for u in tl.static_range(UNROLL):
+            r = r0 + u
+            ok = row_ok & ((lane0 + r) < K)
+            e = tl.load(pi + r * stride_ik, mask=ok, other=-1)
+            g = tl.load(pg + r * stride_gk, mask=ok, other=0.0).to(tl.float32)
+            ex = e // N
+            ey = e - ex * N
+            ax = tl.where(ex == col, ax + g, ax)
+            ay = tl.where(ey == col, ay + g, ay)
+    if N == NP:
+        mask = row_ok & (col < NP)
+    else:
+        mask = row_ok & (col < N)
+    tl.store(DX + rows64 * stride_dxt + col, to_dtype(ax, DX.dtype.element_ty), mask=mask)
+    tl.store(DY + rows64 * stride_dyt + col, to_dtype(ay, DY.dtype.element_ty), mask=mask)
+
+
+def lanes_backward(grad, indices, n, dx=None, dy=None, *, tile_t=4, c=32, unroll=1, warps=4):
+    """Launch ``_router_bwd_lanes_kernel`` (experiment entry point)."""
+    T, K = indices.shape
+    if dx is None:
+        dx = torch.empty((T, n), dtype=grad.dtype, device=grad.device)
+    if dy is None:
+        dy = torch.empty((T, n), dtype=grad.dtype, device=grad.device)
+    if T == 0:
+        return dx, dy
+    np_ = triton.next_power_of_2(n)
+    _router_bwd_lanes_kernel[(triton.cdiv(T, tile_t),)](
+        grad, indices, dx, dy, T, K,
+        grad.stride(0), grad.stride(1), indices.stride(0), indices.stride(1),
+        dx.stride(0), dy.stride(0),
+        N=n, NP=np_, C=min(c, np_), TILE_T=tile_t, UNROLL=unroll, num_warps=warps,
+    )
+    return dx, dy
