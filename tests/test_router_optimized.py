@@ -174,29 +174,50 @@ def test_router_public_function_and_backward(device):
 
 
 def test_router_backward_kernels(device):
-    """Both backward kernels, poisoned outputs, duplicates, -0.0, bitwise determinism."""
+    """The backward kernel in several layouts: poisoned outputs, duplicates, -0.0, k not a
+    multiple of the unroll, column blocks that split a row, bitwise determinism."""
     import omni_moe.triton.router_backward as rb
 
-    for (T, N, k, dtype) in ((7, 64, 16, BF16), (5, 100, 7, F32), (3, 8, 64, F16), (2, 16, 100, BF16)):
+    configs = [{}, {"C": 4, "TILE_T": 2, "UNROLL": 1, "num_warps": 1},
+               {"BN": 16, "C": 8, "TILE_T": 4, "UNROLL": 4, "num_warps": 1}]
+    for (T, N, k, dtype) in ((7, 64, 16, BF16), (5, 100, 7, F32), (3, 8, 64, F16), (2, 16, 100, BF16),
+                             (9, 40, 5, BF16), (3, 1, 1, F32)):
         x, y = make_logits(T, N, dtype, device, "ties", seed=N)
         _, idx = router_pruned(x, y, k)
         g = torch.randn(T, k, generator=torch.Generator().manual_seed(T)).to(dtype).to(device)
         g[:, ::3] = -0.0
         results = []
-        for sparse_max in (rb.SPARSE_MAX_K, 0):  # the sparse kernel, then the dense one
-            old = rb.SPARSE_MAX_K
-            rb.SPARSE_MAX_K = sparse_max
-            try:
-                for _ in range(2):
-                    dx = torch.full((T, N), float("nan"), dtype=dtype, device=device)
-                    dy = torch.full((T, N), float("nan"), dtype=dtype, device=device)
-                    router_backward(g, idx, N, dx, dy)
-                    check_router_backward(g, idx, N, dx, dy)
-                    results.append((dx, dy))
-            finally:
-                rb.SPARSE_MAX_K = old
+        for cfg in configs:
+            if cfg.get("BN", 1) > triton_next_pow2(N) or cfg.get("C", 1) > cfg.get("BN", triton_next_pow2(N)):
+                continue
+            for _ in range(2):
+                dx = torch.full((T, N), float("nan"), dtype=dtype, device=device)
+                dy = torch.full((T, N), float("nan"), dtype=dtype, device=device)
+                rb.router_backward(g, idx, N, dx, dy, config=cfg)
+                check_router_backward(g, idx, N, dx, dy)
+                results.append((dx, dy))
         for dx, dy in results[1:]:
             assert torch.equal(dx, results[0][0]) and torch.equal(dy, results[0][1])
+
+
+def test_router_backward_strided_and_errors(device):
+    """Non-contiguous grad/indices views give the reference; bad output buffers raise."""
+    T, N, k = 6, 48, 9
+    x, y = make_logits(T, N, BF16, device, "randn", seed=3)
+    _, idx = router_pruned(x, y, k)
+    g = torch.randn(k, T, generator=torch.Generator().manual_seed(5)).to(BF16).to(device).t()
+    idx_t = idx.t().contiguous().t()
+    assert not g.is_contiguous() and not idx_t.is_contiguous()
+    dx, dy = router_backward(g, idx_t, N)
+    check_router_backward(g, idx, N, dx, dy)
+    with pytest.raises(ValueError, match="dx"):
+        router_backward(g, idx, N, torch.empty(T, N + 1, dtype=BF16, device=device), None)
+    with pytest.raises(ValueError, match="dy"):
+        router_backward(g, idx, N, None, torch.empty(N, T, dtype=BF16, device=device).t())
+
+
+def triton_next_pow2(v: int) -> int:
+    return 1 << max(0, v - 1).bit_length()
 
 
 def _time_us(fn):

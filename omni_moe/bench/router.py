@@ -28,6 +28,12 @@ For every case and implementation, on the same inputs:
   of the forward and no gradient accumulation into ``.grad``.
 - both rotate among enough input sets that their total size exceeds 2x L2 (do_bench also
   flushes L2 before every timed call).
+- graph columns (Triton implementations on CUDA, when the eager forward is under 1 ms):
+  'fwd graph' is the forward call and 'bwd kernel graph' the backward kernel alone
+  (``router_backward`` on the implementation's indices), each timed by replaying a CUDA
+  graph of 20+ calls over the rotating sets: GPU time without the host.  'autograd
+  engine' is a control: ``torch.autograd.grad`` through a one-node graph whose backward
+  launches nothing, timed like the backward column (what the engine alone costs).
 - first call (Triton implementations): seconds of the first forward and first backward
   call of this shape in this process, compilation included.  The Triton cache points to
   a fresh directory for the run (unless --reuse-triton-cache), so nothing comes from an
@@ -192,6 +198,29 @@ def check(x, y, k, scores, indices, ref_scores, g, dx, dy):
     return problems
 
 
+def _engine_floor_us(x, y, k, g, args, common):
+    """Control for the backward column: ``torch.autograd.grad`` through a one-node graph
+    whose backward launches nothing (returns preallocated gradients), timed like the
+    real backward: the autograd engine's own cost for these tensors."""
+    import torch
+
+    dx0, dy0 = torch.zeros_like(x), torch.zeros_like(y)
+
+    class _Noop(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            return a.new_empty((a.shape[0], k))
+
+        @staticmethod
+        def backward(ctx, gs):
+            return dx0, dy0
+
+    xl, yl = x.detach().requires_grad_(), y.detach().requires_grad_()
+    s = _Noop.apply(xl, yl)
+    return common.median_ms(lambda: torch.autograd.grad(s, (xl, yl), g, retain_graph=True),
+                            args.warmup, args.rep) * 1e3
+
+
 def _bench_impl(name, fn, case, sets, grads, ref_scores, args, common):
     """Check, then time, one implementation on one case; returns the row's measured fields."""
     import torch
@@ -225,12 +254,28 @@ def _bench_impl(name, fn, case, sets, grads, ref_scores, args, common):
         args.warmup, args.rep)
     del graphs
 
+    fwd_graph = bwd_graph = engine = None
+    if is_triton and torch.cuda.is_available() and fwd_ms < 1.0:
+        # GPU time without the host: the forward call, and the backward kernel alone
+        # (the same one for both Triton implementations) on the same gradients.
+        from omni_moe.triton.router_backward import router_backward
+
+        with torch.no_grad():
+            fwd_graph = common.graph_us(lambda x, y: fn(x, y, k), sets)
+            idx_sets = [(g, fn(x, y, k)[1]) for (x, y), g in zip(sets, grads)]
+        bwd_graph = common.graph_us(lambda g, i: router_backward(g, i, N), idx_sets)
+        del idx_sets
+        engine = _engine_floor_us(x0, y0, k, g0, args, common)
+
     problems += forward_and_check("after timing")[0]
     return {
         "ok": not problems,
         "problems": problems,
         "fwd_us": fwd_ms * 1e3,
         "bwd_us": bwd_ms * 1e3,
+        "fwd_graph_us": fwd_graph,
+        "bwd_kernel_graph_us": bwd_graph,
+        "autograd_engine_us": engine,
         "first_fwd_s": first_fwd if is_triton else None,
         "first_bwd_s": first_bwd if is_triton else None,
     }
@@ -240,6 +285,8 @@ COLUMNS = [
     ("T", "T", "d"), ("N", "N", "d"), ("k", "k", "d"), ("dtype", "dtype", "s"), ("impl", "impl", "s"),
     ("ok", "ok", "ok"),
     ("fwd us", "fwd_us", ".1f"), ("bwd us", "bwd_us", ".1f"),
+    ("fwd graph us", "fwd_graph_us", ".1f"), ("bwd kernel graph us", "bwd_kernel_graph_us", ".1f"),
+    ("autograd engine us", "autograd_engine_us", ".1f"),
     ("fwd x orig", "fwd_speedup", ".2f"), ("bwd x orig", "bwd_speedup", ".2f"),
     ("floor us", "floor_us", ".3g"),
     ("fwd floor/time", "fwd_floor_frac", ".3g"), ("bwd floor/time", "bwd_floor_frac", ".3g"),

@@ -710,11 +710,13 @@ def stream_ok(N: int, k: int) -> bool:
 
 
 def _stream_defaults(T: int, N: int, k: int) -> dict:
-    # ~128K threads (a few per token at T <= 32K) keep the 132 SMs busy and the last
-    # wave full; each thread streams >= 16 columns.  Sharing the grid stage (gsplit)
-    # cuts registers (159 -> ~124 at N = 256) and the redundant grid work of LPT > 1.
-    lpt = _pow2(max(1, -(-131072 // max(1, T))))
-    lpt = max(1, min(lpt, 32, _pow2(N) // 16))
+    # Two threads per token from T = 16384 (H100 sweep, docs/benchmarks.md "Launch
+    # rules": T = 16384, N = 256: 1/2/4/8 threads per token 37.2/31.8/36.5/43.8 us;
+    # T = 65536: 94.0/93.0/101/-), more below that to keep ~32K threads in flight.
+    # Each thread streams >= 16 columns.  Sharing the grid stage (gsplit) cuts registers
+    # and the redundant grid work of LPT > 1.
+    lpt = _pow2(max(1, -(-32768 // max(1, T))))
+    lpt = max(1, min(max(lpt, 2), 32, _pow2(N) // 16))
     return dict(kernel="stream", lpt=lpt, warps=4, gsplit=lpt > 1)
 
 
