@@ -1,14 +1,17 @@
-"""Router-backward experiment (not library code): which row-building scheme is fastest?
+"""Router-backward launch-configuration sweep (not library code).
 
-Times, kernel only (CUDA-graph replay, 20 calls per replay), on fresh router indices:
-the library's current kernel and ``router_backward._router_bwd_rows_kernel`` in its
-three modes (0: per-element sequential sums; 1: per-pair totals then one select per
-pair; 2: per-pair totals then a one-hot [TILE_T, KP, NP] sum), with integer or float
-compares, several tile sizes.  Every variant is checked bit for bit against
-``router_backward_reference``.  Also times the eager call paths at T = 1024
-(kernel launcher alone, ``torch.autograd.grad`` through the router).
+Times ``router_backward`` (kernel only, CUDA-graph replay, 20 calls per replay) on fresh
+router indices with its default configuration (``bwd_config``) and with other lane
+counts C, tokens per program, warps and pairs per loop step, checking every variant bit
+for bit against ``router_backward_reference``.  Also times the eager call paths at
+T = 1024 (``do_bench`` of the launcher and of ``torch.autograd.grad``).
 
-    PYTHONPATH=. python3 scripts/bwd_experiment.py OUT_DIR [--ncu]
+The comparison with the earlier row-building kernels (docs/benchmarks.md, "Backward: how
+the kernel got 4x faster") was measured with this script at commit abceee8, where those
+kernels still existed.
+
+    PYTHONPATH=. python3 scripts/bwd_experiment.py OUT_DIR
+    PYTHONPATH=. python3 scripts/bwd_experiment.py --one T,N,k,VARIANT   # for ncu
 """
 import json
 import os
@@ -26,13 +29,12 @@ SHAPES = [(1024, 64, 16), (1024, 256, 32), (4096, 1024, 16), (16384, 256, 16), (
 
 
 def variants(T, N, k):
-    out = {"library": lambda g, idx: rb.router_backward(g, idx, N),
-           "m1i_t16_w4": lambda g, idx: rb.rows_backward(g, idx, N, mode=1, tile_t=16, warps=4)}
+    out = {"default": lambda g, idx: rb.router_backward(g, idx, N)}
     NP = triton.next_power_of_2(N)
     for c in (8, 16, 32):
         if c > NP:
             continue
-        ng = NP // c
+        ng = min(NP, 1024) // c
         for m in (1, 2, 4):
             if ng * m > 64:
                 continue
@@ -41,9 +43,9 @@ def variants(T, N, k):
                     if (warps == 8 or unroll == 1) and m != 2:
                         continue
                     tt = warps * (32 // c) * m
-                    name = f"lanes_c{c}_t{tt}_w{warps}_u{unroll}"
-                    out[name] = (lambda g, idx, c=c, tt=tt, warps=warps, unroll=unroll:
-                                 rb.lanes_backward(g, idx, N, tile_t=tt, c=c, unroll=unroll, warps=warps))
+                    cfg = dict(C=c, TILE_T=tt, UNROLL=unroll, num_warps=warps)
+                    out[f"lanes_c{c}_t{tt}_w{warps}_u{unroll}"] = (
+                        lambda g, idx, cfg=cfg: rb.router_backward(g, idx, N, config=cfg))
     return out
 
 
