@@ -179,7 +179,8 @@ def test_from_json_reprints_a_saved_run(tmp_path, capsys, monkeypatch):
     import importlib.util
 
     row = {"T": 1024, "N": 64, "k": 16, "dtype": "bf16", "impl": "optimized", "ok": True,
-           "fwd_us": 8.25, "bwd_us": 4.5, "fwd_speedup": 6.3, "bwd_speedup": None, "floor_us": 0.142,
+           "fwd_us": 8.25, "bwd_us": 4.5, "fwd_graph_us": 3.61, "bwd_kernel_graph_us": 2.94,
+           "autograd_engine_us": None, "fwd_speedup": 6.3, "bwd_speedup": None, "floor_us": 0.142,
            "fwd_floor_frac": 0.0172, "bwd_floor_frac": 0.0316, "first_fwd_s": 1.234, "first_bwd_s": None}
     saved = {"benchmark": "router", "mode": "cuda",
              "env": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0",
@@ -190,7 +191,7 @@ def test_from_json_reprints_a_saved_run(tmp_path, capsys, monkeypatch):
     assert cli.main(["bench", "router", "--from-json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "NVIDIA H100 80GB HBM3" in out and "2026-11-26" in out
-    assert "| 1024 | 64 | 16 | bf16 | optimized | yes | 8.2 | 4.5 | 6.30 | - | 0.142 | 0.0172 | 0.0316 | 1.23 | - |" in out
+    assert "| 1024 | 64 | 16 | bf16 | optimized | yes | 8.2 | 4.5 | 3.6 | 2.9 | - | 6.30 | - | 0.142 | 0.0172 | 0.0316 | 1.23 | - |" in out
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
