@@ -438,31 +438,50 @@ def _merge_top(rk, rp, bk, bp, LB: tl.constexpr, HAS_P: tl.constexpr, DISTINCT: 
 
 
 @triton.jit
-def _chunk_keys(P, tok64, row_ok, stride_t, stride_n, N, col0, PACKED: tl.constexpr,
-                EVEN_N: tl.constexpr):
-    # Keys (and columns) of 16 consecutive columns col0[r] .. col0[r] + 15 for each row:
-    # loaded as [V, R, E] with E * b = 16 bytes, so each thread issues V 16-byte loads
-    # and ends up holding all 16 keys of its row.
-    V: tl.constexpr = 2 if PACKED else 4
-    E: tl.constexpr = 16 // V
-    R: tl.constexpr = col0.shape[0]
-    v = tl.arange(0, V)[:, None, None]
-    e = tl.arange(0, E)[None, None, :]
-    col = col0[None, :, None] + v * E + e
+def _chunk_piece(P, tok64, row_ok, stride_t, stride_n, N, col0, v: tl.constexpr,
+                 E: tl.constexpr, PACKED: tl.constexpr, EVEN_N: tl.constexpr):
+    # [R, E] keys (and columns) of columns col0 + v*E .. col0 + v*E + E - 1: one 16-byte
+    # load per thread, a whole piece per row.
+    col = col0[:, None] + v * E + tl.arange(0, E)[None, :]
     if EVEN_N:
-        ok = row_ok[None, :, None] & (e < E)
+        # No mask: rows past T were clamped to row T - 1 by the caller (their results are
+        # never stored), so the load stays unmasked and vectorised.
+        x = tl.load(P + tok64[:, None] * stride_t + col * stride_n)
     else:
-        ok = row_ok[None, :, None] & (col < N)
-    x = tl.load(P + tok64[None, :, None] * stride_t + col * stride_n, mask=ok, other=0.0)
+        ok = row_ok[:, None] & (col < N)
+        x = tl.load(P + tok64[:, None] * stride_t + col * stride_n, mask=ok, other=0.0)
     if PACKED:
         key = half_key(x, col)
     else:
         key = f32_key(x.to(tl.float32))
     if not EVEN_N:
         key = tl.where(col < N, key, KEY_NONE)
-    key = tl.reshape(tl.permute(key, [1, 0, 2]), [R, 16])
-    col = tl.reshape(tl.permute(tl.broadcast_to(col, [V, R, E]), [1, 0, 2]), [R, 16])
     return key, col
+
+
+@triton.jit
+def _chunk_keys(P, tok64, row_ok, stride_t, stride_n, N, col0, PACKED: tl.constexpr,
+                EVEN_N: tl.constexpr):
+    # Keys (and columns) of 16 consecutive columns col0[r] .. col0[r] + 15 for each row,
+    # as V separate [R, E] loads (E * b = 16 bytes) joined along new minor axes.  One
+    # [V, R, E] load would be shorter, but Triton 3.6 then spreads V over lanes (by
+    # contiguity) and every compare-exchange on the row needs a shuffle; separate loads
+    # each get a row-per-thread layout and tl.join keeps the pieces in registers.
+    V: tl.constexpr = 2 if PACKED else 4
+    E: tl.constexpr = 16 // V
+    R: tl.constexpr = col0.shape[0]
+    k0, c0 = _chunk_piece(P, tok64, row_ok, stride_t, stride_n, N, col0, 0, E, PACKED, EVEN_N)
+    k1, c1 = _chunk_piece(P, tok64, row_ok, stride_t, stride_n, N, col0, 1, E, PACKED, EVEN_N)
+    if V == 2:
+        key = tl.permute(tl.join(k0, k1), [0, 2, 1])  # [R, v, e]
+        col = tl.permute(tl.join(c0, c1), [0, 2, 1])
+    else:
+        k2, c2 = _chunk_piece(P, tok64, row_ok, stride_t, stride_n, N, col0, 2, E, PACKED, EVEN_N)
+        k3, c3 = _chunk_piece(P, tok64, row_ok, stride_t, stride_n, N, col0, 3, E, PACKED, EVEN_N)
+        # join(join(v0=0, v0=1), join(...)) is [R, e, v0, v1] for v = 2*v1 + v0.
+        key = tl.permute(tl.join(tl.join(k0, k1), tl.join(k2, k3)), [0, 3, 2, 1])
+        col = tl.permute(tl.join(tl.join(c0, c1), tl.join(c2, c3)), [0, 3, 2, 1])
+    return tl.reshape(key, [R, 16]), tl.reshape(col, [R, 16])
 
 
 @triton.jit
@@ -478,7 +497,7 @@ def _stream_axis(P, tok64, row_ok, part, stride_t, stride_n, N,
     rp = tl.zeros([R, KXP], tl.int32)
     col0 = part * SEG
     for c in range(0, SEG, 16):
-        ck, cp = _chunk_keys(P, tok64, row_ok, stride_t, stride_n, N, col0 + c, PACKED, EVEN_N)
+        ck, cp = _chunk_keys(P, tok64, row_ok, stride_t, stride_n, N, tl.multiple_of(col0 + c, 16), PACKED, EVEN_N)
         ck, cp = bitonic_topk(ck, cp, 4, LKX, not PACKED, PACKED)
         rk, rp = _merge_top(rk, rp, ck, cp, LKX, not PACKED, PACKED)
     for j in tl.static_range(LLPT):
@@ -545,7 +564,7 @@ def _pruned_router_stream_kernel(
     tok = pid * BT + r // LPT
     part = r % LPT
     row_ok = tok < T
-    tok64 = tok.to(tl.int64)
+    tok64 = tl.minimum(tok, T - 1).to(tl.int64)
     xk, xp = _stream_axis(X, tok64, row_ok, part, stride_xt, stride_xn, N, SEG, LKX, LLPT,
                           PACKED, EVEN_N)
     yk, yp = _stream_axis(Y, tok64, row_ok, part, stride_yt, stride_yn, N, SEG, LKX, LLPT,
