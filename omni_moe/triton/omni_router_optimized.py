@@ -63,10 +63,11 @@ from .utils import (
 # False to fall back to the warp kernel, e.g. if a GPU test of the streaming kernel fails
 # on a Triton version it was not verified with.
 STREAM_KERNEL = True
-# Below this many tokens the warp kernel is at least as fast and compiles in under 3 s
-# (H100, 2026-11-26, same-run A/B: T=4096, N=1024: warp 56 us, stream 79; T=16384,
-# N=256: 56 vs 45; T=65536, N=256: 203 vs 93; docs/benchmarks.md).
-STREAM_MIN_T = 8192
+# Below this many tokens the warp kernel is used (at T = 1024, N = 256 both kernels take
+# ~6.5 us of GPU time; from T = 4096 the streaming kernel is faster: H100, 2026-11-26,
+# docs/benchmarks.md "Forward: launch rules": T = 4096, N = 256/512/1024: 9.4/13.5/22.9 us
+# vs the warp kernel's 16.1/29.1/40.1).
+STREAM_MIN_T = 4096
 
 # Fast-path limits; beyond them ``pruned_router_forward`` uses the PyTorch pruned
 # reference on the same device (documented in docs/optimized_router.md).
@@ -729,13 +730,12 @@ def stream_ok(N: int, k: int) -> bool:
 
 
 def _stream_defaults(T: int, N: int, k: int) -> dict:
-    # Two threads per token from T = 16384 (H100 sweep, docs/benchmarks.md "Launch
-    # rules": T = 16384, N = 256: 1/2/4/8 threads per token 37.2/31.8/36.5/43.8 us;
-    # T = 65536: 94.0/93.0/101/-), more below that to keep ~32K threads in flight.
-    # Each thread streams >= 16 columns.  Sharing the grid stage (gsplit) cuts registers
-    # and the redundant grid work of LPT > 1.
+    # About 32K threads in flight: LPT = next_pow2(32768 / T) threads per token (H100
+    # sweep, docs/benchmarks.md "Forward: launch rules": the best LPT was 8 at T = 4096,
+    # 4 at 8192, 2 (= 4) at 16384, 1 (= 2) at 32768 and 1 at 65536).  Each thread streams
+    # >= 16 columns.  With LPT > 1 the token's lanes share the grid stage (gsplit).
     lpt = _pow2(max(1, -(-32768 // max(1, T))))
-    lpt = max(1, min(max(lpt, 2), 32, _pow2(N) // 16))
+    lpt = max(1, min(lpt, 32, _pow2(N) // 16))
     return dict(kernel="stream", lpt=lpt, warps=4, gsplit=lpt > 1)
 
 
