@@ -227,8 +227,7 @@ def _pruned_router_fwd_kernel(
     TILE_T tokens and owns scratch rows SCR[p*TILE_T*W : (p+1)*TILE_T*W] (W words per
     token, see the launcher).  NP = 2^LNP >= N, KXP = 2^LKX >= KX = min(K, N),
     KP = 2^LKO >= K, candidate width 2^LC, survivor slots M = 2^LM.  GRID: 0 = all
-    k''^2 pairs in registers, 1 = pruned pairs fetched through scratch, 2 = pruned
-    pairs gathered in registers (tl.gather).  LANE_FIRST (full-row stage): renumber the
+    k''^2 pairs in registers, 1 = pruned pairs fetched through scratch.  LANE_FIRST (full-row stage): renumber the
     row so the bitonic blocks lie across lanes and its halving rounds drop registers.
     Bytes: reads 2*T*N*b logits once, writes T*K*(b + 4); scratch stays in L2.
     STAGE=1 (timing only): stop after the per-axis stage and write rank-aligned pairs.
@@ -259,8 +258,6 @@ def _pruned_router_fwd_kernel(
         cand = tl.where(cand >= 0, cand, 0)
         ca = (cand >> 16)[None, :]
         cb = (cand & 0xFFFF)[None, :]
-        ca2 = tl.broadcast_to(ca, [TILE_T, CP])
-        cb2 = tl.broadcast_to(cb, [TILE_T, CP])
     else:
         ga = tl.arange(0, KXP)[:, None]
         gb = tl.arange(0, KXP)[None, :]
@@ -326,18 +323,6 @@ def _pruned_router_fwd_kernel(
                 else:
                     qa = tl.load(scr + 2 * SW + KXP + ca, mask=cvalid, other=0)
                     qb = tl.load(scr + 2 * SW + LW + KXP + cb, mask=cvalid, other=0)
-                va, ia = _decode(ka, qa, DT, PACKED)
-                vb, ib = _decode(kb, qb, DT, PACKED)
-                gkey = tl.where(cvalid, f32_key(va + vb), KEY_NONE)
-                gpay = ia * N + ib
-            elif GRID == 2:
-                ka = tl.gather(tx, ca2, 1)
-                kb = tl.gather(ty, cb2, 1)
-                qa = ka
-                qb = kb
-                if not PACKED:
-                    qa = tl.gather(qx, ca2, 1)
-                    qb = tl.gather(qy, cb2, 1)
                 va, ia = _decode(ka, qa, DT, PACKED)
                 vb, ib = _decode(kb, qb, DT, PACKED)
                 gkey = tl.where(cvalid, f32_key(va + vb), KEY_NONE)
@@ -748,8 +733,8 @@ def _warp_defaults(T: int, N: int, k: int, sm_major: int) -> dict:
     kxp = _pow2(kx)
     lm = _log2(2 * kxp)
     cp = candidate_width(k, kx)
-    # Pruned pairs through scratch.  (grid=2, tl.gather, crashes triton 3.6's
-    # OptimizeThreadLocality pass; kept as an option for newer Tritons.)
+    # Pruned pairs through scratch.  (Gathering them in registers with tl.gather crashed
+    # triton 3.6's OptimizeThreadLocality pass; that variant was removed.)
     grid = 1 if cp < kxp * kxp else 0
     thresh = threshold_ok(N, k, lm)
     if T > 4096 or NP > 256:
@@ -773,7 +758,7 @@ def default_config(T: int, N: int, k: int, dtype: torch.dtype, sm_major: int = 9
     stream keys: lpt (threads per token), warps.
     warp keys: tile_t (tokens per tile), warps, thresh (threshold per-axis stage), lm
     (log2 of the survivor slots M), grid (0 = all k''^2 pairs, 1 = pruned pairs via
-    scratch, 2 = pruned pairs via in-register gather), lane_first (full-row stage
+    scratch), lane_first (full-row stage
     numbering), progs_per_sm (persistent programs per multiprocessor).
     See docs/optimized_router.md for the measurements behind each rule.
     """
@@ -834,6 +819,8 @@ def _plan(T, N, k, dtype, device, config, stage):
             thresh = bool(cfg["thresh"]) and threshold_ok(N, k, cfg["lm"])
             lm = cfg["lm"] if thresh else 0
             grid_mode = int(cfg["grid"])
+            if grid_mode not in (0, 1):
+                raise ValueError(f"config['grid'] must be 0 or 1, got {cfg['grid']!r}")
             if grid_mode:
                 width = candidate_width(k, kx)
                 cand = _candidate_table(k, kx, width, device)
