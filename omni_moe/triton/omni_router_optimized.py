@@ -471,35 +471,65 @@ def _chunk_keys(P, tok64, row_ok, stride_t, stride_n, N, col0, PACKED: tl.conste
 
 
 @triton.jit
-def _stream_axis(P, tok64, row_ok, part, stride_t, stride_n, N,
+def _stack2(a, b):
+    # [R, L] and [R, L] -> [2R, L] (rows of a, then rows of b), kept in registers: the
+    # new row bit comes from tl.join's in-thread axis.
+    R: tl.constexpr = a.shape[0]
+    L: tl.constexpr = a.shape[1]
+    return tl.reshape(tl.permute(tl.join(a, b), [2, 0, 1]), [2 * R, L])
+
+
+@triton.jit
+def _unstack2(s):
+    # Inverse of _stack2.
+    R2: tl.constexpr = s.shape[0]
+    L: tl.constexpr = s.shape[1]
+    return tl.split(tl.permute(tl.reshape(s, [2, R2 // 2, L]), [1, 2, 0]))
+
+
+@triton.jit
+def _stream_axes(X, Y, tok64, row_ok, part, stride_xt, stride_xn, stride_yt, stride_yn, N,
                  SEG: tl.constexpr, LKX: tl.constexpr, LLPT: tl.constexpr,
                  PACKED: tl.constexpr, EVEN_N: tl.constexpr):
-    # Sorted top-KXP keys (+ columns) of each token's row; lane `part` of the token
-    # streams columns [part * SEG, (part + 1) * SEG) in chunks of 16, then the 2^LLPT
-    # lanes of a token merge their lists through LLPT butterfly exchanges.
+    # Sorted top-KXP keys (+ columns) of each token's x row and y row; lane `part` of the
+    # token streams columns [part * SEG, (part + 1) * SEG) of both in chunks of 16, then
+    # the 2^LLPT lanes of a token merge their lists through LLPT butterfly exchanges.
+    # The two axes travel as one [2R, .] tensor (x rows, then y rows; both in the same
+    # thread): one copy of the sorting code, and two independent dependency chains per
+    # thread for the scheduler to interleave.
     R: tl.constexpr = tok64.shape[0]
+    R2: tl.constexpr = 2 * R
     KXP: tl.constexpr = 2**LKX
-    rk = tl.full([R, KXP], KEY_NONE, tl.int32)
-    rp = tl.zeros([R, KXP], tl.int32)
+    rk = tl.full([R2, KXP], KEY_NONE, tl.int32)
+    rp = tl.zeros([R2, KXP], tl.int32)
     col0 = part * SEG
     for c in range(0, SEG, 16):
-        ck, cp = _chunk_keys(P, tok64, row_ok, stride_t, stride_n, N, tl.multiple_of(col0 + c, 16), PACKED, EVEN_N)
+        cc = tl.multiple_of(col0 + c, 16)
+        xk, xp = _chunk_keys(X, tok64, row_ok, stride_xt, stride_xn, N, cc, PACKED, EVEN_N)
+        yk, yp = _chunk_keys(Y, tok64, row_ok, stride_yt, stride_yn, N, cc, PACKED, EVEN_N)
+        ck = _stack2(xk, yk)
+        cp = ck
+        if not PACKED:
+            cp = _stack2(xp, yp)
         ck, cp = bitonic_topk(ck, cp, 4, LKX, not PACKED, PACKED)
         rk, rp = _merge_top(rk, rp, ck, cp, LKX, not PACKED, PACKED)
+    # Row = axis * R + lane: the lanes of a token differ in the low bits, as before.
     for j in tl.static_range(LLPT):
-        hk = tl.reshape(rk, [R // (2 << j), 2, 1 << j, KXP])
-        ok_ = tl.reshape(_partner(hk, 1), [R, KXP])
+        hk = tl.reshape(rk, [R2 // (2 << j), 2, 1 << j, KXP])
+        ok_ = tl.reshape(_partner(hk, 1), [R2, KXP])
         op_ = ok_
         if not PACKED:
-            op_ = tl.reshape(_partner(tl.reshape(rp, [R // (2 << j), 2, 1 << j, KXP]), 1), [R, KXP])
+            op_ = tl.reshape(_partner(tl.reshape(rp, [R2 // (2 << j), 2, 1 << j, KXP]), 1), [R2, KXP])
         rk, rp = _merge_top(rk, rp, ok_, op_, LKX, not PACKED, PACKED)
     if LLPT > 0 and not PACKED:
         # float32 keys can tie, and tied entries may then sit at different ranks in the
         # token's lanes; the grid stage needs one list, so every lane takes lane 0's.
         lane0 = (tl.arange(0, 2**LLPT) == 0)[None, :, None]
-        rk = tl.reshape(tl.broadcast_to(tl.sum(tl.where(lane0, tl.reshape(rk, [R >> LLPT, 2**LLPT, KXP]), 0), axis=1, keep_dims=True), [R >> LLPT, 2**LLPT, KXP]), [R, KXP])
-        rp = tl.reshape(tl.broadcast_to(tl.sum(tl.where(lane0, tl.reshape(rp, [R >> LLPT, 2**LLPT, KXP]), 0), axis=1, keep_dims=True), [R >> LLPT, 2**LLPT, KXP]), [R, KXP])
-    return rk, rp
+        rk = tl.reshape(tl.broadcast_to(tl.sum(tl.where(lane0, tl.reshape(rk, [R2 >> LLPT, 2**LLPT, KXP]), 0), axis=1, keep_dims=True), [R2 >> LLPT, 2**LLPT, KXP]), [R2, KXP])
+        rp = tl.reshape(tl.broadcast_to(tl.sum(tl.where(lane0, tl.reshape(rp, [R2 >> LLPT, 2**LLPT, KXP]), 0), axis=1, keep_dims=True), [R2 >> LLPT, 2**LLPT, KXP]), [R2, KXP])
+    xk, yk = _unstack2(rk)
+    xp, yp = _unstack2(rp)
+    return xk, xp, yk, yp
 
 
 @triton.jit
@@ -551,10 +581,8 @@ def _pruned_router_stream_kernel(
     part = r % LPT
     row_ok = tok < T
     tok64 = tl.minimum(tok, T - 1).to(tl.int64)
-    xk, xp = _stream_axis(X, tok64, row_ok, part, stride_xt, stride_xn, N, SEG, LKX, LLPT,
-                          PACKED, EVEN_N)
-    yk, yp = _stream_axis(Y, tok64, row_ok, part, stride_yt, stride_yn, N, SEG, LKX, LLPT,
-                          PACKED, EVEN_N)
+    xk, xp, yk, yp = _stream_axes(X, Y, tok64, row_ok, part, stride_xt, stride_xn, stride_yt,
+                                  stride_yn, N, SEG, LKX, LLPT, PACKED, EVEN_N)
     DT: tl.constexpr = X.dtype.element_ty
     if PACKED:
         vx, ix = half_from_key(xk, DT)
