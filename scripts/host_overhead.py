@@ -28,6 +28,7 @@ def per_call_us(fn, n=2000):
 
 def main(out):
     from omni_moe import omni_router
+    from omni_moe.bench.router import noop_router_graph
     from omni_moe.router import _forward_impl, check_router_args
     from omni_moe.triton.omni_router_optimized import pruned_router_forward
     from omni_moe.triton.router_backward import router_backward
@@ -43,17 +44,7 @@ def main(out):
         dx0, dy0 = torch.empty_like(x), torch.empty_like(y)
         xl, yl = x.clone().requires_grad_(), y.clone().requires_grad_()
         s, _ = omni_router(xl, yl, N, k)
-
-        class Noop(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, a, b):
-                return a.new_empty((a.shape[0], k))
-
-            @staticmethod
-            def backward(ctx, gs):
-                return dx0, dy0
-
-        s_noop = Noop.apply(xl, yl)
+        s_noop, noop_leaves = noop_router_graph(x, y, k)
         cases = {
             "empty kernel-free torch op (x.view(-1))": lambda: x.view(-1),
             "torch.empty x2": lambda: (torch.empty(T, N, device="cuda"), torch.empty(T, N, device="cuda")),
@@ -66,7 +57,7 @@ def main(out):
             "router_backward (launcher)": lambda: router_backward(g, idx, N),
             "router_backward, preallocated": lambda: router_backward(g, idx, N, dx0, dy0),
             "autograd.grad through the router": lambda: torch.autograd.grad(s, (xl, yl), g, retain_graph=True),
-            "autograd.grad through a no-op Function": lambda: torch.autograd.grad(s_noop, (xl, yl), g, retain_graph=True),
+            "autograd.grad through a no-op Function": lambda: torch.autograd.grad(s_noop, noop_leaves, g, retain_graph=True),
         }
         for name, fn in cases.items():
             us = per_call_us(fn)

@@ -200,3 +200,12 @@ def test_from_json_reprints_a_saved_run(tmp_path, capsys, monkeypatch):
     assert cli.main(["bench", "router", "--from-json", str(path), "--plot", str(png)]) == 2
     assert "matplotlib is not installed" in capsys.readouterr().err
     assert not png.exists()
+
+
+def test_noop_router_graph_is_a_kernel_free_control():
+    """The autograd-engine control of `bench router`: zero gradients of the right shapes."""
+    x, y = torch.randn(5, 8), torch.randn(5, 8)
+    s, leaves = bench_router.noop_router_graph(x, y, 3)
+    assert s.shape == (5, 3) and s.requires_grad
+    dx, dy = torch.autograd.grad(s, leaves, torch.ones(5, 3), retain_graph=True)
+    assert torch.equal(dx, torch.zeros(5, 8)) and torch.equal(dy, torch.zeros(5, 8))

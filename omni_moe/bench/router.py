@@ -198,10 +198,10 @@ def check(x, y, k, scores, indices, ref_scores, g, dx, dy):
     return problems
 
 
-def _engine_floor_us(x, y, k, g, args, common):
-    """Control for the backward column: ``torch.autograd.grad`` through a one-node graph
-    whose backward launches nothing (returns preallocated gradients), timed like the
-    real backward: the autograd engine's own cost for these tensors."""
+def noop_router_graph(x, y, k):
+    """(scores, (x_leaf, y_leaf)): a one-node autograd graph shaped like the router's,
+    whose backward launches nothing (it returns preallocated zero gradients).  Timing
+    ``torch.autograd.grad`` on it measures the autograd engine alone."""
     import torch
 
     dx0, dy0 = torch.zeros_like(x), torch.zeros_like(y)
@@ -216,8 +216,16 @@ def _engine_floor_us(x, y, k, g, args, common):
             return dx0, dy0
 
     xl, yl = x.detach().requires_grad_(), y.detach().requires_grad_()
-    s = _Noop.apply(xl, yl)
-    return common.median_ms(lambda: torch.autograd.grad(s, (xl, yl), g, retain_graph=True),
+    return _Noop.apply(xl, yl), (xl, yl)
+
+
+def _engine_floor_us(x, y, k, g, args, common):
+    """Control for the backward column: ``torch.autograd.grad`` through
+    ``noop_router_graph``, timed like the real backward."""
+    import torch
+
+    s, leaves = noop_router_graph(x, y, k)
+    return common.median_ms(lambda: torch.autograd.grad(s, leaves, g, retain_graph=True),
                             args.warmup, args.rep) * 1e3
 
 
