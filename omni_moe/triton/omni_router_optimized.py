@@ -604,50 +604,66 @@ def _pruned_router_stream_kernel(
         ixs = _shift_down(ix, SB, LKX, 0)
         rk = tl.full([R, KXP], KEY_NONE, tl.int32)
         rp = tl.zeros([R, KXP], tl.int32)
-        # Candidate blocks: rows a < SP of (a, q) and columns b < SP of (SP + q, b), each
-        # sorted descending in q.  With GSPLIT the token's LPT lanes share them (lane
-        # `part` builds blocks part, part + LPT, ...) and then merge their lists by
-        # butterfly exchanges; otherwise every lane builds all of them.  A runtime loop
-        # (one copy of the merge code) keeps the compile short; block validity is a mask.
         if GSPLIT:
-            NB: tl.constexpr = (2 * SP + LPT - 1) // LPT
-            STEP: tl.constexpr = LPT
-            first = part
-        else:
-            NB: tl.constexpr = 2 * SP
-            STEP: tl.constexpr = 1
-            first = part * 0
-        for i in range(NB):
-            blk = first + STEP * i  # [R]
-            is_row = blk < SP
-            a = tl.where(is_row, blk, 0)[:, None]
-            b = tl.where(is_row, 0, blk - SP)[:, None]
-            # element a of the x list / b of the y list, per row (selects in registers)
-            xa = tl.sum(tl.where(q == a, xk, 0), axis=1)[:, None]
-            yb = tl.sum(tl.where(q == b, yk, 0), axis=1)[:, None]
-            if PACKED:
-                va, ia = half_from_key(xa, DT)
-                vb, ib = half_from_key(yb, DT)
-            else:
-                va = f32_from_key(xa)
-                ia = tl.sum(tl.where(q == a, xp, 0), axis=1)[:, None]
-                vb = f32_from_key(yb)
-                ib = tl.sum(tl.where(q == b, yp, 0), axis=1)[:, None]
-            r2 = is_row[:, None]
-            s = tl.where(r2, va + vy, vxs + vb)
-            fl = tl.where(r2, ia * N + iy, ixs * N + ib)
-            ai = tl.where(r2, a, SP + q)
-            bi = tl.where(r2, q, b)
-            ok = ((blk < 2 * SP)[:, None] & (ai < KX) & (bi < KX)
-                  & ((ai + 1) * (bi + 1) <= K))
-            bk = tl.where(ok, f32_key(s), KEY_NONE)
-            rk, rp = _merge_top(rk, rp, bk, fl, LKX, True, False)
-        if GSPLIT:
+            # The token's LPT lanes share the candidate blocks: lane `part` builds blocks
+            # part, part + LPT, ... (rows a < SP first, then columns b < SP), then the
+            # lanes merge their lists by butterfly exchanges.
+            qi = tl.arange(0, KXP)[None, :]
+            for i in tl.static_range((2 * SP + LPT - 1) // LPT):
+                blk = part + LPT * i  # [R]
+                is_row = blk < SP
+                a = tl.where(is_row, blk, 0)[:, None]
+                b = tl.where(is_row, 0, blk - SP)[:, None]
+                # element a of the x list / b of the y list, per row (selects in registers)
+                xa = tl.sum(tl.where(qi == a, xk, 0), axis=1)[:, None]
+                xa_i = tl.sum(tl.where(qi == a, xp, 0), axis=1)[:, None]
+                yb = tl.sum(tl.where(qi == b, yk, 0), axis=1)[:, None]
+                yb_i = tl.sum(tl.where(qi == b, yp, 0), axis=1)[:, None]
+                if PACKED:
+                    va, ia = half_from_key(xa, DT)
+                    vb, ib = half_from_key(yb, DT)
+                else:
+                    va = f32_from_key(xa)
+                    ia = xa_i
+                    vb = f32_from_key(yb)
+                    ib = yb_i
+                r2 = is_row[:, None]
+                s = tl.where(r2, va + vy, vxs + vb)
+                fl = tl.where(r2, ia * N + iy, ixs * N + ib)
+                ai = tl.where(r2, a, SP + q)
+                bi = tl.where(r2, q, b)
+                ok = ((blk < 2 * SP)[:, None] & (ai < KX) & (bi < KX)
+                      & ((ai + 1) * (bi + 1) <= K))
+                bk = tl.where(ok, f32_key(s), KEY_NONE)
+                rk, rp = _merge_top(rk, rp, bk, fl, LKX, True, False)
             for j in tl.static_range(LLPT):
                 hk = _partner(tl.reshape(rk, [R // (2 << j), 2, 1 << j, KXP]), 1)
                 hp = _partner(tl.reshape(rp, [R // (2 << j), 2, 1 << j, KXP]), 1)
                 rk, rp = _merge_top(rk, rp, tl.reshape(hk, [R, KXP]), tl.reshape(hp, [R, KXP]),
                                     LKX, True, False)
+        else:
+            for blk in tl.static_range(2 * SP):
+                if blk < SP:
+                    if blk + 1 <= KS:
+                        # row a = blk: (a, q), descending in q
+                        s = _bcast_elem(vx, blk, LKX) + vy
+                        fl = _bcast_elem(ix, blk, LKX) * N + iy
+                        ok = (blk < KX) & (q < KX) & ((blk + 1) * (q + 1) <= K)
+                        bk = tl.where(ok, f32_key(s), KEY_NONE)
+                        if blk == 0:
+                            rk = bk
+                            rp = fl
+                        else:
+                            rk, rp = _merge_top(rk, rp, bk, fl, LKX, True, False)
+                else:
+                    if (SP + 1) * (blk - SP + 1) <= KS:
+                        # column b = blk - SP: (SP + q, b), descending in q
+                        s = vxs + _bcast_elem(vy, blk - SP, LKX)
+                        fl = ixs * N + _bcast_elem(iy, blk - SP, LKX)
+                        ok = ((SP + q < KX) & (blk - SP < KX)
+                              & ((SP + q + 1) * (blk - SP + 1) <= K))
+                        bk = tl.where(ok, f32_key(s), KEY_NONE)
+                        rk, rp = _merge_top(rk, rp, bk, fl, LKX, True, False)
         sc = to_dtype(f32_from_key(rk), S.dtype.element_ty)
         _store_rows(S, tok64, stride_st, stride_sk, sc, store_ok, K)
         _store_rows(I, tok64, stride_it, stride_ik, rp, store_ok, K)
