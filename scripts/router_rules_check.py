@@ -7,7 +7,7 @@ reference, then timed REPS times, interleaved: do_bench median over 4 rotating i
     PYTHONPATH=. python3 scripts/router_rules_check.py OUT_DIR [--reps 3] [--set rules|lpt]
 
 `rules` (default): streaming LPT and streaming vs warp at the shapes that set
-`default_config`'s rules; `lpt`: threads per token at T = 8192, 16384, 65536.
+`default_config`'s rules; `lpt`: threads per token at T = 8192, 16384, 65536; `warps`: warps per program.
 Writes OUT_DIR/rules_check.json.
 """
 import argparse
@@ -21,8 +21,11 @@ from omni_moe.reference import router_pruned
 from omni_moe.triton.omni_router_optimized import pruned_router_forward
 
 
-def stream(lpt):
-    return f"lpt{lpt}", {"kernel": "stream", "lpt": lpt, "gsplit": lpt > 1}
+def stream(lpt, warps=None):
+    cfg = {"kernel": "stream", "lpt": lpt, "gsplit": lpt > 1}
+    if warps:
+        cfg["warps"] = warps
+    return (f"lpt{lpt}" + (f"w{warps}" if warps else "")), cfg
 
 
 WARP = ("warp", {"kernel": "warp"})
@@ -34,6 +37,11 @@ SETS = {
         (4096, 256, 16): [WARP] + [stream(v) for v in (4, 8, 16)],
         (1024, 256, 16): [WARP] + [stream(v) for v in (8, 16)],
         (4096, 512, 16): [WARP] + [stream(v) for v in (8, 16, 32)],
+    },
+    "warps": {
+        (4096, 1024, 16): [stream(8, w) for w in (1, 2, 4, 8)],
+        (65536, 256, 16): [stream(1, w) for w in (1, 2, 4, 8)],
+        (16384, 256, 16): [stream(2, w) for w in (1, 2, 4, 8)],
     },
     "lpt": {(T, 256, 16): [("default", {}), WARP] + [stream(v) for v in (1, 2, 4, 8)]
             for T in (8192, 16384, 65536)},
