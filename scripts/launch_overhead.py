@@ -6,11 +6,15 @@ preallocated outputs, for comparison with `scripts/host_overhead.py`.
 
     PYTHONPATH=. python3 scripts/launch_overhead.py
 """
-import time
+import os
+import sys
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from host_overhead import per_call_us  # noqa: E402
 
 
 @triton.jit
@@ -29,17 +33,6 @@ def _k24(P, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15
          a16, a17, a18, a19, a20, a21, a22, a23,
          C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr):
     pass
-
-
-def per_call_us(fn, n=2000):
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e6
 
 
 def main():

@@ -89,6 +89,19 @@ def _load_keys(X, Y, rows64, row_ok, e, N,
 
 
 @triton.jit
+def _emit_topk(keys, K, S, s_ptr, i_ptr, stride_sk, stride_ik, row_ok):
+    # Write the K largest keys of each row of `keys` ([TILE_T, B], in registers) in
+    # descending order: round r takes the row max, stores its decoded score and index at
+    # column r and knocks it out (keys are unique per row: they hold their position).
+    for r in range(K):
+        m = tl.max(keys, axis=1)
+        keys = tl.where(keys == m[:, None], _NONE, keys)
+        s, idx = _decode_key(m)
+        tl.store(s_ptr + r * stride_sk, to_dtype(s, S.dtype.element_ty), mask=row_ok)
+        tl.store(i_ptr + r * stride_ik, idx, mask=row_ok)
+
+
+@triton.jit
 def _fullscan_small_kernel(
     X, Y, S, I,
     T, N, K,
@@ -112,13 +125,7 @@ def _fullscan_small_kernel(
     keys = _load_keys(X, Y, rows64, row_ok, e, N, stride_xt, stride_xn, stride_yt, stride_yn)
     s_ptr = S + rows64 * stride_st
     i_ptr = I + rows64 * stride_it
-    for r in range(K):
-        m = tl.max(keys, axis=1)
-        # Keys are unique per row (they hold their position), so this removes one entry.
-        keys = tl.where(keys == m[:, None], _NONE, keys)
-        s, idx = _decode_key(m)
-        tl.store(s_ptr + r * stride_sk, to_dtype(s, S.dtype.element_ty), mask=row_ok)
-        tl.store(i_ptr + r * stride_ik, idx, mask=row_ok)
+    _emit_topk(keys, K, S, s_ptr, i_ptr, stride_sk, stride_ik, row_ok)
 
 
 @triton.jit
@@ -178,12 +185,7 @@ def _fullscan_merge_kernel(
     if IN_REGISTERS:
         ok = row_ok[:, None] & (cols < M)[None, :]
         keys = tl.load(w_row[:, None] + cols[None, :], mask=ok, other=_NONE)
-        for r in range(K):
-            m = tl.max(keys, axis=1)
-            keys = tl.where(keys == m[:, None], _NONE, keys)
-            s, idx = _decode_key(m)
-            tl.store(s_ptr + r * stride_sk, to_dtype(s, S.dtype.element_ty), mask=row_ok)
-            tl.store(i_ptr + r * stride_ik, idx, mask=row_ok)
+        _emit_topk(keys, K, S, s_ptr, i_ptr, stride_sk, stride_ik, row_ok)
     else:
         # Above every real key, so round 0 considers all of them.
         prev = tl.full((TILE_T,), 9223372036854775807, tl.int64)

@@ -77,6 +77,19 @@ _MAX_SORT_WIDTH = 4096
 
 
 @triton.jit
+def _keys_of(v, col, N, PACKED: tl.constexpr, EVEN_N: tl.constexpr):
+    # Selection keys of loaded logits v at columns col; columns >= N (padding) get
+    # KEY_NONE, below every real key.
+    if PACKED:
+        key = half_key(v, col)
+    else:
+        key = f32_key(v.to(tl.float32))
+    if not EVEN_N:
+        key = tl.where(col < N, key, KEY_NONE)
+    return key
+
+
+@triton.jit
 def _axis_keys(P, rows64, row_ok, stride_t, stride_n, N, NP: tl.constexpr, PACKED: tl.constexpr,
                EVEN_N: tl.constexpr):
     # One [TILE_T, NP] tile of selection keys; padding columns and rows get KEY_NONE.
@@ -87,15 +100,8 @@ def _axis_keys(P, rows64, row_ok, stride_t, stride_n, N, NP: tl.constexpr, PACKE
     else:
         ok = row_ok[:, None] & (cols[None, :] < N)
     v = tl.load(P + rows64[:, None] * stride_t + cols[None, :] * stride_n, mask=ok, other=0.0)
-    if PACKED:
-        key = half_key(v, cols[None, :])
-    else:
-        key = f32_key(v.to(tl.float32))
-    if not EVEN_N:
-        # Padding must rank below every real key.  (Rows past T keep their junk keys:
-        # their results are never stored.)
-        key = tl.where(ok, key, KEY_NONE)
-    return key
+    # (Rows past T keep junk keys: their results are never stored.)
+    return _keys_of(v, cols[None, :], N, PACKED, EVEN_N)
 
 
 @triton.jit
@@ -113,16 +119,9 @@ def _lane_keys(P, rows64, row_ok, stride_t, stride_n, N, R: tl.constexpr, C: tl.
     else:
         ok = row_ok[None, :, None] & (col < N)
     v = tl.load(P + rows64[None, :, None] * stride_t + col * stride_n, mask=ok, other=0.0)
-    if PACKED:
-        key = half_key(v, col)
-    else:
-        key = f32_key(v.to(tl.float32))
-    if not EVEN_N:
-        # Padding columns rank below every real key.  Rows past T keep their (distinct)
-        # keys of 0.0: their results are never stored, but their survivor count must
-        # stay <= M like any row's, since the scatter below relies on it.
-        key = tl.where(col < N, key, KEY_NONE)
-    return key, col
+    # Rows past T keep their (distinct) keys of 0.0: their results are never stored, but
+    # their survivor count must stay <= M like any row's, since the scatter relies on it.
+    return _keys_of(v, col, N, PACKED, EVEN_N), col
 
 
 @triton.jit
@@ -436,13 +435,7 @@ def _chunk_piece(P, tok64, row_ok, stride_t, stride_n, N, col0, v: tl.constexpr,
     else:
         ok = row_ok[:, None] & (col < N)
         x = tl.load(P + tok64[:, None] * stride_t + col * stride_n, mask=ok, other=0.0)
-    if PACKED:
-        key = half_key(x, col)
-    else:
-        key = f32_key(x.to(tl.float32))
-    if not EVEN_N:
-        key = tl.where(col < N, key, KEY_NONE)
-    return key, col
+    return _keys_of(x, col, N, PACKED, EVEN_N), col
 
 
 @triton.jit
@@ -468,6 +461,22 @@ def _chunk_keys(P, tok64, row_ok, stride_t, stride_n, N, col0, PACKED: tl.conste
         key = tl.permute(tl.join(tl.join(k0, k1), tl.join(k2, k3)), [0, 3, 2, 1])
         col = tl.permute(tl.join(tl.join(c0, c1), tl.join(c2, c3)), [0, 3, 2, 1])
     return tl.reshape(key, [R, 16]), tl.reshape(col, [R, 16])
+
+
+@triton.jit
+def _lane_merge(rk, rp, LLPT: tl.constexpr, LKX: tl.constexpr, HAS_P: tl.constexpr,
+                DISTINCT: tl.constexpr):
+    # Merge the sorted top lists of groups of 2^LLPT consecutive rows (a token's lanes)
+    # by LLPT butterfly exchanges; afterwards every row of a group holds the group's list.
+    R: tl.constexpr = rk.shape[0]
+    KXP: tl.constexpr = 2**LKX
+    for j in tl.static_range(LLPT):
+        ok_ = tl.reshape(_partner(tl.reshape(rk, [R // (2 << j), 2, 1 << j, KXP]), 1), [R, KXP])
+        op_ = ok_
+        if HAS_P:
+            op_ = tl.reshape(_partner(tl.reshape(rp, [R // (2 << j), 2, 1 << j, KXP]), 1), [R, KXP])
+        rk, rp = _merge_top(rk, rp, ok_, op_, LKX, HAS_P, DISTINCT)
+    return rk, rp
 
 
 @triton.jit
@@ -513,14 +522,8 @@ def _stream_axes(X, Y, tok64, row_ok, part, stride_xt, stride_xn, stride_yt, str
             cp = _stack2(xp, yp)
         ck, cp = bitonic_topk(ck, cp, 4, LKX, not PACKED, PACKED)
         rk, rp = _merge_top(rk, rp, ck, cp, LKX, not PACKED, PACKED)
-    # Row = axis * R + lane: the lanes of a token differ in the low bits, as before.
-    for j in tl.static_range(LLPT):
-        hk = tl.reshape(rk, [R2 // (2 << j), 2, 1 << j, KXP])
-        ok_ = tl.reshape(_partner(hk, 1), [R2, KXP])
-        op_ = ok_
-        if not PACKED:
-            op_ = tl.reshape(_partner(tl.reshape(rp, [R2 // (2 << j), 2, 1 << j, KXP]), 1), [R2, KXP])
-        rk, rp = _merge_top(rk, rp, ok_, op_, LKX, not PACKED, PACKED)
+    # Row = axis * R + lane: the lanes of a token differ in the low bits of the row.
+    rk, rp = _lane_merge(rk, rp, LLPT, LKX, not PACKED, PACKED)
     if LLPT > 0 and not PACKED:
         # float32 keys can tie, and tied entries may then sit at different ranks in the
         # token's lanes; the grid stage needs one list, so every lane takes lane 0's.
@@ -584,14 +587,8 @@ def _pruned_router_stream_kernel(
     xk, xp, yk, yp = _stream_axes(X, Y, tok64, row_ok, part, stride_xt, stride_xn, stride_yt,
                                   stride_yn, N, SEG, LKX, LLPT, PACKED, EVEN_N)
     DT: tl.constexpr = X.dtype.element_ty
-    if PACKED:
-        vx, ix = half_from_key(xk, DT)
-        vy, iy = half_from_key(yk, DT)
-    else:
-        vx = f32_from_key(xk)
-        ix = xp
-        vy = f32_from_key(yk)
-        iy = yp
+    vx, ix = _decode(xk, xp, DT, PACKED)
+    vy, iy = _decode(yk, yp, DT, PACKED)
     store_ok = row_ok & (part == 0)
     if STAGE == 1:
         _store_rows(S, tok64, stride_st, stride_sk, to_dtype(vx + vy, S.dtype.element_ty),
@@ -619,14 +616,8 @@ def _pruned_router_stream_kernel(
                 xa_i = tl.sum(tl.where(qi == a, xp, 0), axis=1)[:, None]
                 yb = tl.sum(tl.where(qi == b, yk, 0), axis=1)[:, None]
                 yb_i = tl.sum(tl.where(qi == b, yp, 0), axis=1)[:, None]
-                if PACKED:
-                    va, ia = half_from_key(xa, DT)
-                    vb, ib = half_from_key(yb, DT)
-                else:
-                    va = f32_from_key(xa)
-                    ia = xa_i
-                    vb = f32_from_key(yb)
-                    ib = yb_i
+                va, ia = _decode(xa, xa_i, DT, PACKED)
+                vb, ib = _decode(yb, yb_i, DT, PACKED)
                 r2 = is_row[:, None]
                 s = tl.where(r2, va + vy, vxs + vb)
                 fl = tl.where(r2, ia * N + iy, ixs * N + ib)
@@ -636,11 +627,7 @@ def _pruned_router_stream_kernel(
                       & ((ai + 1) * (bi + 1) <= K))
                 bk = tl.where(ok, f32_key(s), KEY_NONE)
                 rk, rp = _merge_top(rk, rp, bk, fl, LKX, True, False)
-            for j in tl.static_range(LLPT):
-                hk = _partner(tl.reshape(rk, [R // (2 << j), 2, 1 << j, KXP]), 1)
-                hp = _partner(tl.reshape(rp, [R // (2 << j), 2, 1 << j, KXP]), 1)
-                rk, rp = _merge_top(rk, rp, tl.reshape(hk, [R, KXP]), tl.reshape(hp, [R, KXP]),
-                                    LKX, True, False)
+            rk, rp = _lane_merge(rk, rp, LLPT, LKX, True, False)
         else:
             for blk in tl.static_range(2 * SP):
                 if blk < SP:
