@@ -18,3 +18,12 @@ def device():
     if not INTERPRET:
         pytest.fail("kernel tests need CUDA or TRITON_INTERPRET=1 (see README)")
     return "cpu"
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 matmuls in full precision for the test (comparisons against float64)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old

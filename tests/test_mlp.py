@@ -19,20 +19,13 @@ from omni_moe.mlp import (
 from omni_moe.triton.swiglu import swiglu_backward, swiglu_forward
 
 # sigmoid(x) = 1 / (1 + exp(-x)) overflows exp harmlessly for x << 0 under the interpreter.
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
+              pytest.mark.usefixtures("no_tf32")]
 
 ACTS = ("silu", "gelu", "relu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Unit roundoff of each dtype: a once-rounded float32 result is within this (relative).
 EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def rel(a, b):

@@ -18,7 +18,8 @@ from conftest import HAS_CUDA
 from omni_moe import OmniMoE, OmniMoEConfig
 from omni_moe.reference.moe import OmniMoEReference
 
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
+              pytest.mark.usefixtures("no_tf32")]
 
 PARAMS = (
     "router_gate_x.weight", "router_gate_y.weight",
@@ -33,14 +34,6 @@ UPSTREAM_KEYS = [
     "router_norm_y.running_mean", "router_norm_y.running_var", "router_norm_y.num_batches_tracked",
     "up_embed.weight", "down_embed.weight",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def rel(a, b):

@@ -100,18 +100,53 @@ def _act_fwd_bwd(a, ACT: tl.constexpr):
 
 
 @triton.jit
-def _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik, stride_wt, stride_wk,
-          LOG_W: tl.constexpr, BLOCK_T: tl.constexpr):
-    """(e, ok, r_ok, w) of slot r for a block of tokens: e clamped to 0 where not ok."""
+def _slot_expert(IDX, rows, row_ok, r, K, E, stride_it, stride_ik, BLOCK_T: tl.constexpr):
+    """(e, ok, r_ok) of slot r for a block of tokens: e clamped to 0 where not ok."""
     # (a tensor comparison: under the interpreter r and K are plain ints)
     r_ok = row_ok & ((tl.zeros((BLOCK_T,), dtype=tl.int32) + r) < K)
     e = tl.load(IDX + rows * stride_it + r * stride_ik, mask=r_ok, other=-1).to(tl.int64)
     ok = r_ok & (e >= 0) & (e < E)
-    e = tl.where(ok, e, 0)
+    return tl.where(ok, e, 0), ok, r_ok
+
+
+@triton.jit
+def _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik, stride_wt, stride_wk,
+          LOG_W: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(e, ok, r_ok, w) of slot r for a block of tokens: e clamped to 0 where not ok."""
+    e, ok, r_ok = _slot_expert(IDX, rows, row_ok, r, K, E, stride_it, stride_ik, BLOCK_T)
     w = tl.load(W + rows * stride_wt + r * stride_wk, mask=ok, other=0.0).to(tl.float32)
     if LOG_W:
         w = tl.where(ok, tl.exp(w), 0.0)
     return e, ok, r_ok, w
+
+
+@triton.jit
+def _rows_f32(P, r, cols, mask, stride_r, stride_c):
+    """float32 [len(r), len(cols)] tile of P at rows r (tokens or experts), columns cols."""
+    return tl.load(P + r[:, None] * stride_r + cols[None, :] * stride_c,
+                   mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(P, rows, cols, row_ok, col_ok, stride_r, stride_c, acc):
+    """Round the float32 tile acc to P's dtype and store it at rows x cols."""
+    tl.store(P + rows[:, None] * stride_r + cols[None, :] * stride_c,
+             to_dtype(acc, P.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _slot_grads(DW, DA, rows, r, K, ok, r_ok, a, w, g, stride_dwt, stride_dwk,
+                ACT: tl.constexpr, LOG_W: tl.constexpr):
+    """Store DW[t, r] and DA[t, r] of one slot from a, w and g = v_e . GO[t]; returns da."""
+    z, dz = _act_fwd_bwd(a, ACT)
+    dw = tl.where(ok, z * g, 0.0)
+    if LOG_W:
+        dw = dw * w
+    da = tl.where(ok, dz * w * g, 0.0)
+    tl.store(DW + rows * stride_dwt + r * stride_dwk, to_dtype(dw, DW.dtype.element_ty),
+             mask=r_ok)
+    tl.store(DA + rows * K + r, da, mask=r_ok)
+    return da
 
 
 # --------------------------------------------------------------------------- kernels
@@ -143,8 +178,7 @@ def _token_forward_kernel(
     if ONE_CHUNK:
         cols = tl.arange(0, BLOCK_H)
         col_ok = cols < H
-        hv = tl.load(HID + rows[:, None] * stride_ht + cols[None, :] * stride_hh,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        hv = _rows_f32(HID, rows, cols, row_ok[:, None] & col_ok[None, :], stride_ht, stride_hh)
         acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
         for r0 in range(0, K, UNROLL):
             for j in tl.static_range(UNROLL):
@@ -152,16 +186,13 @@ def _token_forward_kernel(
                 e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik,
                                        stride_wt, stride_wk, LOG_W, BLOCK_T)
                 m = ok[:, None] & col_ok[None, :]
-                u = tl.load(UP + e[:, None] * stride_ue + cols[None, :] * stride_uh,
-                            mask=m, other=0.0).to(tl.float32)
-                v = tl.load(DOWN + e[:, None] * stride_ve + cols[None, :] * stride_vh,
-                            mask=m, other=0.0).to(tl.float32)
+                u = _rows_f32(UP, e, cols, m, stride_ue, stride_uh)
+                v = _rows_f32(DOWN, e, cols, m, stride_ve, stride_vh)
                 a = tl.where(ok, tl.sum(u * hv, axis=1), 0.0)
                 c = tl.where(ok, _act_fwd(a, ACT) * w, 0.0)
                 acc += c[:, None] * v
                 tl.store(A + rows * K + r, a, mask=r_ok)
-        tl.store(OUT + rows[:, None] * stride_ot + cols[None, :] * stride_oh,
-                 to_dtype(acc, OUT.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        _store_rows(OUT, rows, cols, row_ok, col_ok, stride_ot, stride_oh, acc)
     else:
         for r0 in range(0, K, UNROLL):
             for j in tl.static_range(UNROLL):
@@ -172,10 +203,8 @@ def _token_forward_kernel(
                 for h0 in range(0, H, BLOCK_H):
                     cols = h0 + tl.arange(0, BLOCK_H)
                     m = ok[:, None] & (cols < H)[None, :]
-                    hv = tl.load(HID + rows[:, None] * stride_ht + cols[None, :] * stride_hh,
-                                 mask=m, other=0.0).to(tl.float32)
-                    u = tl.load(UP + e[:, None] * stride_ue + cols[None, :] * stride_uh,
-                                mask=m, other=0.0).to(tl.float32)
+                    hv = _rows_f32(HID, rows, cols, m, stride_ht, stride_hh)
+                    u = _rows_f32(UP, e, cols, m, stride_ue, stride_uh)
                     dot += tl.sum(u * hv, axis=1)
                 tl.store(A + rows * K + r, tl.where(ok, dot, 0.0), mask=r_ok)
         tl.debug_barrier()
@@ -190,11 +219,9 @@ def _token_forward_kernel(
                                            stride_wt, stride_wk, LOG_W, BLOCK_T)
                     a = tl.load(A + rows * K + r, mask=ok, other=0.0)
                     c = tl.where(ok, _act_fwd(a, ACT) * w, 0.0)
-                    v = tl.load(DOWN + e[:, None] * stride_ve + cols[None, :] * stride_vh,
-                                mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                    v = _rows_f32(DOWN, e, cols, ok[:, None] & col_ok[None, :], stride_ve, stride_vh)
                     acc += c[:, None] * v
-            tl.store(OUT + rows[:, None] * stride_ot + cols[None, :] * stride_oh,
-                     to_dtype(acc, OUT.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            _store_rows(OUT, rows, cols, row_ok, col_ok, stride_ot, stride_oh, acc)
 
 
 @triton.jit
@@ -225,8 +252,7 @@ def _token_backward_kernel(
     if ONE_CHUNK:
         cols = tl.arange(0, BLOCK_H)
         col_ok = cols < H
-        go = tl.load(GO + rows[:, None] * stride_gt + cols[None, :] * stride_gh,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        go = _rows_f32(GO, rows, cols, row_ok[:, None] & col_ok[None, :], stride_gt, stride_gh)
         acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
         for r0 in range(0, K, UNROLL):
             for j in tl.static_range(UNROLL):
@@ -234,26 +260,17 @@ def _token_backward_kernel(
                 e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik,
                                        stride_wt, stride_wk, LOG_W, BLOCK_T)
                 m = ok[:, None] & col_ok[None, :]
-                v = tl.load(DOWN + e[:, None] * stride_ve + cols[None, :] * stride_vh,
-                            mask=m, other=0.0).to(tl.float32)
+                v = _rows_f32(DOWN, e, cols, m, stride_ve, stride_vh)
                 if COMPUTE_DH:
-                    u = tl.load(UP + e[:, None] * stride_ue + cols[None, :] * stride_uh,
-                                mask=m, other=0.0).to(tl.float32)
+                    u = _rows_f32(UP, e, cols, m, stride_ue, stride_uh)
                 a = tl.load(A + rows * K + r, mask=ok, other=0.0)
                 g = tl.sum(v * go, axis=1)
-                z, dz = _act_fwd_bwd(a, ACT)
-                dw = tl.where(ok, z * g, 0.0)
-                if LOG_W:
-                    dw = dw * w
-                da = tl.where(ok, dz * w * g, 0.0)
-                tl.store(DW + rows * stride_dwt + r * stride_dwk, to_dtype(dw, DW.dtype.element_ty),
-                         mask=r_ok)
-                tl.store(DA + rows * K + r, da, mask=r_ok)
+                da = _slot_grads(DW, DA, rows, r, K, ok, r_ok, a, w, g, stride_dwt, stride_dwk,
+                                 ACT, LOG_W)
                 if COMPUTE_DH:
                     acc += da[:, None] * u
         if COMPUTE_DH:
-            tl.store(DH + rows[:, None] * stride_dht + cols[None, :] * stride_dhh,
-                     to_dtype(acc, DH.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            _store_rows(DH, rows, cols, row_ok, col_ok, stride_dht, stride_dhh, acc)
     else:
         for r0 in range(0, K, UNROLL):
             for j in tl.static_range(UNROLL):
@@ -264,20 +281,12 @@ def _token_backward_kernel(
                 for h0 in range(0, H, BLOCK_H):
                     cols = h0 + tl.arange(0, BLOCK_H)
                     m = ok[:, None] & (cols < H)[None, :]
-                    go = tl.load(GO + rows[:, None] * stride_gt + cols[None, :] * stride_gh,
-                                 mask=m, other=0.0).to(tl.float32)
-                    v = tl.load(DOWN + e[:, None] * stride_ve + cols[None, :] * stride_vh,
-                                mask=m, other=0.0).to(tl.float32)
+                    go = _rows_f32(GO, rows, cols, m, stride_gt, stride_gh)
+                    v = _rows_f32(DOWN, e, cols, m, stride_ve, stride_vh)
                     g += tl.sum(v * go, axis=1)
                 a = tl.load(A + rows * K + r, mask=ok, other=0.0)
-                z, dz = _act_fwd_bwd(a, ACT)
-                dw = tl.where(ok, z * g, 0.0)
-                if LOG_W:
-                    dw = dw * w
-                da = tl.where(ok, dz * w * g, 0.0)
-                tl.store(DW + rows * stride_dwt + r * stride_dwk, to_dtype(dw, DW.dtype.element_ty),
-                         mask=r_ok)
-                tl.store(DA + rows * K + r, da, mask=r_ok)
+                da = _slot_grads(DW, DA, rows, r, K, ok, r_ok, a, w, g, stride_dwt, stride_dwk,
+                                 ACT, LOG_W)
         if COMPUTE_DH:
             tl.debug_barrier()
             for h0 in range(0, H, BLOCK_H):
@@ -287,17 +296,12 @@ def _token_backward_kernel(
                 for r0 in range(0, K, UNROLL):
                     for j in tl.static_range(UNROLL):
                         r = r0 + j
-                        r_ok = row_ok & ((tl.zeros((BLOCK_T,), dtype=tl.int32) + r) < K)
-                        e = tl.load(IDX + rows * stride_it + r * stride_ik, mask=r_ok,
-                                    other=-1).to(tl.int64)
-                        ok = r_ok & (e >= 0) & (e < E)
-                        e = tl.where(ok, e, 0)
+                        e, ok, r_ok = _slot_expert(IDX, rows, row_ok, r, K, E, stride_it,
+                                                   stride_ik, BLOCK_T)
                         da = tl.load(DA + rows * K + r, mask=ok, other=0.0)
-                        u = tl.load(UP + e[:, None] * stride_ue + cols[None, :] * stride_uh,
-                                    mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                        u = _rows_f32(UP, e, cols, ok[:, None] & col_ok[None, :], stride_ue, stride_uh)
                         acc += da[:, None] * u
-                tl.store(DH + rows[:, None] * stride_dht + cols[None, :] * stride_dhh,
-                         to_dtype(acc, DH.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+                _store_rows(DH, rows, cols, row_ok, col_ok, stride_dht, stride_dhh, acc)
 
 
 @triton.jit
@@ -392,17 +396,11 @@ def _gather_combine_kernel(
     for r0 in range(0, K, UNROLL):
         for j in tl.static_range(UNROLL):
             r = r0 + j
-            # (a tensor comparison: under the interpreter r and K are plain ints)
-            r_ok = row_ok & ((tl.zeros((BLOCK_T,), dtype=tl.int32) + r) < K)
-            e = tl.load(IDX + rows * stride_it + r * stride_ik, mask=r_ok, other=-1).to(tl.int64)
-            ok = r_ok & (e >= 0) & (e < E)
-            e = tl.where(ok, e, 0)
+            e, ok, r_ok = _slot_expert(IDX, rows, row_ok, r, K, E, stride_it, stride_ik, BLOCK_T)
             c = tl.load(COEF + rows * K + r, mask=ok, other=0.0)
-            wv = tl.load(W + e[:, None] * stride_we + cols[None, :] * stride_wh,
-                         mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            wv = _rows_f32(W, e, cols, ok[:, None] & col_ok[None, :], stride_we, stride_wh)
             acc += c[:, None] * wv
-    tl.store(OUT + rows[:, None] * stride_ot + cols[None, :] * stride_oh,
-             to_dtype(acc, OUT.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    _store_rows(OUT, rows, cols, row_ok, col_ok, stride_ot, stride_oh, acc)
 
 
 @triton.jit
@@ -464,8 +462,7 @@ def _expert_grad_kernel(
                         da = tl.load(DA + q, mask=ok, other=0.0)
                     else:
                         da = tl.load(DA + pair, mask=ok, other=0.0)
-                    hv = tl.load(HID + t[:, None] * stride_ht + cols[None, :] * stride_hh,
-                                 mask=m, other=0.0).to(tl.float32)
+                    hv = _rows_f32(HID, t, cols, m, stride_ht, stride_hh)
                     acc_u += da[:, None] * hv
                 if COMPUTE_DV:
                     if SORTED:
@@ -477,16 +474,12 @@ def _expert_grad_kernel(
                         if LOG_W:
                             w = tl.exp(w)
                         c = tl.where(ok, _act_fwd(a, ACT) * w, 0.0)
-                    gv = tl.load(GO + t[:, None] * stride_gt + cols[None, :] * stride_gh,
-                                 mask=m, other=0.0).to(tl.float32)
+                    gv = _rows_f32(GO, t, cols, m, stride_gt, stride_gh)
                     acc_v += c[:, None] * gv
-        out_m = e_ok[:, None] & col_ok[None, :]
         if COMPUTE_DU:
-            tl.store(DU + es[:, None] * stride_due + cols[None, :] * stride_duh,
-                     to_dtype(acc_u, DU.dtype.element_ty), mask=out_m)
+            _store_rows(DU, es, cols, e_ok, col_ok, stride_due, stride_duh, acc_u)
         if COMPUTE_DV:
-            tl.store(DV + es[:, None] * stride_dve + cols[None, :] * stride_dvh,
-                     to_dtype(acc_v, DV.dtype.element_ty), mask=out_m)
+            _store_rows(DV, es, cols, e_ok, col_ok, stride_dve, stride_dvh, acc_v)
 
 
 # --------------------------------------------------------------------------- launch configs

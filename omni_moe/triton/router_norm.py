@@ -80,6 +80,18 @@ def _stats_partial_kernel(X, PART, T, C, rows_per_split, stride_xt, stride_xc,
 
 
 @triton.jit
+def _split_means(PART, s0, S, T, rows_per_split, cols, ok, C, BLOCK_S: tl.constexpr):
+    # Splits s0 .. s0 + BLOCK_S - 1: their indices, the [BLOCK_S, BLOCK_C] load mask, row
+    # counts n_s (0 past S) and per-split column means (PART rows hold mean, then M2).
+    ss = s0 + tl.arange(0, BLOCK_S)
+    s_ok = ss < S
+    n_s = tl.where(s_ok, tl.minimum(T - ss * rows_per_split, rows_per_split), 0).to(tl.float32)
+    m = s_ok[:, None] & ok[None, :]
+    mean_s = tl.load(PART + ss[:, None] * (2 * C) + cols[None, :], mask=m, other=0.0)
+    return ss, m, n_s, mean_s
+
+
+@triton.jit
 def _stats_finalize_kernel(PART, STATS, RMX, RVX, NBX, RMY, RVY, NBY,
                            T, N, S, rows_per_split, momentum, eps,
                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -96,20 +108,12 @@ def _stats_finalize_kernel(PART, STATS, RMX, RVX, NBX, RMY, RVY, NBY,
     ok = cols < C
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
-        ss = s0 + tl.arange(0, BLOCK_S)
-        s_ok = ss < S
-        n_s = tl.where(s_ok, tl.minimum(T - ss * rows_per_split, rows_per_split), 0).to(tl.float32)
-        m = s_ok[:, None] & ok[None, :]
-        mean_s = tl.load(PART + ss[:, None] * (2 * C) + cols[None, :], mask=m, other=0.0)
+        ss, m, n_s, mean_s = _split_means(PART, s0, S, T, rows_per_split, cols, ok, C, BLOCK_S)
         acc += tl.sum(n_s[:, None] * mean_s, axis=0)
     mean = acc / T
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
-        ss = s0 + tl.arange(0, BLOCK_S)
-        s_ok = ss < S
-        n_s = tl.where(s_ok, tl.minimum(T - ss * rows_per_split, rows_per_split), 0).to(tl.float32)
-        m = s_ok[:, None] & ok[None, :]
-        mean_s = tl.load(PART + ss[:, None] * (2 * C) + cols[None, :], mask=m, other=0.0)
+        ss, m, n_s, mean_s = _split_means(PART, s0, S, T, rows_per_split, cols, ok, C, BLOCK_S)
         m2_s = tl.load(PART + ss[:, None] * (2 * C) + C + cols[None, :], mask=m, other=0.0)
         d = mean_s - mean[None, :]
         m2 += tl.sum(m2_s + n_s[:, None] * d * d, axis=0)
@@ -153,6 +157,19 @@ def _axis_stats(STATS, RMX, RVX, RMY, RVY, ax, N, cols, col_ok, eps, MODE: tl.co
 
 
 @triton.jit
+def _axis_block(pid, T, N, BLOCK_R: tl.constexpr, NP: tl.constexpr):
+    # Program (pid, ax) of the row kernels: axis ax (0 = x, 1 = y), its rows, the axis
+    # columns 0..NP-1 (valid below N), the tile mask, and the columns' place in the
+    # (T, 2N) layout.
+    ax = tl.program_id(1)
+    rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.arange(0, NP)
+    col_ok = cols < N
+    m = (rows < T)[:, None] & col_ok[None, :]
+    return ax, rows, cols, col_ok, m, ax * N + cols
+
+
+@triton.jit
 def _rows_forward_kernel(X, STATS, RMX, RVX, RMY, RVY, OUT, T, N, stride_xt, stride_xc,
                          stride_ot, eps, MODE: tl.constexpr, BLOCK_R: tl.constexpr,
                          NP: tl.constexpr):
@@ -161,12 +178,7 @@ def _rows_forward_kernel(X, STATS, RMX, RVX, RMY, RVY, OUT, T, N, stride_xt, str
     Grid: (cdiv(T, BLOCK_R), 2).  Bytes: X read once (T*2N*b), OUT written (T*2N*4).
     """
     pid = tl.program_id(0)
-    ax = tl.program_id(1)
-    rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    cols = tl.arange(0, NP)
-    col_ok = cols < N
-    m = (rows < T)[:, None] & col_ok[None, :]
-    c = ax * N + cols
+    ax, rows, cols, col_ok, m, c = _axis_block(pid, T, N, BLOCK_R, NP)
     x = tl.load(X + rows[:, None] * stride_xt + c[None, :] * stride_xc, mask=m, other=0.0).to(tl.float32)
     if MODE != 0:
         mean, rstd = _axis_stats(STATS, RMX, RVX, RMY, RVY, ax, N, cols, col_ok, eps, MODE)
@@ -192,12 +204,7 @@ def _rows_backward_kernel(DPX, DPY, P, X, STATS, RVX, RVY, DX, DL, PART,
     writes T*2N*b (MODE 0/2) or T*2N*4 + partials (MODE 1).
     """
     pid = tl.program_id(0)
-    ax = tl.program_id(1)
-    rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    cols = tl.arange(0, NP)
-    col_ok = cols < N
-    m = (rows < T)[:, None] & col_ok[None, :]
-    c = ax * N + cols
+    ax, rows, cols, col_ok, m, c = _axis_block(pid, T, N, BLOCK_R, NP)
     if ax == 0:
         dp = tl.load(DPX + rows[:, None] * stride_dxt + cols[None, :] * stride_dxc, mask=m, other=0.0)
     else:

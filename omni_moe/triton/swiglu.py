@@ -57,6 +57,20 @@ def _act(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def _tile(M, I, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
+    # This program's (rows, int64 columns, mask) of the (M, I) grid of tiles.
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = (rows < M)[:, None] & (cols < I)[None, :]
+    return rows, cols.to(tl.int64), mask
+
+
+@triton.jit
+def _load_tile(P, rows, cols64, mask, stride_r, stride_c):
+    return tl.load(P + rows[:, None] * stride_r + cols64[None, :] * stride_c, mask=mask, other=0.0)
+
+
+@triton.jit
 def _swiglu_fwd_kernel(
     GATE, UP, OUT,
     M, I,
@@ -70,14 +84,9 @@ def _swiglu_fwd_kernel(
     column halves of one fused (M, 2I) projection); out is row-major with row stride
     stride_om.  Bytes: reads 2 * M * I * b, writes M * I * b.
     """
-    pid_m = tl.program_id(0)
-    pid_i = tl.program_id(1)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask = (rows < M)[:, None] & (cols < I)[None, :]
-    cols64 = cols.to(tl.int64)
-    g = tl.load(GATE + rows[:, None] * stride_gm + cols64[None, :] * stride_gi, mask=mask, other=0.0)
-    u = tl.load(UP + rows[:, None] * stride_um + cols64[None, :] * stride_ui, mask=mask, other=0.0)
+    rows, cols64, mask = _tile(M, I, BLOCK_M, BLOCK_I)
+    g = _load_tile(GATE, rows, cols64, mask, stride_gm, stride_gi)
+    u = _load_tile(UP, rows, cols64, mask, stride_um, stride_ui)
     out = _act(g.to(tl.float32), ACT) * u.to(tl.float32)
     tl.store(OUT + rows[:, None] * stride_om + cols64[None, :],
              to_dtype(out, OUT.dtype.element_ty), mask=mask)
@@ -97,15 +106,10 @@ def _swiglu_bwd_kernel(
     and written once; act(gate) is recomputed, not loaded.  dgate/dup are row-major.
     Bytes: reads 3 * M * I * b, writes 2 * M * I * b.
     """
-    pid_m = tl.program_id(0)
-    pid_i = tl.program_id(1)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask = (rows < M)[:, None] & (cols < I)[None, :]
-    cols64 = cols.to(tl.int64)
-    d = tl.load(DOUT + rows[:, None] * stride_dm + cols64[None, :] * stride_di, mask=mask, other=0.0)
-    g = tl.load(GATE + rows[:, None] * stride_gm + cols64[None, :] * stride_gi, mask=mask, other=0.0)
-    u = tl.load(UP + rows[:, None] * stride_um + cols64[None, :] * stride_ui, mask=mask, other=0.0)
+    rows, cols64, mask = _tile(M, I, BLOCK_M, BLOCK_I)
+    d = _load_tile(DOUT, rows, cols64, mask, stride_dm, stride_di)
+    g = _load_tile(GATE, rows, cols64, mask, stride_gm, stride_gi)
+    u = _load_tile(UP, rows, cols64, mask, stride_um, stride_ui)
     d = d.to(tl.float32)
     a, da = _act_and_grad(g.to(tl.float32), ACT)
     dg = d * u.to(tl.float32) * da
