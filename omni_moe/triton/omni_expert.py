@@ -64,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import to_dtype
+from .utils import loop_bound, to_dtype, to_f32
 
 ACTIVATIONS = ("silu", "gelu", "relu")
 _ACT_ID = {"silu": 0, "gelu": 1, "relu": 2}
@@ -114,7 +114,7 @@ def _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik, stride_wt, stride
           LOG_W: tl.constexpr, BLOCK_T: tl.constexpr):
     """(e, ok, r_ok, w) of slot r for a block of tokens: e clamped to 0 where not ok."""
     e, ok, r_ok = _slot_expert(IDX, rows, row_ok, r, K, E, stride_it, stride_ik, BLOCK_T)
-    w = tl.load(W + rows * stride_wt + r * stride_wk, mask=ok, other=0.0).to(tl.float32)
+    w = to_f32(tl.load(W + rows * stride_wt + r * stride_wk, mask=ok, other=0.0))
     if LOG_W:
         w = tl.where(ok, tl.exp(w), 0.0)
     return e, ok, r_ok, w
@@ -123,8 +123,8 @@ def _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik, stride_wt, stride
 @triton.jit
 def _rows_f32(P, r, cols, mask, stride_r, stride_c):
     """float32 [len(r), len(cols)] tile of P at rows r (tokens or experts), columns cols."""
-    return tl.load(P + r[:, None] * stride_r + cols[None, :] * stride_c,
-                   mask=mask, other=0.0).to(tl.float32)
+    return to_f32(tl.load(P + r[:, None] * stride_r + cols[None, :] * stride_c,
+                          mask=mask, other=0.0))
 
 
 @triton.jit
@@ -180,7 +180,7 @@ def _token_forward_kernel(
         col_ok = cols < H
         hv = _rows_f32(HID, rows, cols, row_ok[:, None] & col_ok[None, :], stride_ht, stride_hh)
         acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-        for r0 in range(0, K, UNROLL):
+        for r0 in range(0, loop_bound(K), UNROLL):
             for j in tl.static_range(UNROLL):
                 r = r0 + j
                 e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik,
@@ -194,13 +194,13 @@ def _token_forward_kernel(
                 tl.store(A + rows * K + r, a, mask=r_ok)
         _store_rows(OUT, rows, cols, row_ok, col_ok, stride_ot, stride_oh, acc)
     else:
-        for r0 in range(0, K, UNROLL):
+        for r0 in range(0, loop_bound(K), UNROLL):
             for j in tl.static_range(UNROLL):
                 r = r0 + j
                 e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik,
                                        stride_wt, stride_wk, LOG_W, BLOCK_T)
                 dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
-                for h0 in range(0, H, BLOCK_H):
+                for h0 in range(0, loop_bound(H), BLOCK_H):
                     cols = h0 + tl.arange(0, BLOCK_H)
                     m = ok[:, None] & (cols < H)[None, :]
                     hv = _rows_f32(HID, rows, cols, m, stride_ht, stride_hh)
@@ -208,11 +208,11 @@ def _token_forward_kernel(
                     dot += tl.sum(u * hv, axis=1)
                 tl.store(A + rows * K + r, tl.where(ok, dot, 0.0), mask=r_ok)
         tl.debug_barrier()
-        for h0 in range(0, H, BLOCK_H):
+        for h0 in range(0, loop_bound(H), BLOCK_H):
             cols = h0 + tl.arange(0, BLOCK_H)
             col_ok = cols < H
             acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-            for r0 in range(0, K, UNROLL):
+            for r0 in range(0, loop_bound(K), UNROLL):
                 for j in tl.static_range(UNROLL):
                     r = r0 + j
                     e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik,
@@ -254,7 +254,7 @@ def _token_backward_kernel(
         col_ok = cols < H
         go = _rows_f32(GO, rows, cols, row_ok[:, None] & col_ok[None, :], stride_gt, stride_gh)
         acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-        for r0 in range(0, K, UNROLL):
+        for r0 in range(0, loop_bound(K), UNROLL):
             for j in tl.static_range(UNROLL):
                 r = r0 + j
                 e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik,
@@ -272,13 +272,13 @@ def _token_backward_kernel(
         if COMPUTE_DH:
             _store_rows(DH, rows, cols, row_ok, col_ok, stride_dht, stride_dhh, acc)
     else:
-        for r0 in range(0, K, UNROLL):
+        for r0 in range(0, loop_bound(K), UNROLL):
             for j in tl.static_range(UNROLL):
                 r = r0 + j
                 e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik,
                                        stride_wt, stride_wk, LOG_W, BLOCK_T)
                 g = tl.zeros((BLOCK_T,), dtype=tl.float32)
-                for h0 in range(0, H, BLOCK_H):
+                for h0 in range(0, loop_bound(H), BLOCK_H):
                     cols = h0 + tl.arange(0, BLOCK_H)
                     m = ok[:, None] & (cols < H)[None, :]
                     go = _rows_f32(GO, rows, cols, m, stride_gt, stride_gh)
@@ -289,11 +289,11 @@ def _token_backward_kernel(
                                  ACT, LOG_W)
         if COMPUTE_DH:
             tl.debug_barrier()
-            for h0 in range(0, H, BLOCK_H):
+            for h0 in range(0, loop_bound(H), BLOCK_H):
                 cols = h0 + tl.arange(0, BLOCK_H)
                 col_ok = cols < H
                 acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-                for r0 in range(0, K, UNROLL):
+                for r0 in range(0, loop_bound(K), UNROLL):
                     for j in tl.static_range(UNROLL):
                         r = r0 + j
                         e, ok, r_ok = _slot_expert(IDX, rows, row_ok, r, K, E, stride_it,
@@ -341,13 +341,13 @@ def _pair_dot_kernel(
     acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
     w_row = W + e * stride_we
     x_row = X + t * stride_xt
-    for h0 in range(0, H, BLOCK_H):
+    for h0 in range(0, loop_bound(H), BLOCK_H):
         cols = h0 + tl.arange(0, BLOCK_H)
         m = valid[:, None] & (cols < H)[None, :]
-        wv = tl.load(w_row[:, None] + cols[None, :] * stride_wh, mask=m, other=0.0).to(tl.float32)
-        xv = tl.load(x_row[:, None] + cols[None, :] * stride_xh, mask=m, other=0.0).to(tl.float32)
+        wv = to_f32(tl.load(w_row[:, None] + cols[None, :] * stride_wh, mask=m, other=0.0))
+        xv = to_f32(tl.load(x_row[:, None] + cols[None, :] * stride_xh, mask=m, other=0.0))
         acc += tl.sum(wv * xv, axis=1)
-    wr = tl.load(R + t * stride_rt + r * stride_rk, mask=valid, other=0.0).to(tl.float32)
+    wr = to_f32(tl.load(R + t * stride_rt + r * stride_rk, mask=valid, other=0.0))
     if LOG_W:
         wr = tl.where(valid, tl.exp(wr), 0.0)
     if BACKWARD:
@@ -393,7 +393,7 @@ def _gather_combine_kernel(
     row_ok = rows < T
     col_ok = cols < H
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    for r0 in range(0, K, UNROLL):
+    for r0 in range(0, loop_bound(K), UNROLL):
         for j in tl.static_range(UNROLL):
             r = r0 + j
             e, ok, r_ok = _slot_expert(IDX, rows, row_ok, r, K, E, stride_it, stride_ik, BLOCK_T)
@@ -438,7 +438,7 @@ def _expert_grad_kernel(
     col_ok = cols < H
     e_begin = pid_e.to(tl.int64) * experts_per_program
     e_end = tl.minimum(e_begin + experts_per_program, E)
-    for e0 in range(e_begin, e_end, BLOCK_E):
+    for e0 in range(loop_bound(e_begin), loop_bound(e_end), BLOCK_E):
         es = e0 + tl.arange(0, BLOCK_E)
         e_ok = es < e_end
         start = tl.load(OFFSETS + es, mask=e_ok, other=0)
@@ -446,7 +446,7 @@ def _expert_grad_kernel(
         n = tl.max(cnt, axis=0)
         acc_u = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
         acc_v = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
-        for j0 in range(0, n, UNROLL):
+        for j0 in range(0, loop_bound(n), UNROLL):
             for jj in tl.static_range(UNROLL):
                 ok = (j0 + jj) < cnt
                 q = start + (j0 + jj)
@@ -469,8 +469,8 @@ def _expert_grad_kernel(
                         c = tl.load(A + q, mask=ok, other=0.0)
                     else:
                         a = tl.load(A + pair, mask=ok, other=0.0)
-                        w = tl.load(W + t * stride_wt + (pair - t32 * K) * stride_wk, mask=ok,
-                                    other=0.0).to(tl.float32)
+                        w = to_f32(tl.load(W + t * stride_wt + (pair - t32 * K) * stride_wk,
+                                           mask=ok, other=0.0))
                         if LOG_W:
                             w = tl.exp(w)
                         c = tl.where(ok, _act_fwd(a, ACT) * w, 0.0)

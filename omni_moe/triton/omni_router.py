@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import to_dtype
+from .utils import loop_bound, to_dtype, to_f32
 
 # Below every real key (see module docstring); used for padding and knocked-out picks.
 _NONE: tl.constexpr = tl.constexpr(-(2**63))
@@ -80,10 +80,10 @@ def _load_keys(X, Y, rows64, row_ok, e, N,
     j = e - i * N
     ok = row_ok[:, None] & (e < N * N)[None, :]
     # int64 offsets: a transposed view has stride_xn = T, and i * T can pass 2^31.
-    xv = tl.load(X + rows64[:, None] * stride_xt + i.to(tl.int64)[None, :] * stride_xn,
-                 mask=ok, other=0.0).to(tl.float32)
-    yv = tl.load(Y + rows64[:, None] * stride_yt + j.to(tl.int64)[None, :] * stride_yn,
-                 mask=ok, other=0.0).to(tl.float32)
+    xv = to_f32(tl.load(X + rows64[:, None] * stride_xt + i.to(tl.int64)[None, :] * stride_xn,
+                        mask=ok, other=0.0))
+    yv = to_f32(tl.load(Y + rows64[:, None] * stride_yt + j.to(tl.int64)[None, :] * stride_yn,
+                        mask=ok, other=0.0))
     keys = _pair_keys(xv, yv, e[None, :])
     return tl.where(ok, keys, _NONE)
 
@@ -93,7 +93,7 @@ def _emit_topk(keys, K, S, s_ptr, i_ptr, stride_sk, stride_ik, row_ok):
     # Write the K largest keys of each row of `keys` ([TILE_T, B], in registers) in
     # descending order: round r takes the row max, stores its decoded score and index at
     # column r and knocks it out (keys are unique per row: they hold their position).
-    for r in range(K):
+    for r in range(loop_bound(K)):
         m = tl.max(keys, axis=1)
         keys = tl.where(keys == m[:, None], _NONE, keys)
         s, idx = _decode_key(m)
@@ -152,7 +152,7 @@ def _fullscan_chunk_kernel(
     e = c * CHUNK + tl.arange(0, CHUNK)
     keys = _load_keys(X, Y, rows64, row_ok, e, N, stride_xt, stride_xn, stride_yt, stride_yn)
     w_ptr = W + rows64 * M + c.to(tl.int64) * KC
-    for r in range(KC):
+    for r in range(loop_bound(KC)):
         m = tl.max(keys, axis=1)
         keys = tl.where(keys == m[:, None], _NONE, keys)
         tl.store(w_ptr + r, m, mask=row_ok)
@@ -189,9 +189,9 @@ def _fullscan_merge_kernel(
     else:
         # Above every real key, so round 0 considers all of them.
         prev = tl.full((TILE_T,), 9223372036854775807, tl.int64)
-        for r in range(K):
+        for r in range(loop_bound(K)):
             m = tl.full((TILE_T,), _NONE, tl.int64)
-            for start in range(0, M, BLOCK_M):
+            for start in range(0, loop_bound(M), BLOCK_M):
                 ok = row_ok[:, None] & ((start + cols) < M)[None, :]
                 kv = tl.load(w_row[:, None] + (start + cols)[None, :], mask=ok, other=_NONE)
                 kv = tl.where(kv < prev[:, None], kv, _NONE)

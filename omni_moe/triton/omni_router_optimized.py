@@ -56,6 +56,7 @@ from .utils import (
     f32_key,
     half_from_key,
     half_key,
+    loop_bound,
     to_dtype,
 )
 
@@ -263,7 +264,7 @@ def _pruned_router_fwd_kernel(
         gvalid = (ga < KX) & (gb < KX) & ((ga + 1) * (gb + 1) <= K)
         gvalid = tl.reshape(tl.broadcast_to(gvalid[None, :, :], [TILE_T, KXP, KXP]), [TILE_T, KXP * KXP])
 
-    for tile in range(pid, num_tiles, nprog):
+    for tile in range(loop_bound(pid), loop_bound(num_tiles), loop_bound(nprog)):
         rows = tile * TILE_T + lanes
         row_ok = rows < T
         rows64 = rows.to(tl.int64)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import to_dtype
+from .utils import loop_bound, to_dtype, to_f32
 
 
 @triton.jit
@@ -66,12 +66,12 @@ def _router_bwd_kernel(
     pg = G + rows64 * stride_gt + lane0
     ax = tl.zeros((NG, TILE_T, C), dtype=tl.float32)
     ay = tl.zeros((NG, TILE_T, C), dtype=tl.float32)
-    for r0 in range(0, K, UNROLL):
+    for r0 in range(0, loop_bound(K), UNROLL):
         for u in tl.static_range(UNROLL):
             r = r0 + u
             ok = row_ok & ((lane0 + r) < K)
             e = tl.load(pi + r * stride_ik, mask=ok, other=-1)
-            g = tl.load(pg + r * stride_gk, mask=ok, other=0.0).to(tl.float32)
+            g = to_f32(tl.load(pg + r * stride_gk, mask=ok, other=0.0))
             ex = e // N  # -1 (masked) gives -1: matches no column
             ey = e - ex * N
             ex = tl.where(ok, ex, -1)

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import to_dtype
+from .utils import loop_bound, to_dtype, to_f32
 
 MAX_N = 4096
 MODES = {"none": 0, "batch": 1, "running": 2}
@@ -60,11 +60,11 @@ def _stats_partial_kernel(X, PART, T, C, rows_per_split, stride_xt, stride_xc,
     n_a = 0.0
     mean_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for r0 in range(r_begin, r_end, BLOCK_R):
+    for r0 in range(loop_bound(r_begin), loop_bound(r_end), BLOCK_R):
         rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         m = (rows < r_end)[:, None] & col_ok[None, :]
-        x = tl.load(X + rows[:, None] * stride_xt + cols[None, :] * stride_xc, mask=m,
-                    other=0.0).to(tl.float32)
+        x = to_f32(tl.load(X + rows[:, None] * stride_xt + cols[None, :] * stride_xc, mask=m,
+                           other=0.0))
         n_b = tl.minimum(r_end - r0, BLOCK_R).to(tl.float32)
         mean_b = tl.sum(x, axis=0) / n_b
         d = tl.where(m, x - mean_b[None, :], 0.0)
@@ -107,12 +107,12 @@ def _stats_finalize_kernel(PART, STATS, RMX, RVX, NBX, RMY, RVY, NBY,
     cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cols < C
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for s0 in range(0, S, BLOCK_S):
+    for s0 in range(0, loop_bound(S), BLOCK_S):
         ss, m, n_s, mean_s = _split_means(PART, s0, S, T, rows_per_split, cols, ok, C, BLOCK_S)
         acc += tl.sum(n_s[:, None] * mean_s, axis=0)
     mean = acc / T
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for s0 in range(0, S, BLOCK_S):
+    for s0 in range(0, loop_bound(S), BLOCK_S):
         ss, m, n_s, mean_s = _split_means(PART, s0, S, T, rows_per_split, cols, ok, C, BLOCK_S)
         m2_s = tl.load(PART + ss[:, None] * (2 * C) + C + cols[None, :], mask=m, other=0.0)
         d = mean_s - mean[None, :]
@@ -179,7 +179,7 @@ def _rows_forward_kernel(X, STATS, RMX, RVX, RMY, RVY, OUT, T, N, stride_xt, str
     """
     pid = tl.program_id(0)
     ax, rows, cols, col_ok, m, c = _axis_block(pid, T, N, BLOCK_R, NP)
-    x = tl.load(X + rows[:, None] * stride_xt + c[None, :] * stride_xc, mask=m, other=0.0).to(tl.float32)
+    x = to_f32(tl.load(X + rows[:, None] * stride_xt + c[None, :] * stride_xc, mask=m, other=0.0))
     if MODE != 0:
         mean, rstd = _axis_stats(STATS, RMX, RVX, RMY, RVY, ax, N, cols, col_ok, eps, MODE)
         x = (x - mean[None, :]) * rstd[None, :]
@@ -209,13 +209,13 @@ def _rows_backward_kernel(DPX, DPY, P, X, STATS, RVX, RVY, DX, DL, PART,
         dp = tl.load(DPX + rows[:, None] * stride_dxt + cols[None, :] * stride_dxc, mask=m, other=0.0)
     else:
         dp = tl.load(DPY + rows[:, None] * stride_dyt + cols[None, :] * stride_dyc, mask=m, other=0.0)
-    dp = dp.to(tl.float32)
+    dp = to_f32(dp)
     p = tl.load(P + rows[:, None] * stride_pt + c[None, :], mask=m, other=0.0)
     q = tl.where(m, tl.exp(p), 0.0)
     dl = dp - q * tl.sum(dp, axis=1)[:, None]
     if MODE == 1:
         mean, rstd = _axis_stats(STATS, RVX, RVX, RVY, RVY, ax, N, cols, col_ok, eps, MODE)
-        x = tl.load(X + rows[:, None] * stride_xt + c[None, :] * stride_xc, mask=m, other=0.0).to(tl.float32)
+        x = to_f32(tl.load(X + rows[:, None] * stride_xt + c[None, :] * stride_xc, mask=m, other=0.0))
         xhat = tl.where(m, (x - mean[None, :]) * rstd[None, :], 0.0)
         tl.store(DL + rows[:, None] * (2 * N) + c[None, :], dl, mask=m)
         base = PART + pid.to(tl.int64) * 4 * N
@@ -237,7 +237,7 @@ def _sums_finalize_kernel(PART, SUMS, NB, C, BLOCK_B: tl.constexpr, BLOCK_C: tl.
     ok = cols < C
     s1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     s2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for b0 in range(0, NB, BLOCK_B):
+    for b0 in range(0, loop_bound(NB), BLOCK_B):
         bs = b0 + tl.arange(0, BLOCK_B)
         m = (bs < NB)[:, None] & ok[None, :]
         base = PART + bs[:, None] * (2 * C) + cols[None, :]
@@ -265,7 +265,7 @@ def _bn_backward_kernel(DL, X, STATS, SUMS, DX, T, C, stride_xt, stride_xc, stri
     s1 = tl.load(SUMS + cols, mask=col_ok, other=0.0) * inv_t
     s2 = tl.load(SUMS + C + cols, mask=col_ok, other=0.0) * inv_t
     dl = tl.load(DL + rows[:, None] * C + cols[None, :], mask=m, other=0.0)
-    x = tl.load(X + rows[:, None] * stride_xt + cols[None, :] * stride_xc, mask=m, other=0.0).to(tl.float32)
+    x = to_f32(tl.load(X + rows[:, None] * stride_xt + cols[None, :] * stride_xc, mask=m, other=0.0))
     xhat = (x - mean[None, :]) * rstd[None, :]
     dx = rstd[None, :] * (dl - s1[None, :] - xhat * s2[None, :])
     tl.store(DX + rows[:, None] * stride_gt + cols[None, :], to_dtype(dx, DX.dtype.element_ty), mask=m)

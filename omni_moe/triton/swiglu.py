@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import to_dtype
+from .utils import to_dtype, to_f32
 
 ACTIVATIONS = ("silu", "gelu", "relu")
 _ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -67,7 +67,7 @@ def _tile(M, I, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
 
 @triton.jit
 def _load_tile(P, rows, cols64, mask, stride_r, stride_c):
-    return tl.load(P + rows[:, None] * stride_r + cols64[None, :] * stride_c, mask=mask, other=0.0)
+    return to_f32(tl.load(P + rows[:, None] * stride_r + cols64[None, :] * stride_c, mask=mask, other=0.0))
 
 
 @triton.jit

@@ -15,10 +15,39 @@ SOFT_BF16: tl.constexpr = tl.constexpr(interpret_mode())
 
 @triton.jit
 def _bf16_rne(v):
+    # Integer arithmetic throughout: some interpreters cannot build bf16 constants.
     bits = v.to(tl.int32, bitcast=True)
-    bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-    out = (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    return tl.where(v != v, float("nan"), out)
+    out = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+    # A NaN keeps its sign and becomes quiet (rounding could carry it into inf).
+    out = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, (bits >> 16) | 0x40, out)
+    return out.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def to_f32(v):
+    """Exact float32 of float ``v``, also when interpreted.
+
+    The interpreter keeps bfloat16 as raw 16-bit words and its conversion flushes or
+    misplaces subnormals; widening the word is exact for every bit pattern.  Compiled
+    kernels keep the hardware conversion.
+    """
+    if SOFT_BF16 and v.dtype == tl.bfloat16:
+        return (v.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
+def loop_bound(v):
+    """Runtime scalar ``v`` as a ``range`` bound.
+
+    Compiled: ``v``.  Interpreted: a Python int, because older interpreters (Triton 3.6)
+    convert a bound with int() of a one-element array, which NumPy >= 2.4 rejects.
+    """
+    if SOFT_BF16:
+        return v.handle.data.item()
+    else:
+        return v
 
 
 @triton.jit
@@ -68,7 +97,11 @@ def half_key(v, idx):
     """
     b = v.to(tl.int16, bitcast=True).to(tl.int32)
     o = b ^ ((b >> 15) & 0x7FFF)  # arithmetic shift: flips magnitude bits of negatives
-    o = tl.where(v != v, -32768, o)
+    # NaN from the bits, not v != v: the interpreter compares bfloat16 as raw words.
+    if v.dtype == tl.bfloat16:
+        o = tl.where((b & 0x7FFF) > 0x7F80, -32768, o)
+    else:
+        o = tl.where((b & 0x7FFF) > 0x7C00, -32768, o)
     return o * 65536 + (65535 - idx)
 
 
@@ -77,7 +110,7 @@ def half_from_key(k, dtype: tl.constexpr):
     """Inverse of ``half_key``: (float32 value, int32 column)."""
     o = k >> 16
     b = tl.where(o >= 0, o, o ^ 0x7FFF)
-    v = b.to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
+    v = to_f32(b.to(tl.int16).to(dtype, bitcast=True))
     return v, 65535 - (k & 0xFFFF)
 
 
