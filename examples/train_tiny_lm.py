@@ -10,6 +10,7 @@ floor.  Learning it means memorising
 ``vocab^2`` context -> successor tables: a job for a large memory of atomic experts.
 
     python examples/train_tiny_lm.py --steps 300 --device cuda --plot loss.png --json run.json
+    python examples/train_tiny_lm.py --quick        # CPU-sized: about a minute on 2 cores
 
 CUDA runs the Triton kernels; ``--device cpu`` runs the PyTorch paths (add
 TRITON_INTERPRET=1 to push CPU tensors through the kernels, slowly).  A progress bar comes
@@ -168,6 +169,17 @@ class _Bar:
         sys.stderr.write(f"\r{self.desc} [{'#' * fill}{'.' * (width - fill)}] {self.n}/{self.total} {postfix}")
         sys.stderr.flush()
 
+    def write(self, line: str):
+        """Print a line to stdout without breaking the bar."""
+        if self._tqdm is not None:
+            self._tqdm.write(line)
+            return
+        if self.n:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._last = 0.0  # redraw the bar on the next update
+        print(line, flush=True)
+
     def close(self):
         if self._tqdm is not None:
             self._tqdm.close()
@@ -177,35 +189,68 @@ class _Bar:
 
 
 # ----------------------------------------------------------------------------- training
+# Experiment sizes.  The defaults take seconds on a GPU and about 20 minutes on 2 CPU
+# cores; --quick is the same experiment at a CPU size (about a minute on 2 cores).
+# Options given explicitly win over --quick.
+QUICK = dict(steps=60, seq_len=32, batch_size=8, d_model=32, layers=1, heads=2,
+             intermediate=64, experts=64, topk=4, lr=1e-2, warmup=5, eval_every=20,
+             eval_batches=2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+    def q(dest, text):
+        return f"{text} (--quick: {QUICK[dest]})"
+
+    p.add_argument("--quick", action="store_true",
+                   help="CPU-sized run: the --quick values below replace the defaults of "
+                        "options not given")
+    p.add_argument("--steps", type=int, default=300, help=q("steps", "training steps"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda (Triton kernels) or cpu (PyTorch paths)")
     p.add_argument("--plot", metavar="PATH", help="write both loss curves to this PNG (needs matplotlib)")
     p.add_argument("--json", metavar="PATH", help="write losses and settings to this JSON file")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vocab", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="seed of the grammar, the data and the models")
+    p.add_argument("--vocab", type=int, default=64, help="vocabulary size")
     p.add_argument("--fanout", type=int, default=8, help="successors of each previous token")
     p.add_argument("--branch", type=int, default=2, help="successors of each (a, b) context")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=256, help="OmniMoE shared-MLP width")
-    p.add_argument("--experts", type=int, default=4096, help="atomic experts (a perfect square)")
-    p.add_argument("--topk", type=int, default=16, help="experts per token")
-    p.add_argument("--act", default="silu", choices=("silu", "gelu", "relu"))
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128, help=q("seq_len", "tokens per sequence"))
+    p.add_argument("--batch-size", type=int, default=32, help=q("batch_size", "sequences per step"))
+    p.add_argument("--d-model", type=int, default=128, help=q("d_model", "model width H"))
+    p.add_argument("--layers", type=int, default=2, help=q("layers", "transformer blocks"))
+    p.add_argument("--heads", type=int, default=4, help=q("heads", "attention heads"))
+    p.add_argument("--intermediate", type=int, default=256,
+                   help=q("intermediate", "OmniMoE shared-MLP width"))
+    p.add_argument("--experts", type=int, default=4096,
+                   help=q("experts", "atomic experts (a perfect square)"))
+    p.add_argument("--topk", type=int, default=16, help=q("topk", "experts per token"))
+    p.add_argument("--act", default="silu", choices=("silu", "gelu", "relu"), help="activation")
+    p.add_argument("--lr", type=float, default=3e-3, help=q("lr", "peak learning rate (AdamW)"))
+    p.add_argument("--warmup", type=int, default=30, help=q("warmup", "linear warm-up steps"))
+    p.add_argument("--eval-every", type=int, default=50,
+                   help=q("eval_every", "steps between held-out evaluations (and the last step)"))
+    p.add_argument("--eval-batches", type=int, default=4,
+                   help=q("eval_batches", "held-out batches per evaluation"))
     return p
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    if args.quick:
+        # A second parse with None defaults tells which options were given explicitly.
+        probe = build_parser()
+        probe.set_defaults(**{k: None for k in QUICK})
+        given = vars(probe.parse_args(argv))
+        for k, v in QUICK.items():
+            if given[k] is None:
+                setattr(args, k, v)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available; use --device cpu", file=sys.stderr)
@@ -289,10 +334,13 @@ def main(argv=None) -> int:
                 bar.close()
                 print(f"{name}: loss is {lv} at step {step}", file=sys.stderr)
                 return 1
+        bar.update(1, " ".join(post))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             for name, m in models.items():
                 history[name]["eval"].append((step + 1, evaluate(m)))
-        bar.update(1, " ".join(post))
+            bar.write(f"step {step + 1}: eval loss " + "  ".join(
+                f"{name} {history[name]['eval'][-1][1]:.3f}" for name in models)
+                + f"  (floor {floor:.3f})")
     bar.close()
 
     tokens_per_step = args.batch_size * args.seq_len
