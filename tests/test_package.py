@@ -56,6 +56,17 @@ def test_console_script_target_exists():
 def test_readme_and_ci_run_the_same_test_command():
     readme, ci = _read("README.md"), _read(".ci/run")
     assert TEST_COMMAND in readme
-    assert re.search(r"^" + re.escape(TEST_COMMAND) + r"$", ci, re.M), ".ci/run must run the README's command"
+    for line in ("pip install -e .", "omni-moe bench router", "pip install -e '.[test]'", TEST_COMMAND):
+        assert re.search(r"^" + re.escape(line) + r"$", readme, re.M), line
+        assert re.search(r"^\s*" + re.escape(line) + r"$", ci, re.M), f".ci/run must run {line!r}"
     assert ci.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in ci
     assert os.access(os.path.join(REPO, ".ci", "run"), os.X_OK)
+
+
+def test_readme_states_the_declared_versions():
+    deps = re.search(r"^dependencies = \[(.*)\]", _read("pyproject.toml"), re.M).group(1)
+    bounds = re.findall(r'"(torch[^"]*|triton[^"]*)"', deps)
+    assert len(bounds) == 2
+    readme = _read("README.md")
+    for b in bounds:
+        assert f"`{b}`" in readme, f"README must state {b}"

@@ -105,6 +105,9 @@ def _make_rows(dtype, T, N, seed):
     small = [sp[n] for n in ("+sub_min", "-sub_min", "+sub_max", "-sub_max", "+zero",
                              "-zero", "+norm_min", "-norm_min")]
     one = ordinary[0]
+    sign = 1 << (FORMAT[dtype][0] - 1)
+    subnormal = [w | (sign if j % 3 == 1 else 0)
+                 for j, w in enumerate(rng.sample(range(1, sp["+norm_min"]), N))]
     up = [_words(torch.tensor([float(v)]).to(dtype))[0] for v in range(N)]
     fixed = [
         # a NaN with the sign bit clear among ordinary values ranks last, not first
@@ -113,6 +116,7 @@ def _make_rows(dtype, T, N, seed):
         ([sp["+qnan"]] * N, [sp["-snan"]] * N),  # all NaN
         (up, [sp["-snan"]] * (N - 1) + [one]),  # one non-NaN pair per x entry
         ([rng.choice(small) for _ in range(N)], [rng.choice(small) for _ in range(N)]),
+        (subnormal, subnormal[::-1]),  # every sum subnormal (or the smallest normals)
         ([sp["+zero"], sp["-zero"]] * (N // 2) + [sp["-zero"]] * (N % 2),
          [sp["-zero"]] * N),
         ([sp["-inf"]] * N, [sp["+max"]] * N),  # fully masked
