@@ -97,8 +97,10 @@ def half_key(v, idx):
     """
     b = v.to(tl.int16, bitcast=True).to(tl.int32)
     o = b ^ ((b >> 15) & 0x7FFF)  # arithmetic shift: flips magnitude bits of negatives
-    # NaN from the bits, not v != v: the interpreter compares bfloat16 as raw words.
-    if v.dtype == tl.bfloat16:
+    if not SOFT_BF16:
+        o = tl.where(v != v, -32768, o)
+    elif v.dtype == tl.bfloat16:
+        # Interpreted, bfloat16 compares as its raw word: NaN from the bits instead.
         o = tl.where((b & 0x7FFF) > 0x7F80, -32768, o)
     else:
         o = tl.where((b & 0x7FFF) > 0x7C00, -32768, o)
