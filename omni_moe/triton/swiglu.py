@@ -67,7 +67,7 @@ def _tile(M, I, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
 
 @triton.jit
 def _load_tile(P, rows, cols64, mask, stride_r, stride_c):
-    return to_f32(tl.load(P + rows[:, None] * stride_r + cols64[None, :] * stride_c, mask=mask, other=0.0))
+    return tl.load(P + rows[:, None] * stride_r + cols64[None, :] * stride_c, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -87,7 +87,7 @@ def _swiglu_fwd_kernel(
     rows, cols64, mask = _tile(M, I, BLOCK_M, BLOCK_I)
     g = _load_tile(GATE, rows, cols64, mask, stride_gm, stride_gi)
     u = _load_tile(UP, rows, cols64, mask, stride_um, stride_ui)
-    out = _act(g.to(tl.float32), ACT) * u.to(tl.float32)
+    out = _act(to_f32(g), ACT) * to_f32(u)
     tl.store(OUT + rows[:, None] * stride_om + cols64[None, :],
              to_dtype(out, OUT.dtype.element_ty), mask=mask)
 
@@ -110,9 +110,9 @@ def _swiglu_bwd_kernel(
     d = _load_tile(DOUT, rows, cols64, mask, stride_dm, stride_di)
     g = _load_tile(GATE, rows, cols64, mask, stride_gm, stride_gi)
     u = _load_tile(UP, rows, cols64, mask, stride_um, stride_ui)
-    d = d.to(tl.float32)
-    a, da = _act_and_grad(g.to(tl.float32), ACT)
-    dg = d * u.to(tl.float32) * da
+    d = to_f32(d)
+    a, da = _act_and_grad(to_f32(g), ACT)
+    dg = d * to_f32(u) * da
     du = d * a
     tl.store(DGATE + rows[:, None] * stride_dgm + cols64[None, :],
              to_dtype(dg, DGATE.dtype.element_ty), mask=mask)
