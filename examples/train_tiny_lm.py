@@ -10,7 +10,7 @@ floor.  Learning it means memorising
 ``vocab^2`` context -> successor tables: a job for a large memory of atomic experts.
 
     python examples/train_tiny_lm.py --steps 300 --device cuda --plot loss.png --json run.json
-    python examples/train_tiny_lm.py --quick        # CPU-sized: about a minute on 2 cores
+    python examples/train_tiny_lm.py --quick        # CPU-sized: seconds on 2 cores
 
 CUDA runs the Triton kernels; ``--device cpu`` runs the PyTorch paths (add
 TRITON_INTERPRET=1 to push CPU tensors through the kernels, slowly).  A progress bar comes
@@ -190,7 +190,7 @@ class _Bar:
 
 # ----------------------------------------------------------------------------- training
 # Experiment sizes.  The defaults take seconds on a GPU and about 20 minutes on 2 CPU
-# cores; --quick is the same experiment at a CPU size (about a minute on 2 cores).
+# cores; --quick is the same experiment at a CPU size (5 s on 2 idle cores).
 # Options given explicitly win over --quick.
 QUICK = dict(steps=60, seq_len=32, batch_size=8, d_model=32, layers=1, heads=2,
              intermediate=64, experts=64, topk=4, lr=1e-2, warmup=5, eval_every=20,
