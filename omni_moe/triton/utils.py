@@ -16,9 +16,11 @@ SOFT_BF16: tl.constexpr = tl.constexpr(interpret_mode())
 @triton.jit
 def _bf16_rne(v):
     bits = v.to(tl.int32, bitcast=True)
-    bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-    out = (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    return tl.where(v != v, float("nan"), out)
+    r = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+    # NaN: keep sign and payload top, set the quiet bit (selected in integers: the
+    # interpreter cannot build bf16 constants).
+    r = tl.where(v != v, (bits >> 16) | 0x40, r)
+    return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
