@@ -74,7 +74,7 @@ def _router_case(draw):
     return z[0], z[1], k
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(_router_case())
 def test_pruned_matches_bruteforce_property(case):
     x, y, k = case
@@ -150,6 +150,6 @@ def test_cpu_dispatch_without_interpreter():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=300, cwd=root)
+                         text=True, cwd=root)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "DISPATCH-OK" in res.stdout
