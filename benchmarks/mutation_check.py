@@ -85,8 +85,8 @@ MUTANTS = [
      ["tests/test_large_offsets.py::test_router_forward_far_offsets", "-k", "cpu-pruned-warp"]),
     ("int32-offset-router-norm",
      TRITON + "router_norm.py",
-     "x = tl.load(X + rows[:, None] * stride_xt + c.to(tl.int64)[None, :] * stride_xc",
-     "x = tl.load(X + rows[:, None] * stride_xt + c[None, :] * stride_xc",
+     "c.to(tl.int64)[None, :] * stride_xc, mask=m, other=0.0).to(tl.float32)\n    if MODE != 0:",
+     "c[None, :] * stride_xc, mask=m, other=0.0).to(tl.float32)\n    if MODE != 0:",
      ["tests/test_large_offsets.py::test_router_norm_far_offsets", "-k", "cpu-none"]),
 ]
 
