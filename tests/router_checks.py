@@ -57,7 +57,7 @@ def _same(a, b):
 def oracle_topk(x, y, k, rows=None):
     """Top-k values of the float32 sums x[t, i] + y[t, j] (NaN last, ties to the lower
     flat index), written independently of the package: numpy float64 sums rounded to
-    float32, one lexsort per row.  Returns (values float64 (R, k), flat int64 (R, k))
+    float32, one stable argsort per row.  Returns (values float64 (R, k), flat int64 (R, k))
     for the rows `rows` (default all)."""
     xs = x.detach().cpu().double().numpy()
     ys = y.detach().cpu().double().numpy()
@@ -66,8 +66,9 @@ def oracle_topk(x, y, k, rows=None):
     for t in rows:
         with np.errstate(invalid="ignore", over="ignore"):  # inf - inf, float32 overflow
             s = (xs[t][:, None] + ys[t][None, :]).astype(np.float32).astype(np.float64).ravel()
-        nan = np.isnan(s)
-        order = np.lexsort((np.arange(s.size), -np.where(nan, 0.0, s), nan))[:k]
+        # Ascending stable sort of -s: descending values, NaN last (numpy sorts NaN to
+        # the end), equal values in flat-index order.
+        order = np.argsort(-s, kind="stable")[:k]
         vals.append(s[order])
         flats.append(order)
     shape = (len(vals), k)
