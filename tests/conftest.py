@@ -11,6 +11,13 @@ HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global RNG state (tests that draw from torch's
+    global generator are reproducible; most use their own seeded generators)."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def device():
     if HAS_CUDA:

@@ -23,7 +23,7 @@ def run_module(*args):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-m", "omni_moe", *args], capture_output=True,
-                          text=True, env=env, timeout=600)
+                          text=True, env=env)
 
 
 def test_version():

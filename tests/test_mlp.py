@@ -251,12 +251,70 @@ def mlp_steps(device, dtype, T, H, I, act, steps=3, seed=11):
         else:
             base = [None] * 5
         errs.append([(rel(a.cpu(), b), None if c is None else rel(c.cpu(), b)) for a, b, c in zip(got, want, base)])
+        if dtype == torch.bfloat16:
+            bounds = mlp_bf16_bounds(*(t.detach() for t in (x, wg, wu, wd, gout)), act)
+            for name, a, b, bd in zip(NAMES, got, want, bounds):
+                assert_within_bound(a, b, bd, f"step {step} {name}")
         opt.step()
         opt.zero_grad()
     return errs
 
 
 NAMES = ("out", "d_input", "d_gate", "d_up", "d_down")
+
+
+def mlp_bf16_bounds(x, wg, wu, wd, gout, act):
+    """Per-element error bounds of the bf16 MLP (out, dx, dWg, dWu, dWd) against float64,
+    propagated to first order from each rounding the computation makes: every GEMM
+    output and every kernel output is rounded once to bf16 (<= 2^-9 relative) after a
+    float32 sum of n products (<= n 2^-24 sum|products|); SwiGLU's float32 activation
+    is good to a few ulps of |g| (GELU's cancellation); |act''| <= 1."""
+    d = lambda t: t.detach().cpu().double().reshape(-1, t.shape[-1])
+    x, gout = d(x), d(gout)
+    wg, wu, wd = d(wg), d(wu), d(wd)
+    T, H = x.shape
+    I = wg.shape[0]
+    r, u32 = 2.0**-9, 2.0**-24
+    ax, awg, awu, awd, ago = x.abs(), wg.abs(), wu.abs(), wd.abs(), gout.abs()
+    g, u = x @ wg.t(), x @ wu.t()
+    dg_ = r * g.abs() + H * u32 * (ax @ awg.t())
+    du_ = r * u.abs() + H * u32 * (ax @ awu.t())
+    gg = g.clone().requires_grad_()
+    a = act64(gg, act)
+    (a1,) = torch.autograd.grad(a.sum(), gg)
+    a, a1 = a.detach(), a1.abs()
+    curv = 0.0 if act == "relu" else 1.0
+    inner = a * u
+    d_inner = r * inner.abs() + a1 * u.abs() * dg_ + a.abs() * du_ + 4 * u32 * (g * u).abs()
+    out = inner @ wd.t()
+    b_out = r * out.abs() + d_inner @ awd.t() + I * u32 * (inner.abs() @ awd.t())
+    dinner = gout @ wd
+    d_dinner = r * dinner.abs() + H * u32 * (ago @ awd)
+    b_dwd = r * (gout.t() @ inner).abs() + ago.t() @ d_inner + T * u32 * (ago.t() @ inner.abs())
+    dgate = dinner * u * a1
+    b_dgate = (r * dgate.abs() + d_dinner * (u * a1).abs() + dinner.abs() * a1 * du_
+               + curv * (dinner * u).abs() * dg_ + 4 * u32 * (dinner * u).abs() * (1 + g.abs()))
+    dup = dinner * a
+    b_dup = r * dup.abs() + d_dinner * a.abs() + (dinner * a1).abs() * dg_ + 4 * u32 * dinner.abs() * g.abs()
+    pg, pu = dgate @ wg, dup @ wu
+    b_dx = (r * (pg + pu).abs() + r * (pg.abs() + pu.abs()) + b_dgate @ awg + b_dup @ awu
+            + I * u32 * (dgate.abs() @ awg + dup.abs() @ awu))
+    b_dwg = r * (dgate.t() @ x).abs() + b_dgate.t() @ ax + T * u32 * (dgate.abs().t() @ ax)
+    b_dwu = r * (dup.t() @ x).abs() + b_dup.t() @ ax + T * u32 * (dup.abs().t() @ ax)
+    # first-order bounds: 1% for the neglected products of errors
+    return [1.01 * b for b in (b_out, b_dx, b_dwg, b_dwu, b_dwd)]
+
+
+def assert_within_bound(got, want, bound, name):
+    got = got.detach().cpu().double().reshape(bound.shape)
+    want = want.detach().cpu().double().reshape(bound.shape)
+    err = (got - want).abs()
+    assert not bool(torch.isnan(err).any()), f"{name}: NaN"
+    ratio = err / (bound + 1e-300)
+    if bool((ratio > 1).any()):
+        i = tuple(torch.nonzero(ratio == ratio.max())[0].tolist())
+        raise AssertionError(f"{name}: element {i}: got {got[i].item():.6g}, float64 {want[i].item():.6g}, "
+                             f"error {err[i].item():.3g} > bound {bound[i].item():.3g}")
 
 
 @pytest.mark.parametrize("act", ACTS)

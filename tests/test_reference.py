@@ -1,4 +1,5 @@
-"""The PyTorch references: pruned vs brute force, the backward formula, CPU dispatch.
+"""The PyTorch references (brute force, pruned, backward) against independent oracles;
+CPU dispatch.
 
 These run the PyTorch path only (no kernels), so they are fast anywhere.
 """
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from omni_moe.reference import router_backward_reference, router_bruteforce, router_pruned
 from omni_moe.reference.router import ordered_key
-from router_checks import DTYPES, _same, check_router_output, make_logits
+from router_checks import DTYPES, _same, check_router_output, make_logits, oracle_topk
 
 KINDS = ("randn", "ties", "masked", "nan", "halves", "transposed")
 SHAPES = [
@@ -33,12 +34,13 @@ def test_pruned_matches_bruteforce(T, N, k, dtype, kind):
     x, y = make_logits(T, N, dtype, "cpu", kind, seed=T * 1000 + N * 10 + k)
     ref = router_bruteforce(x, y, k)
     scores, indices = router_pruned(x, y, k)
-    check_router_output(x, y, k, scores, indices, ref=ref)
-    check_router_output(x, y, k, *ref, ref=ref)
+    check_router_output(x, y, k, scores, indices)
+    check_router_output(x, y, k, *ref)
     if kind == "ties":
         # Integer sums are exact, so the pruned candidate grid keeps brute force's
         # lowest-flat-index choice among ties: the indices agree exactly.
-        assert torch.equal(indices, ref[1])
+        _, flat = oracle_topk(x, y, k)
+        assert torch.equal(indices.long(), flat) and torch.equal(ref[1].long(), flat)
 
 
 def test_bruteforce_total_order():
@@ -74,13 +76,13 @@ def _router_case(draw):
     return z[0], z[1], k
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(_router_case())
 def test_pruned_matches_bruteforce_property(case):
     x, y, k = case
     ref = router_bruteforce(x, y, k)
-    check_router_output(x, y, k, *router_pruned(x, y, k), ref=ref)
-    check_router_output(x, y, k, *ref, ref=ref)
+    check_router_output(x, y, k, *router_pruned(x, y, k))
+    check_router_output(x, y, k, *ref)
 
 
 def _dense_backward_f64(grad, indices, n):
@@ -150,6 +152,6 @@ def test_cpu_dispatch_without_interpreter():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=300, cwd=root)
+                         text=True, cwd=root)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "DISPATCH-OK" in res.stdout

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA
-from omni_moe.reference import router_backward_reference, router_bruteforce, router_pruned
+from omni_moe.reference import router_backward_reference, router_pruned
 from omni_moe.triton import omni_router_optimized as opt
 from omni_moe.triton.omni_router_optimized import (
     pruned_router_forward,
@@ -104,8 +104,7 @@ def _same(a, b):
 def _check_case(T, N, k, kind, dtype, config, device, seed, big=False):
     x, y = make_logits(T, N, dtype, device, kind, seed=seed)
     s, i = _run(x, y, k, config, strided_out=(seed % 3 == 0))
-    ref = router_pruned(x, y, k) if big else router_bruteforce(x.cpu(), y.cpu(), k)
-    check_router_output(x, y, k, s, i, ref=ref)
+    check_router_output(x, y, k, s, i)
     # Bitwise determinism: a second call gives the same indices and scores.
     s2, i2 = _run(x, y, k, config)
     assert torch.equal(i, i2) and _same(s, s2)
@@ -144,7 +143,7 @@ def test_router_correctness_every_config(device):
         for kind in ("randn", "ties", "nan"):
             x, y = make_logits(T, N, BF16, device, kind, seed=ci)
             s, i = _run(x, y, k, cfg)
-            check_router_output(x, y, k, s, i, ref=router_pruned(x, y, k))
+            check_router_output(x, y, k, s, i)
 
 
 def test_router_empty_and_k0(device):
@@ -242,8 +241,7 @@ def test_router_forward_comparison(device):
     for (T, N, k) in cases:
         x, y = make_logits(T, N, BF16, device, "randn", seed=T + N + k)
         s, i = triton_omni_router_func_optimized(x, y, N, k)
-        rs, _ = router_pruned(x, y, k)
-        assert _same(s, rs)
+        check_router_output(x, y, k, s, i)
         run_orig = triton_omni_router_func is not None and T * N * N <= (1 << 28)
         if run_orig:
             fs, _ = triton_omni_router_func(x, y, N, k)
@@ -275,7 +273,7 @@ def test_router_backward_comparison(device):
     for (T, N, k) in cases:
         x, y = make_logits(T, N, BF16, device, "randn", seed=k)
         _, idx = pruned_router_forward(x, y, k)
-        g = torch.randn(T, k, device=device).to(BF16)
+        g = torch.randn(T, k, generator=torch.Generator().manual_seed(k)).to(BF16).to(device)
         dx, dy = router_backward(g, idx, N)
         if T <= 16384:
             check_router_backward(g, idx, N, dx, dy)

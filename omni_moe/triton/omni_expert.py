@@ -104,7 +104,7 @@ def _slot_expert(IDX, rows, row_ok, r, K, E, stride_it, stride_ik, BLOCK_T: tl.c
     """(e, ok, r_ok) of slot r for a block of tokens: e clamped to 0 where not ok."""
     # (a tensor comparison: under the interpreter r and K are plain ints)
     r_ok = row_ok & ((tl.zeros((BLOCK_T,), dtype=tl.int32) + r) < K)
-    e = tl.load(IDX + rows * stride_it + r * stride_ik, mask=r_ok, other=-1).to(tl.int64)
+    e = tl.load(IDX + rows * stride_it + tl.cast(r, tl.int64) * stride_ik, mask=r_ok, other=-1).to(tl.int64)
     ok = r_ok & (e >= 0) & (e < E)
     return tl.where(ok, e, 0), ok, r_ok
 
@@ -114,7 +114,7 @@ def _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik, stride_wt, stride
           LOG_W: tl.constexpr, BLOCK_T: tl.constexpr):
     """(e, ok, r_ok, w) of slot r for a block of tokens: e clamped to 0 where not ok."""
     e, ok, r_ok = _slot_expert(IDX, rows, row_ok, r, K, E, stride_it, stride_ik, BLOCK_T)
-    w = to_f32(tl.load(W + rows * stride_wt + r * stride_wk, mask=ok, other=0.0))
+    w = to_f32(tl.load(W + rows * stride_wt + tl.cast(r, tl.int64) * stride_wk, mask=ok, other=0.0))
     if LOG_W:
         w = tl.where(ok, tl.exp(w), 0.0)
     return e, ok, r_ok, w
@@ -123,14 +123,14 @@ def _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik, stride_wt, stride
 @triton.jit
 def _rows_f32(P, r, cols, mask, stride_r, stride_c):
     """float32 [len(r), len(cols)] tile of P at rows r (tokens or experts), columns cols."""
-    return to_f32(tl.load(P + r[:, None] * stride_r + cols[None, :] * stride_c,
-                          mask=mask, other=0.0))
+    return to_f32(tl.load(P + r[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c,
+                   mask=mask, other=0.0))
 
 
 @triton.jit
 def _store_rows(P, rows, cols, row_ok, col_ok, stride_r, stride_c, acc):
     """Round the float32 tile acc to P's dtype and store it at rows x cols."""
-    tl.store(P + rows[:, None] * stride_r + cols[None, :] * stride_c,
+    tl.store(P + rows[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c,
              to_dtype(acc, P.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -143,7 +143,7 @@ def _slot_grads(DW, DA, rows, r, K, ok, r_ok, a, w, g, stride_dwt, stride_dwk,
     if LOG_W:
         dw = dw * w
     da = tl.where(ok, dz * w * g, 0.0)
-    tl.store(DW + rows * stride_dwt + r * stride_dwk, to_dtype(dw, DW.dtype.element_ty),
+    tl.store(DW + rows * stride_dwt + tl.cast(r, tl.int64) * stride_dwk, to_dtype(dw, DW.dtype.element_ty),
              mask=r_ok)
     tl.store(DA + rows * K + r, da, mask=r_ok)
     return da
@@ -332,7 +332,7 @@ def _pair_dot_kernel(
     pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     in_range = pos < P
     e = tl.load(SORTED_E + pos, mask=in_range, other=-1).to(tl.int64)
-    pair = tl.load(PERM + pos, mask=in_range, other=0).to(tl.int32)
+    pair = tl.load(PERM + pos, mask=in_range, other=0)  # int64: T * K can pass 2^31
     valid = in_range & (e >= 0) & (e < E)
     e = tl.where(valid, e, 0)
     t = pair // K
@@ -342,7 +342,7 @@ def _pair_dot_kernel(
     w_row = W + e * stride_we
     x_row = X + t * stride_xt
     for h0 in range(0, loop_bound(H), BLOCK_H):
-        cols = h0 + tl.arange(0, BLOCK_H)
+        cols = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
         m = valid[:, None] & (cols < H)[None, :]
         wv = to_f32(tl.load(w_row[:, None] + cols[None, :] * stride_wh, mask=m, other=0.0))
         xv = to_f32(tl.load(x_row[:, None] + cols[None, :] * stride_xh, mask=m, other=0.0))
@@ -453,7 +453,7 @@ def _expert_grad_kernel(
                 if SORTED:
                     t = tl.load(PERM + q, mask=ok, other=0).to(tl.int64)
                 else:
-                    pair = tl.load(PERM + q, mask=ok, other=0).to(tl.int32)
+                    pair = tl.load(PERM + q, mask=ok, other=0).to(tl.int64)
                     t32 = pair // K
                     t = t32.to(tl.int64)
                 m = ok[:, None] & col_ok[None, :]

@@ -97,8 +97,9 @@ def _emit_topk(keys, K, S, s_ptr, i_ptr, stride_sk, stride_ik, row_ok):
         m = tl.max(keys, axis=1)
         keys = tl.where(keys == m[:, None], _NONE, keys)
         s, idx = _decode_key(m)
-        tl.store(s_ptr + r * stride_sk, to_dtype(s, S.dtype.element_ty), mask=row_ok)
-        tl.store(i_ptr + r * stride_ik, idx, mask=row_ok)
+        r64 = tl.cast(r, tl.int64)  # r * stride can pass 2^31
+        tl.store(s_ptr + r64 * stride_sk, to_dtype(s, S.dtype.element_ty), mask=row_ok)
+        tl.store(i_ptr + r64 * stride_ik, idx, mask=row_ok)
 
 
 @triton.jit
@@ -198,8 +199,9 @@ def _fullscan_merge_kernel(
                 m = tl.maximum(m, tl.max(kv, axis=1))
             prev = m
             s, idx = _decode_key(m)
-            tl.store(s_ptr + r * stride_sk, to_dtype(s, S.dtype.element_ty), mask=row_ok)
-            tl.store(i_ptr + r * stride_ik, idx, mask=row_ok)
+            r64 = tl.cast(r, tl.int64)
+            tl.store(s_ptr + r64 * stride_sk, to_dtype(s, S.dtype.element_ty), mask=row_ok)
+            tl.store(i_ptr + r64 * stride_ik, idx, mask=row_ok)
 
 
 # Launch configurations.  Register budget: a program keeps TILE_T * BLOCK keys (int64)

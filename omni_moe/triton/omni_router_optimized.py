@@ -100,7 +100,8 @@ def _axis_keys(P, rows64, row_ok, stride_t, stride_n, N, NP: tl.constexpr, PACKE
         ok = row_ok[:, None] & (cols[None, :] < NP)
     else:
         ok = row_ok[:, None] & (cols[None, :] < N)
-    v = tl.load(P + rows64[:, None] * stride_t + cols[None, :] * stride_n, mask=ok, other=0.0)
+    v = tl.load(P + rows64[:, None] * stride_t + cols.to(tl.int64)[None, :] * stride_n, mask=ok,
+                other=0.0)
     # (Rows past T keep junk keys: their results are never stored.)
     return _keys_of(v, cols[None, :], N, PACKED, EVEN_N)
 
@@ -119,7 +120,8 @@ def _lane_keys(P, rows64, row_ok, stride_t, stride_n, N, R: tl.constexpr, C: tl.
         ok = row_ok[None, :, None] & (col < R * C)
     else:
         ok = row_ok[None, :, None] & (col < N)
-    v = tl.load(P + rows64[None, :, None] * stride_t + col * stride_n, mask=ok, other=0.0)
+    v = tl.load(P + rows64[None, :, None] * stride_t + col.to(tl.int64) * stride_n, mask=ok,
+                other=0.0)
     # Rows past T keep their (distinct) keys of 0.0: their results are never stored, but
     # their survivor count must stay <= M like any row's, since the scatter relies on it.
     return _keys_of(v, col, N, PACKED, EVEN_N), col
@@ -251,7 +253,7 @@ def _pruned_router_fwd_kernel(
     scr3 = SCR + scr_rows[None, :, None]  # [1, TILE_T, 1]
     cols = tl.arange(0, NP)
     cols2 = tl.broadcast_to(cols[None, :], [TILE_T, NP])
-    ko = tl.arange(0, KP)
+    ko = tl.arange(0, KP).to(tl.int64)  # int64: ko * stride can pass 2^31
     if GRID != 0:
         cand = tl.load(CAND + tl.arange(0, CP))
         cvalid = (cand >= 0)[None, :]
@@ -301,7 +303,7 @@ def _pruned_router_fwd_kernel(
         if STAGE == 1:
             vx, ix = _decode(tx, qx, DT, PACKED)
             vy, iy = _decode(ty, qy, DT, PACKED)
-            r = tl.arange(0, KXP)[None, :]
+            r = tl.arange(0, KXP).to(tl.int64)[None, :]
             om = row_ok[:, None] & (r < K) & (r < KX)
             tl.store(S + rows64[:, None] * stride_st + r * stride_sk,
                      to_dtype(vx + vy, S.dtype.element_ty), mask=om)
@@ -432,10 +434,10 @@ def _chunk_piece(P, tok64, row_ok, stride_t, stride_n, N, col0, v: tl.constexpr,
     if EVEN_N:
         # No mask: rows past T were clamped to row T - 1 by the caller (their results are
         # never stored), so the load stays unmasked and vectorised.
-        x = tl.load(P + tok64[:, None] * stride_t + col * stride_n)
+        x = tl.load(P + tok64[:, None] * stride_t + col.to(tl.int64) * stride_n)
     else:
         ok = row_ok[:, None] & (col < N)
-        x = tl.load(P + tok64[:, None] * stride_t + col * stride_n, mask=ok, other=0.0)
+        x = tl.load(P + tok64[:, None] * stride_t + col.to(tl.int64) * stride_n, mask=ok, other=0.0)
     return _keys_of(x, col, N, PACKED, EVEN_N), col
 
 
@@ -547,7 +549,7 @@ def _store_rows(P, tok64, stride_t, stride_k, vals, mask_row, K):
     V: tl.constexpr = L // E
     v3 = tl.permute(tl.reshape(vals, [R, V, E]), [1, 0, 2])
     col = tl.arange(0, V)[:, None, None] * E + tl.arange(0, E)[None, None, :]
-    tl.store(P + tok64[None, :, None] * stride_t + col * stride_k, v3,
+    tl.store(P + tok64[None, :, None] * stride_t + col.to(tl.int64) * stride_k, v3,
              mask=mask_row[None, :, None] & (col < K))
 
 

@@ -68,7 +68,7 @@ def _router_bwd_kernel(
     ay = tl.zeros((NG, TILE_T, C), dtype=tl.float32)
     for r0 in range(0, loop_bound(K), UNROLL):
         for u in tl.static_range(UNROLL):
-            r = r0 + u
+            r = tl.cast(r0 + u, tl.int64)  # r * stride can pass 2^31
             ok = row_ok & ((lane0 + r) < K)
             e = tl.load(pi + r * stride_ik, mask=ok, other=-1)
             g = to_f32(tl.load(pg + r * stride_gk, mask=ok, other=0.0))

@@ -63,8 +63,8 @@ def _stats_partial_kernel(X, PART, T, C, rows_per_split, stride_xt, stride_xc,
     for r0 in range(loop_bound(r_begin), loop_bound(r_end), BLOCK_R):
         rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         m = (rows < r_end)[:, None] & col_ok[None, :]
-        x = to_f32(tl.load(X + rows[:, None] * stride_xt + cols[None, :] * stride_xc, mask=m,
-                           other=0.0))
+        x = to_f32(tl.load(X + rows[:, None] * stride_xt + cols.to(tl.int64)[None, :] * stride_xc, mask=m,
+                    other=0.0))
         n_b = tl.minimum(r_end - r0, BLOCK_R).to(tl.float32)
         mean_b = tl.sum(x, axis=0) / n_b
         d = tl.where(m, x - mean_b[None, :], 0.0)
@@ -179,7 +179,7 @@ def _rows_forward_kernel(X, STATS, RMX, RVX, RMY, RVY, OUT, T, N, stride_xt, str
     """
     pid = tl.program_id(0)
     ax, rows, cols, col_ok, m, c = _axis_block(pid, T, N, BLOCK_R, NP)
-    x = to_f32(tl.load(X + rows[:, None] * stride_xt + c[None, :] * stride_xc, mask=m, other=0.0))
+    x = to_f32(tl.load(X + rows[:, None] * stride_xt + c.to(tl.int64)[None, :] * stride_xc, mask=m, other=0.0))
     if MODE != 0:
         mean, rstd = _axis_stats(STATS, RMX, RVX, RMY, RVY, ax, N, cols, col_ok, eps, MODE)
         x = (x - mean[None, :]) * rstd[None, :]
@@ -206,16 +206,16 @@ def _rows_backward_kernel(DPX, DPY, P, X, STATS, RVX, RVY, DX, DL, PART,
     pid = tl.program_id(0)
     ax, rows, cols, col_ok, m, c = _axis_block(pid, T, N, BLOCK_R, NP)
     if ax == 0:
-        dp = tl.load(DPX + rows[:, None] * stride_dxt + cols[None, :] * stride_dxc, mask=m, other=0.0)
+        dp = tl.load(DPX + rows[:, None] * stride_dxt + cols.to(tl.int64)[None, :] * stride_dxc, mask=m, other=0.0)
     else:
-        dp = tl.load(DPY + rows[:, None] * stride_dyt + cols[None, :] * stride_dyc, mask=m, other=0.0)
+        dp = tl.load(DPY + rows[:, None] * stride_dyt + cols.to(tl.int64)[None, :] * stride_dyc, mask=m, other=0.0)
     dp = to_f32(dp)
     p = tl.load(P + rows[:, None] * stride_pt + c[None, :], mask=m, other=0.0)
     q = tl.where(m, tl.exp(p), 0.0)
     dl = dp - q * tl.sum(dp, axis=1)[:, None]
     if MODE == 1:
         mean, rstd = _axis_stats(STATS, RVX, RVX, RVY, RVY, ax, N, cols, col_ok, eps, MODE)
-        x = to_f32(tl.load(X + rows[:, None] * stride_xt + c[None, :] * stride_xc, mask=m, other=0.0))
+        x = to_f32(tl.load(X + rows[:, None] * stride_xt + c.to(tl.int64)[None, :] * stride_xc, mask=m, other=0.0))
         xhat = tl.where(m, (x - mean[None, :]) * rstd[None, :], 0.0)
         tl.store(DL + rows[:, None] * (2 * N) + c[None, :], dl, mask=m)
         base = PART + pid.to(tl.int64) * 4 * N
@@ -265,7 +265,7 @@ def _bn_backward_kernel(DL, X, STATS, SUMS, DX, T, C, stride_xt, stride_xc, stri
     s1 = tl.load(SUMS + cols, mask=col_ok, other=0.0) * inv_t
     s2 = tl.load(SUMS + C + cols, mask=col_ok, other=0.0) * inv_t
     dl = tl.load(DL + rows[:, None] * C + cols[None, :], mask=m, other=0.0)
-    x = to_f32(tl.load(X + rows[:, None] * stride_xt + cols[None, :] * stride_xc, mask=m, other=0.0))
+    x = to_f32(tl.load(X + rows[:, None] * stride_xt + cols.to(tl.int64)[None, :] * stride_xc, mask=m, other=0.0))
     xhat = (x - mean[None, :]) * rstd[None, :]
     dx = rstd[None, :] * (dl - s1[None, :] - xhat * s2[None, :])
     tl.store(DX + rows[:, None] * stride_gt + cols[None, :], to_dtype(dx, DX.dtype.element_ty), mask=m)

@@ -1,0 +1,186 @@
+"""Plant known kernel bugs one at a time and check that the test suite notices.
+
+For a maintainer (not CI).  Each mutant copies the ``omni_moe`` package into a fresh
+temporary directory, replaces one exact piece of source text in the copy, and runs a
+small selection of tests under ``TRITON_INTERPRET=1`` with the copy first on
+PYTHONPATH.  The real tree is never written.  Outcomes:
+
+    killed (assertion)  a test failed on an assertion: the suite catches the bug
+    killed (crash)      the test process died (segfault, abort): caught, but not cleanly
+    killed (error)      a test raised something other than an assertion
+    survived            every selected test passed: the suite misses the bug
+
+Usage (from the repository root):
+
+    TRITON_INTERPRET=1 python benchmarks/mutation_check.py            # every mutant
+    python benchmarks/mutation_check.py --list
+    python benchmarks/mutation_check.py --only stream-pair-bound gelu-tanh
+
+The unmutated copy runs the union of the selections first and must pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRITON = "omni_moe/triton/"
+
+# (name, file, old text, new text, pytest selection)
+MUTANTS = [
+    ("stream-pair-bound",
+     TRITON + "omni_router_optimized.py",
+     "ok = (blk < KX) & (q < KX) & ((blk + 1) * (q + 1) <= K)",
+     "ok = (blk < KX) & (q < KX) & ((blk + 1) * (q + 1) < K)",
+     ["tests/test_router_bounds.py::test_stream_every_k_on_the_bound"]),
+    ("stream-gsplit-bound",
+     TRITON + "omni_router_optimized.py",
+     "& ((ai + 1) * (bi + 1) <= K))",
+     "& ((ai + 1) * (bi + 1) < K))",
+     ["tests/test_router_bounds.py::test_stream_every_k_on_the_bound"]),
+    ("stream-block-skip",
+     TRITON + "omni_router_optimized.py",
+     "if (SP + 1) * (blk - SP + 1) <= KS:",
+     "if (SP + 1) * (blk - SP + 1) < KS:",
+     ["tests/test_router_bounds.py::test_stream_every_k_on_the_bound"]),
+    ("gelu-tanh-derivative",
+     TRITON + "omni_expert.py",
+     "        dz = cdf + a * tl.exp(-0.5 * a * a) * 0.3989422804014327\n",
+     "        tt = 2.0 * tl.sigmoid(1.5957691216057308 * (a + 0.044715 * a * a * a)) - 1.0\n"
+     "        dz = 0.5 * (1.0 + tt) + 0.5 * a * (1.0 - tt * tt) * 0.7978845608028654 * (\n"
+     "            1.0 + 0.134145 * a * a)\n",
+     ["tests/test_expert.py::test_matches_float64_three_calls",
+      "-k", "bfloat16 and (T7_H8 or T33_H48_E9)"]),
+    ("bwd-column-mask-dropped",
+     TRITON + "router_backward.py",
+     "mask = row_ok & (col < N)",
+     "mask = row_ok",
+     ["tests/test_router_bounds.py::test_backward_stays_inside_its_rows"]),
+    ("expert-bwd-no-routing-weight",
+     TRITON + "omni_expert.py",
+     "da = tl.where(ok, dz * w * g, 0.0)",
+     "da = tl.where(ok, dz * g, 0.0)",
+     ["tests/test_expert.py::test_matches_float64_three_calls",
+      "-k", "bfloat16 and T7_H8"]),
+    ("swiglu-silu-derivative-sign",
+     TRITON + "swiglu.py",
+     "return g * s, s * (1.0 + g * (1.0 - s))",
+     "return g * s, s * (1.0 - g * (1.0 - s))",
+     ["tests/test_mlp.py::test_kernels_once_rounded", "-k", "silu"]),
+    ("half-key-nan-branch-deleted",
+     TRITON + "utils.py",
+     "    o = tl.where(v != v, -32768, o)\n",
+     "",
+     ["tests/test_router_optimized.py::test_router_correctness", "-k", "nan"]),
+    ("int32-offset-pruned-store",
+     TRITON + "omni_router_optimized.py",
+     "ko = tl.arange(0, KP).to(tl.int64)",
+     "ko = tl.arange(0, KP)",
+     ["tests/test_large_offsets.py::test_router_forward_far_offsets", "-k", "cpu-pruned-warp"]),
+    ("int32-offset-router-norm",
+     TRITON + "router_norm.py",
+     "c.to(tl.int64)[None, :] * stride_xc, mask=m, other=0.0).to(tl.float32)\n    if MODE != 0:",
+     "c[None, :] * stride_xc, mask=m, other=0.0).to(tl.float32)\n    if MODE != 0:",
+     ["tests/test_large_offsets.py::test_router_norm_far_offsets", "-k", "cpu-none"]),
+]
+
+
+def _copy_package(dst):
+    shutil.copytree(os.path.join(ROOT, "omni_moe"), os.path.join(dst, "omni_moe"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def _plant(dst, path, old, new):
+    full = os.path.join(dst, path)
+    with open(full) as f:
+        text = f.read()
+    n = text.count(old)
+    if n != 1:
+        raise SystemExit(f"mutant text found {n} times in {path} (expected once): {old!r}")
+    with open(full, "w") as f:
+        f.write(text.replace(old, new))
+
+
+def _env(dst):
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = dst + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def _run(dst, selection):
+    # -P: do not put the working directory (the real tree) ahead of the copy on sys.path.
+    cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *selection]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(dst), capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    dt = time.perf_counter() - t0
+    if proc.returncode == 0:
+        return "survived", dt, ""
+    if proc.returncode < 0 or proc.returncode in (134, 139) or "Fatal Python error" in out:
+        return "killed (crash)", dt, ""
+    first = next((ln for ln in out.splitlines() if ln.startswith("E ")), "")
+    if "AssertionError" in out or first.startswith("E       assert"):
+        return "killed (assertion)", dt, first[:160]
+    if proc.returncode == 1:
+        return "killed (error)", dt, first[:160]
+    return f"error (pytest exit {proc.returncode})", dt, out[-300:]
+
+
+def _check_copy_is_used(dst):
+    code = "import omni_moe, sys; sys.stdout.write(omni_moe.__file__)"
+    got = subprocess.run([sys.executable, "-P", "-c", code], cwd=ROOT, env=_env(dst),
+                         capture_output=True, text=True).stdout
+    if not got.startswith(dst):
+        raise SystemExit(f"the copy is not what the tests import ({got!r}); check PYTHONPATH")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", help="mutant names to run (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--skip-baseline", action="store_true",
+                    help="do not run the unmutated copy first")
+    args = ap.parse_args(argv)
+    mutants = [m for m in MUTANTS if not args.only or m[0] in args.only]
+    if args.list:
+        for name, path, *_rest, sel in MUTANTS:
+            print(f"{name:32s} {path:42s} {' '.join(sel)}")
+        return 0
+    if args.only and len(mutants) != len(args.only):
+        known = {m[0] for m in MUTANTS}
+        raise SystemExit(f"unknown mutant(s): {sorted(set(args.only) - known)}")
+    if not args.skip_baseline:
+        with tempfile.TemporaryDirectory(prefix="omni_mut_") as dst:
+            _copy_package(dst)
+            _check_copy_is_used(dst)
+            for name, _p, _o, _n, sel in mutants:
+                outcome, dt, detail = _run(dst, sel)
+                if outcome != "survived":
+                    raise SystemExit(f"baseline fails the selection of {name}: {outcome} {detail}")
+        print("baseline: every selection passes on the unmutated copy")
+    rows = []
+    for name, path, old, new, sel in mutants:
+        with tempfile.TemporaryDirectory(prefix="omni_mut_") as dst:
+            _copy_package(dst)
+            _plant(dst, path, old, new)
+            outcome, dt, detail = _run(dst, sel)
+        rows.append((name, outcome, dt, detail))
+        print(f"{name:32s} {outcome:20s} {dt:6.0f} s  {detail}", flush=True)
+    print()
+    print("| mutant | outcome | time (s) |")
+    print("|---|---|---|")
+    for name, outcome, dt, _ in rows:
+        print(f"| {name} | {outcome} | {dt:.0f} |")
+    return 0 if all(r[1] != "survived" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
