@@ -35,7 +35,7 @@ except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from omni_moe import OmniMoE, OmniMoEConfig
-from omni_moe.mlp import swiglu_mlp
+from omni_moe.ops import swiglu_mlp
 
 
 # ----------------------------------------------------------------------------- data

@@ -1,9 +1,7 @@
 """omni-moe: exact, fast kernels for OmniMoE layers (arXiv 2602.05711)."""
 
-from .router import omni_router
-from .expert import omni_expert
-from .mlp import swiglu
 from .modules import OmniMoE, OmniMoEConfig
+from .ops import omni_expert, omni_router, swiglu
 
 __version__ = "0.1.0"
 

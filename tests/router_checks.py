@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from omni_moe.reference import router_backward_reference, router_bruteforce
+from omni_moe.ops.router.reference import router_backward_reference, router_bruteforce
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

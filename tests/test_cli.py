@@ -136,7 +136,7 @@ def test_bench_layer_delegates_to_its_module(monkeypatch):
 
 def test_bench_router_exits_1_when_an_implementation_is_wrong(tmp_path, monkeypatch, capsys):
     (tmp_path / "wrong_router_impl.py").write_text(
-        "from omni_moe.reference import router_pruned\n"
+        "from omni_moe.ops.router.reference import router_pruned\n"
         "def route(x, y, k):\n"
         "    s, i = router_pruned(x, y, k)\n"
         "    return s, i.flip(1)  # indices no longer match their scores\n"
@@ -155,14 +155,14 @@ def test_bench_router_exits_1_when_an_implementation_is_wrong(tmp_path, monkeypa
 
 
 def test_check_catches_contract_breaks():
-    from omni_moe.reference import router_bruteforce
+    from omni_moe.ops.router.reference import router_bruteforce
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
     k = 4
     s, i = router_bruteforce(x, y, k)
     grad = torch.randn(6, k, generator=g)
-    from omni_moe.reference import router_backward_reference
+    from omni_moe.ops.router.reference import router_backward_reference
 
     dx, dy = router_backward_reference(grad, i, 5)
     assert bench_router.check(x, y, k, s, i, s, grad, dx, dy) == []

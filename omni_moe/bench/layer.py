@@ -9,7 +9,7 @@ forward+backward of:
                (with the rest, it says where the layer's time goes)
     expert     omni_moe.omni_expert alone, on the layer's own routing
     reference  the token-centric PyTorch expert path (gathers u[idx], v[idx] into
-               (T, k, H) tensors; omni_moe.reference.moe.expert_reference), same inputs
+               (T, k, H) tensors; omni_moe.layers.reference.expert_reference), same inputs
     dense_mlp  the shared SwiGLU MLP alone (3 cuBLAS GEMMs + fused activation)
 
 "forward" runs under ``torch.no_grad()``; "fwd+bwd" is a training step of the variant
@@ -150,7 +150,7 @@ def check_expert(h, up, down, w, idx, act, dtype):
     up/down gradients outside the used rows (must be exactly 0).
     """
     from omni_moe import omni_expert
-    from omni_moe.reference.moe import expert_reference
+    from omni_moe.layers.reference import expert_reference
 
     uniq, inv = torch.unique(idx.long(), return_inverse=True)
     hh = h.detach().clone().requires_grad_()
@@ -220,8 +220,8 @@ def _measure(fn, device, warmup_ms, rep_ms, grad_to_none):
 
 def run_case(case, dtype, act, variants, device, args, bw, label):
     from omni_moe import OmniMoE, OmniMoEConfig, omni_expert
-    from omni_moe.mlp import swiglu_mlp
-    from omni_moe.reference.moe import expert_reference
+    from omni_moe.ops import swiglu_mlp
+    from omni_moe.layers.reference import expert_reference
 
     T, H, I, E, K = case
     b = torch.finfo(dtype).bits // 8

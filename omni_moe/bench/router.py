@@ -5,11 +5,11 @@ Implementations (``--impls``):
     original      omni_moe.triton.omni_router.triton_omni_router_func (Triton, full scan)
     optimized     omni_moe.triton.omni_router_optimized.triton_omni_router_func_optimized
                   (Triton, exact pruned; what ``omni_moe.omni_router`` runs)
-    torch_pruned  omni_moe.reference.router_pruned (PyTorch, exact pruned, the contract's
+    torch_pruned  omni_moe.ops.router.reference.router_pruned (PyTorch, exact pruned, the contract's
                   NaN/tie order through int64 keys: the CPU path)
-    torch_topk    omni_moe.reference.router_product_key_topk (PyTorch, the product-key
+    torch_topk    omni_moe.ops.router.reference.router_product_key_topk (PyTorch, the product-key
                   trick with plain torch.topk, as PEER-style code writes it)
-    torch_brute   omni_moe.reference.router_bruteforce (PyTorch, all N*N pairs); only
+    torch_brute   omni_moe.ops.router.reference.router_bruteforce (PyTorch, all N*N pairs); only
                   where T*N*N*4 bytes < --brute-max-gib
 
 An implementation whose module does not exist yet is skipped with a note.  The PyTorch
@@ -65,9 +65,9 @@ import tempfile
 IMPLS = {
     "original": ("omni_moe.triton.omni_router", "triton_omni_router_func", True),
     "optimized": ("omni_moe.triton.omni_router_optimized", "triton_omni_router_func_optimized", True),
-    "torch_pruned": ("omni_moe.reference.router", "router_pruned", False),
-    "torch_topk": ("omni_moe.reference.router", "router_product_key_topk", False),
-    "torch_brute": ("omni_moe.reference.router", "router_bruteforce", False),
+    "torch_pruned": ("omni_moe.ops.router.reference", "router_pruned", False),
+    "torch_topk": ("omni_moe.ops.router.reference", "router_product_key_topk", False),
+    "torch_brute": ("omni_moe.ops.router.reference", "router_bruteforce", False),
 }
 
 DEFAULT_CASES = [
@@ -163,7 +163,7 @@ def check(x, y, k, scores, indices, ref_scores, g, dx, dy):
     """Contract problems of one forward + backward (an empty list when all is well)."""
     import torch
 
-    from omni_moe.reference import router_backward_reference
+    from omni_moe.ops.router.reference import router_backward_reference
 
     T, N = x.shape
     if tuple(scores.shape) != (T, k) or tuple(indices.shape) != (T, k):
@@ -266,7 +266,7 @@ def _bench_impl(name, fn, case, sets, grads, ref_scores, args, common):
     if is_triton and torch.cuda.is_available() and fwd_ms < 1.0:
         # GPU time without the host: the forward call, and the backward kernel alone
         # (the same one for both Triton implementations) on the same gradients.
-        from omni_moe.triton.router_backward import router_backward
+        from omni_moe.ops.router.backward import router_backward
 
         with torch.no_grad():
             fwd_graph = common.graph_us(lambda x, y: fn(x, y, k), sets)
@@ -371,8 +371,8 @@ def _report(result, plot_path=None) -> None:
 def run(args) -> int:
     import torch
 
-    from omni_moe._dispatch import interpret_mode
-    from omni_moe.reference import router_bruteforce, router_pruned
+    from omni_moe.ops._dispatch import interpret_mode
+    from omni_moe.ops.router.reference import router_bruteforce, router_pruned
 
     from . import common
 

@@ -32,10 +32,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._dispatch import use_triton
-from ..expert import omni_expert_from_scores
-from ..mlp import ACTIVATIONS, swiglu
-from ..router import MAX_NUM_EXPERT_SQRT, omni_router
+from ..ops._dispatch import use_triton
+from ..ops.expert.op import omni_expert_from_scores
+from ..ops.swiglu.op import ACTIVATIONS, swiglu
+from ..ops.router.op import MAX_NUM_EXPERT_SQRT, omni_router
 
 ROUTER_NORMS = ("batchnorm", "none")
 
@@ -148,7 +148,7 @@ class _RouterLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, n, mode, running, momentum, eps):
-        from ..triton.router_norm import norm_log_softmax_forward
+        from ..ops.router_norm.kernels import norm_log_softmax_forward
 
         p, stats = norm_log_softmax_forward(logits, n, mode, running, momentum, eps)
         ctx.n, ctx.mode, ctx.eps = n, mode, eps
@@ -163,7 +163,7 @@ class _RouterLogProbs(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dpx, dpy):
-        from ..triton.router_norm import norm_log_softmax_backward
+        from ..ops.router_norm.kernels import norm_log_softmax_backward
 
         logits, p, stats, *rv = ctx.saved_tensors
         n = ctx.n
@@ -270,7 +270,7 @@ class OmniMoE(nn.Module):
 
     def _fused_router_mode(self, h: torch.Tensor):
         """"none" / "batch" / "running" when the fused router prologue applies, else None."""
-        from ..triton.router_norm import MAX_N
+        from ..ops.router_norm.kernels import MAX_N
 
         if (not use_triton(h) or torch.compiler.is_compiling() or h.shape[0] == 0
                 or self.num_expert_sqrt > MAX_N):

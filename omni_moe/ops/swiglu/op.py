@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import use_triton
+from .._dispatch import use_triton
 
 ACTIVATIONS = ("silu", "gelu", "relu")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -89,7 +89,7 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
 
 def _forward_impl(gate, up, act):
     if use_triton(gate):
-        from .triton.swiglu import swiglu_forward
+        from .kernels import swiglu_forward
 
         return swiglu_forward(_as_2d(gate), _as_2d(up), act).view(gate.shape)
     return swiglu_forward_torch(gate, up, act)
@@ -97,7 +97,7 @@ def _forward_impl(gate, up, act):
 
 def _backward_impl(grad, gate, up, act):
     if use_triton(gate):
-        from .triton.swiglu import swiglu_backward
+        from .kernels import swiglu_backward
 
         dg, du = swiglu_backward(_as_2d(grad), _as_2d(gate), _as_2d(up), act)
         return dg.view(gate.shape), du.view(up.shape)

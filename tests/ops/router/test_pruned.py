@@ -1,4 +1,4 @@
-"""Tests of the optimized (exact pruned) omni router: both kernels, the shared backward.
+"""Tests of the pruned omni router: both kernels, their launch configs, the shared backward.
 
 Every forward result is checked against brute force (router_checks.check_router_output:
 values equal to the brute-force top-k, indices valid, distinct and consistent with the
@@ -6,8 +6,8 @@ scores) and, where it imports, against the original full-scan router.  Without C
 kernels run through Triton's interpreter at small sizes (TRITON_INTERPRET=1); larger
 sizes (N up to 1024, T up to 65536) and the timing tables need a GPU.
 
-    pytest tests/test_router_optimized.py::test_router_correctness -s
-    pytest tests/test_router_optimized.py::test_router_forward_comparison -s
+    pytest tests/ops/router/test_pruned.py::test_router_correctness -s
+    pytest tests/ops/router/test_pruned.py::test_router_forward_comparison -s
 """
 
 from __future__ import annotations
@@ -16,25 +16,38 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA
-from omni_moe.reference import router_backward_reference, router_bruteforce, router_pruned
-from omni_moe.triton import omni_router_optimized as opt
-from omni_moe.triton.omni_router_optimized import (
-    pruned_router_forward,
-    triton_omni_router_func_optimized,
-)
-from omni_moe.triton.router_backward import router_backward
+from dataclasses import replace
+
+from omni_moe import omni_router as triton_omni_router_func_optimized
+from omni_moe.ops.router import backward as rb
+from omni_moe.ops.router import pruned as opt
+from omni_moe.ops.router.backward import BackwardConfig, router_backward
+from omni_moe.ops.router.fullscan import fullscan_router_forward
+from omni_moe.ops.router.op import route
+from omni_moe.ops.router.pruned import StreamConfig, WarpConfig, pruned_router_forward
+from omni_moe.ops.router.reference import router_backward_reference, router_bruteforce, router_pruned
 from router_checks import check_router_backward, check_router_output, make_logits
 
-try:  # the original full-scan router (written by another engineer)
-    from omni_moe.triton.omni_router import fullscan_router_forward, triton_omni_router_func
-except ImportError:  # pragma: no cover - compare against the references only
-    fullscan_router_forward = triton_omni_router_func = None
+
+def triton_omni_router_func(x, y, n, k):
+    return route(x, y, n, k, "fullscan")
+
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 WARP = {"kernel": "warp"}
 # The default picks the warp kernel below STREAM_MIN_T tokens; small cases name the
 # streaming kernel explicitly so that the interpreter runs both.
 STREAM = {"kernel": "stream"}
+
+
+def _config(T, N, k, spec):
+    """A launch config from a test spec: {} = the default rule; else the named kernel's
+    rule (or the default's) with the given fields replaced."""
+    if not spec:
+        return None
+    fields = {key: v for key, v in spec.items() if key != "kernel"}
+    return replace(opt.default_config(T, N, k, kernel=spec.get("kernel")), **fields)
+
 
 # (T, N, k, kind, dtype, config): small enough for the interpreter.
 CASES = [
@@ -46,7 +59,7 @@ CASES = [
     (6, 37, 5, "masked", F16, WARP),
     (4, 100, 7, "nan", BF16, STREAM),
     (4, 100, 7, "nan", F32, {"kernel": "warp", "thresh": True}),
-    (3, 64, 16, "halves", BF16, {"kernel": "stream", "lpt": 1}),
+    (3, 64, 16, "halves", BF16, {"kernel": "stream", "lpt": 1, "gsplit": False}),
     (3, 48, 8, "transposed", F32, {"kernel": "stream", "lpt": 2, "gsplit": False}),
     (3, 256, 16, "ties", BF16, {"kernel": "warp", "thresh": True, "tile_t": 2, "warps": 2}),
     (3, 256, 32, "nan", F16, {}),
@@ -59,7 +72,7 @@ CASES = [
     (3, 1, 1, "nan", BF16, {}),
     (2, 1000, 16, "randn", BF16, STREAM),
     (2, 1000, 16, "ties", F16, {}),
-    (2, 300, 32, "masked", F32, {"kernel": "warp", "thresh": True}),
+    (2, 512, 32, "masked", F32, {"kernel": "warp", "thresh": True}),
     (2, 16, 256, "randn", F32, {}),  # k = N^2 = 256: largest fast-path k
     (2, 32, 300, "ties", BF16, {}),  # k > 256: PyTorch pruned path on the same device
 ]
@@ -92,7 +105,14 @@ def _run(x, y, k, config, strided_out=False):
     else:
         s = torch.full((T, k), float("nan"), dtype=x.dtype, device=x.device)
         i = torch.full((T, k), -1, dtype=torch.int32, device=x.device)
-    out = pruned_router_forward(x, y, k, s, i, config=config)
+    cfg = _config(T, x.shape[1], k, config)
+    if cfg is not None:  # the launch takes the requested kernel and stage
+        launch = opt.plan(T, x.shape[1], k, x.dtype, x.device, cfg)
+        assert launch.kernel == ("stream" if isinstance(cfg, StreamConfig) else "warp")
+        if isinstance(cfg, WarpConfig):
+            assert launch.constants["AXIS_THRESH"] == cfg.thresh
+            assert launch.constants["GRID"] == cfg.grid
+    out = pruned_router_forward(x, y, k, s, i, config=cfg)
     assert out[0] is s and out[1] is i
     return s, i
 
@@ -110,7 +130,7 @@ def _check_case(T, N, k, kind, dtype, config, device, seed, big=False):
     s2, i2 = _run(x, y, k, config)
     assert torch.equal(i, i2) and _same(s, s2)
     # The original full-scan router finds the same values (its ties may differ).
-    if fullscan_router_forward is not None and (not big or T * N * N <= (1 << 26)):
+    if not big or T * N * N <= (1 << 26):
         fs, fi = fullscan_router_forward(x, y, k)
         pinf = (torch.isposinf(x).any(1) | torch.isposinf(y).any(1)).cpu()
         assert _same(fs.cpu()[~pinf], s.cpu()[~pinf]), "differs from the full-scan router"
@@ -135,9 +155,10 @@ def test_router_correctness_every_config(device):
     """Every launch configuration the tuning explores gives exact results."""
     T, N, k = (4096, 256, 16) if device == "cuda" else (6, 64, 16)
     configs = [
-        {}, {"lpt": 1}, {"lpt": 2, "gsplit": True}, {"lpt": 4, "gsplit": False},
-        {"warps": 1, "gsplit": True}, WARP, {"kernel": "warp", "grid": 0},
-        {"kernel": "warp", "thresh": True, "lm": 6}, {"kernel": "warp", "lane_first": True},
+        {}, {"kernel": "stream", "lpt": 1, "gsplit": False},
+        {"kernel": "stream", "lpt": 2, "gsplit": True}, {"kernel": "stream", "lpt": 4, "gsplit": False},
+        {"kernel": "stream", "warps": 1, "gsplit": True}, WARP, {"kernel": "warp", "grid": 0},
+        {"kernel": "warp", "grid": 1}, {"kernel": "warp", "thresh": True, "lm": 5},
         {"kernel": "warp", "thresh": True, "tile_t": 1, "warps": 1},
     ]
     for ci, cfg in enumerate(configs):
@@ -145,6 +166,29 @@ def test_router_correctness_every_config(device):
             x, y = make_logits(T, N, BF16, device, kind, seed=ci)
             s, i = _run(x, y, k, cfg)
             check_router_output(x, y, k, s, i, ref=router_pruned(x, y, k))
+
+
+def test_config_that_does_not_apply_raises(device):
+    """An explicit config is honoured or rejected, never silently changed."""
+    x, y = make_logits(4, 64, BF16, device, "randn")
+    warp = opt.default_config(4, 64, 16, kernel="warp")
+    bad = [
+        (replace(warp, thresh=True, lm=6), ValueError, "thresh"),   # 2 * M > next_pow2(N)
+        (replace(warp, grid=2), ValueError, "grid"),
+        (replace(warp, tile_t=3), ValueError, "tile_t"),
+        (StreamConfig(lpt=8), ValueError, "lpt"),                   # > next_pow2(64) / 16
+        (StreamConfig(lpt=1, gsplit=True), ValueError, "gsplit"),
+        ({"kernel": "warp"}, TypeError, "StreamConfig or WarpConfig"),
+    ]
+    for cfg, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            pruned_router_forward(x, y, 16, config=cfg)
+    with pytest.raises(ValueError, match="StreamConfig needs"):
+        pruned_router_forward(x, y, 17, config=StreamConfig())
+    with pytest.raises(ValueError, match="fast path"):
+        pruned_router_forward(x[:, :32], y[:, :32], 300, config=warp)
+    with pytest.raises(ValueError, match="streaming kernel needs"):
+        opt.default_config(4, 64, 17, kernel="stream")
 
 
 def test_router_empty_and_k0(device):
@@ -176,10 +220,8 @@ def test_router_public_function_and_backward(device):
 def test_router_backward_kernels(device):
     """The backward kernel in several layouts: poisoned outputs, duplicates, -0.0, k not a
     multiple of the unroll, column blocks that split a row, bitwise determinism."""
-    import omni_moe.triton.router_backward as rb
-
-    configs = [{}, {"C": 4, "TILE_T": 2, "UNROLL": 1, "num_warps": 1},
-               {"BN": 16, "C": 8, "TILE_T": 4, "UNROLL": 4, "num_warps": 1}]
+    configs = [None, {"c": 4, "tile_t": 2, "unroll": 1, "warps": 1},
+               BackwardConfig(bn=16, c=8, tile_t=4, unroll=4, warps=1)]
     for (T, N, k, dtype) in ((7, 64, 16, BF16), (5, 100, 7, F32), (3, 8, 64, F16), (2, 16, 100, BF16),
                              (9, 40, 5, BF16), (3, 1, 1, F32)):
         x, y = make_logits(T, N, dtype, device, "ties", seed=N)
@@ -188,7 +230,9 @@ def test_router_backward_kernels(device):
         g[:, ::3] = -0.0
         results = []
         for cfg in configs:
-            if cfg.get("BN", 1) > triton_next_pow2(N) or cfg.get("C", 1) > cfg.get("BN", triton_next_pow2(N)):
+            if isinstance(cfg, dict):
+                cfg = replace(rb.default_config(N), **cfg)
+            if cfg is not None and (cfg.bn > triton_next_pow2(N) or cfg.c > cfg.bn):
                 continue
             for _ in range(2):
                 dx = torch.full((T, N), float("nan"), dtype=dtype, device=device)
@@ -244,7 +288,7 @@ def test_router_forward_comparison(device):
         s, i = triton_omni_router_func_optimized(x, y, N, k)
         rs, _ = router_pruned(x, y, k)
         assert _same(s, rs)
-        run_orig = triton_omni_router_func is not None and T * N * N <= (1 << 28)
+        run_orig = T * N * N <= (1 << 28)
         if run_orig:
             fs, _ = triton_omni_router_func(x, y, N, k)
             assert _same(fs, s)
@@ -299,13 +343,18 @@ def test_config_rules():
             if k > N * N:
                 continue
             for T in (1, 1024, 65536):
-                cfg = opt.default_config(T, N, k, BF16)
-                if cfg["kernel"] == "stream":
+                cfg = opt.default_config(T, N, k)
+                if cfg is None:
+                    assert not opt.fast_path_ok(N, k)
+                    continue
+                # the rule's choice is accepted by the launcher as given
+                opt.plan(T, N, k, BF16, torch.device("cpu"), cfg)
+                if isinstance(cfg, StreamConfig):
                     assert opt.stream_ok(N, k)
-                    assert 1 <= cfg["lpt"] <= min(32, opt._pow2(N) // 16)
+                    assert 1 <= cfg.lpt <= min(32, opt._pow2(N) // 16)
                 else:
-                    assert cfg["tile_t"] >= 1 and cfg["warps"] in (1, 2, 4, 8)
-                    assert not cfg["thresh"] or opt.threshold_ok(N, k, cfg["lm"])
+                    assert cfg.tile_t >= 1 and cfg.warps in (1, 2, 4, 8)
+                    assert not cfg.thresh or opt.threshold_ok(N, k, cfg.lm)
             assert opt.fast_path_ok(N, k) == (k <= 256 and opt._pow2(N) <= 4096)
     assert len(opt.candidate_pairs(16, 16)) == 50
     for k in (1, 7, 16, 33, 256):

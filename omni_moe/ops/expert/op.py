@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import use_triton
-from .reference.expert import ACTIVATIONS, expert_backward_reference, expert_forward_reference
+from .._dispatch import use_triton
+from .reference import ACTIVATIONS, expert_backward_reference, expert_forward_reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -98,7 +98,7 @@ def _forward_impl(h, up, down, w, idx, act, log_weights=False):
     saved for backward)."""
     _check_index_range_cpu(idx, up.shape[0])
     if use_triton(h):
-        from .triton.omni_expert import expert_forward
+        from .kernels import expert_forward
 
         return expert_forward(h, up, down, w, idx, act, log_weights=log_weights)
     if log_weights:
@@ -113,7 +113,7 @@ def _backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_d
                    need_ddown, log_weights=False):
     """(dh, dup, ddown, dw); a gradient not needed comes back as an empty (0,) tensor."""
     if use_triton(h):
-        from .triton.omni_expert import expert_backward
+        from .kernels import expert_backward
 
         dh, dup, ddown, dw = expert_backward(grad_out, h, up, down, w, idx, a, sorted_e, perm, act,
                                              need_dh, need_dup, need_ddown, log_weights=log_weights)
@@ -129,7 +129,7 @@ def _backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_d
 def _sort_key_dtype(h, up) -> torch.dtype:
     if not use_triton(h):
         return torch.int32
-    from .triton.omni_expert import sort_key_dtype
+    from .kernels import sort_key_dtype
 
     return sort_key_dtype(up.shape[0])
 
@@ -138,7 +138,7 @@ def _grouped_pairs(h, up, idx) -> int:
     """How many pairs the forward groups (the fake implementation's output size)."""
     if not use_triton(h):
         return 0
-    from .triton.omni_expert import choose_mode
+    from .kernels import choose_mode
 
     T, H = h.shape
     K = idx.shape[1]

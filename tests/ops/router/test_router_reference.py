@@ -13,8 +13,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omni_moe.reference import router_backward_reference, router_bruteforce, router_pruned
-from omni_moe.reference.router import ordered_key
+from omni_moe.ops.router.reference import (
+    ordered_key,
+    router_backward_reference,
+    router_bruteforce,
+    router_pruned,
+)
 from router_checks import DTYPES, _same, check_router_output, make_logits
 
 KINDS = ("randn", "ties", "masked", "nan", "halves", "transposed")
@@ -123,18 +127,21 @@ def test_cpu_dispatch_without_interpreter():
         """
         import torch
         import omni_moe
-        import omni_moe.triton.omni_router as fs
-        from omni_moe._dispatch import use_triton, interpret_mode
-        from omni_moe.reference import router_bruteforce, router_pruned
+        from omni_moe.ops.router import op
+        from omni_moe.ops._dispatch import use_triton, interpret_mode
+        from omni_moe.ops.router.reference import router_bruteforce, router_pruned
 
         def no_kernel(*args, **kwargs):
             raise AssertionError("a Triton kernel was launched for CPU tensors")
-        fs.fullscan_router_forward = no_kernel
+        for name in op._TRITON_FORWARD:
+            op._TRITON_FORWARD[name] = no_kernel
+        op.router_backward = no_kernel
+        fullscan = lambda x, y, n, k: op.route(x, y, n, k, "fullscan")
 
         x = torch.randn(8, 6, requires_grad=True)
         y = torch.randn(8, 6, requires_grad=True)
         assert not interpret_mode() and not use_triton(x)
-        for fn in (omni_moe.omni_router, fs.triton_omni_router_func):
+        for fn in (omni_moe.omni_router, fullscan):
             s, i = fn(x, y, 6, 5)
             rs, ri = router_pruned(x.detach(), y.detach(), 5)
             bs, _ = router_bruteforce(x.detach(), y.detach(), 5)
@@ -147,7 +154,7 @@ def test_cpu_dispatch_without_interpreter():
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=300, cwd=root)

@@ -16,7 +16,7 @@ import torch
 
 from conftest import HAS_CUDA
 from omni_moe import OmniMoE, OmniMoEConfig
-from omni_moe.reference.moe import OmniMoEReference
+from omni_moe.layers.reference import OmniMoEReference
 
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
               pytest.mark.usefixtures("no_tf32")]
@@ -159,7 +159,7 @@ def test_float32_three_steps(device, case):
 def test_float32_expert_schedule(device):
     """The layer with the experts' "expert" schedule forced (sorted dot products; the
     shapes above all pick the "token" one)."""
-    from omni_moe.triton import omni_expert as kern
+    from omni_moe.ops.expert import kernels as kern
 
     kern.CONFIG_OVERRIDE["mode"] = "expert"
     try:
@@ -339,7 +339,7 @@ def test_router_norm_kernels(device, mode, T, N, splits, dtype):
     inputs, poisoned outputs."""
     import torch.nn.functional as F
 
-    from omni_moe.triton import router_norm as rn
+    from omni_moe.ops.router_norm import kernels as rn
 
     g = torch.Generator().manual_seed(T + N)
     big = torch.randn(T, 2 * N + 3, generator=g) * 3.0 + 1.5

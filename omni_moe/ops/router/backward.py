@@ -25,11 +25,13 @@ backward").
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from .utils import to_dtype
+from .._triton import to_dtype
 
 
 @triton.jit
@@ -86,28 +88,55 @@ def _router_bwd_kernel(
     tl.store(DY + rows64 * stride_dyt + col, to_dtype(ay, DY.dtype.element_ty), mask=mask)
 
 
-def bwd_config(n: int) -> dict:
-    """Launch configuration for N (measured on an H100, docs/benchmarks.md).
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Launch configuration of the backward kernel.
 
-    Best variants had ~32 columns per thread and axis (C = 8 lanes per token at N = 256,
-    32 at N = 1024), 4 warps and 4 pairs per loop step; columns past 1024 go to a
-    second grid dimension so that the float32 tiles stay in registers.
+    bn: columns per program (power of two; columns past it go to grid axis 1); c: lanes
+    per token (power of two <= bn); tile_t: tokens per program (power of two); unroll:
+    (index, grad) pairs per loop step; warps: warps per program.
     """
+
+    bn: int
+    c: int
+    tile_t: int
+    unroll: int = 4
+    warps: int = 4
+
+
+def default_config(n: int) -> BackwardConfig:
+    """The rule for N, measured on an H100 (docs/benchmarks.md): ~32 columns per thread
+    and axis (C = 8 lanes per token at N = 256, 32 at N = 1024), 4 warps, 4 pairs per
+    loop step; columns past 1024 go to a second grid dimension so that the float32 tiles
+    stay in registers."""
     np_ = triton.next_power_of_2(max(1, n))
     bn = min(np_, 1024)
     c = min(bn, max(8, bn // 32))
     warps = 4
     tile_t = warps * (32 // c) if c <= 32 else warps
-    return dict(BN=bn, C=c, TILE_T=tile_t, UNROLL=4, num_warps=warps)
+    return BackwardConfig(bn=bn, c=c, tile_t=tile_t, unroll=4, warps=warps)
+
+
+def _check_config(config) -> BackwardConfig:
+    if not isinstance(config, BackwardConfig):
+        raise TypeError(f"config must be a BackwardConfig, got {type(config).__name__}")
+    for name in ("bn", "c", "tile_t", "unroll", "warps"):
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
+            raise ValueError(f"config.{name} must be a power of two >= 1, got {v!r}")
+    if config.c > config.bn:
+        raise ValueError(f"config.c must be <= config.bn, got c={config.c}, bn={config.bn}")
+    return config
 
 
 def router_backward(grad: torch.Tensor, indices: torch.Tensor, n: int, dx=None, dy=None,
-                    *, config: dict | None = None):
+                    *, config: BackwardConfig | None = None):
     """dx, dy (T, n) in grad's dtype from grad (T, k) and int32 indices (T, k).
 
     One kernel launch, no zero fill, no atomics.  ``dx``/``dy`` may be given (tests
-    poison them first).  ``config`` overrides ``bwd_config(n)`` (tuning).
+    poison them first).  ``config`` replaces ``default_config(n)``.
     """
+    cfg = default_config(n) if config is None else _check_config(config)
     T, K = indices.shape
     if dx is None:
         dx = torch.empty((T, n), dtype=grad.dtype, device=grad.device)
@@ -118,14 +147,11 @@ def router_backward(grad: torch.Tensor, indices: torch.Tensor, n: int, dx=None, 
             raise ValueError(f"{name} must be a ({T}, {n}) {grad.dtype} tensor with unit column stride")
     if T == 0 or n == 0:
         return dx, dy
-    cfg = bwd_config(n)
-    if config:
-        cfg.update(config)
-    grid = (triton.cdiv(T, cfg["TILE_T"]), triton.cdiv(n, cfg["BN"]))
+    grid = (triton.cdiv(T, cfg.tile_t), triton.cdiv(n, cfg.bn))
     _router_bwd_kernel[grid](
         grad, indices, dx, dy, T, K,
         grad.stride(0), grad.stride(1), indices.stride(0), indices.stride(1),
         dx.stride(0), dy.stride(0),
-        N=n, **cfg,
+        N=n, BN=cfg.bn, C=cfg.c, TILE_T=cfg.tile_t, UNROLL=cfg.unroll, num_warps=cfg.warps,
     )
     return dx, dy

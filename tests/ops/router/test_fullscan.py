@@ -14,14 +14,29 @@ import zlib
 import pytest
 import torch
 
-import omni_moe.triton.omni_router as fullscan
+import omni_moe.ops.router.fullscan as fullscan
 from conftest import HAS_CUDA
-from omni_moe._dispatch import use_triton
-from omni_moe.reference import router_backward_reference, router_bruteforce, router_pruned
-from omni_moe.triton.omni_router import fullscan_router_forward, triton_omni_router_func
+from omni_moe.ops._dispatch import use_triton
+from omni_moe.ops.router.fullscan import FullscanConfig, fullscan_router_forward
+from omni_moe.ops.router.op import route
+from omni_moe.ops.router.reference import router_backward_reference, router_bruteforce, router_pruned
 from router_checks import DTYPES, check_router_backward, check_router_output, make_logits
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+
+def triton_omni_router_func(x, y, n, k):
+    return route(x, y, n, k, "fullscan")
+
+
+def _split(chunk, merge_block=None):
+    """The chunk + merge path with the given chunk (None: the default rule)."""
+    if chunk is None:
+        return None
+    return FullscanConfig(split=True, chunk=chunk,
+                          merge_block=merge_block or fullscan.MAX_KEYS_PER_PROGRAM)
+
 
 KINDS = ("randn", "ties", "masked", "nan", "halves", "transposed")
 
@@ -75,14 +90,16 @@ def test_forward_matches_bruteforce(device, T, N, k, dtype, kind):
 
 def test_interpreter_runs_the_fullscan_kernel(device, monkeypatch):
     """The entry point really launches the full-scan kernels on this device."""
+    from omni_moe.ops.router import op
+
     calls = []
-    real = fullscan.fullscan_router_forward
+    real = op._TRITON_FORWARD["fullscan"]
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fullscan, "fullscan_router_forward", spy)
+    monkeypatch.setitem(op._TRITON_FORWARD, "fullscan", spy)
     x, y = make_logits(6, 5, torch.float32, device, "randn", seed=3)
     assert use_triton(x)
     scores, indices = triton_omni_router_func(x, y, 5, 4)
@@ -101,7 +118,7 @@ def test_interpreter_runs_the_fullscan_kernel(device, monkeypatch):
 def test_split_and_streaming_merge_paths(device, T, N, k, chunk, merge_block, dtype):
     for kind in ("randn", "ties", "masked", "nan"):
         x, y = make_logits(T, N, dtype, device, kind, seed=_seed(T, N, k, chunk, kind))
-        scores, indices = fullscan_router_forward(x, y, k, split_chunk=chunk, merge_block=merge_block)
+        scores, indices = fullscan_router_forward(x, y, k, config=_split(chunk, merge_block))
         _check(x, y, k, scores, indices)
 
 
@@ -114,13 +131,13 @@ def test_poisoned_preallocated_outputs(device, dtype, split_chunk):
         scores = torch.full((T, k), float("nan"), dtype=dtype, device=device)
         indices = torch.full((T, k), -1, dtype=torch.int32, device=device)
         chunk = split_chunk if N < 128 else None  # N >= 128 splits anyway
-        s, i = fullscan_router_forward(x, y, k, scores, indices, split_chunk=chunk)
+        s, i = fullscan_router_forward(x, y, k, scores, indices, config=_split(chunk))
         assert s is scores and i is indices
         _check(x, y, k, s, i)
         # Strided (transposed) output views are written through their strides.
         scores_t = torch.full((k, T), float("nan"), dtype=dtype, device=device).t()
         indices_t = torch.full((k, T), -1, dtype=torch.int32, device=device).t()
-        fullscan_router_forward(x, y, k, scores_t, indices_t, split_chunk=chunk)
+        fullscan_router_forward(x, y, k, scores_t, indices_t, config=_split(chunk))
         assert torch.equal(_bits(scores_t), _bits(scores)) and torch.equal(indices_t, indices)
 
 
@@ -158,7 +175,7 @@ def test_all_masked_and_all_nan_take_every_pair(device, dtype):
     y = torch.tensor([[float("-inf")] * N, [2.0] * N, [float("nan")] * N], dtype=dtype)
     x, y = x.to(device), y.to(device)
     for split_chunk in (None, 8):
-        scores, indices = fullscan_router_forward(x, y, N * N, split_chunk=split_chunk)
+        scores, indices = fullscan_router_forward(x, y, N * N, config=_split(split_chunk))
         _check(x, y, N * N, scores, indices)
         assert indices.tolist() == [list(range(N * N))] * 3
 
@@ -229,7 +246,7 @@ def test_empty_batch_and_k_zero(device, dtype):
     for split_chunk in (None, 8):
         for T, k in ((0, 4), (3, 0)):
             xs, ys = make_logits(T, 5, dtype, device, "randn", seed=2)
-            s, i = fullscan_router_forward(xs, ys, k, split_chunk=split_chunk)
+            s, i = fullscan_router_forward(xs, ys, k, config=_split(split_chunk))
             assert s.shape == (T, k) and i.shape == (T, k)
 
 
@@ -297,8 +314,6 @@ def test_torch_compile_fullgraph_cpu(backend):
 @pytest.mark.parametrize("algorithm", ["fullscan", "pruned"])
 def test_eager_path_matches_custom_op(device, algorithm):
     """Eager calls skip the custom op (host time); both paths must give the same bits."""
-    from omni_moe.router import route
-
     T, N, k = 37, 12, 9
     x0, y0 = make_logits(T, N, torch.bfloat16, device, "randn", seed=11)
     g = torch.randn(T, k, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16).to(device)

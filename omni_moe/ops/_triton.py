@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._dispatch import interpret_mode
+from ._dispatch import interpret_mode
 
 # Triton's interpreter truncates float32 -> bfloat16 instead of rounding to nearest even
 # (its "rtne" mode does not carry either), so under TRITON_INTERPRET=1 the kernels round

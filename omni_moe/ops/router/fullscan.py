@@ -7,7 +7,7 @@ For each token t and every flat expert e = i*N + j the router forms
 and returns the k largest, sorted descending (scores rounded to the input dtype with
 round-to-nearest-even, indices int32).  This is the seed's baseline algorithm, written
 anew and made correct; it costs O(T * N^2 * k) simple operations and is kept as the
-slow, obviously-exact twin of the pruned router (``omni_router_optimized``).
+slow, obviously-exact twin of the pruned router (``pruned.py``).
 
 Selection works on 64-bit keys
 
@@ -39,11 +39,13 @@ the split path also writes and reads back T * chunks * min(k, CHUNK) * 8 workspa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from .utils import to_dtype
+from .._triton import to_dtype
 
 # Below every real key (see module docstring); used for padding and knocked-out picks.
 _NONE: tl.constexpr = tl.constexpr(-(2**63))
@@ -202,11 +204,33 @@ def _fullscan_merge_kernel(
             tl.store(i_ptr + r * stride_ik, idx, mask=row_ok)
 
 
-# Launch configurations.  Register budget: a program keeps TILE_T * BLOCK keys (int64)
-# live; 16-32 keys per thread keeps it out of local memory.
+# Register budget: a program keeps TILE_T * BLOCK keys (int64) live; 16-32 keys per
+# thread keeps it out of local memory.
 SPLIT_MIN_N = 128          # N >= this uses the chunk + merge kernels
 MAX_KEYS_PER_PROGRAM = 16384
 _TILE_KEYS = 4096          # keys per program the token tile is sized to
+
+
+@dataclass(frozen=True)
+class FullscanConfig:
+    """Launch configuration of the full scan.
+
+    split: the chunk + merge kernels (else one program holds all N^2 keys of its tokens).
+    chunk: flat indices per chunk program (a power of two), when split.
+    merge_block: the merge's register block (a power of two >= 16); candidates past it
+        are merged in a streaming loop.
+    """
+
+    split: bool = False
+    chunk: int = 4096
+    merge_block: int = MAX_KEYS_PER_PROGRAM
+
+
+def default_config(N: int) -> FullscanConfig:
+    """The rule: split from N = 128 into chunks big enough that the workspace stays small
+    and small enough to stay in registers."""
+    chunk = max(4096, min(MAX_KEYS_PER_PROGRAM, triton.next_power_of_2(N * N) // 16))
+    return FullscanConfig(split=N >= SPLIT_MIN_N, chunk=chunk)
 
 
 def _warps(keys_per_program: int) -> int:
@@ -222,25 +246,27 @@ def _token_tile(T: int, block: int) -> int:
     return min(tile, triton.next_power_of_2(max(T, 1)))
 
 
-def _split_chunk(N: int) -> int:
-    # Big enough that the workspace stays small, small enough to stay in registers.
-    return max(4096, min(MAX_KEYS_PER_PROGRAM, triton.next_power_of_2(N * N) // 16))
+def _check_config(config) -> FullscanConfig:
+    if not isinstance(config, FullscanConfig):
+        raise TypeError(f"config must be a FullscanConfig, got {type(config).__name__}")
+    for name, lo in (("chunk", 1), ("merge_block", 16)):
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or v & (v - 1):
+            raise ValueError(f"config.{name} must be a power of two >= {lo}, got {v!r}")
+    return config
 
 
 def fullscan_router_forward(x, y, k, scores=None, indices=None, *,
-                            split_chunk=None, merge_block=None):
+                            config: FullscanConfig | None = None):
     """Launch the full-scan forward on (T, N) logits ``x``, ``y`` (any strides).
 
     Returns (scores (T, k) in x.dtype, indices (T, k) int32).  ``scores``/``indices``
     may be given preallocated (tests poison them first).  Arguments are assumed valid
-    (``omni_moe.router.check_router_args`` checks user input).
-
-    ``split_chunk`` (a power of two) forces the chunk + merge path with that chunk size
-    and ``merge_block`` (a power of two) caps the merge's register block, forcing the
-    streaming merge when the candidates do not fit: both exist so tests can reach every
-    code path at interpreter-friendly sizes.
+    (``op.check_router_args`` checks user input).  ``config`` replaces
+    ``default_config(N)`` (tests use it to reach every path at small sizes).
     """
     T, N = x.shape
+    cfg = default_config(N) if config is None else _check_config(config)
     if scores is None:
         scores = torch.empty((T, k), dtype=x.dtype, device=x.device)
     if indices is None:
@@ -257,7 +283,7 @@ def fullscan_router_forward(x, y, k, scores=None, indices=None, *,
     strides = (x.stride(0), x.stride(1), y.stride(0), y.stride(1))
     out_strides = (scores.stride(0), scores.stride(1), indices.stride(0), indices.stride(1))
 
-    if split_chunk is None and N < SPLIT_MIN_N:
+    if not cfg.split:
         block_e = max(16, triton.next_power_of_2(E))
         tile_t = _token_tile(T, block_e)
         _fullscan_small_kernel[(triton.cdiv(T, tile_t),)](
@@ -266,7 +292,7 @@ def fullscan_router_forward(x, y, k, scores=None, indices=None, *,
         )
         return scores, indices
 
-    chunk = split_chunk if split_chunk is not None else _split_chunk(N)
+    chunk = cfg.chunk
     nchunk = triton.cdiv(E, chunk)
     kc = min(k, chunk)
     m = nchunk * kc
@@ -275,11 +301,10 @@ def fullscan_router_forward(x, y, k, scores=None, indices=None, *,
         x, y, work, T, N, kc, nchunk, m, *strides,
         CHUNK=chunk, num_warps=_warps(chunk),
     )
-    cap = merge_block if merge_block is not None else MAX_KEYS_PER_PROGRAM
     block_m = max(16, triton.next_power_of_2(m))
-    in_registers = block_m <= cap
+    in_registers = block_m <= cfg.merge_block
     if not in_registers:
-        block_m = cap
+        block_m = cfg.merge_block
     tile_t = _token_tile(T, block_m)
     _fullscan_merge_kernel[(triton.cdiv(T, tile_t),)](
         work, scores, indices, T, m, k, *out_strides,
@@ -287,16 +312,3 @@ def fullscan_router_forward(x, y, k, scores=None, indices=None, *,
         num_warps=_warps(tile_t * block_m),
     )
     return scores, indices
-
-
-def triton_omni_router_func(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token):
-    """The original (full-scan) omni router, through the ``omni_moe::router_forward`` op.
-
-    Same contract as ``omni_moe.omni_router`` (validation, dispatch, autograd through the
-    shared deterministic backward); only the forward algorithm differs: O(T * N^2 * k).
-    CPU tensors without ``TRITON_INTERPRET=1`` take the PyTorch path.
-    """
-    from ..router import route
-
-    return route(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token,
-                 "fullscan")

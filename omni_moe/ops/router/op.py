@@ -1,26 +1,31 @@
-"""The omni router as a ``torch.library`` custom op.
+"""The omni router op: argument checks, ``torch.library`` custom ops, autograd, and the
+public ``omni_router``.
 
-``omni_router`` and the two Triton entry points (``triton_omni_router_func``: the
-original full scan, ``triton_omni_router_func_optimized``: the exact pruned kernel) all
-go through the ops registered here, so every one of them validates its arguments the
-same way, has the same backward, and is traceable by ``torch.compile(fullgraph=True)``.
+``omni_router`` (the pruned algorithm) and the full scan kept for comparison
+(``route(..., "fullscan")``, exposed as the seed's ``triton_omni_router_func``) go
+through the ops registered here, so every entry point validates its arguments the same
+way, has the same backward, and is traceable by ``torch.compile(fullgraph=True)``.
 
 Eager calls run the same implementation functions through a plain
 ``torch.autograd.Function`` (or directly, without autograd, when no gradient is needed):
 a custom-op call costs about 0.1 ms of host time, more than the kernels at small T.
 Traced code (``torch.compiler.is_compiling()``) goes through the custom op.
 
-Dispatch (see ``omni_moe._dispatch``): CUDA tensors, and CPU tensors under
-``TRITON_INTERPRET=1``, run the Triton kernels of the chosen algorithm; other CPU
-tensors run ``omni_moe.reference.router_pruned``.
+Dispatch (``omni_moe.ops._dispatch``): CUDA tensors, and CPU tensors under
+``TRITON_INTERPRET=1``, run the Triton kernels of the chosen algorithm
+(``fullscan.py``, ``pruned.py``, ``backward.py``); other CPU tensors run
+``reference.router_pruned``.  docs/router.md states the contract.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._dispatch import use_triton
-from .reference.router import router_backward_reference, router_pruned
+from .._dispatch import use_triton
+from .backward import router_backward
+from .fullscan import fullscan_router_forward
+from .pruned import pruned_router_forward
+from .reference import router_backward_reference, router_pruned
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ALGORITHMS = ("fullscan", "pruned")
@@ -61,27 +66,18 @@ def check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_exp
         raise ValueError(f"num_experts_per_token must be in [0, {n * n}] (N*N), got {k}")
 
 
-def _triton_forward(algorithm: str):
-    if algorithm == "fullscan":
-        from .triton.omni_router import fullscan_router_forward
-
-        return fullscan_router_forward
-    if algorithm == "pruned":
-        from .triton.omni_router_optimized import pruned_router_forward
-
-        return pruned_router_forward
-    raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+_TRITON_FORWARD = {"fullscan": fullscan_router_forward, "pruned": pruned_router_forward}
 
 
 def _forward_impl(x, y, k, algorithm):
     if use_triton(x):
-        return _triton_forward(algorithm)(x, y, k)
+        return _TRITON_FORWARD[algorithm](x, y, k)
     return router_pruned(x, y, k)
 
 
 def _backward_impl(grad, indices, n):
     if use_triton(grad):
-        from .triton.router_backward import router_backward
+        from .backward import router_backward
 
         return router_backward(grad, indices, n)
     return router_backward_reference(grad, indices, n)
@@ -150,6 +146,8 @@ class _RouterFunction(torch.autograd.Function):
 
 def route(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token, algorithm):
     """Validate, then run the router with the given Triton algorithm."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token)
     x, y, k = router_logits_x, router_logits_y, num_experts_per_token
     if torch.compiler.is_compiling():
@@ -173,6 +171,6 @@ def omni_router(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_p
             float32(x[t, i]) + float32(y[t, j]) rounded, for indices[t, r] = i*N + j.
         indices: (T, k) int32, distinct per row.
 
-    Differentiable in both logits (scores only).  See docs/omni_router.md.
+    Differentiable in both logits (scores only).  See docs/router.md.
     """
     return route(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token, "pruned")

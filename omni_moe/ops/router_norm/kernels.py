@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import to_dtype
+from .._triton import to_dtype
 
 MAX_N = 4096
 MODES = {"none": 0, "batch": 1, "running": 2}

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import to_dtype
+from .._triton import to_dtype
 
 ACTIVATIONS = ("silu", "gelu", "relu")
 _ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}

@@ -64,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import to_dtype
+from .._triton import to_dtype
 
 ACTIVATIONS = ("silu", "gelu", "relu")
 _ACT_ID = {"silu": 0, "gelu": 1, "relu": 2}

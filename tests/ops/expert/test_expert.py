@@ -12,13 +12,13 @@ import torch
 
 import omni_moe
 from omni_moe import omni_expert
-from omni_moe.expert import check_expert_args
-from omni_moe.reference.expert import (
+from omni_moe.ops.expert.op import check_expert_args
+from omni_moe.ops.expert.reference import (
     expert_backward_reference,
     expert_forward_reference,
     expert_naive,
 )
-from omni_moe.triton import omni_expert as kern
+from omni_moe.ops.expert import kernels as kern
 
 HAS_CUDA = torch.cuda.is_available()
 ACTS = ("silu", "gelu", "relu")
@@ -337,7 +337,7 @@ def test_token_kernel_tilings(cfg, device):
 def test_from_scores(dtype, device, mode):
     """omni_expert_from_scores(s) == omni_expert(exp(s)) with the exp fused; the
     gradient it returns is that of the scores (d s = exp(s) d w)."""
-    from omni_moe.expert import omni_expert_from_scores
+    from omni_moe.ops.expert.op import omni_expert_from_scores
 
     h, up, down, w, idx, go = make_inputs(17, 24, 10, 4, dtype, device, "random", seed=3)
     s = (w.float().log() - 0.5).to(torch.float32)   # fp32 log-probabilities, as the router's

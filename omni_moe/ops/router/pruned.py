@@ -1,4 +1,4 @@
-"""The optimized omni router: exact pruned top-k, one Triton launch per call.
+"""The pruned omni router: exact top-k without forming the N x N grid, one launch per call.
 
 For each token t the router returns the k largest of s[t, i*N + j] = x[t, i] + y[t, j]
 (float32 sums, sorted descending, scores rounded to the input dtype, int32 indices).
@@ -12,12 +12,12 @@ It never forms the N x N grid.  Per token (k' = min(k, N)):
 
 Selection works on int32 keys whose signed order is the router's total order (NaN
 below -inf; utils.f32_key).  For 16-bit inputs one int32 holds the value's ordered 16
-bits and the column (utils.half_key): a sort moves one register per element and every
+bits and the column (_triton.half_key): a sort moves one register per element and every
 key of a row is distinct.  float32 inputs carry the column as a separate payload.  Grid
 keys are the ordered float32 sum with the flat index as payload.
 
-Two kernels (``default_config`` picks; docs/optimized_router.md has the measurements,
-the exactness argument and the launch rules):
+Two kernels (``default_config`` picks; docs/router.md has the measurements, the
+exactness argument and the launch rules):
 
 - ``_pruned_router_stream_kernel`` (k <= 16 <= next_pow2(N)): one to 32 threads per
   token stream the row in 16-column chunks (16-key bitonic sort, bitonic merge into a
@@ -41,12 +41,14 @@ next_pow2(N) > 4096) use the PyTorch pruned reference on the same device.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .utils import (
+from .._triton import (
     KEY_NONE,
     _cas,
     _pair_side,
@@ -58,23 +60,7 @@ from .utils import (
     half_key,
     to_dtype,
 )
-
-# Use the streaming kernel for k <= 16 (else the warp kernel for every shape).  Set to
-# False to fall back to the warp kernel, e.g. if a GPU test of the streaming kernel fails
-# on a Triton version it was not verified with.
-STREAM_KERNEL = True
-# Below this many tokens the warp kernel is used (at T = 1024, N = 256 both kernels take
-# ~6.5 us of GPU time; from T = 4096 the streaming kernel is faster: H100, 2026-11-26,
-# docs/benchmarks.md "Forward: launch rules": T = 4096, N = 256/512/1024: 9.4/13.5/22.9 us
-# vs the warp kernel's 16.1/29.1/40.1).
-STREAM_MIN_T = 4096
-
-# Fast-path limits; beyond them ``pruned_router_forward`` uses the PyTorch pruned
-# reference on the same device (documented in docs/optimized_router.md).
-MAX_FAST_K = 256
-MAX_FAST_N = 4096
-_MAX_SORT_WIDTH = 4096
-
+from .reference import router_pruned
 
 @triton.jit
 def _keys_of(v, col, N, PACKED: tl.constexpr, EVEN_N: tl.constexpr):
@@ -184,20 +170,6 @@ def _select_survivors(key, col, KX, SK, SP, KXP: tl.constexpr, M: tl.constexpr,
 
 
 @triton.jit
-def _lane_first(t, RG: tl.constexpr, KXP: tl.constexpr):
-    # Renumber the columns of t ([TILE_T, NP], each thread holding RG consecutive ones)
-    # as (lane_hi, register, lane_lo) with KXP lane_lo values, so the bitonic top-k
-    # sorts its K-blocks across lanes and its halving rounds drop whole registers first.
-    TILE_T: tl.constexpr = t.shape[0]
-    NP: tl.constexpr = t.shape[1]
-    L: tl.constexpr = NP // RG
-    LL: tl.constexpr = KXP if KXP < L else L
-    t = tl.reshape(t, [TILE_T, L // LL, LL, RG])
-    t = tl.permute(t, [0, 1, 3, 2])
-    return tl.reshape(t, [TILE_T, NP])
-
-
-@triton.jit
 def _decode(key, pay, DT: tl.constexpr, PACKED: tl.constexpr):
     # (float32 value, int32 column) of per-axis keys.
     if PACKED:
@@ -217,7 +189,7 @@ def _pruned_router_fwd_kernel(
     TILE_T: tl.constexpr, LNP: tl.constexpr, LKX: tl.constexpr, LKO: tl.constexpr,
     LC: tl.constexpr, LM: tl.constexpr,
     AXIS_THRESH: tl.constexpr, GRID: tl.constexpr, PACKED: tl.constexpr,
-    EVEN_N: tl.constexpr, LANE_FIRST: tl.constexpr, STAGE: tl.constexpr,
+    EVEN_N: tl.constexpr,
 ):
     """Exact top-K of x[t, i] + y[t, j] over all N^2 pairs, for every token t.
 
@@ -226,10 +198,8 @@ def _pruned_router_fwd_kernel(
     TILE_T tokens and owns scratch rows SCR[p*TILE_T*W : (p+1)*TILE_T*W] (W words per
     token, see the launcher).  NP = 2^LNP >= N, KXP = 2^LKX >= KX = min(K, N),
     KP = 2^LKO >= K, candidate width 2^LC, survivor slots M = 2^LM.  GRID: 0 = all
-    k''^2 pairs in registers, 1 = pruned pairs fetched through scratch.  LANE_FIRST (full-row stage): renumber the
-    row so the bitonic blocks lie across lanes and its halving rounds drop registers.
+    k''^2 pairs in registers, 1 = pruned pairs fetched through scratch.
     Bytes: reads 2*T*N*b logits once, writes T*K*(b + 4); scratch stays in L2.
-    STAGE=1 (timing only): stop after the per-axis stage and write rank-aligned pairs.
     """
     NP: tl.constexpr = 2**LNP
     KXP: tl.constexpr = 2**LKX
@@ -289,55 +259,41 @@ def _pruned_router_fwd_kernel(
             kx = _axis_keys(X, rows64, row_ok, stride_xt, stride_xn, N, NP, PACKED, EVEN_N)
             ky = _axis_keys(Y, rows64, row_ok, stride_yt, stride_yn, N, NP, PACKED, EVEN_N)
             px = cols2
-            if LANE_FIRST:
-                RG: tl.constexpr = 8 if PACKED else 4  # columns per 16-byte load
-                kx = _lane_first(kx, RG, KXP)
-                ky = _lane_first(ky, RG, KXP)
-                px = _lane_first(px, RG, KXP)
             tx, qx = bitonic_topk(kx, px, LNP, LKX, not PACKED, PACKED)
             ty, qy = bitonic_topk(ky, px, LNP, LKX, not PACKED, PACKED)
 
-        if STAGE == 1:
+        if GRID == 1:
+            a = tl.arange(0, KXP)[None, :]
+            tl.store(scr + 2 * SW + a, tx)
+            tl.store(scr + 2 * SW + LW + a, ty)
+            if not PACKED:
+                tl.store(scr + 2 * SW + KXP + a, qx)
+                tl.store(scr + 2 * SW + LW + KXP + a, qy)
+            tl.debug_barrier()
+            ka = tl.load(scr + 2 * SW + ca, mask=cvalid, other=KEY_NONE)
+            kb = tl.load(scr + 2 * SW + LW + cb, mask=cvalid, other=KEY_NONE)
+            if PACKED:
+                qa = ka
+                qb = kb
+            else:
+                qa = tl.load(scr + 2 * SW + KXP + ca, mask=cvalid, other=0)
+                qb = tl.load(scr + 2 * SW + LW + KXP + cb, mask=cvalid, other=0)
+            va, ia = _decode(ka, qa, DT, PACKED)
+            vb, ib = _decode(kb, qb, DT, PACKED)
+            gkey = tl.where(cvalid, f32_key(va + vb), KEY_NONE)
+            gpay = ia * N + ib
+        else:
             vx, ix = _decode(tx, qx, DT, PACKED)
             vy, iy = _decode(ty, qy, DT, PACKED)
-            r = tl.arange(0, KXP)[None, :]
-            om = row_ok[:, None] & (r < K) & (r < KX)
-            tl.store(S + rows64[:, None] * stride_st + r * stride_sk,
-                     to_dtype(vx + vy, S.dtype.element_ty), mask=om)
-            tl.store(I + rows64[:, None] * stride_it + r * stride_ik, ix * N + iy, mask=om)
-        else:
-            if GRID == 1:
-                a = tl.arange(0, KXP)[None, :]
-                tl.store(scr + 2 * SW + a, tx)
-                tl.store(scr + 2 * SW + LW + a, ty)
-                if not PACKED:
-                    tl.store(scr + 2 * SW + KXP + a, qx)
-                    tl.store(scr + 2 * SW + LW + KXP + a, qy)
-                tl.debug_barrier()
-                ka = tl.load(scr + 2 * SW + ca, mask=cvalid, other=KEY_NONE)
-                kb = tl.load(scr + 2 * SW + LW + cb, mask=cvalid, other=KEY_NONE)
-                if PACKED:
-                    qa = ka
-                    qb = kb
-                else:
-                    qa = tl.load(scr + 2 * SW + KXP + ca, mask=cvalid, other=0)
-                    qb = tl.load(scr + 2 * SW + LW + KXP + cb, mask=cvalid, other=0)
-                va, ia = _decode(ka, qa, DT, PACKED)
-                vb, ib = _decode(kb, qb, DT, PACKED)
-                gkey = tl.where(cvalid, f32_key(va + vb), KEY_NONE)
-                gpay = ia * N + ib
-            else:
-                vx, ix = _decode(tx, qx, DT, PACKED)
-                vy, iy = _decode(ty, qy, DT, PACKED)
-                s3 = vx[:, :, None] + vy[:, None, :]
-                f3 = ix[:, :, None] * N + iy[:, None, :]
-                gkey = tl.where(gvalid, f32_key(tl.reshape(s3, [TILE_T, KXP * KXP])), KEY_NONE)
-                gpay = tl.reshape(f3, [TILE_T, KXP * KXP])
-            top, flat = bitonic_topk(gkey, gpay, LC, LKO, True)
-            om = row_ok[:, None] & (ko[None, :] < K)
-            tl.store(S + rows64[:, None] * stride_st + ko[None, :] * stride_sk,
-                     to_dtype(f32_from_key(top), S.dtype.element_ty), mask=om)
-            tl.store(I + rows64[:, None] * stride_it + ko[None, :] * stride_ik, flat, mask=om)
+            s3 = vx[:, :, None] + vy[:, None, :]
+            f3 = ix[:, :, None] * N + iy[:, None, :]
+            gkey = tl.where(gvalid, f32_key(tl.reshape(s3, [TILE_T, KXP * KXP])), KEY_NONE)
+            gpay = tl.reshape(f3, [TILE_T, KXP * KXP])
+        top, flat = bitonic_topk(gkey, gpay, LC, LKO, True)
+        om = row_ok[:, None] & (ko[None, :] < K)
+        tl.store(S + rows64[:, None] * stride_st + ko[None, :] * stride_sk,
+                 to_dtype(f32_from_key(top), S.dtype.element_ty), mask=om)
+        tl.store(I + rows64[:, None] * stride_it + ko[None, :] * stride_ik, flat, mask=om)
 
 
 # ---------------------------------------------------------------------------------------
@@ -346,7 +302,7 @@ def _pruned_router_fwd_kernel(
 # Only layout-preserving operations are used on the [R, L] register tensors below (R
 # rows spread over lanes and warps, L in each thread's registers): element-wise math,
 # reshapes/permutes that only rename registers, and exchanges with the partner along a
-# size-2 axis (utils._partner), which fold to register moves inside a thread.  So the
+# size-2 axis (_triton._partner), which fold to register moves inside a thread.  So the
 # sorting networks compile to plain min/max/select instructions with no shuffles, no
 # shared memory and no barriers.
 # ---------------------------------------------------------------------------------------
@@ -558,7 +514,7 @@ def _pruned_router_stream_kernel(
     stride_st, stride_sk, stride_it, stride_ik,
     R: tl.constexpr, LLPT: tl.constexpr, SEG: tl.constexpr, LKX: tl.constexpr,
     SB: tl.constexpr, KS: tl.constexpr, PACKED: tl.constexpr, EVEN_N: tl.constexpr,
-    GSPLIT: tl.constexpr, STAGE: tl.constexpr,
+    GSPLIT: tl.constexpr,
 ):
     """Exact top-K (K <= 16 <= N) of x[t, i] + y[t, j], LPT threads per token.
 
@@ -590,70 +546,65 @@ def _pruned_router_stream_kernel(
     vx, ix = _decode(xk, xp, DT, PACKED)
     vy, iy = _decode(yk, yp, DT, PACKED)
     store_ok = row_ok & (part == 0)
-    if STAGE == 1:
-        _store_rows(S, tok64, stride_st, stride_sk, to_dtype(vx + vy, S.dtype.element_ty),
-                    store_ok, K)
-        _store_rows(I, tok64, stride_it, stride_ik, ix * N + iy, store_ok, K)
+    q = tl.arange(0, KXP)[None, :]
+    SP: tl.constexpr = 2**SB
+    vxs = _shift_down(vx, SB, LKX, 0.0)
+    ixs = _shift_down(ix, SB, LKX, 0)
+    rk = tl.full([R, KXP], KEY_NONE, tl.int32)
+    rp = tl.zeros([R, KXP], tl.int32)
+    if GSPLIT:
+        # The token's LPT lanes share the candidate blocks: lane `part` builds blocks
+        # part, part + LPT, ... (rows a < SP first, then columns b < SP), then the
+        # lanes merge their lists by butterfly exchanges.
+        qi = tl.arange(0, KXP)[None, :]
+        for i in tl.static_range((2 * SP + LPT - 1) // LPT):
+            blk = part + LPT * i  # [R]
+            is_row = blk < SP
+            a = tl.where(is_row, blk, 0)[:, None]
+            b = tl.where(is_row, 0, blk - SP)[:, None]
+            # element a of the x list / b of the y list, per row (selects in registers)
+            xa = tl.sum(tl.where(qi == a, xk, 0), axis=1)[:, None]
+            xa_i = tl.sum(tl.where(qi == a, xp, 0), axis=1)[:, None]
+            yb = tl.sum(tl.where(qi == b, yk, 0), axis=1)[:, None]
+            yb_i = tl.sum(tl.where(qi == b, yp, 0), axis=1)[:, None]
+            va, ia = _decode(xa, xa_i, DT, PACKED)
+            vb, ib = _decode(yb, yb_i, DT, PACKED)
+            r2 = is_row[:, None]
+            s = tl.where(r2, va + vy, vxs + vb)
+            fl = tl.where(r2, ia * N + iy, ixs * N + ib)
+            ai = tl.where(r2, a, SP + q)
+            bi = tl.where(r2, q, b)
+            ok = ((blk < 2 * SP)[:, None] & (ai < KX) & (bi < KX)
+                  & ((ai + 1) * (bi + 1) <= K))
+            bk = tl.where(ok, f32_key(s), KEY_NONE)
+            rk, rp = _merge_top(rk, rp, bk, fl, LKX, True, False)
+        rk, rp = _lane_merge(rk, rp, LLPT, LKX, True, False)
     else:
-        q = tl.arange(0, KXP)[None, :]
-        SP: tl.constexpr = 2**SB
-        vxs = _shift_down(vx, SB, LKX, 0.0)
-        ixs = _shift_down(ix, SB, LKX, 0)
-        rk = tl.full([R, KXP], KEY_NONE, tl.int32)
-        rp = tl.zeros([R, KXP], tl.int32)
-        if GSPLIT:
-            # The token's LPT lanes share the candidate blocks: lane `part` builds blocks
-            # part, part + LPT, ... (rows a < SP first, then columns b < SP), then the
-            # lanes merge their lists by butterfly exchanges.
-            qi = tl.arange(0, KXP)[None, :]
-            for i in tl.static_range((2 * SP + LPT - 1) // LPT):
-                blk = part + LPT * i  # [R]
-                is_row = blk < SP
-                a = tl.where(is_row, blk, 0)[:, None]
-                b = tl.where(is_row, 0, blk - SP)[:, None]
-                # element a of the x list / b of the y list, per row (selects in registers)
-                xa = tl.sum(tl.where(qi == a, xk, 0), axis=1)[:, None]
-                xa_i = tl.sum(tl.where(qi == a, xp, 0), axis=1)[:, None]
-                yb = tl.sum(tl.where(qi == b, yk, 0), axis=1)[:, None]
-                yb_i = tl.sum(tl.where(qi == b, yp, 0), axis=1)[:, None]
-                va, ia = _decode(xa, xa_i, DT, PACKED)
-                vb, ib = _decode(yb, yb_i, DT, PACKED)
-                r2 = is_row[:, None]
-                s = tl.where(r2, va + vy, vxs + vb)
-                fl = tl.where(r2, ia * N + iy, ixs * N + ib)
-                ai = tl.where(r2, a, SP + q)
-                bi = tl.where(r2, q, b)
-                ok = ((blk < 2 * SP)[:, None] & (ai < KX) & (bi < KX)
-                      & ((ai + 1) * (bi + 1) <= K))
-                bk = tl.where(ok, f32_key(s), KEY_NONE)
-                rk, rp = _merge_top(rk, rp, bk, fl, LKX, True, False)
-            rk, rp = _lane_merge(rk, rp, LLPT, LKX, True, False)
-        else:
-            for blk in tl.static_range(2 * SP):
-                if blk < SP:
-                    if blk + 1 <= KS:
-                        # row a = blk: (a, q), descending in q
-                        s = _bcast_elem(vx, blk, LKX) + vy
-                        fl = _bcast_elem(ix, blk, LKX) * N + iy
-                        ok = (blk < KX) & (q < KX) & ((blk + 1) * (q + 1) <= K)
-                        bk = tl.where(ok, f32_key(s), KEY_NONE)
-                        if blk == 0:
-                            rk = bk
-                            rp = fl
-                        else:
-                            rk, rp = _merge_top(rk, rp, bk, fl, LKX, True, False)
-                else:
-                    if (SP + 1) * (blk - SP + 1) <= KS:
-                        # column b = blk - SP: (SP + q, b), descending in q
-                        s = vxs + _bcast_elem(vy, blk - SP, LKX)
-                        fl = ixs * N + _bcast_elem(iy, blk - SP, LKX)
-                        ok = ((SP + q < KX) & (blk - SP < KX)
-                              & ((SP + q + 1) * (blk - SP + 1) <= K))
-                        bk = tl.where(ok, f32_key(s), KEY_NONE)
+        for blk in tl.static_range(2 * SP):
+            if blk < SP:
+                if blk + 1 <= KS:
+                    # row a = blk: (a, q), descending in q
+                    s = _bcast_elem(vx, blk, LKX) + vy
+                    fl = _bcast_elem(ix, blk, LKX) * N + iy
+                    ok = (blk < KX) & (q < KX) & ((blk + 1) * (q + 1) <= K)
+                    bk = tl.where(ok, f32_key(s), KEY_NONE)
+                    if blk == 0:
+                        rk = bk
+                        rp = fl
+                    else:
                         rk, rp = _merge_top(rk, rp, bk, fl, LKX, True, False)
-        sc = to_dtype(f32_from_key(rk), S.dtype.element_ty)
-        _store_rows(S, tok64, stride_st, stride_sk, sc, store_ok, K)
-        _store_rows(I, tok64, stride_it, stride_ik, rp, store_ok, K)
+            else:
+                if (SP + 1) * (blk - SP + 1) <= KS:
+                    # column b = blk - SP: (SP + q, b), descending in q
+                    s = vxs + _bcast_elem(vy, blk - SP, LKX)
+                    fl = ixs * N + _bcast_elem(iy, blk - SP, LKX)
+                    ok = ((SP + q < KX) & (blk - SP < KX)
+                          & ((SP + q + 1) * (blk - SP + 1) <= K))
+                    bk = tl.where(ok, f32_key(s), KEY_NONE)
+                    rk, rp = _merge_top(rk, rp, bk, fl, LKX, True, False)
+    sc = to_dtype(f32_from_key(rk), S.dtype.element_ty)
+    _store_rows(S, tok64, stride_st, stride_sk, sc, store_ok, K)
+    _store_rows(I, tok64, stride_it, stride_ik, rp, store_ok, K)
 
 
 # ---------------------------------------------------------------------------------------
@@ -668,6 +619,17 @@ def _pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
 
+# Fast-path limits; beyond them ``pruned_router_forward`` uses the PyTorch pruned
+# reference on the same device (documented in docs/router.md).
+MAX_FAST_K = 256
+MAX_FAST_N = 4096
+_MAX_SORT_WIDTH = 4096
+# From this many tokens the streaming kernel is chosen for k <= 16 (at T = 1024, N = 256
+# both kernels take ~6.5 us of GPU time; at T = 4096, N = 256/512/1024 streaming takes
+# 9.4/13.5/22.9 us vs the warp kernel's 16.1/29.1/40.1: H100, docs/benchmarks.md).
+STREAM_MIN_T = 4096
+
+
 @functools.lru_cache(maxsize=None)
 def candidate_pairs(k: int, kx: int) -> tuple[tuple[int, int], ...]:
     """Rank pairs (a, b), a, b < kx, with (a + 1) * (b + 1) <= k (at least k of them)."""
@@ -679,37 +641,21 @@ def candidate_width(k: int, kx: int) -> int:
     return max(_pow2(len(candidate_pairs(k, kx))), _pow2(k))
 
 
-_CAND_CACHE: dict = {}
+def fast_path_ok(N: int, k: int) -> bool:
+    """Whether (N, k) runs in a Triton kernel (else the PyTorch pruned reference)."""
+    if k < 1 or k > MAX_FAST_K or _pow2(N) > MAX_FAST_N:
+        return False
+    kx = min(k, N)
+    return min(candidate_width(k, kx), _pow2(kx) ** 2) <= _MAX_SORT_WIDTH
 
 
-def _candidate_table(k: int, kx: int, width: int, device) -> torch.Tensor:
-    key = (k, kx, width, device)
-    t = _CAND_CACHE.get(key)
-    if t is None:
-        pairs = candidate_pairs(k, kx)
-        vals = [(a << 16) | b for a, b in pairs] + [-1] * (width - len(pairs))
-        t = torch.tensor(vals, dtype=torch.int32, device=device)
-        _CAND_CACHE[key] = t
-    return t
-
-
-_SM_CACHE: dict = {}
-
-
-def _device_info(device) -> tuple[int, int]:
-    """(multiprocessor count, compute-capability major); the interpreter gets (2, 0)."""
-    if device.type != "cuda":
-        return 2, 0  # a small persistent grid still loops over several tiles
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    info = _SM_CACHE.get(idx)
-    if info is None:
-        p = torch.cuda.get_device_properties(idx)
-        info = _SM_CACHE[idx] = (p.multi_processor_count, p.major)
-    return info
+def stream_ok(N: int, k: int) -> bool:
+    """Whether the streaming (token-per-thread) kernel applies: k <= 16 <= next_pow2(N)."""
+    return 1 <= k <= 16 and _pow2(N) >= 16
 
 
 def threshold_ok(N: int, k: int, lm: int) -> bool:
-    """Whether the threshold per-axis stage applies (else the full-row bitonic top-k').
+    """Whether the warp kernel's threshold per-axis stage applies with M = 2^lm slots.
 
     Rows are cut into 32 lanes of NP/32 columns; the k'' = next_pow2(k') <= 32 groups
     (interleaved lanes) whose maxima bound the threshold must each hold a real column.
@@ -724,32 +670,59 @@ def threshold_ok(N: int, k: int, lm: int) -> bool:
     return kxp <= 16  # lanes g < k'' own a real column only if (k''-1)*NP/32 < N
 
 
-def stream_ok(N: int, k: int) -> bool:
-    """Whether the streaming (token-per-thread) kernel applies: k <= 16 <= next_pow2(N)."""
-    return 1 <= k <= 16 and _pow2(N) >= 16
+@dataclass(frozen=True)
+class StreamConfig:
+    """Launch configuration of the streaming kernel (k <= 16 <= next_pow2(N)).
+
+    lpt: threads per token, a power of two, at most min(32, next_pow2(N) / 16) (each
+        thread streams >= 16 columns).
+    warps: warps per program (32 * warps threads).
+    gsplit: with lpt > 1, a token's threads share the grid stage's candidate blocks.
+    """
+
+    lpt: int = 1
+    warps: int = 4
+    gsplit: bool = False
 
 
-def _stream_defaults(T: int, N: int, k: int) -> dict:
+@dataclass(frozen=True)
+class WarpConfig:
+    """Launch configuration of the warp kernel (every fast-path shape).
+
+    tile_t: tokens per tile (a power of two); warps: warps per program; thresh: use the
+        threshold per-axis stage (needs ``threshold_ok(N, k, lm)``) instead of the
+        full-row bitonic top-k'; lm: log2 of the survivor slots M of that stage; grid: 0
+        = all k''^2 grid pairs in registers, 1 = the pruned pairs fetched through
+        scratch; progs_per_sm: persistent programs per multiprocessor.
+    """
+
+    tile_t: int = 4
+    warps: int = 4
+    thresh: bool = False
+    lm: int = 0
+    grid: int = 0
+    progs_per_sm: int = 8
+
+
+def _stream_rule(T: int, N: int) -> StreamConfig:
     # About 32K threads in flight: LPT = next_pow2(32768 / T) threads per token (H100
-    # sweep, docs/benchmarks.md "Forward: launch rules": the best LPT was 8 at T = 4096,
-    # 4 at 8192, 2 (= 4) at 16384, 1 (= 2) at 32768 and 1 at 65536).  Each thread streams
-    # >= 16 columns.  With LPT > 1 the token's lanes share the grid stage (gsplit).
+    # sweep, docs/benchmarks.md: the best LPT was 8 at T = 4096, 4 at 8192, 2 (= 4) at
+    # 16384, 1 (= 2) at 32768 and 1 at 65536).  With LPT > 1 the token's lanes share the
+    # grid stage.
     lpt = _pow2(max(1, -(-32768 // max(1, T))))
     lpt = max(1, min(lpt, 32, _pow2(N) // 16))
-    return dict(kernel="stream", lpt=lpt, warps=4, gsplit=lpt > 1)
+    return StreamConfig(lpt=lpt, warps=4, gsplit=lpt > 1)
 
 
-def _warp_defaults(T: int, N: int, k: int, sm_major: int) -> dict:
-    # Measured on an H100 (docs/optimized_router.md, run 1): small CTAs (2 tokens,
-    # 2 warps) are fastest at large T; at T <= 4096 and N <= 256 the full-row per-axis
-    # sort beats the threshold stage (no scratch round trip).
+def _warp_rule(T: int, N: int, k: int, sm_major: int) -> WarpConfig:
+    # Measured on an H100 (docs/router.md): small CTAs (2 tokens, 2 warps) are fastest
+    # at large T; at T <= 4096 and N <= 256 the full-row per-axis sort beats the
+    # threshold stage (no scratch round trip).
     NP = _pow2(N)
     kx = min(k, N)
     kxp = _pow2(kx)
     lm = _log2(2 * kxp)
     cp = candidate_width(k, kx)
-    # Pruned pairs through scratch.  (Gathering them in registers with tl.gather crashed
-    # triton 3.6's OptimizeThreadLocality pass; that variant was removed.)
     grid = 1 if cp < kxp * kxp else 0
     thresh = threshold_ok(N, k, lm)
     if T > 4096 or NP > 256:
@@ -762,116 +735,147 @@ def _warp_defaults(T: int, N: int, k: int, sm_major: int) -> dict:
     widest = max(NP, cp if grid else kxp * kxp)
     tile_t = max(1, min(tile_t, (32 * 32 * warps) // widest))
     tile_t = min(tile_t, _pow2(max(1, T)))
-    return dict(kernel="warp", tile_t=tile_t, warps=warps, thresh=thresh,
-                lm=lm, grid=grid, lane_first=False, progs_per_sm=8 if sm_major >= 9 else 4)
+    return WarpConfig(tile_t=tile_t, warps=warps, thresh=thresh, lm=lm, grid=grid,
+                      progs_per_sm=8 if sm_major >= 9 else 4)
 
 
-def default_config(T: int, N: int, k: int, dtype: torch.dtype, sm_major: int = 9) -> dict:
-    """Launch configuration for one shape: a few rules, measured on an H100 (sm90).
+def default_config(T: int, N: int, k: int, sm_major: int = 9,
+                   kernel: str | None = None) -> StreamConfig | WarpConfig | None:
+    """The launch configuration ``pruned_router_forward`` uses for a shape.
 
-    kernel: "stream" (token per thread(s), k <= 16) or "warp" (rows across a warp).
-    stream keys: lpt (threads per token), warps.
-    warp keys: tile_t (tokens per tile), warps, thresh (threshold per-axis stage), lm
-    (log2 of the survivor slots M), grid (0 = all k''^2 pairs, 1 = pruned pairs via
-    scratch), lane_first (full-row stage
-    numbering), progs_per_sm (persistent programs per multiprocessor).
-    See docs/optimized_router.md for the measurements behind each rule.
+    The rule, measured on an H100 (sm90; docs/router.md): the streaming kernel for k <= 16
+    from T = ``STREAM_MIN_T`` tokens, else the warp kernel.  ``kernel`` ("stream" or
+    "warp") asks for that kernel's rule instead (e.g. to start a tuning sweep from it).
+    None: the shape is past the fast path and runs the PyTorch pruned reference.
     """
-    if STREAM_KERNEL and stream_ok(N, k) and T >= STREAM_MIN_T:
-        return _stream_defaults(T, N, k)
-    return _warp_defaults(T, N, k, sm_major)
-
-
-def fast_path_ok(N: int, k: int) -> bool:
-    """Whether (N, k) runs in the Triton kernel (else the PyTorch pruned reference)."""
-    if k > MAX_FAST_K or _pow2(N) > MAX_FAST_N:
-        return False
-    kx = min(k, N)
-    return min(candidate_width(k, kx), _pow2(kx) ** 2) <= _MAX_SORT_WIDTH
-
-
-_PLANS: dict = {}
-
-
-def _plan(T, N, k, dtype, device, config, stage):
-    """Everything about a launch that depends only on the shape (cached: host time
-    matters when the kernel itself takes a few microseconds)."""
-    key = (T, N, k, dtype, device, tuple(sorted(config.items())) if config else None, stage)
-    plan = _PLANS.get(key)
-    if plan is not None:
-        return plan
+    if kernel not in (None, "stream", "warp"):
+        raise ValueError(f"kernel must be None, 'stream' or 'warp', got {kernel!r}")
     if not fast_path_ok(N, k):
-        plan = None
+        return None
+    if kernel == "stream" or (kernel is None and stream_ok(N, k) and T >= STREAM_MIN_T):
+        if not stream_ok(N, k):
+            raise ValueError(f"the streaming kernel needs 1 <= k <= 16 <= next_pow2(N), got N={N}, k={k}")
+        return _stream_rule(T, N)
+    return _warp_rule(T, N, k, sm_major)
+
+
+class _Launch(NamedTuple):
+    """Everything about a launch that depends only on the shape and the config."""
+
+    kernel: str            # "stream" or "warp"
+    programs: int
+    kx: int
+    num_tiles: int         # warp kernel: token tiles (persistent loop)
+    scratch_words: int     # warp kernel: int32 scratch words
+    cand: torch.Tensor | None
+    constants: dict
+
+
+def _check_power_of_two(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
+        raise ValueError(f"config.{name} must be a power of two >= 1, got {v!r}")
+    return v
+
+
+def _stream_launch(T, N, k, packed, cfg: StreamConfig) -> _Launch:
+    if not stream_ok(N, k):
+        raise ValueError(f"StreamConfig needs 1 <= k <= 16 <= next_pow2(N), got N={N}, k={k}")
+    NP = _pow2(N)
+    lpt = _check_power_of_two("lpt", cfg.lpt)
+    if lpt > min(32, NP // 16):
+        raise ValueError(f"config.lpt must be <= min(32, next_pow2(N) / 16) = "
+                         f"{min(32, NP // 16)} at N={N}, got {lpt}")
+    warps = _check_power_of_two("warps", cfg.warps)
+    if cfg.gsplit and lpt == 1:
+        raise ValueError("config.gsplit needs lpt > 1")
+    R = 32 * warps
+    sb = 0
+    while ((1 << sb) + 1) ** 2 <= k:
+        sb += 1
+    kx = min(k, N)
+    consts = dict(R=R, LLPT=_log2(lpt), SEG=NP // lpt, LKX=_log2(_pow2(kx)), SB=sb, KS=k,
+                  PACKED=packed, EVEN_N=(N == NP), GSPLIT=bool(cfg.gsplit), num_warps=warps)
+    return _Launch("stream", triton.cdiv(T, R // lpt), kx, 0, 0, None, consts)
+
+
+def _warp_launch(T, N, k, packed, cfg: WarpConfig, sms: int, device) -> _Launch:
+    NP = _pow2(N)
+    kx = min(k, N)
+    kxp = _pow2(kx)
+    if cfg.thresh and not threshold_ok(N, k, cfg.lm):
+        raise ValueError(f"config.thresh: the threshold stage does not apply at N={N}, k={k}, "
+                         f"lm={cfg.lm} (see threshold_ok)")
+    if cfg.grid not in (0, 1):
+        raise ValueError(f"config.grid must be 0 or 1, got {cfg.grid!r}")
+    tile_t = _check_power_of_two("tile_t", cfg.tile_t)
+    warps = _check_power_of_two("warps", cfg.warps)
+    if isinstance(cfg.progs_per_sm, bool) or not isinstance(cfg.progs_per_sm, int) or cfg.progs_per_sm < 1:
+        raise ValueError(f"config.progs_per_sm must be an int >= 1, got {cfg.progs_per_sm!r}")
+    lm = cfg.lm if cfg.thresh else 0
+    if cfg.grid:
+        width = candidate_width(k, kx)
+        pairs = candidate_pairs(k, kx)
+        cand = torch.tensor([(a << 16) | b for a, b in pairs] + [-1] * (width - len(pairs)),
+                            dtype=torch.int32, device=device)
     else:
-        sms, major = _device_info(device)
-        cfg = default_config(T, N, k, dtype, major)
-        if config:
-            if config.get("kernel", cfg["kernel"]) != cfg["kernel"]:
-                cfg = (_stream_defaults(T, N, k) if config["kernel"] == "stream"
-                       else _warp_defaults(T, N, k, major))
-            cfg.update(config)
-        NP = _pow2(N)
-        kx = min(k, N)
-        kxp = _pow2(kx)
-        kp = _pow2(k)
-        packed = dtype != torch.float32
-        if cfg["kernel"] == "stream":
-            assert stream_ok(N, k)
-            warps = int(cfg["warps"])
-            lpt = max(1, min(_pow2(int(cfg["lpt"])), 32, NP // 16))
-            R = 32 * warps
-            sb = 0
-            while ((1 << sb) + 1) ** 2 <= k:
-                sb += 1
-            gsplit = bool(cfg.get("gsplit", False)) and lpt > 1
-            consts = dict(R=R, LLPT=_log2(lpt), SEG=NP // lpt, LKX=_log2(kxp), SB=sb, KS=k,
-                          PACKED=packed, EVEN_N=(N == NP), GSPLIT=gsplit, STAGE=stage,
-                          num_warps=warps)
-            if cfg.get("maxnreg"):
-                consts["maxnreg"] = int(cfg["maxnreg"])
-            plan = ("stream", triton.cdiv(T, R // lpt), kx, consts)
-        else:
-            thresh = bool(cfg["thresh"]) and threshold_ok(N, k, cfg["lm"])
-            lm = cfg["lm"] if thresh else 0
-            grid_mode = int(cfg["grid"])
-            if grid_mode not in (0, 1):
-                raise ValueError(f"config['grid'] must be 0 or 1, got {cfg['grid']!r}")
-            if grid_mode:
-                width = candidate_width(k, kx)
-                cand = _candidate_table(k, kx, width, device)
-            else:
-                width = kxp * kxp
-                cand = None
-            rg = 8 if packed else 4
-            lane_first = bool(cfg.get("lane_first")) and not thresh and NP >= 2 * rg
-            tile_t = int(cfg["tile_t"])
-            num_tiles = triton.cdiv(T, tile_t)
-            nprog = max(1, min(num_tiles, sms * int(cfg["progs_per_sm"])))
-            npay = 1 if packed else 2
-            words = (2 * (1 << lm) * npay if thresh else 0) + (2 * kxp * npay if grid_mode == 1 else 0)
-            consts = dict(TILE_T=tile_t, LNP=_log2(NP), LKX=_log2(kxp), LKO=_log2(kp),
-                          LC=_log2(width), LM=lm, AXIS_THRESH=thresh, GRID=grid_mode,
-                          PACKED=packed, EVEN_N=(N == NP), LANE_FIRST=lane_first, STAGE=stage,
-                          num_warps=int(cfg["warps"]))
-            if cfg.get("maxnreg"):
-                consts["maxnreg"] = int(cfg["maxnreg"])
-            plan = ("warp", nprog, num_tiles, kx, max(1, nprog * tile_t * words), cand, consts)
-    if len(_PLANS) > 4096:
-        _PLANS.clear()
-    _PLANS[key] = plan
-    return plan
+        width = kxp * kxp
+        cand = None
+    num_tiles = triton.cdiv(T, tile_t)
+    nprog = max(1, min(num_tiles, sms * cfg.progs_per_sm))
+    npay = 1 if packed else 2
+    words = (2 * (1 << lm) * npay if cfg.thresh else 0) + (2 * kxp * npay if cfg.grid else 0)
+    consts = dict(TILE_T=tile_t, LNP=_log2(NP), LKX=_log2(kxp), LKO=_log2(_pow2(k)),
+                  LC=_log2(width), LM=lm, AXIS_THRESH=bool(cfg.thresh), GRID=cfg.grid,
+                  PACKED=packed, EVEN_N=(N == NP), num_warps=warps)
+    return _Launch("warp", nprog, kx, num_tiles, max(1, nprog * tile_t * words), cand, consts)
+
+
+def _device_info(device) -> tuple[int, int]:
+    """(multiprocessor count, compute-capability major); the interpreter gets (2, 0), so
+    that a small persistent grid still loops over several tiles."""
+    if device.type != "cuda":
+        return 2, 0
+    p = torch.cuda.get_device_properties(device)
+    return p.multi_processor_count, p.major
+
+
+def plan(T: int, N: int, k: int, dtype: torch.dtype, device: torch.device,
+         config: StreamConfig | WarpConfig | None = None) -> _Launch | None:
+    """The launch ``pruned_router_forward`` makes for this shape and config.  None: the
+    PyTorch pruned reference runs instead.  Raises TypeError/ValueError for a config
+    that is not one or does not apply to the shape."""
+    if config is not None and not isinstance(config, (StreamConfig, WarpConfig)):
+        raise TypeError(f"config must be a StreamConfig or WarpConfig, got {type(config).__name__}")
+    return _plan(T, N, k, dtype, device, config)
+
+
+# Cached: host time matters when the kernel itself takes a few microseconds.
+@functools.lru_cache(maxsize=4096)
+def _plan(T, N, k, dtype, device, config) -> _Launch | None:
+    sms, major = _device_info(device)
+    if config is None:
+        config = default_config(T, N, k, major)
+        if config is None:
+            return None
+    elif not fast_path_ok(N, k):
+        raise ValueError(f"no Triton kernel serves N={N}, k={k} (past the fast path); "
+                         f"leave config=None")
+    packed = dtype != torch.float32
+    if isinstance(config, StreamConfig):
+        return _stream_launch(T, N, k, packed, config)
+    return _warp_launch(T, N, k, packed, config, sms, device)
 
 
 def pruned_router_forward(x: torch.Tensor, y: torch.Tensor, k: int, scores=None, indices=None,
-                          *, config: dict | None = None, stage: int = 2):
+                          *, config: StreamConfig | WarpConfig | None = None):
     """Exact top-k of x[t, i] + y[t, j]; returns (scores (T, k) x.dtype, indices (T, k) int32).
 
     x, y: (T, N) float32/float16/bfloat16, any strides, same device (CUDA, or CPU under
     TRITON_INTERPRET=1).  ``scores``/``indices`` may be preallocated (any strides).
     One kernel launch; extra memory O(programs * tile * (M + k')) int32 words.  Shapes
-    past the fast path (k > 256 or N > 4096) use ``omni_moe.reference.router_pruned``.
-    ``config`` overrides ``default_config`` (tuning); ``stage=1`` times the per-axis
-    stage alone (its outputs are not the router's).
+    past the fast path (k > 256 or N > 4096) use ``reference.router_pruned``.
+    ``config``: a ``StreamConfig`` or ``WarpConfig`` to use instead of
+    ``default_config``'s choice; one that does not apply raises ValueError.
     """
     T, N = x.shape
     if scores is None:
@@ -880,34 +884,21 @@ def pruned_router_forward(x: torch.Tensor, y: torch.Tensor, k: int, scores=None,
         indices = torch.empty((T, k), dtype=torch.int32, device=x.device)
     if T == 0 or k == 0:
         return scores, indices
-    plan = _plan(T, N, k, x.dtype, x.device, config, stage)
-    if plan is None:
-        from ..reference.router import router_pruned
-
+    launch = plan(T, N, k, x.dtype, x.device, config)
+    if launch is None:
         s, i = router_pruned(x, y, k)
         scores.copy_(s)
         indices.copy_(i)
         return scores, indices
     strides = (x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                scores.stride(0), scores.stride(1), indices.stride(0), indices.stride(1))
-    if plan[0] == "stream":
-        _, nblocks, kx, consts = plan
-        _pruned_router_stream_kernel[(nblocks,)](
-            x, y, scores, indices, T, N, k, kx, *strides, **consts)
+    if launch.kernel == "stream":
+        _pruned_router_stream_kernel[(launch.programs,)](
+            x, y, scores, indices, T, N, k, launch.kx, *strides, **launch.constants)
         return scores, indices
-    _, nprog, num_tiles, kx, words, cand, consts = plan
-    scratch = torch.empty(words, dtype=torch.int32, device=x.device)
-    _pruned_router_fwd_kernel[(nprog,)](
-        x, y, scores, indices, scratch, cand if cand is not None else indices,
-        T, N, k, kx, num_tiles, *strides, **consts,
+    scratch = torch.empty(launch.scratch_words, dtype=torch.int32, device=x.device)
+    _pruned_router_fwd_kernel[(launch.programs,)](
+        x, y, scores, indices, scratch, launch.cand if launch.cand is not None else indices,
+        T, N, k, launch.kx, launch.num_tiles, *strides, **launch.constants,
     )
     return scores, indices
-
-
-def triton_omni_router_func_optimized(router_logits_x, router_logits_y, num_expert_sqrt,
-                                      num_experts_per_token):
-    """The exact pruned router (autograd-aware; same contract as ``omni_moe.omni_router``)."""
-    from ..router import route
-
-    return route(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token,
-                 "pruned")

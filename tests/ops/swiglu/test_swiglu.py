@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import HAS_CUDA
-from omni_moe.mlp import (
+from omni_moe.ops.swiglu.op import (
     swiglu,
     swiglu_forward_torch,
     swiglu_mlp,
 )
-from omni_moe.triton.swiglu import swiglu_backward, swiglu_forward
+from omni_moe.ops.swiglu.kernels import swiglu_backward, swiglu_forward
 
 # sigmoid(x) = 1 / (1 + exp(-x)) overflows exp harmlessly for x << 0 under the interpreter.
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
