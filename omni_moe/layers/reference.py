@@ -20,15 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def activation(x: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "silu":
-        return F.silu(x)
-    if act == "gelu":
-        return F.gelu(x)
-    if act == "relu":
-        return F.relu(x)
-    raise ValueError(f"act must be one of ('silu', 'gelu', 'relu'), got {act!r}")
+from ..ops._activations import activation
 
 
 def expert_reference(hidden_states, up_weights, down_weights, routing_weights, indices,

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from ..ops._dispatch import use_triton
 from ..ops.expert.op import omni_expert_from_scores
-from ..ops.swiglu.op import ACTIVATIONS, swiglu
+from ..ops._activations import ACTIVATIONS
+from ..ops.swiglu.op import swiglu
 from ..ops.router.op import MAX_NUM_EXPERT_SQRT, omni_router
 
 ROUTER_NORMS = ("batchnorm", "none")

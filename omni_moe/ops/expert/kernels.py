@@ -64,40 +64,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .._activations import ACT_ID, act_fwd, act_fwd_bwd
 from .._triton import to_dtype
-
-ACTIVATIONS = ("silu", "gelu", "relu")
-_ACT_ID = {"silu": 0, "gelu": 1, "relu": 2}
 
 
 # --------------------------------------------------------------------------- helpers
-
-@triton.jit
-def _act_fwd(a, ACT: tl.constexpr):
-    if ACT == 0:
-        z = a * tl.sigmoid(a)
-    elif ACT == 1:
-        z = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
-    else:
-        z = tl.maximum(a, 0.0)
-    return z
-
-
-@triton.jit
-def _act_fwd_bwd(a, ACT: tl.constexpr):
-    if ACT == 0:
-        s = tl.sigmoid(a)
-        z = a * s
-        dz = s * (1.0 + a * (1.0 - s))
-    elif ACT == 1:
-        cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
-        z = a * cdf
-        dz = cdf + a * tl.exp(-0.5 * a * a) * 0.3989422804014327
-    else:
-        z = tl.maximum(a, 0.0)
-        dz = tl.where(a > 0.0, 1.0, 0.0)
-    return z, dz
-
 
 @triton.jit
 def _slot_expert(IDX, rows, row_ok, r, K, E, stride_it, stride_ik, BLOCK_T: tl.constexpr):
@@ -138,7 +109,7 @@ def _store_rows(P, rows, cols, row_ok, col_ok, stride_r, stride_c, acc):
 def _slot_grads(DW, DA, rows, r, K, ok, r_ok, a, w, g, stride_dwt, stride_dwk,
                 ACT: tl.constexpr, LOG_W: tl.constexpr):
     """Store DW[t, r] and DA[t, r] of one slot from a, w and g = v_e . GO[t]; returns da."""
-    z, dz = _act_fwd_bwd(a, ACT)
+    z, dz = act_fwd_bwd(a, ACT)
     dw = tl.where(ok, z * g, 0.0)
     if LOG_W:
         dw = dw * w
@@ -189,7 +160,7 @@ def _token_forward_kernel(
                 u = _rows_f32(UP, e, cols, m, stride_ue, stride_uh)
                 v = _rows_f32(DOWN, e, cols, m, stride_ve, stride_vh)
                 a = tl.where(ok, tl.sum(u * hv, axis=1), 0.0)
-                c = tl.where(ok, _act_fwd(a, ACT) * w, 0.0)
+                c = tl.where(ok, act_fwd(a, ACT) * w, 0.0)
                 acc += c[:, None] * v
                 tl.store(A + rows * K + r, a, mask=r_ok)
         _store_rows(OUT, rows, cols, row_ok, col_ok, stride_ot, stride_oh, acc)
@@ -218,7 +189,7 @@ def _token_forward_kernel(
                     e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik,
                                            stride_wt, stride_wk, LOG_W, BLOCK_T)
                     a = tl.load(A + rows * K + r, mask=ok, other=0.0)
-                    c = tl.where(ok, _act_fwd(a, ACT) * w, 0.0)
+                    c = tl.where(ok, act_fwd(a, ACT) * w, 0.0)
                     v = _rows_f32(DOWN, e, cols, ok[:, None] & col_ok[None, :], stride_ve, stride_vh)
                     acc += c[:, None] * v
             _store_rows(OUT, rows, cols, row_ok, col_ok, stride_ot, stride_oh, acc)
@@ -352,7 +323,7 @@ def _pair_dot_kernel(
         wr = tl.where(valid, tl.exp(wr), 0.0)
     if BACKWARD:
         a = tl.load(A + pair, mask=valid, other=0.0)
-        z, dz = _act_fwd_bwd(a, ACT)
+        z, dz = act_fwd_bwd(a, ACT)
         dw = tl.where(valid, z * acc, 0.0)
         if LOG_W:
             dw = dw * wr
@@ -365,7 +336,7 @@ def _pair_dot_kernel(
         tl.store(C_S_OUT + pos, c, mask=in_range)
         tl.store(T_S_OUT + pos, t.to(tl.int32), mask=in_range)
     else:
-        c = tl.where(valid, _act_fwd(acc, ACT) * wr, 0.0)
+        c = tl.where(valid, act_fwd(acc, ACT) * wr, 0.0)
         tl.store(A + pair, tl.where(valid, acc, 0.0), mask=in_range)
         tl.store(C_OUT + pair, c, mask=in_range)
 
@@ -473,7 +444,7 @@ def _expert_grad_kernel(
                                     other=0.0).to(tl.float32)
                         if LOG_W:
                             w = tl.exp(w)
-                        c = tl.where(ok, _act_fwd(a, ACT) * w, 0.0)
+                        c = tl.where(ok, act_fwd(a, ACT) * w, 0.0)
                     gv = _rows_f32(GO, t, cols, m, stride_gt, stride_gh)
                     acc_v += c[:, None] * gv
         if COMPUTE_DU:
@@ -612,7 +583,7 @@ def launch_token_forward(hidden_states, up_weights, down_weights, routing_weight
         hidden_states.stride(0), hidden_states.stride(1), up_weights.stride(0), up_weights.stride(1),
         down_weights.stride(0), down_weights.stride(1), routing_weights.stride(0),
         routing_weights.stride(1), indices.stride(0), indices.stride(1), out.stride(0), out.stride(1),
-        ACT=_ACT_ID[act], LOG_W=bool(log_weights), BLOCK_T=block_t, BLOCK_H=block_h,
+        ACT=ACT_ID[act], LOG_W=bool(log_weights), BLOCK_T=block_t, BLOCK_H=block_h,
         ONE_CHUNK=H <= block_h, UNROLL=unroll, num_warps=warps,
     )
 
@@ -636,7 +607,7 @@ def launch_token_backward(grad_out, up_weights, down_weights, routing_weights, i
         down_weights.stride(0), down_weights.stride(1), routing_weights.stride(0),
         routing_weights.stride(1), indices.stride(0), indices.stride(1), dw.stride(0), dw.stride(1),
         dh_arg.stride(0), dh_arg.stride(-1),
-        ACT=_ACT_ID[act], LOG_W=bool(log_weights), COMPUTE_DH=dh is not None,
+        ACT=ACT_ID[act], LOG_W=bool(log_weights), COMPUTE_DH=dh is not None,
         BLOCK_T=block_t, BLOCK_H=block_h, ONE_CHUNK=H <= block_h, UNROLL=unroll, num_warps=warps,
     )
 
@@ -662,7 +633,7 @@ def launch_pair_dot(weights, x, sorted_e, perm, routing_weights, a, act, backwar
         P, weights.shape[0], H, K,
         weights.stride(0), weights.stride(1), x.stride(0), x.stride(1),
         routing_weights.stride(0), routing_weights.stride(1), dw_arg.stride(0), dw_arg.stride(1),
-        ACT=_ACT_ID[act], LOG_W=bool(log_weights), BACKWARD=backward,
+        ACT=ACT_ID[act], LOG_W=bool(log_weights), BACKWARD=backward,
         BLOCK_P=block_p, BLOCK_H=block_h, num_warps=warps,
     )
 
@@ -708,7 +679,7 @@ def launch_expert_grads(offsets, perm, a, da, routing_weights, hidden_states, gr
         routing_weights.stride(0), routing_weights.stride(1),
         hidden_states.stride(0), hidden_states.stride(1), grad_out.stride(0), grad_out.stride(1),
         du.stride(0), du.stride(1), dv.stride(0), dv.stride(1), per,
-        ACT=_ACT_ID[act], LOG_W=bool(log_weights), SORTED=bool(sorted_inputs),
+        ACT=ACT_ID[act], LOG_W=bool(log_weights), SORTED=bool(sorted_inputs),
         COMPUTE_DU=dup is not None, COMPUTE_DV=ddown is not None,
         BLOCK_E=block_e, BLOCK_H=block_h, UNROLL=unroll, num_warps=warps,
     )

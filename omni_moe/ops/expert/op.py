@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import use_triton
-from .reference import ACTIVATIONS, expert_backward_reference, expert_forward_reference
+from .._activations import check_activation
+from .reference import expert_backward_reference, expert_forward_reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -53,10 +54,7 @@ def check_expert_args(hidden_states, up_weights, down_weights, routing_weights, 
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     if indices.dtype not in _INDEX_DTYPES:
         raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
-    if not isinstance(act, str):
-        raise TypeError(f"act must be a str, got {type(act).__name__}")
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    check_activation(act)
     dev = hidden_states.device
     for name, t in named[1:]:
         if t.device != dev:

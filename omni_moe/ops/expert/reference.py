@@ -25,40 +25,9 @@ Three functions:
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
-ACTIVATIONS = ("silu", "gelu", "relu")
-
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def activation(a: torch.Tensor, act: str) -> torch.Tensor:
-    """act(a) with torch's own functions (gelu: exact erf form)."""
-    if act == "silu":
-        return F.silu(a)
-    if act == "gelu":
-        return F.gelu(a)
-    if act == "relu":
-        return F.relu(a)
-    raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
-
-
-def activation_and_grad(a: torch.Tensor, act: str):
-    """(act(a), act'(a)) elementwise, in a's dtype.  relu'(0) = 0, as torch's relu."""
-    if act == "silu":
-        s = torch.sigmoid(a)
-        return a * s, s * (1.0 + a * (1.0 - s))
-    if act == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(a * _INV_SQRT2))
-        return a * cdf, cdf + a * torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
-    if act == "relu":
-        return F.relu(a), (a > 0).to(a.dtype)
-    raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
-
+from .._activations import ACTIVATIONS, activation, activation_and_grad
 
 def expert_forward_reference(hidden_states, up_weights, down_weights, routing_weights, indices, act="silu"):
     """(out, a): out (T, H) in hidden_states' dtype, a (T, k) float32 pre-activations."""

@@ -22,39 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._activations import ACT_ID, act_fwd, act_fwd_bwd
 from .._triton import to_dtype
-
-ACTIVATIONS = ("silu", "gelu", "relu")
-_ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
-
-_SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)
-
-
-@triton.jit
-def _act_and_grad(g, ACT: tl.constexpr):
-    """(act(g), act'(g)) in float32."""
-    if ACT == 0:
-        s = tl.sigmoid(g)
-        return g * s, s * (1.0 + g * (1.0 - s))
-    elif ACT == 1:
-        cdf = 0.5 * (1.0 + tl.math.erf(g * _SQRT1_2))
-        pdf = tl.exp(-0.5 * g * g) * _INV_SQRT_2PI
-        return g * cdf, cdf + g * pdf
-    else:
-        # torch's threshold_backward passes the gradient where not (x <= 0); NaN included.
-        return tl.where(g < 0.0, 0.0, g), tl.where(g <= 0.0, 0.0, 1.0)
-
-
-@triton.jit
-def _act(g, ACT: tl.constexpr):
-    if ACT == 0:
-        return g * tl.sigmoid(g)
-    elif ACT == 1:
-        return 0.5 * g * (1.0 + tl.math.erf(g * _SQRT1_2))
-    else:
-        return tl.where(g < 0.0, 0.0, g)
-
 
 @triton.jit
 def _tile(M, I, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
@@ -87,7 +56,7 @@ def _swiglu_fwd_kernel(
     rows, cols64, mask = _tile(M, I, BLOCK_M, BLOCK_I)
     g = _load_tile(GATE, rows, cols64, mask, stride_gm, stride_gi)
     u = _load_tile(UP, rows, cols64, mask, stride_um, stride_ui)
-    out = _act(g.to(tl.float32), ACT) * u.to(tl.float32)
+    out = act_fwd(g.to(tl.float32), ACT) * u.to(tl.float32)
     tl.store(OUT + rows[:, None] * stride_om + cols64[None, :],
              to_dtype(out, OUT.dtype.element_ty), mask=mask)
 
@@ -111,7 +80,7 @@ def _swiglu_bwd_kernel(
     g = _load_tile(GATE, rows, cols64, mask, stride_gm, stride_gi)
     u = _load_tile(UP, rows, cols64, mask, stride_um, stride_ui)
     d = d.to(tl.float32)
-    a, da = _act_and_grad(g.to(tl.float32), ACT)
+    a, da = act_fwd_bwd(g.to(tl.float32), ACT)
     dg = d * u.to(tl.float32) * da
     du = d * a
     tl.store(DGATE + rows[:, None] * stride_dgm + cols64[None, :],
@@ -150,7 +119,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, act: str, out: torch.Te
     _swiglu_fwd_kernel[grid](
         gate, up, out, M, I,
         gate.stride(0), gate.stride(1), up.stride(0), up.stride(1), out.stride(0),
-        ACT=_ACT_ID[act], BLOCK_M=block_m, BLOCK_I=block_i, num_warps=warps,
+        ACT=ACT_ID[act], BLOCK_M=block_m, BLOCK_I=block_i, num_warps=warps,
     )
     return out
 
@@ -171,6 +140,6 @@ def swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, ac
         grad, gate, up, dgate, dup, M, I,
         grad.stride(0), grad.stride(1), gate.stride(0), gate.stride(1),
         up.stride(0), up.stride(1), dgate.stride(0), dup.stride(0),
-        ACT=_ACT_ID[act], BLOCK_M=block_m, BLOCK_I=block_i, num_warps=warps,
+        ACT=ACT_ID[act], BLOCK_M=block_m, BLOCK_I=block_i, num_warps=warps,
     )
     return dgate, dup

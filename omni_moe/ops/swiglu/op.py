@@ -18,18 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._activations import ACTIVATIONS, activation, activation_and_grad, check_activation
 from .._dispatch import use_triton
 
-ACTIVATIONS = ("silu", "gelu", "relu")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def check_activation(act, name: str = "act") -> None:
-    """Raise TypeError/ValueError naming ``name`` unless ``act`` is a supported activation."""
-    if not isinstance(act, str):
-        raise TypeError(f"{name} must be a str, one of {ACTIVATIONS}, got {type(act).__name__}")
-    if act not in ACTIVATIONS:
-        raise ValueError(f"{name} must be one of {ACTIVATIONS}, got {act!r}")
 
 
 def check_swiglu_args(gate, up, act) -> None:
@@ -51,33 +43,15 @@ def check_swiglu_args(gate, up, act) -> None:
 
 
 # --------------------------------------------------------------------------- PyTorch path
-def _act_torch(g: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "silu":
-        return F.silu(g)
-    if act == "gelu":
-        return F.gelu(g)
-    return F.relu(g)
-
-
-def _act_grad_torch(g: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "silu":
-        s = torch.sigmoid(g)
-        return s * (1.0 + g * (1.0 - s))
-    if act == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(g * 0.7071067811865476))
-        return cdf + g * torch.exp(-0.5 * g * g) * 0.3989422804014327
-    # threshold_backward's rule: zero where x <= 0, the gradient elsewhere (NaN included).
-    return (~(g <= 0)).to(g.dtype)
-
-
 def swiglu_forward_torch(gate, up, act):
     """The forward formula in PyTorch: float32 math, one rounding to the input dtype."""
-    return (_act_torch(gate.float(), act) * up.float()).to(gate.dtype)
+    return (activation(gate.float(), act) * up.float()).to(gate.dtype)
 
 
 def swiglu_backward_torch(grad, gate, up, act):
     g, u, d = gate.float(), up.float(), grad.float()
-    return (d * u * _act_grad_torch(g, act)).to(gate.dtype), (d * _act_torch(g, act)).to(up.dtype)
+    z, dz = activation_and_grad(g, act)
+    return (d * u * dz).to(gate.dtype), (d * z).to(up.dtype)
 
 
 # --------------------------------------------------------------------------- custom op
