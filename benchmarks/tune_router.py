@@ -4,7 +4,7 @@ A maintainer reruns this on a GPU after changing a kernel or a rule: for each sh
 candidate configuration (the rule's choice first) is checked against brute force on a
 sample of rows, then timed on rotating input sets larger than L2, eagerly (``do_bench``
 median, host included) and from a CUDA graph (GPU time only).  The rule should be the
-fastest within noise; docs/router.md records the last run.
+fastest within noise; docs/router.md records the measurements behind the rules.
 
     PYTHONPATH=. python benchmarks/tune_router.py --json OUT.json [--cases "T,N,k;..."]
 """

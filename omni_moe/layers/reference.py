@@ -2,7 +2,7 @@
 
 This is the test oracle (run in float64) and the "PyTorch reference" the layer benchmark
 compares against (run in the benchmark's dtype).  It computes the formula of
-docs/omni_moe_layer.md directly:
+docs/layer.md directly:
 
     lx = norm(W_x h), ly = norm(W_y h);  px = log_softmax(lx), py = log_softmax(ly)
     scores, idx = top-k over (i, j) of px[i] + py[j]
@@ -50,7 +50,7 @@ def route_reference(px: torch.Tensor, py: torch.Tensor, k: int, indices: torch.T
     """Top-k of px[:, i] + py[:, j] over the N x N grid, in px's dtype.
 
     Exact through per-axis top-k' (k' = min(k, N)) and the k' x k' grid (see
-    docs/omni_router.md); only the choice among exactly equal sums is arbitrary.
+    docs/router.md); only the choice among exactly equal sums is arbitrary.
     With ``indices`` given, returns the sums at those indices instead (same routing as
     another run).  Differentiable in px and py.
     """

@@ -14,7 +14,7 @@ Per token h (see docs/layer.md):
 
 Launches of one eager training step on CUDA (docs/layer.md): the two gate projections
 are one GEMM (stacked weights); BatchNorm + log_softmax of both axes are 3 Triton
-launches (``omni_moe.triton.router_norm``); exp(scores) is fused into the expert
+launches (``omni_moe.ops.router_norm.kernels``); exp(scores) is fused into the expert
 kernels; the shared MLP's last GEMM adds the experts' output in its epilogue (addmm).
 
 Parameter names follow the public reference module (flash-algo/omni-moe ``OmniMoE``):
@@ -250,7 +250,7 @@ class OmniMoE(nn.Module):
         """(px, py): float32 (T, N) log_softmax(norm(W_x h)), log_softmax(norm(W_y h)).
 
         Fast path (Triton tensors, eager): one GEMM with the stacked gate weights, then
-        ``omni_moe.triton.router_norm`` (3 launches forward and backward in training, 1
+        ``omni_moe.ops.router_norm.kernels`` (3 launches forward and backward in training, 1
         otherwise, instead of ~10 each way); px and py are the two column halves of one
         (T, 2N) tensor.  Same math as the plain path below, which runs otherwise (CPU,
         torch.compile -- where inductor fuses it --, N > 4096, momentum=None, hooks on

@@ -37,8 +37,8 @@ experts).  2*E*H*b bytes of writes, which autograd's dense parameter gradients
 require: at E = 2^20, H = 2048, bf16 that is 8 GiB (~2.7 ms at 3 TB/s) and it
 dominates the backward at that size.
 
-Measured (H100 80GB HBM3, triton 3.6, bf16, 2026-11-26; scripts/profile_layer.py, see
-docs/layer.md) at (T,H,E,k) = (4096,1024,4096,16) / (8192,1024,65536,32) /
+Measured (H100 80GB HBM3, triton 3.6, bf16, 2026-11-26; one-off profile, see
+docs/expert.md) at (T,H,E,k) = (4096,1024,4096,16) / (8192,1024,65536,32) /
 (4096,2048,2^20,16): token forward 55 / 364 / 217 us and token backward 61 / 372 / 226 us
 per launch; op fwd+bwd GPU-only (CUDA graph) 0.233 ms ("token") and 0.746 ms ("expert")
 at the first two sizes; at the third the expert-gradient launch alone took 3.20 ms (the
@@ -50,10 +50,10 @@ nothing is read back to the host.
 
 Indices outside [0, E) are masked everywhere (they contribute nothing and receive no
 gradient) and never dereferenced; the op raises on them only for CPU tensors, where
-the check costs no device sync (see ``omni_moe.expert``).
+the check costs no device sync (see ``op.py``).
 
 Arithmetic: elementwise float32 FMA + ``tl.sum`` (IEEE float32, no tf32), whatever the
-input dtypes; outputs rounded once (RNE) to their dtype via ``utils.to_dtype``.
+input dtypes; outputs rounded once (RNE) to their dtype via ``_triton.to_dtype``.
 """
 
 from __future__ import annotations
@@ -399,7 +399,7 @@ def _expert_grad_kernel(
     dense (E, H) gradients are fully written by this launch (at E = 2^20 that 8 GiB
     write is the whole cost).
     Grid: (cdiv(E, experts_per_program), cdiv(H, BLOCK_H)).  j loop unrolled UNROLL times.
-    Bytes: HID/GO rows 2*P*H*b gathered (L2-resident at the issue's sizes), metadata
+    Bytes: HID/GO rows 2*P*H*b gathered (L2-resident at the benchmark sizes), metadata
     ~16*P per column block, 4*(E+1) offsets, writes 2*E*H*b.
     Cost of skew: a block's trip count is its busiest expert's pair count.
     """
@@ -466,7 +466,7 @@ def choose_mode(T: int, H: int, E: int, K: int, itemsize: int) -> str:
     """"expert" when the u/v tables do not fit in L2 and pairs share experts (P >= 2 D,
     D from uniform routing); else "token".  Shapes only: no data is read.
 
-    Measured on H100 (bf16, 2026-11-26, scripts/profile_layer.py): at (T,H,E,k) =
+    Measured on H100 (bf16, 2026-11-26, one-off profile, docs/expert.md): at (T,H,E,k) =
     (8192,1024,65536,32) the "expert" schedule's fwd+bwd is 0.746 ms GPU-only (CUDA
     graph), where the "token" schedule's launches alone add up to ~1.15 ms; at
     (4096,2048,2^20,16) the "token" forward takes 0.217 ms against 0.29 ms.
@@ -481,7 +481,7 @@ def choose_mode(T: int, H: int, E: int, K: int, itemsize: int) -> str:
 
 def _token_config(T: int, H: int, K: int):
     """(BLOCK_T, BLOCK_H, UNROLL, num_warps); ONE_CHUNK follows from H <= BLOCK_H.
-    Measured on H100 (bf16, scripts/profile_layer.py sweep): one token per program with
+    Measured on H100 (bf16, one-off sweep, docs/expert.md): one token per program with
     its whole row, 4 warps per 1K columns, slot loop unrolled twice, was the best of
     the configurations tried at H = 1024 and 2048."""
     if CONFIG_OVERRIDE["token"] is not None:
@@ -496,7 +496,7 @@ def _token_config(T: int, H: int, K: int):
 def _pair_dot_config(P: int, H: int):
     if CONFIG_OVERRIDE["pair_dot"] is not None:
         return CONFIG_OVERRIDE["pair_dot"]
-    # Measured on H100: (8, 256) was the best or within 2% of it at all three issue
+    # Measured on H100: (8, 256) was the best or within 2% of it at all three benchmark
     # sizes, among (4|8|16, 256), (32, 128), (4, 512), (8, 512), (2, 1024).
     block_h = max(16, min(256, triton.next_power_of_2(max(H, 1))))
     block_p = max(1, min(8, 2048 // block_h, triton.next_power_of_2(max(P, 1))))
@@ -507,7 +507,7 @@ def _gather_config(T: int, H: int, K: int):
     if CONFIG_OVERRIDE["gather"] is not None:
         return CONFIG_OVERRIDE["gather"]
     # Measured on H100: 4 tokens x 256 columns, slot loop unrolled twice, was the best
-    # or within 1% of it at all three issue sizes.
+    # or within 1% of it at all three benchmark sizes.
     block_h = max(16, min(256, triton.next_power_of_2(max(H, 1))))
     block_t = max(1, min(4, 1024 // block_h, triton.next_power_of_2(max(T, 1))))
     unroll = 2 if K >= 2 else 1
@@ -520,9 +520,9 @@ def _expert_grad_config(P: int, E: int, H: int):
 
     One expert per program with up to 1024 columns: the trip count is that expert's own
     pair count (with several experts per program it is the busiest one's: 1.3x / 1.55x
-    the pairs at the first two issue sizes with 4 experts, the router's routing not
+    the pairs at the first two benchmark sizes with 4 experts, the router's routing not
     being uniform), and the pair metadata is read once per 1024 columns.  Measured on
-    H100 (scripts/profile_layer.py, run 2; expert op fwd+bwd at (4096,2048,2^20,16)):
+    H100 (one-off profile, docs/expert.md; expert op fwd+bwd at (4096,2048,2^20,16)):
     (1, 1024, 2, 4 warps) 3.64 ms, (4, 256, 2, 4) 3.65-3.71, (1, 1024, 2, 8) 4.02-4.10,
     the same with 128 experts per program 3.86; at the smaller sizes the differences
     were inside the run-to-run noise of the host-bound timings.  Every tiling gives the

@@ -10,11 +10,11 @@ fullgraph=True)`` traces through them.  In eager mode the same two implementatio
 functions run behind a ``torch.autograd.Function`` instead (less host time per call);
 both paths give identical bits (tested).
 
-Dispatch (``omni_moe._dispatch.use_triton``): CUDA tensors, and CPU tensors under
-``TRITON_INTERPRET=1``, run the Triton kernels of ``omni_moe.triton.omni_expert`` (its
+Dispatch (``omni_moe.ops._dispatch.use_triton``): CUDA tensors, and CPU tensors under
+``TRITON_INTERPRET=1``, run the Triton kernels of ``kernels.py`` (its
 docstring: two schedules chosen from the shapes; one launch forward and two plus a
 device sort backward in the default one); other CPU tensors run the token-centric PyTorch
-reference of ``omni_moe.reference.expert``.
+reference of ``reference.py``.
 
 Index range: indices must lie in [0, E).  Checking that on a CUDA tensor needs a device
 -> host sync, which this op never does; there, out-of-range slots are masked instead

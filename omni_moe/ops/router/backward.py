@@ -19,7 +19,7 @@ pair itself is loaded by every lane of the token (a broadcast within the warp) s
 arrives in the tile's layout with no shuffle.  Per column and pair the compiler emits
 one integer compare and one predicated add.  A plain [TILE_T, N] tile (Triton's default
 layout puts tokens in registers and columns across lanes) paid the per-pair work once
-per 2 columns and ran 2-4x slower (H100 measurements: docs/benchmarks.md, "Router
+per 2 columns and ran 2-4x slower (H100 measurements: docs/router.md, "Router
 backward").
 """
 
@@ -105,7 +105,7 @@ class BackwardConfig:
 
 
 def default_config(n: int) -> BackwardConfig:
-    """The rule for N, measured on an H100 (docs/benchmarks.md): ~32 columns per thread
+    """The rule for N, measured on an H100 (docs/router.md): ~32 columns per thread
     and axis (C = 8 lanes per token at N = 256, 32 at N = 1024), 4 warps, 4 pairs per
     loop step; columns past 1024 go to a second grid dimension so that the float32 tiles
     stay in registers."""

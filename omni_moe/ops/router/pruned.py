@@ -626,7 +626,7 @@ MAX_FAST_N = 4096
 _MAX_SORT_WIDTH = 4096
 # From this many tokens the streaming kernel is chosen for k <= 16 (at T = 1024, N = 256
 # both kernels take ~6.5 us of GPU time; at T = 4096, N = 256/512/1024 streaming takes
-# 9.4/13.5/22.9 us vs the warp kernel's 16.1/29.1/40.1: H100, docs/benchmarks.md).
+# 9.4/13.5/22.9 us vs the warp kernel's 16.1/29.1/40.1: H100, docs/router.md).
 STREAM_MIN_T = 4096
 
 
@@ -706,7 +706,7 @@ class WarpConfig:
 
 def _stream_rule(T: int, N: int) -> StreamConfig:
     # About 32K threads in flight: LPT = next_pow2(32768 / T) threads per token (H100
-    # sweep, docs/benchmarks.md: the best LPT was 8 at T = 4096, 4 at 8192, 2 (= 4) at
+    # sweep, docs/router.md: the best LPT was 8 at T = 4096, 4 at 8192, 2 (= 4) at
     # 16384, 1 (= 2) at 32768 and 1 at 65536).  With LPT > 1 the token's lanes share the
     # grid stage.
     lpt = _pow2(max(1, -(-32768 // max(1, T))))

@@ -10,7 +10,7 @@ descending, rounded to the input dtype; indices are int32.
 
 ``router_bruteforce`` scans all N*N pairs (the test oracle; O(T*N^2) memory).
 ``router_pruned`` takes the top-k of each axis and then the top-k of the k*k grid of
-their sums, which is exact (see docs/omni_router.md); it is the PyTorch path that CPU
+their sums, which is exact (see docs/router.md); it is the PyTorch path that CPU
 tensors use.
 """
 

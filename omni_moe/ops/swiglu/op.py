@@ -4,12 +4,12 @@
     swiglu_mlp(h, Wg, Wu, Wd)  = (act(h Wg^T) * (h Wu^T)) Wd^T
 
 The three GEMMs run through ``torch.nn.functional.linear`` (cuBLAS on CUDA); only the
-elementwise activation and its backward are ours (``omni_moe/triton/swiglu.py``).
+elementwise activation and its backward are ours (``kernels.py``).
 
 ``swiglu`` is a ``torch.library`` custom op with a fake implementation and an autograd
 formula, so it is traceable by ``torch.compile(fullgraph=True)``; in eager mode the same
 implementation runs behind a plain ``torch.autograd.Function`` (less host time per call).  Dispatch follows
-``omni_moe._dispatch``: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) run
+``omni_moe.ops._dispatch``: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) run
 the Triton kernels; other CPU tensors run the same float32 formula in PyTorch.
 """
 
