@@ -18,6 +18,8 @@ Activations (``ACT`` constexpr): 0 = silu  x * sigmoid(x)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -89,57 +91,79 @@ def _swiglu_bwd_kernel(
              to_dtype(du, DUP.dtype.element_ty), mask=mask)
 
 
-# Launch configurations: a tile of ~4K elements (16 per thread over 8 warps) keeps enough
-# loads in flight to stream at HBM speed; rows are narrowed only when I is small so a
-# program never sits mostly masked.
+@dataclass(frozen=True)
+class SwigluConfig:
+    """Launch configuration of both kernels: BLOCK_M x BLOCK_I tiles (powers of two)."""
+
+    block_m: int
+    block_i: int
+    warps: int
+
+
 _TILE_ELEMS = 4096
 _MAX_BLOCK_I = 1024
 
 
-def _config(M: int, I: int):
+def default_config(M: int, I: int) -> SwigluConfig:
+    """The rule: a tile of ~4K elements (16 per thread over 8 warps) keeps enough loads in
+    flight to stream at HBM speed; rows are narrowed only when I is small so a program
+    never sits mostly masked."""
     block_i = min(triton.next_power_of_2(max(I, 1)), _MAX_BLOCK_I)
     block_m = max(1, _TILE_ELEMS // block_i)
     block_m = min(block_m, triton.next_power_of_2(max(M, 1)))
     warps = 8 if block_m * block_i >= 4096 else 4
-    return block_m, block_i, warps
+    return SwigluConfig(block_m=block_m, block_i=block_i, warps=warps)
 
 
-def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, act: str, out: torch.Tensor | None = None):
+def _check_config(config) -> SwigluConfig:
+    if not isinstance(config, SwigluConfig):
+        raise TypeError(f"config must be a SwigluConfig, got {type(config).__name__}")
+    for name in ("block_m", "block_i", "warps"):
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
+            raise ValueError(f"config.{name} must be a power of two >= 1, got {v!r}")
+    return config
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, act: str, out: torch.Tensor | None = None,
+                   *, config: SwigluConfig | None = None):
     """Launch the forward on 2-D (M, I) ``gate``/``up`` (any strides).
 
     ``out`` (row-major (M, I), unit column stride) may be given: tests poison it first.
+    ``config`` replaces ``default_config(M, I)``.
     """
     M, I = gate.shape
+    cfg = default_config(M, I) if config is None else _check_config(config)
     if out is None:
         out = torch.empty((M, I), dtype=gate.dtype, device=gate.device)
     if M == 0 or I == 0:
         return out
-    block_m, block_i, warps = _config(M, I)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(I, block_i))
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(I, cfg.block_i))
     _swiglu_fwd_kernel[grid](
         gate, up, out, M, I,
         gate.stride(0), gate.stride(1), up.stride(0), up.stride(1), out.stride(0),
-        ACT=ACT_ID[act], BLOCK_M=block_m, BLOCK_I=block_i, num_warps=warps,
+        ACT=ACT_ID[act], BLOCK_M=cfg.block_m, BLOCK_I=cfg.block_i, num_warps=cfg.warps,
     )
     return out
 
 
 def swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str,
-                    dgate: torch.Tensor | None = None, dup: torch.Tensor | None = None):
+                    dgate: torch.Tensor | None = None, dup: torch.Tensor | None = None,
+                    *, config: SwigluConfig | None = None):
     """Launch the backward on 2-D (M, I) tensors; returns row-major (dgate, dup)."""
     M, I = gate.shape
+    cfg = default_config(M, I) if config is None else _check_config(config)
     if dgate is None:
         dgate = torch.empty((M, I), dtype=gate.dtype, device=gate.device)
     if dup is None:
         dup = torch.empty((M, I), dtype=up.dtype, device=up.device)
     if M == 0 or I == 0:
         return dgate, dup
-    block_m, block_i, warps = _config(M, I)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(I, block_i))
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(I, cfg.block_i))
     _swiglu_bwd_kernel[grid](
         grad, gate, up, dgate, dup, M, I,
         grad.stride(0), grad.stride(1), gate.stride(0), gate.stride(1),
         up.stride(0), up.stride(1), dgate.stride(0), dup.stride(0),
-        ACT=ACT_ID[act], BLOCK_M=block_m, BLOCK_I=block_i, num_warps=warps,
+        ACT=ACT_ID[act], BLOCK_M=cfg.block_m, BLOCK_I=cfg.block_i, num_warps=cfg.warps,
     )
     return dgate, dup
