@@ -156,17 +156,17 @@ def test_float32_three_steps(device, case):
     assert_float32(train_and_compare(cfg(**c), shape, device, torch.float32))
 
 
-def test_float32_expert_schedule(device):
+def test_float32_expert_schedule(device, monkeypatch):
     """The layer with the experts' "expert" schedule forced (sorted dot products; the
     shapes above all pick the "token" one)."""
+    from dataclasses import replace
+
     from omni_moe.ops.expert import kernels as kern
 
-    kern.CONFIG_OVERRIDE["mode"] = "expert"
-    try:
-        c, shape = CASES[0]
-        assert_float32(train_and_compare(cfg(**c), shape, device, torch.float32))
-    finally:
-        kern.CONFIG_OVERRIDE["mode"] = None
+    rule = kern.default_config
+    monkeypatch.setattr(kern, "default_config", lambda *a, **k: replace(rule(*a, **k), schedule="expert"))
+    c, shape = CASES[0]
+    assert_float32(train_and_compare(cfg(**c), shape, device, torch.float32))
 
 
 def test_bf16_no_worse_than_naive(device):

@@ -59,6 +59,7 @@ input dtypes; outputs rounded once (RNE) to their dtype via ``_triton.to_dtype``
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -454,12 +455,36 @@ def _expert_grad_kernel(
 
 
 # --------------------------------------------------------------------------- launch configs
-# Small, fixed heuristics (no autotuning): all kernels are memory/latency-bound gathers of
-# H-contiguous rows.  ``CONFIG_OVERRIDE`` lets tests and scripts/profile_layer.py try
-# others ("mode": force "token" or "expert").
-CONFIG_OVERRIDE = {"mode": None, "token": None, "pair_dot": None, "gather": None, "expert_grad": None}
+# Small, fixed rules (no autotuning): all kernels are memory/latency-bound gathers of
+# H-contiguous rows.
 _MAX_ROW = 2048
 _L2_TABLES = 40 * 2**20   # u and v together below this: L2-resident on an H100 (50 MB)
+SCHEDULES = ("token", "expert")
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One kernel's program shape: ``rows`` (tokens, pairs or experts) x ``cols`` (of H)
+    per program, powers of two; ``unroll`` slots per loop step; ``warps``;
+    ``per_program`` (expert gradients only): experts per program, 0 = ``rows``."""
+
+    rows: int
+    cols: int
+    unroll: int = 1
+    warps: int = 4
+    per_program: int = 0
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """Launch configuration of the expert op: the schedule ("token": one program per
+    token tile; "expert": pairs grouped by expert) and each kernel's tile."""
+
+    schedule: str
+    token: Tile
+    pair_dot: Tile
+    gather: Tile
+    expert_grad: Tile
 
 
 def choose_mode(T: int, H: int, E: int, K: int, itemsize: int) -> str:
@@ -471,68 +496,79 @@ def choose_mode(T: int, H: int, E: int, K: int, itemsize: int) -> str:
     graph), where the "token" schedule's launches alone add up to ~1.15 ms; at
     (4096,2048,2^20,16) the "token" forward takes 0.217 ms against 0.29 ms.
     """
-    if CONFIG_OVERRIDE["mode"] is not None:
-        return CONFIG_OVERRIDE["mode"]
     P = T * K
     if P == 0 or 2 * E * H * itemsize <= _L2_TABLES:
         return "token"
     return "expert" if P >= 2 * expected_distinct_experts(T, K, E) else "token"
 
 
-def _token_config(T: int, H: int, K: int):
-    """(BLOCK_T, BLOCK_H, UNROLL, num_warps); ONE_CHUNK follows from H <= BLOCK_H.
-    Measured on H100 (bf16, one-off sweep, docs/expert.md): one token per program with
-    its whole row, 4 warps per 1K columns, slot loop unrolled twice, was the best of
-    the configurations tried at H = 1024 and 2048."""
-    if CONFIG_OVERRIDE["token"] is not None:
-        return CONFIG_OVERRIDE["token"]
+def _token_tile(T: int, H: int, K: int) -> Tile:
+    # Measured on H100 (bf16, one-off sweep, docs/expert.md): one token per program with
+    # its whole row, 4 warps per 1K columns, slot loop unrolled twice, was the best of
+    # the configurations tried at H = 1024 and 2048.
     block_h = max(16, min(_MAX_ROW, triton.next_power_of_2(max(H, 1))))
     block_t = max(1, min(16, 1024 // block_h, triton.next_power_of_2(max(T, 1))))
-    warps = 4 if block_t * block_h <= 1024 else 8
-    unroll = 2 if K >= 2 else 1
-    return block_t, block_h, unroll, warps
+    return Tile(block_t, block_h, 2 if K >= 2 else 1, 4 if block_t * block_h <= 1024 else 8)
 
 
-def _pair_dot_config(P: int, H: int):
-    if CONFIG_OVERRIDE["pair_dot"] is not None:
-        return CONFIG_OVERRIDE["pair_dot"]
+def _pair_dot_tile(P: int, H: int) -> Tile:
     # Measured on H100: (8, 256) was the best or within 2% of it at all three benchmark
     # sizes, among (4|8|16, 256), (32, 128), (4, 512), (8, 512), (2, 1024).
     block_h = max(16, min(256, triton.next_power_of_2(max(H, 1))))
     block_p = max(1, min(8, 2048 // block_h, triton.next_power_of_2(max(P, 1))))
-    return block_p, block_h, 4
+    return Tile(block_p, block_h, 1, 4)
 
 
-def _gather_config(T: int, H: int, K: int):
-    if CONFIG_OVERRIDE["gather"] is not None:
-        return CONFIG_OVERRIDE["gather"]
+def _gather_tile(T: int, H: int, K: int) -> Tile:
     # Measured on H100: 4 tokens x 256 columns, slot loop unrolled twice, was the best
     # or within 1% of it at all three benchmark sizes.
     block_h = max(16, min(256, triton.next_power_of_2(max(H, 1))))
     block_t = max(1, min(4, 1024 // block_h, triton.next_power_of_2(max(T, 1))))
-    unroll = 2 if K >= 2 else 1
-    return block_t, block_h, unroll, 4
+    return Tile(block_t, block_h, 2 if K >= 2 else 1, 4)
 
 
-def _expert_grad_config(P: int, E: int, H: int):
-    """(BLOCK_E, BLOCK_H, UNROLL, num_warps[, experts_per_program]); default one expert
-    (or a few, for small H) per program.
-
-    One expert per program with up to 1024 columns: the trip count is that expert's own
-    pair count (with several experts per program it is the busiest one's: 1.3x / 1.55x
-    the pairs at the first two benchmark sizes with 4 experts, the router's routing not
-    being uniform), and the pair metadata is read once per 1024 columns.  Measured on
-    H100 (one-off profile, docs/expert.md; expert op fwd+bwd at (4096,2048,2^20,16)):
-    (1, 1024, 2, 4 warps) 3.64 ms, (4, 256, 2, 4) 3.65-3.71, (1, 1024, 2, 8) 4.02-4.10,
-    the same with 128 experts per program 3.86; at the smaller sizes the differences
-    were inside the run-to-run noise of the host-bound timings.  Every tiling gives the
-    same bits (each expert's pairs are summed one at a time in sorted order).
-    """
-    if CONFIG_OVERRIDE["expert_grad"] is not None:
-        return CONFIG_OVERRIDE["expert_grad"]
+def _expert_grad_tile(E: int, H: int) -> Tile:
+    # One expert per program with up to 1024 columns: the trip count is that expert's
+    # own pair count (with several experts per program it is the busiest one's: 1.3x /
+    # 1.55x the pairs at the first two benchmark sizes with 4 experts, the router's
+    # routing not being uniform), and the pair metadata is read once per 1024 columns.
+    # Measured on H100 (one-off profile, docs/expert.md; expert op fwd+bwd at
+    # (4096,2048,2^20,16)): (1, 1024, 2, 4 warps) 3.64 ms, (4, 256, 2, 4) 3.65-3.71,
+    # (1, 1024, 2, 8) 4.02-4.10, the same with 128 experts per program 3.86; at the
+    # smaller sizes the differences were inside the run-to-run noise of the host-bound
+    # timings.  Every tiling gives the same bits (each expert's pairs are summed one at
+    # a time in sorted order).
     block_h = max(16, min(1024, triton.next_power_of_2(max(H, 1))))
     block_e = max(1, min(16, 1024 // block_h, triton.next_power_of_2(max(E, 1))))
-    return block_e, block_h, 2, 4
+    return Tile(block_e, block_h, 2, 4)
+
+
+def default_config(T: int, H: int, E: int, K: int, itemsize: int) -> ExpertConfig:
+    """The launch configuration the op uses for a shape (rules above, measured on an
+    H100)."""
+    return ExpertConfig(schedule=choose_mode(T, H, E, K, itemsize),
+                        token=_token_tile(T, H, K), pair_dot=_pair_dot_tile(T * K, H),
+                        gather=_gather_tile(T, H, K), expert_grad=_expert_grad_tile(E, H))
+
+
+def _check_config(config) -> ExpertConfig:
+    if not isinstance(config, ExpertConfig):
+        raise TypeError(f"config must be an ExpertConfig, got {type(config).__name__}")
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"config.schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+    for name in ("token", "pair_dot", "gather", "expert_grad"):
+        tile = getattr(config, name)
+        if not isinstance(tile, Tile):
+            raise TypeError(f"config.{name} must be a Tile, got {type(tile).__name__}")
+        for field in ("rows", "cols", "warps"):
+            v = getattr(tile, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
+                raise ValueError(f"config.{name}.{field} must be a power of two >= 1, got {v!r}")
+        if tile.cols < 16:
+            raise ValueError(f"config.{name}.cols must be >= 16, got {tile.cols}")
+        if not isinstance(tile.unroll, int) or tile.unroll < 1 or tile.per_program < 0:
+            raise ValueError(f"config.{name}: unroll must be >= 1 and per_program >= 0")
+    return config
 
 
 # --------------------------------------------------------------------------- launchers
@@ -566,7 +602,7 @@ def expert_offsets(sorted_e: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def launch_token_forward(hidden_states, up_weights, down_weights, routing_weights, indices,
-                         a, out, act, log_weights=False):
+                         a, out, act, log_weights, tile: Tile):
     """Launch ``_token_forward_kernel`` into preallocated ``a`` (T, K) float32
     contiguous and ``out`` (T, H)."""
     T, H = hidden_states.shape
@@ -576,7 +612,7 @@ def launch_token_forward(hidden_states, up_weights, down_weights, routing_weight
     if K == 0:
         out.zero_()
         return
-    block_t, block_h, unroll, warps = _token_config(T, H, K)
+    block_t, block_h, unroll, warps = tile.rows, tile.cols, tile.unroll, tile.warps
     _token_forward_kernel[(triton.cdiv(T, block_t),)](
         hidden_states, up_weights, down_weights, routing_weights, indices, a, out,
         T, up_weights.shape[0], H, K,
@@ -589,7 +625,7 @@ def launch_token_forward(hidden_states, up_weights, down_weights, routing_weight
 
 
 def launch_token_backward(grad_out, up_weights, down_weights, routing_weights, indices, a,
-                          dw, da, dh, act, log_weights=False):
+                          dw, da, dh, act, log_weights, tile: Tile):
     """Launch ``_token_backward_kernel``: dw (T, K), da (T, K) float32 contiguous, and dh
     (T, H) unless it is None."""
     T, K = indices.shape
@@ -598,7 +634,7 @@ def launch_token_backward(grad_out, up_weights, down_weights, routing_weights, i
         if dh is not None:
             dh.zero_()
         return
-    block_t, block_h, unroll, warps = _token_config(T, H, K)
+    block_t, block_h, unroll, warps = tile.rows, tile.cols, tile.unroll, tile.warps
     dh_arg = dh if dh is not None else da
     _token_backward_kernel[(triton.cdiv(T, block_t),)](
         grad_out, up_weights, down_weights, routing_weights, indices, a, dw, da, dh_arg,
@@ -612,16 +648,16 @@ def launch_token_backward(grad_out, up_weights, down_weights, routing_weights, i
     )
 
 
-def launch_pair_dot(weights, x, sorted_e, perm, routing_weights, a, act, backward=False,
-                    c=None, dw=None, da=None, da_sorted=None, c_sorted=None, tok_sorted=None,
-                    log_weights=False):
+def launch_pair_dot(weights, x, sorted_e, perm, routing_weights, a, act, tile: Tile,
+                    backward=False, c=None, dw=None, da=None, da_sorted=None, c_sorted=None,
+                    tok_sorted=None, log_weights=False):
     """Launch ``_pair_dot_kernel``; outputs must be preallocated (see kernel)."""
     P = sorted_e.numel()
     T, H = x.shape
     K = routing_weights.shape[1]
     if P == 0:
         return
-    block_p, block_h, warps = _pair_dot_config(P, H)
+    block_p, block_h, warps = tile.rows, tile.cols, tile.warps
     dummy = a
     dw_arg = dw if dw is not None else routing_weights
     _pair_dot_kernel[(triton.cdiv(P, block_p),)](
@@ -638,7 +674,7 @@ def launch_pair_dot(weights, x, sorted_e, perm, routing_weights, a, act, backwar
     )
 
 
-def launch_gather_combine(weights, indices, coef, out):
+def launch_gather_combine(weights, indices, coef, out, tile: Tile):
     """out[t] = sum_r coef[t, r] * weights[indices[t, r]]; coef contiguous float32 (T, K)."""
     T, K = indices.shape
     H = out.shape[1]
@@ -646,7 +682,7 @@ def launch_gather_combine(weights, indices, coef, out):
         return out
     if K == 0:
         return out.zero_()
-    block_t, block_h, unroll, warps = _gather_config(T, H, K)
+    block_t, block_h, unroll, warps = tile.rows, tile.cols, tile.unroll, tile.warps
     grid = (triton.cdiv(T, block_t), triton.cdiv(H, block_h))
     _gather_combine_kernel[grid](
         weights, indices, coef, out, T, weights.shape[0], H, K,
@@ -658,7 +694,7 @@ def launch_gather_combine(weights, indices, coef, out):
 
 
 def launch_expert_grads(offsets, perm, a, da, routing_weights, hidden_states, grad_out, dup, ddown,
-                        act, log_weights=False, sorted_inputs=False):
+                        act, log_weights, tile: Tile, sorted_inputs=False):
     """Dense du/dv (either may be None: not computed); every row written.
 
     ``sorted_inputs``: perm, da, a are (tok_sorted, da_sorted, c_sorted) by sorted
@@ -668,9 +704,8 @@ def launch_expert_grads(offsets, perm, a, da, routing_weights, hidden_states, gr
     K = routing_weights.shape[1]
     if E == 0 or H == 0 or (dup is None and ddown is None):
         return
-    cfg = _expert_grad_config(perm.numel(), E, H)
-    block_e, block_h, unroll, warps = cfg[:4]
-    per = cfg[4] if len(cfg) > 4 else block_e
+    block_e, block_h, unroll, warps = tile.rows, tile.cols, tile.unroll, tile.warps
+    per = tile.per_program or block_e
     du = dup if dup is not None else ddown
     dv = ddown if ddown is not None else dup
     grid = (triton.cdiv(E, per), triton.cdiv(H, block_h))
@@ -686,51 +721,57 @@ def launch_expert_grads(offsets, perm, a, da, routing_weights, hidden_states, gr
 
 
 def expert_forward(hidden_states, up_weights, down_weights, routing_weights, indices, act="silu",
-                   out=None, a=None, log_weights=False):
+                   out=None, a=None, log_weights=False, *, config: ExpertConfig | None = None):
     """Forward: (out (T, H) in hidden dtype, a (T, k) float32, sorted_e, perm).
 
     ``sorted_e``/``perm`` are the pairs' grouping by expert in the "expert" schedule
     (``choose_mode``), empty tensors in the "token" one; pass them on to
     ``expert_backward``.  ``out``/``a`` may be preallocated (tests poison them first;
     ``a`` contiguous).  ``log_weights``: routing_weights holds scores s and the weights
-    are exp(s).  No host sync.
+    are exp(s).  No host sync.  ``config`` replaces ``default_config``'s choice.
     """
     T, H = hidden_states.shape
     K = indices.shape[1]
     E = up_weights.shape[0]
     dev = hidden_states.device
+    cfg = (default_config(T, H, E, K, up_weights.element_size()) if config is None
+           else _check_config(config))
     if out is None:
         out = torch.empty((T, H), dtype=hidden_states.dtype, device=dev)
     if a is None:
         a = torch.empty((T, K), dtype=torch.float32, device=dev)
-    if choose_mode(T, H, E, K, up_weights.element_size()) == "token":
+    if cfg.schedule == "token":
         launch_token_forward(hidden_states, up_weights, down_weights, routing_weights, indices, a,
-                             out, act, log_weights)
+                             out, act, log_weights, cfg.token)
         return (out, a, indices.new_empty((0,), dtype=sort_key_dtype(E)),
                 indices.new_empty((0,), dtype=torch.int64))
     sorted_e, perm = group_pairs(indices, E)
     c = torch.empty((T, K), dtype=torch.float32, device=dev)
-    launch_pair_dot(up_weights, hidden_states, sorted_e, perm, routing_weights, a, act, c=c,
-                    log_weights=log_weights)
-    launch_gather_combine(down_weights, indices, c, out)
+    launch_pair_dot(up_weights, hidden_states, sorted_e, perm, routing_weights, a, act,
+                    cfg.pair_dot, c=c, log_weights=log_weights)
+    launch_gather_combine(down_weights, indices, c, out, cfg.gather)
     return out, a, sorted_e, perm
 
 
 def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_weights, indices,
                     a, sorted_e, perm, act="silu", need_dh=True, need_dup=True, need_ddown=True,
-                    dh=None, dup=None, ddown=None, dw=None, log_weights=False):
+                    dh=None, dup=None, ddown=None, dw=None, log_weights=False, *,
+                    config: ExpertConfig | None = None):
     """Backward: (dh, dup, ddown, dw); an output not needed comes back as None.
 
     ``sorted_e``/``perm``: what ``expert_forward`` returned (empty: the "token"
     schedule, which sorts here only if dup or ddown is needed).  dup/ddown are dense
     (E, H) in the weights' dtypes, every row written by ``_expert_grad_kernel`` (zeros
     for unused experts).  dw is (T, k) in routing_weights' dtype (with ``log_weights``:
-    the gradient of the scores).  Outputs may be preallocated.  No host sync.
+    the gradient of the scores).  Outputs may be preallocated.  No host sync.  ``config``
+    replaces ``default_config``'s tiles (the schedule is the forward's).
     """
     T, H = hidden_states.shape
     K = indices.shape[1]
     E = up_weights.shape[0]
     dev = hidden_states.device
+    cfg = (default_config(T, H, E, K, up_weights.element_size()) if config is None
+           else _check_config(config))
     if dh is None and need_dh:
         dh = torch.empty((T, H), dtype=hidden_states.dtype, device=dev)
     if dup is None and need_dup:
@@ -743,26 +784,27 @@ def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_w
     da = torch.empty((T, K), dtype=torch.float32, device=dev)
     if perm.numel() == 0:                                   # "token" schedule
         launch_token_backward(grad_out, up_weights, down_weights, routing_weights, indices, a,
-                              dw, da, dh if need_dh else None, act, log_weights)
+                              dw, da, dh if need_dh else None, act, log_weights, cfg.token)
         if need_w:
             sorted_e, perm = group_pairs(indices, E)
             launch_expert_grads(expert_offsets(sorted_e, E), perm, a, da, routing_weights,
                                 hidden_states, grad_out, dup if need_dup else None,
-                                ddown if need_ddown else None, act, log_weights)
+                                ddown if need_ddown else None, act, log_weights, cfg.expert_grad)
     else:                                                   # "expert" schedule
         P = T * K
         da_s = torch.empty((P,), dtype=torch.float32, device=dev)
         c_s = torch.empty((P,), dtype=torch.float32, device=dev)
         t_s = torch.empty((P,), dtype=torch.int32, device=dev)
         launch_pair_dot(down_weights, grad_out, sorted_e, perm, routing_weights, a, act,
-                        backward=True, dw=dw, da=da, da_sorted=da_s, c_sorted=c_s, tok_sorted=t_s,
+                        cfg.pair_dot, backward=True, dw=dw, da=da, da_sorted=da_s, c_sorted=c_s, tok_sorted=t_s,
                         log_weights=log_weights)
         if need_w:
             launch_expert_grads(expert_offsets(sorted_e, E), t_s, c_s, da_s, routing_weights,
                                 hidden_states, grad_out, dup if need_dup else None,
-                                ddown if need_ddown else None, act, log_weights, sorted_inputs=True)
+                                ddown if need_ddown else None, act, log_weights, cfg.expert_grad,
+                                sorted_inputs=True)
         if need_dh:
-            launch_gather_combine(up_weights, indices, da, dh)
+            launch_gather_combine(up_weights, indices, da, dh, cfg.gather)
     return (dh if need_dh else None, dup if need_dup else None,
             ddown if need_ddown else None, dw)
 

@@ -136,11 +136,12 @@ def _grouped_pairs(h, up, idx) -> int:
     """How many pairs the forward groups (the fake implementation's output size)."""
     if not use_triton(h):
         return 0
-    from .kernels import choose_mode
+    from . import kernels
 
     T, H = h.shape
     K = idx.shape[1]
-    return T * K if choose_mode(T, H, up.shape[0], K, up.element_size()) == "expert" else 0
+    cfg = kernels.default_config(T, H, up.shape[0], K, up.element_size())
+    return T * K if cfg.schedule == "expert" else 0
 
 
 # ---------------------------------------------------------------------------------------

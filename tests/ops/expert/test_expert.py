@@ -7,6 +7,8 @@ interpreter (TRITON_INTERPRET=1).  Run:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -120,11 +122,18 @@ def check_against_float64(h, up, down, w, idx, go, act, got, fp32_tol=1e-5):
 # --------------------------------------------------------------------------- correctness
 
 @pytest.fixture(params=["token", "expert"])
-def mode(request):
-    """Both schedules of the kernels (``omni_expert.choose_mode``), forced."""
-    kern.CONFIG_OVERRIDE["mode"] = request.param
+def mode(request, monkeypatch):
+    """Both schedules of the kernels, forced through the op's launch rule."""
+    rule = kern.default_config
+    monkeypatch.setattr(kern, "default_config",
+                        lambda *a, **k: replace(rule(*a, **k), schedule=request.param))
     yield request.param
-    kern.CONFIG_OVERRIDE["mode"] = None
+
+
+def with_tile(monkeypatch, **tiles):
+    """Make the op launch with the given tiles (fields of ExpertConfig)."""
+    rule = kern.default_config
+    monkeypatch.setattr(kern, "default_config", lambda *a, **k: replace(rule(*a, **k), **tiles))
 
 
 CASES = [
@@ -283,54 +292,48 @@ def test_poisoned_outputs(device, mode):
 
 @pytest.mark.parametrize("cfg", [(2, 16, 3, 4), (8, 64, 1, 4), (1, 32, 2, 2), (2, 16, 2, 4, 4), (1, 64, 2, 4, 3)],
                          ids=str)
-def test_expert_grad_tilings_same_bits(cfg, device, mode):
+def test_expert_grad_tilings_same_bits(cfg, device, mode, monkeypatch):
     """The expert-gradient kernel sums each expert's pairs one at a time in sorted
     order, whatever its tiling (a 5th entry: experts per program): identical bits."""
     inputs = make_inputs(21, 40, 9, 3, torch.float32, device, "skewed", seed=4)
     ref = run_op(*inputs, "gelu")
-    kern.CONFIG_OVERRIDE["expert_grad"] = cfg
-    try:
-        got = run_op(*inputs, "gelu")
-    finally:
-        kern.CONFIG_OVERRIDE["expert_grad"] = None
+    with_tile(monkeypatch, expert_grad=kern.Tile(*cfg))
+    got = run_op(*inputs, "gelu")
     for x, y in zip(got, ref):
         assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("cfg", [(2, 16, 2, 4), (1, 16, 3, 4), (4, 64, 1, 4), (8, 32, 2, 2)], ids=str)
-def test_token_kernel_tilings(cfg, device):
+def test_token_kernel_tilings(cfg, device, monkeypatch):
     """Other (BLOCK_T, BLOCK_H, UNROLL, warps) of the token kernels, including the
     two-phase path (H > BLOCK_H: dots by column chunks, a CTA barrier, then the sums):
     every result matches float64, also with unused and out-of-range slots."""
-    kern.CONFIG_OVERRIDE["token"] = cfg
-    try:
-        for call, (T, H, E, k, kind) in enumerate([(13, 40, 9, 3, "random"), (9, 33, 64, 5, "skewed")]):
-            act = ACTS[call + 1]
-            inputs = make_inputs(T, H, E, k, torch.float32, device, kind, seed=31 + call,
-                                 idx_dtype=(torch.int32, torch.int64)[call])
-            check_against_float64(*inputs, act, run_op(*inputs, act))
-            inputs = make_inputs(T, H, E, k, torch.bfloat16, device, kind, seed=41 + call)
-            check_against_float64(*inputs, act, run_op(*inputs, act))
-        # poisoned outputs and an out-of-range slot on the two-phase path
-        h, up, down, w, idx, go = make_inputs(11, 40, 6, 3, torch.float32, device, seed=5)
-        idx = idx.clone()
-        idx[2, 1] = -1
-        idx[7, 0] = 6
-        out_p = _poison(torch.empty(11, 40, device=device))
-        a_p = _poison(torch.empty(11, 3, device=device))
-        out, a, se, perm = kern.expert_forward(h, up, down, w, idx, "silu", out=out_p, a=a_p)
-        got = kern.expert_backward(go, h, up, down, w, idx, a, se, perm, "silu",
-                                   dh=_poison(torch.empty_like(h)), dup=_poison(torch.empty_like(up)),
-                                   ddown=_poison(torch.empty_like(down)), dw=_poison(torch.empty_like(w)))
-        assert a[2, 1] == 0 and a[7, 0] == 0 and got[3][2, 1] == 0 and got[3][7, 0] == 0
-        w0 = w.clone()
-        w0[2, 1] = w0[7, 0] = 0.0
-        idx0 = idx.clamp(0, 5)
-        ref = run_naive(h, up, down, w0, idx0, go, "silu", torch.float64)
-        for x, y in zip([out, *got[:3]], ref[:4]):
-            assert rel_l2(x, y) <= 1e-5
-    finally:
-        kern.CONFIG_OVERRIDE["token"] = None
+    with_tile(monkeypatch, schedule="token", token=kern.Tile(*cfg))
+    for call, (T, H, E, k, kind) in enumerate([(13, 40, 9, 3, "random"), (9, 33, 64, 5, "skewed")]):
+        act = ACTS[call + 1]
+        inputs = make_inputs(T, H, E, k, torch.float32, device, kind, seed=31 + call,
+                             idx_dtype=(torch.int32, torch.int64)[call])
+        check_against_float64(*inputs, act, run_op(*inputs, act))
+        inputs = make_inputs(T, H, E, k, torch.bfloat16, device, kind, seed=41 + call)
+        check_against_float64(*inputs, act, run_op(*inputs, act))
+    # poisoned outputs and an out-of-range slot on the two-phase path
+    h, up, down, w, idx, go = make_inputs(11, 40, 6, 3, torch.float32, device, seed=5)
+    idx = idx.clone()
+    idx[2, 1] = -1
+    idx[7, 0] = 6
+    out_p = _poison(torch.empty(11, 40, device=device))
+    a_p = _poison(torch.empty(11, 3, device=device))
+    out, a, se, perm = kern.expert_forward(h, up, down, w, idx, "silu", out=out_p, a=a_p)
+    got = kern.expert_backward(go, h, up, down, w, idx, a, se, perm, "silu",
+                               dh=_poison(torch.empty_like(h)), dup=_poison(torch.empty_like(up)),
+                               ddown=_poison(torch.empty_like(down)), dw=_poison(torch.empty_like(w)))
+    assert a[2, 1] == 0 and a[7, 0] == 0 and got[3][2, 1] == 0 and got[3][7, 0] == 0
+    w0 = w.clone()
+    w0[2, 1] = w0[7, 0] = 0.0
+    idx0 = idx.clamp(0, 5)
+    ref = run_naive(h, up, down, w0, idx0, go, "silu", torch.float64)
+    for x, y in zip([out, *got[:3]], ref[:4]):
+        assert rel_l2(x, y) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=["fp32", "bf16"])
@@ -496,3 +499,25 @@ def test_large_gpu(case, dtype):
         inputs = make_inputs(T, H, E, k, dtype, "cuda", kind, seed=call)
         got = run_op(*inputs, ACTS[call])
         check_against_float64(*inputs, ACTS[call], got)
+
+
+def test_explicit_config_and_checks(device):
+    """A config passed to the launchers is used as given (both schedules give the same
+    results) and a malformed one is rejected."""
+    h, up, down, w, idx, go = make_inputs(9, 40, 12, 3, torch.float32, device, seed=8)
+    rule = kern.default_config(9, 40, 12, 3, 4)
+    outs = []
+    for schedule in kern.SCHEDULES:
+        cfg = replace(rule, schedule=schedule, gather=kern.Tile(2, 16, 1, 1))
+        out, a, se, perm = kern.expert_forward(h, up, down, w, idx, "gelu", config=cfg)
+        assert (perm.numel() > 0) == (schedule == "expert")
+        grads = kern.expert_backward(go, h, up, down, w, idx, a, se, perm, "gelu", config=cfg)
+        outs.append((out, *grads))
+    for x, y in zip(*outs):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="ExpertConfig"):
+        kern.expert_forward(h, up, down, w, idx, "gelu", config={"schedule": "token"})
+    with pytest.raises(ValueError, match="schedule"):
+        kern.expert_forward(h, up, down, w, idx, "gelu", config=replace(rule, schedule="auto"))
+    with pytest.raises(ValueError, match="token.cols"):
+        kern.expert_forward(h, up, down, w, idx, "gelu", config=replace(rule, token=kern.Tile(1, 8)))
