@@ -1,0 +1,311 @@
+"""OmniMoE under torch.distributed on CPU (gloo, 2 spawned processes) against one
+process on the concatenated batch: synchronised router statistics (PyTorch path, and the
+router-norm kernels under TRITON_INTERPRET=1), DDP, FSDP2 and row-sharded expert tables.
+A ``gpu`` variant runs the same checks with NCCL on two CUDA devices.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dist_utils import run_ranks
+from omni_moe import OmniMoE, OmniMoEConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+H = 16
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    n = b.norm()
+    return float((a - b).norm() / n) if n > 0 else float((a - b).norm())
+
+
+def make_cfg(sync=None, E=49, k=3):
+    return OmniMoEConfig(hidden_size=H, intermediate_size=24, num_experts=E,
+                         num_experts_per_token=k, sync_router_stats=sync)
+
+
+def batches(sizes_per_step, seed=1):
+    """Per step: (x, gout) of the concatenated batch, and the rank offsets."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for sizes in sizes_per_step:
+        T = sum(sizes)
+        off = [sum(sizes[:r]) for r in range(len(sizes) + 1)]
+        out.append((torch.randn(T, H, generator=g) * 2 + 0.5, torch.randn(T, H, generator=g), off))
+    return out
+
+
+# ----------------------------------------------------------------------------- router statistics
+SIZES = [(7, 12), (1, 4), (0, 6)]   # unequal, a 1-token rank, an empty rank
+
+
+def _run_layer(layer, data, rank=None):
+    outs = []
+    for x, gout, off in data:
+        sl = slice(off[rank], off[rank + 1]) if rank is not None else slice(None)
+        xr = x[sl].clone().requires_grad_()
+        out, (_, idx) = layer(xr, return_routing=True)
+        out.backward(gout[sl])
+        outs.append((out.detach(), idx, xr.grad))
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    bufs = {n: b.clone() for n, b in layer.named_buffers()}
+    return outs, grads, bufs
+
+
+def _sync_worker(rank, world, interpret):
+    if interpret:
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+    torch.manual_seed(0)
+    layer = OmniMoE(make_cfg())
+    from omni_moe.distributed import _fused_ok, router_stats_group
+
+    assert router_stats_group(layer) is not None
+    assert _fused_ok(layer, torch.empty(1, H)) == interpret    # the path under test
+    return _run_layer(layer, batches(SIZES), rank)
+
+
+def _check_against_single(results, sizes=SIZES, tol=1e-5):
+    torch.manual_seed(0)
+    single = OmniMoE(make_cfg())
+    outs, grads, bufs = _run_layer(single, batches(sizes))
+    data = batches(sizes)
+    for rank, (r_outs, r_grads, r_bufs) in enumerate(results):
+        for step, ((o, i, gx), (so, si, sgx)) in enumerate(zip(r_outs, outs)):
+            sl = slice(data[step][2][rank], data[step][2][rank + 1])
+            assert torch.equal(i, si[sl]), f"rank {rank} step {step}: routing differs"
+            assert rel(o, so[sl]) <= tol, f"rank {rank} step {step}: output"
+            assert rel(gx, sgx[sl]) <= tol, f"rank {rank} step {step}: input gradient"
+        for name, b in bufs.items():
+            if b.is_floating_point():
+                assert rel(r_bufs[name], b) <= 1e-6, f"rank {rank}: {name}"
+            else:
+                assert torch.equal(r_bufs[name], b), f"rank {rank}: {name}"
+    for name, g in grads.items():
+        total = sum(r[1][name] for r in results)
+        assert rel(total, g) <= tol, f"gradient of {name}"
+
+
+def test_sync_router_stats_torch_path(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _check_against_single(run_ranks(_sync_worker, 2, False))
+
+
+def test_sync_router_stats_kernels(monkeypatch):
+    """The router-norm kernels (partials, all-gather, finalize with per-split counts;
+    sums all-reduce) through Triton's interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _check_against_single(run_ranks(_sync_worker, 2, True))
+
+
+def test_sync_requires_group():
+    layer = OmniMoE(make_cfg(sync=True))
+    with pytest.raises(ValueError, match="sync_router_stats"):
+        layer(torch.randn(4, H))
+    with pytest.raises(TypeError, match="sync_router_stats"):
+        make_cfg(sync=1)
+
+
+def _one_token_worker(rank, world):
+    layer = OmniMoE(make_cfg())
+    try:
+        layer(torch.randn(1 if rank == 0 else 0, H))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_sync_one_token_in_total_raises_everywhere():
+    msgs = run_ranks(_one_token_worker, 2)
+    assert all(m is not None and "more than one token" in m for m in msgs)
+
+
+# ----------------------------------------------------------------------------- DDP
+def tiny_model(sync=None):
+    torch.manual_seed(3)
+    return nn.Sequential(OmniMoE(make_cfg(sync, E=36, k=4)), nn.LayerNorm(H),
+                         OmniMoE(make_cfg(sync, E=36, k=4)))
+
+
+def _train(model, data, rank=None, steps=2, lr=0.05):
+    """SGD steps on mean((model(x) - y)^2) of this rank's share; per-step gradients."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    hist = []
+    for x, y, off in data[:steps]:
+        sl = slice(off[rank], off[rank + 1]) if rank is not None else slice(None)
+        loss = ((model(x[sl]) - y[sl]) ** 2).mean()
+        loss.backward()
+        hist.append({n: p.grad.clone() for n, p in _named(model)})
+        opt.step()
+        opt.zero_grad()
+    return hist, {n: p.detach().clone() for n, p in _named(model)}
+
+
+def _named(model):
+    m = model.module if hasattr(model, "module") else model
+    return m.named_parameters()
+
+
+DDP_SIZES = [(10, 10), (10, 10)]
+
+
+def _ddp_worker(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    res = {}
+    for sync in (None, False):
+        model = DDP(tiny_model(sync))
+        res[sync] = _train(model, batches(DDP_SIZES, seed=5), rank)
+    return res
+
+
+def test_ddp_matches_single_process():
+    results = run_ranks(_ddp_worker, 2)
+    hist, params = _train(tiny_model(), batches(DDP_SIZES, seed=5))
+    for rank, res in enumerate(results):
+        r_hist, r_params = res[None]
+        for step, (rg, g) in enumerate(zip(r_hist, hist)):
+            for name in g:
+                assert rel(rg[name], g[name]) <= 1e-5, f"rank {rank} step {step} {name}"
+        for name in params:
+            assert rel(r_params[name], params[name]) <= 1e-5, f"rank {rank} {name}"
+        # Per-rank statistics (synchronisation off) give another model: the check above
+        # is sensitive to it.
+        worst = max(rel(res[False][0][0][n], hist[0][n]) for n in hist[0])
+        assert worst > 1e-3
+
+
+# ----------------------------------------------------------------------------- FSDP2
+def _fsdp_worker(rank, world, param_dtype):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from omni_moe.distributed import fully_shard_model
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = fully_shard_model(tiny_model(), mesh, param_dtype=param_dtype)
+    hist, params = _train(model, batches(DDP_SIZES, seed=5), rank)
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+    return ([{n: full(g) for n, g in h.items()} for h in hist], {n: full(p) for n, p in params.items()})
+
+
+@pytest.mark.parametrize("param_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fsdp2_matches_single_process(param_dtype):
+    """fully_shard on each OmniMoE layer and the model.  fp32: equal to one process.
+    bf16 mixed precision: equal to one process computing with bf16 copies of the
+    parameters (float32 master weights and gradient reduction), within bf16 rounding."""
+    results = run_ranks(_fsdp_worker, 2, param_dtype)
+    data = batches(DDP_SIZES, seed=5)
+    model = tiny_model()
+    if param_dtype is None:
+        hist, params = _train(model, data)
+        tol = 1e-5
+    else:
+        hist, params = _train_bf16_reference(model, data)
+        tol = 3e-2
+    for rank, (r_hist, r_params) in enumerate(results):
+        for step, (rg, g) in enumerate(zip(r_hist, hist)):
+            for name in g:
+                assert rel(rg[name], g[name]) <= tol, f"rank {rank} step {step} {name}"
+        for name in params:
+            assert rel(r_params[name], params[name]) <= tol, f"rank {rank} {name}"
+
+
+def _train_bf16_reference(model, data, steps=2, lr=0.05):
+    """One process mirroring FSDP2's MixedPrecisionPolicy(bf16, reduce float32): forward
+    and backward with bf16 copies of float32 master parameters, bf16 inputs."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    hist = []
+    for x, y, _ in data[:steps]:
+        low = copy.deepcopy(model).to(torch.bfloat16)
+        loss = ((low(x.bfloat16()).float() - y) ** 2).mean()
+        loss.backward()
+        for (n, p), (_, q) in zip(model.named_parameters(), low.named_parameters()):
+            p.grad = q.grad.float()
+        # the bf16 copy's forward updated its running statistics; keep them
+        for (n, b), (_, c) in zip(model.named_buffers(), low.named_buffers()):
+            b.copy_(c)
+        hist.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        opt.step()
+        opt.zero_grad()
+    return hist, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- sharded expert tables
+SHARD_SIZES = [(9, 5), (0, 7)]
+
+
+def _shard_worker(rank, world, device="cpu"):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from omni_moe.distributed import data_parallel, shard_expert_tables
+
+    torch.manual_seed(0)
+    layer = OmniMoE(make_cfg())     # E = 49: ranks hold 25 and 24 rows
+    mesh = init_device_mesh(device, (world,))
+    shard_expert_tables(layer, mesh)
+    assert layer.up_embed.weight.to_local().shape[0] == (25, 24)[rank]
+    model = data_parallel(layer)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    outs = []
+    for x, gout, off in batches(SHARD_SIZES):
+        sl = slice(off[rank], off[rank + 1])
+        xr = x[sl].clone().requires_grad_()
+        out = model(xr)
+        out.backward(gout[sl])
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                 for n, p in layer.named_parameters()}
+        outs.append((out.detach(), xr.grad, grads))
+        opt.step()
+        opt.zero_grad()
+    return outs
+
+
+def test_sharded_expert_tables_match_single_process():
+    """Row-sharded tables + DDP on the rest, unequal token counts (one rank empty): the
+    outputs, input gradients and (averaged) parameter gradients of one process on the
+    concatenated batch, over two SGD steps."""
+    results = run_ranks(_shard_worker, 2)
+    torch.manual_seed(0)
+    single = OmniMoE(make_cfg())
+    opt = torch.optim.SGD(single.parameters(), lr=0.1)
+    P = 2
+    for step, (x, gout, off) in enumerate(batches(SHARD_SIZES)):
+        xs = x.clone().requires_grad_()
+        out = single(xs)
+        # DDP averages over ranks: the ranks' update equals one process's on loss / P
+        (out * gout).sum().div(P).backward()
+        for rank, r in enumerate(results):
+            o, gx, grads = r[step]
+            sl = slice(off[rank], off[rank + 1])
+            assert rel(o, out[sl]) <= 1e-5, f"rank {rank} step {step}: output"
+            assert rel(gx, xs.grad[sl] * P) <= 1e-5, f"rank {rank} step {step}: input gradient"
+            for n, p in single.named_parameters():
+                assert rel(grads[n], p.grad) <= 1e-5, f"rank {rank} step {step}: {n}"
+        opt.step()
+        opt.zero_grad()
+
+
+def test_shard_rejects_sparse_grad_and_bad_mesh():
+    from omni_moe.distributed import shard_expert_tables
+
+    class Mesh1D:
+        ndim = 1
+
+    class Mesh2D:
+        ndim = 2
+
+    layer = OmniMoE(make_cfg())
+    with pytest.raises(ValueError, match="1-D"):
+        shard_expert_tables(layer, Mesh2D())
+    layer.config.sparse_expert_grad = True
+    with pytest.raises(ValueError, match="sparse_expert_grad"):
+        shard_expert_tables(layer, Mesh1D())
+    with pytest.raises(ValueError, match="no OmniMoE"):
+        shard_expert_tables(nn.Linear(2, 2), Mesh1D())
