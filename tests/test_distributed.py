@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dist_utils import run_ranks
+from dist_utils import JOIN_TIMEOUT_S, run_ranks
 from omni_moe import OmniMoE, OmniMoEConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -309,3 +309,47 @@ def test_shard_rejects_sparse_grad_and_bad_mesh():
         shard_expert_tables(layer, Mesh1D())
     with pytest.raises(ValueError, match="no OmniMoE"):
         shard_expert_tables(nn.Linear(2, 2), Mesh1D())
+
+
+# ----------------------------------------------------------------------------- torchrun launch
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "train_tiny_lm.py")
+TINY = ["--device", "cpu", "--steps", "3", "--d-model", "32", "--heads", "2", "--layers", "1",
+        "--seq-len", "16", "--batch-size", "4", "--experts", "64", "--topk", "4",
+        "--intermediate", "32", "--vocab", "16", "--fanout", "4", "--eval-every", "3",
+        "--eval-batches", "1", "--warmup", "1"]
+
+
+def _run_example(tmp_path, name, launcher):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / f"{name}.json"
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), ".."))
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, *launcher, EXAMPLE, *TINY, "--json", str(out)]
+    if name != "single":
+        cmd += ["--parallel", name]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=JOIN_TIMEOUT_S)
+    return json.loads(out.read_text())["models"]
+
+
+@pytest.fixture(scope="module")
+def single_example(tmp_path_factory):
+    return _run_example(tmp_path_factory.mktemp("single"), "single", [])
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_torchrun_example_matches_single_process(tmp_path, kind, single_example):
+    """``torchrun --nproc-per-node 2 examples/train_tiny_lm.py --parallel ddp|fsdp`` (gloo)
+    trains both models to the single-process losses on the same global batches."""
+    single = single_example
+    par = _run_example(tmp_path, kind, ["-m", "torch.distributed.run", "--standalone",
+                                        "--nproc-per-node", "2"])
+    for name in ("omni_moe", "dense"):
+        a, b = single[name], par[name]
+        assert len(a["loss"]) == len(b["loss"]) == 3
+        for la, lb in zip(a["loss"], b["loss"]):
+            assert abs(la - lb) <= 1e-5 * abs(la), (name, a["loss"], b["loss"])
+        assert abs(a["eval"][-1][1] - b["eval"][-1][1]) <= 1e-5 * abs(a["eval"][-1][1])
+        assert a["params_total"] == b["params_total"]
