@@ -1,7 +1,8 @@
 """Run a function on several CPU processes (gloo) for the torch.distributed tests.
 
 ``run_ranks(fn, world, *args)`` spawns ``world`` processes, each calling
-``fn(rank, world, *args)`` inside an initialised gloo process group, and returns what
+``fn(rank, world, *args)`` inside an initialised process group (gloo; nccl with
+rank r on cuda:r), and returns what
 each returned (through files, so tensors come back intact).  Waiting is bounded: a hung
 collective fails the test instead of hanging CI.
 """
@@ -28,9 +29,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, outdir, fn, args):
+def _entry(rank, world, port, outdir, fn, args, backend):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         res = fn(rank, world, *args)
@@ -42,9 +45,9 @@ def _entry(rank, world, port, outdir, fn, args):
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world, *args):
+def run_ranks(fn, world, *args, backend="gloo"):
     with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.start_processes(_entry, args=(world, free_port(), outdir, fn, args), nprocs=world,
+        ctx = mp.start_processes(_entry, args=(world, free_port(), outdir, fn, args, backend), nprocs=world,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         try:

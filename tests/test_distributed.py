@@ -47,35 +47,40 @@ def batches(sizes_per_step, seed=1):
 SIZES = [(7, 12), (1, 4), (0, 6)]   # unequal, a 1-token rank, an empty rank
 
 
-def _run_layer(layer, data, rank=None):
+def _run_layer(layer, data, rank=None, device="cpu"):
     outs = []
     for x, gout, off in data:
         sl = slice(off[rank], off[rank + 1]) if rank is not None else slice(None)
-        xr = x[sl].clone().requires_grad_()
+        xr = x[sl].to(device).requires_grad_()
         out, (_, idx) = layer(xr, return_routing=True)
-        out.backward(gout[sl])
-        outs.append((out.detach(), idx, xr.grad))
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
-    bufs = {n: b.clone() for n, b in layer.named_buffers()}
+        out.backward(gout[sl].to(device))
+        outs.append((out.detach().cpu(), idx.cpu(), xr.grad.cpu()))
+    grads = {n: p.grad.cpu() for n, p in layer.named_parameters()}
+    bufs = {n: b.cpu() for n, b in layer.named_buffers()}
     return outs, grads, bufs
 
 
-def _sync_worker(rank, world, interpret):
+def _dev(device, rank):
+    return f"cuda:{rank}" if device == "cuda" else device
+
+
+def _sync_worker(rank, world, interpret, device="cpu"):
     if interpret:
         assert os.environ.get("TRITON_INTERPRET") == "1"
     torch.manual_seed(0)
-    layer = OmniMoE(make_cfg())
+    layer = OmniMoE(make_cfg()).to(_dev(device, rank))
     from omni_moe.distributed import _fused_ok, router_stats_group
 
     assert router_stats_group(layer) is not None
-    assert _fused_ok(layer, torch.empty(1, H)) == interpret    # the path under test
-    return _run_layer(layer, batches(SIZES), rank)
+    # the path under test: kernels on CUDA and under the interpreter
+    assert _fused_ok(layer, torch.empty(1, H, device=_dev(device, rank))) == (interpret or device == "cuda")
+    return _run_layer(layer, batches(SIZES), rank, _dev(device, rank))
 
 
-def _check_against_single(results, sizes=SIZES, tol=1e-5):
+def _check_against_single(results, sizes=SIZES, tol=1e-5, device="cpu"):
     torch.manual_seed(0)
-    single = OmniMoE(make_cfg())
-    outs, grads, bufs = _run_layer(single, batches(sizes))
+    single = OmniMoE(make_cfg()).to(device)
+    outs, grads, bufs = _run_layer(single, batches(sizes), device=device)
     data = batches(sizes)
     for rank, (r_outs, r_grads, r_bufs) in enumerate(results):
         for step, ((o, i, gx), (so, si, sgx)) in enumerate(zip(r_outs, outs)):
@@ -137,15 +142,20 @@ def tiny_model(sync=None):
 def _train(model, data, rank=None, steps=2, lr=0.05):
     """SGD steps on mean((model(x) - y)^2) of this rank's share; per-step gradients."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
+    dev = next(model.parameters()).device
     hist = []
     for x, y, off in data[:steps]:
         sl = slice(off[rank], off[rank + 1]) if rank is not None else slice(None)
-        loss = ((model(x[sl]) - y[sl]) ** 2).mean()
+        loss = ((model(x[sl].to(dev)) - y[sl].to(dev)) ** 2).mean()
         loss.backward()
-        hist.append({n: p.grad.clone() for n, p in _named(model)})
+        hist.append({n: _cpu(p.grad) for n, p in _named(model)})
         opt.step()
         opt.zero_grad()
-    return hist, {n: p.detach().clone() for n, p in _named(model)}
+    return hist, {n: _cpu(p.detach()) for n, p in _named(model)}
+
+
+def _cpu(t):
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu()
 
 
 def _named(model):
@@ -183,16 +193,14 @@ def test_ddp_matches_single_process():
 
 
 # ----------------------------------------------------------------------------- FSDP2
-def _fsdp_worker(rank, world, param_dtype):
+def _fsdp_worker(rank, world, param_dtype, device="cpu"):
     from torch.distributed.device_mesh import init_device_mesh
 
     from omni_moe.distributed import fully_shard_model
 
-    mesh = init_device_mesh("cpu", (world,))
-    model = fully_shard_model(tiny_model(), mesh, param_dtype=param_dtype)
-    hist, params = _train(model, batches(DDP_SIZES, seed=5), rank)
-    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
-    return ([{n: full(g) for n, g in h.items()} for h in hist], {n: full(p) for n, p in params.items()})
+    mesh = init_device_mesh(device, (world,))
+    model = fully_shard_model(tiny_model().to(_dev(device, rank)), mesh, param_dtype=param_dtype)
+    return _train(model, batches(DDP_SIZES, seed=5), rank)
 
 
 @pytest.mark.parametrize("param_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
@@ -247,7 +255,8 @@ def _shard_worker(rank, world, device="cpu"):
     from omni_moe.distributed import data_parallel, shard_expert_tables
 
     torch.manual_seed(0)
-    layer = OmniMoE(make_cfg())     # E = 49: ranks hold 25 and 24 rows
+    dev = _dev(device, rank)
+    layer = OmniMoE(make_cfg()).to(dev)     # E = 49: ranks hold 25 and 24 rows
     mesh = init_device_mesh(device, (world,))
     shard_expert_tables(layer, mesh)
     assert layer.up_embed.weight.to_local().shape[0] == (25, 24)[rank]
@@ -256,12 +265,12 @@ def _shard_worker(rank, world, device="cpu"):
     outs = []
     for x, gout, off in batches(SHARD_SIZES):
         sl = slice(off[rank], off[rank + 1])
-        xr = x[sl].clone().requires_grad_()
+        xr = x[sl].to(dev).requires_grad_()
         out = model(xr)
-        out.backward(gout[sl])
-        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+        out.backward(gout[sl].to(dev))
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).cpu()
                  for n, p in layer.named_parameters()}
-        outs.append((out.detach(), xr.grad, grads))
+        outs.append((out.detach().cpu(), xr.grad.cpu(), grads))
         opt.step()
         opt.zero_grad()
     return outs
@@ -271,16 +280,19 @@ def test_sharded_expert_tables_match_single_process():
     """Row-sharded tables + DDP on the rest, unequal token counts (one rank empty): the
     outputs, input gradients and (averaged) parameter gradients of one process on the
     concatenated batch, over two SGD steps."""
-    results = run_ranks(_shard_worker, 2)
+    _check_shard(run_ranks(_shard_worker, 2))
+
+
+def _check_shard(results, device="cpu"):
     torch.manual_seed(0)
-    single = OmniMoE(make_cfg())
+    single = OmniMoE(make_cfg()).to(device)
     opt = torch.optim.SGD(single.parameters(), lr=0.1)
     P = 2
     for step, (x, gout, off) in enumerate(batches(SHARD_SIZES)):
-        xs = x.clone().requires_grad_()
+        xs = x.to(device).requires_grad_()
         out = single(xs)
         # DDP averages over ranks: the ranks' update equals one process's on loss / P
-        (out * gout).sum().div(P).backward()
+        (out * gout.to(device)).sum().div(P).backward()
         for rank, r in enumerate(results):
             o, gx, grads = r[step]
             sl = slice(off[rank], off[rank + 1])
@@ -353,3 +365,27 @@ def test_torchrun_example_matches_single_process(tmp_path, kind, single_example)
             assert abs(la - lb) <= 1e-5 * abs(la), (name, a["loss"], b["loss"])
         assert abs(a["eval"][-1][1] - b["eval"][-1][1]) <= 1e-5 * abs(a["eval"][-1][1])
         assert a["params_total"] == b["params_total"]
+
+
+# ----------------------------------------------------------------------------- two CUDA devices
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("check", ["sync_stats", "sharded_tables", "fsdp2"])
+@pytest.mark.usefixtures("no_tf32")
+def test_gpu_two_ranks(check, monkeypatch):
+    """NCCL on cuda:0 and cuda:1 against one process on cuda:0: the router-norm kernels
+    with synchronised statistics; row-sharded tables (masked out-of-range slots)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if check == "sync_stats":
+        _check_against_single(run_ranks(_sync_worker, 2, False, "cuda", backend="nccl"), device="cuda")
+    elif check == "sharded_tables":
+        _check_shard(run_ranks(_shard_worker, 2, "cuda", backend="nccl"), device="cuda")
+    else:
+        results = run_ranks(_fsdp_worker, 2, None, "cuda", backend="nccl")
+        hist, params = _train(tiny_model().cuda(), batches(DDP_SIZES, seed=5))
+        for r_hist, r_params in results:
+            for rg, g in zip(r_hist, hist):
+                for name in g:
+                    assert rel(rg[name], g[name]) <= 1e-5, name
+            for name in params:
+                assert rel(r_params[name], params[name]) <= 1e-5, name
