@@ -34,8 +34,6 @@ addition.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -385,16 +383,14 @@ class ExpertShard:
     """The expert branch of one OmniMoE layer whose tables are row-sharded DTensors
     (installed by ``shard_expert_tables``; called by ``OmniMoE.forward``)."""
 
-    def __init__(self, layer, mesh, average_grads: bool):
-        self.layer_ref = weakref.ref(layer)  # no reference cycle through layer.__dict__
+    def __init__(self, mesh, average_grads: bool):
         self.mesh = mesh
         self.group = mesh.get_group()
         self.average_grads = average_grads
 
-    def __call__(self, h, scores, indices):
+    def __call__(self, layer, h, scores, indices):
         from .expert import omni_expert_from_scores
 
-        layer = self.layer_ref()
         group = self.group
         P = _world(group)
         rank = dist.get_rank(group)
@@ -433,7 +429,9 @@ def shard_expert_tables(module: nn.Module, mesh, *, average_grads: bool = True) 
     gradients are averaged over the ranks (``average_grads``), like DDP's; train the
     other (replicated) parameters with ``data_parallel`` (DDP that skips the sharded
     tables).  The tables must hold the same values on every rank when this is called
-    (seed the model identically).  Returns ``module``.
+    (seed the model identically).  The state_dict then holds DTensors
+    (``torch.distributed.checkpoint`` saves and loads them; ``.full_tensor()`` gathers
+    one).  Returns ``module``.
     """
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -450,7 +448,7 @@ def shard_expert_tables(module: nn.Module, mesh, *, average_grads: bool = True) 
             w = emb.weight
             emb.weight = nn.Parameter(distribute_tensor(w.detach(), mesh, [Shard(0)]),
                                       requires_grad=w.requires_grad)
-        layer.expert_sharding = ExpertShard(layer, mesh, average_grads)
+        layer.expert_sharding = ExpertShard(mesh, average_grads)
     return module
 
 

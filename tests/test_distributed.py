@@ -119,17 +119,31 @@ def test_sync_requires_group():
 
 
 def _one_token_worker(rank, world):
+    import torch.distributed as dist
+
+    from omni_moe.distributed import router_stats_group, set_router_stats_group
+
     layer = OmniMoE(make_cfg())
+    msg = None
     try:
         layer(torch.randn(1 if rank == 0 else 0, H))
     except ValueError as e:
-        return str(e)
-    return None
+        msg = str(e)
+    assert router_stats_group(layer) is dist.group.WORLD
+    singles = [dist.new_group([r]) for r in range(world)]
+    pair = dist.new_group(list(range(world)))
+    set_router_stats_group(nn.Sequential(layer), singles[rank])
+    alone = router_stats_group(layer)
+    set_router_stats_group(layer, pair)
+    return msg, alone, router_stats_group(layer) is pair, router_stats_group(layer.eval())
 
 
 def test_sync_one_token_in_total_raises_everywhere():
-    msgs = run_ranks(_one_token_worker, 2)
-    assert all(m is not None and "more than one token" in m for m in msgs)
+    """One token over all ranks raises on every rank (none would hang in a collective);
+    the statistics group is settable and a group of one process means no exchange."""
+    for msg, alone, is_pair, in_eval in run_ranks(_one_token_worker, 2):
+        assert msg is not None and "more than one token" in msg
+        assert alone is None and is_pair and in_eval is None
 
 
 # ----------------------------------------------------------------------------- DDP

@@ -323,7 +323,7 @@ class OmniMoE(nn.Module):
         scores, indices = self.route(h)
         if getattr(self, "expert_sharding", None) is not None:
             # Expert tables sharded across processes (omni_moe.distributed.shard_expert_tables).
-            experts = self.expert_sharding(h, scores, indices)
+            experts = self.expert_sharding(self, h, scores, indices)
         else:
             # w = exp(scores) is fused into the expert kernels (no launch, no autograd node).
             experts = omni_expert_from_scores(h, self.up_embed.weight, self.down_embed.weight,
