@@ -333,6 +333,10 @@ def test_shard_rejects_sparse_grad_and_bad_mesh():
     layer.config.sparse_expert_grad = True
     with pytest.raises(ValueError, match="sparse_expert_grad"):
         shard_expert_tables(layer, Mesh1D())
+    layer.config.sparse_expert_grad = False
+    layer.expert_sharding = object()
+    with pytest.raises(ValueError, match="already sharded"):
+        shard_expert_tables(layer, Mesh1D())
     with pytest.raises(ValueError, match="no OmniMoE"):
         shard_expert_tables(nn.Linear(2, 2), Mesh1D())
 
