@@ -218,7 +218,10 @@ def _fsdp_worker(rank, world, param_dtype, device="cpu"):
 
     mesh = init_device_mesh(device, (world,))
     model = fully_shard_model(tiny_model().to(_dev(device, rank)), mesh, param_dtype=param_dtype)
-    return _train(model, batches(DDP_SIZES, seed=5), rank)
+    res = _train(model, batches(DDP_SIZES, seed=5), rank)
+    # a lone layer as the FSDP root
+    layer = fully_shard_model(tiny_model()[0].to(_dev(device, rank)), mesh, param_dtype=param_dtype)
+    return res, _train(layer, batches(DDP_SIZES, seed=5), rank, steps=1)
 
 
 @pytest.mark.parametrize("param_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
@@ -228,19 +231,16 @@ def test_fsdp2_matches_single_process(param_dtype):
     parameters (float32 master weights and gradient reduction), within bf16 rounding."""
     results = run_ranks(_fsdp_worker, 2, param_dtype)
     data = batches(DDP_SIZES, seed=5)
-    model = tiny_model()
-    if param_dtype is None:
-        hist, params = _train(model, data)
-        tol = 1e-5
-    else:
-        hist, params = _train_bf16_reference(model, data)
-        tol = 3e-2
-    for rank, (r_hist, r_params) in enumerate(results):
-        for step, (rg, g) in enumerate(zip(r_hist, hist)):
-            for name in g:
-                assert rel(rg[name], g[name]) <= tol, f"rank {rank} step {step} {name}"
-        for name in params:
-            assert rel(r_params[name], params[name]) <= tol, f"rank {rank} {name}"
+    train = _train if param_dtype is None else _train_bf16_reference
+    tol = 1e-5 if param_dtype is None else 3e-2
+    refs = (train(tiny_model(), data), train(tiny_model()[0], data, steps=1))
+    for rank, res in enumerate(results):
+        for (r_hist, r_params), (hist, params) in zip(res, refs):
+            for step, (rg, g) in enumerate(zip(r_hist, hist)):
+                for name in g:
+                    assert rel(rg[name], g[name]) <= tol, f"rank {rank} step {step} {name}"
+            for name in params:
+                assert rel(r_params[name], params[name]) <= tol, f"rank {rank} {name}"
 
 
 def _train_bf16_reference(model, data, steps=2, lr=0.05):
@@ -405,7 +405,7 @@ def test_gpu_two_ranks(check, monkeypatch):
     else:
         results = run_ranks(_fsdp_worker, 2, None, "cuda", backend="nccl")
         hist, params = _train(tiny_model().cuda(), batches(DDP_SIZES, seed=5))
-        for r_hist, r_params in results:
+        for (r_hist, r_params), _ in results:
             for rg, g in zip(r_hist, hist):
                 for name in g:
                     assert rel(rg[name], g[name]) <= 1e-5, name
