@@ -174,10 +174,10 @@ class _SyncNormTorch(torch.autograd.Function):
 # Splits of the partial statistics in the synchronised kernel path: at most this many per
 # rank (a fixed bound, so every rank's partials have the same size for the all-gather).
 def _max_splits(C: int) -> int:
-    return max(1, 512 // triton_cdiv(C, 32))
+    return max(1, 512 // _cdiv(C, 32))
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -185,8 +185,8 @@ def _split_counts(T: int, S_max: int):
     """(S, rows per split, per-split row counts padded to S_max) of T rows."""
     if T == 0:
         return 0, 1, [0] * S_max
-    rows = triton_cdiv(T, min(S_max, T))
-    S = triton_cdiv(T, rows)
+    rows = _cdiv(T, min(S_max, T))
+    S = _cdiv(T, rows)
     return S, rows, [min(rows, T - s * rows) for s in range(S)] + [0] * (S_max - S)
 
 
@@ -289,7 +289,7 @@ class _SyncRouterLogProbs(torch.autograd.Function):
 
 
 def _fused_ok(layer, h) -> bool:
-    from .modules.omni_moe import RouterNorm, _plain
+    from .modules.omni_moe import _plain
     from .triton.router_norm import MAX_N
 
     nx, ny = layer.router_norm_x, layer.router_norm_y
@@ -399,7 +399,7 @@ class ExpertShard:
         if self.average_grads:
             # As DDP / FSDP average the replicated parameters' gradients over ranks.
             up_l, down_l = _ScaleGrad.apply(up_l, 1.0 / P), _ScaleGrad.apply(down_l, 1.0 / P)
-        rows = triton_cdiv(layer.num_experts, P)   # Shard(0) splits like torch.chunk
+        rows = _cdiv(layer.num_experts, P)   # Shard(0) splits like torch.chunk
         lo = rank * rows
         e_l = up_l.shape[0]
         sizes = [int(s) for s in _all_gather_flat(
