@@ -74,6 +74,13 @@ class OmniMoEConfig:
         num_experts_per_token: k, 1 <= k <= E.  Required.
         router_norm: "batchnorm" (BatchNorm1d without affine on each router axis, as the
             paper and the public reference) or "none".
+        sync_router_stats: in training, compute the router norms' batch statistics over
+            all processes of the process group, as ``nn.SyncBatchNorm`` does (the same
+            routing, gradients and running statistics as one process on the
+            concatenated batch).  None (default): on when ``torch.distributed`` is
+            initialised with more than one process; True: required (raises without a
+            process group); False: each process normalises with its own batch.  See
+            docs/distributed.md and ``omni_moe.distributed``.
     """
 
     hidden_size: int
@@ -82,6 +89,7 @@ class OmniMoEConfig:
     num_experts: int | None = None
     num_experts_per_token: int | None = None
     router_norm: str = "batchnorm"
+    sync_router_stats: bool | None = None
 
     def __post_init__(self):
         _check_int("hidden_size", self.hidden_size, 1)
@@ -100,6 +108,8 @@ class OmniMoEConfig:
             raise TypeError("num_experts_per_token is required")
         _check_int("num_experts_per_token", self.num_experts_per_token, 1, self.num_experts)
         _check_choice("router_norm", self.router_norm, ROUTER_NORMS)
+        if self.sync_router_stats is not None and not isinstance(self.sync_router_stats, bool):
+            raise TypeError(f"sync_router_stats must be a bool or None, got {type(self.sync_router_stats).__name__}")
 
     @property
     def num_expert_sqrt(self) -> int:
@@ -256,6 +266,12 @@ class OmniMoE(nn.Module):
         torch.compile -- where inductor fuses it --, N > 4096, momentum=None, hooks on
         the router modules, a training batch of fewer than 2 tokens).
         """
+        if self.training and self.config.router_norm == "batchnorm" and self.config.sync_router_stats is not False:
+            from ..distributed import router_stats_group, sync_router_log_probs
+
+            group = router_stats_group(self)
+            if group is not None:
+                return sync_router_log_probs(self, h, group)
         mode = self._fused_router_mode(h)
         if mode is None:
             lx = self.router_norm_x(self.router_gate_x(h).float())
@@ -306,9 +322,13 @@ class OmniMoE(nn.Module):
         shape = hidden_states.shape
         h = hidden_states.reshape(-1, self.hidden_size)
         scores, indices = self.route(h)
-        # w = exp(scores) is fused into the expert kernels (no launch, no autograd node).
-        experts = omni_expert_from_scores(h, self.up_embed.weight, self.down_embed.weight,
-                                          scores, indices, act=self.act)
+        if getattr(self, "expert_sharding", None) is not None:
+            # Expert tables sharded across processes (omni_moe.distributed.shard_expert_tables).
+            experts = self.expert_sharding(self, h, scores, indices)
+        else:
+            # w = exp(scores) is fused into the expert kernels (no launch, no autograd node).
+            experts = omni_expert_from_scores(h, self.up_embed.weight, self.down_embed.weight,
+                                              scores, indices, act=self.act)
         inner = swiglu(self.gate_proj(h), self.up_proj(h), self.act)
         if _plain(self.down_proj) and self.down_proj.weight.dtype == experts.dtype:
             # experts + inner @ W_down^T in one cuBLAS call (the add in its epilogue).

@@ -80,12 +80,17 @@ def _stats_partial_kernel(X, PART, T, C, rows_per_split, stride_xt, stride_xc,
 
 
 @triton.jit
-def _split_means(PART, s0, S, T, rows_per_split, cols, ok, C, BLOCK_S: tl.constexpr):
+def _split_means(PART, COUNTS, s0, S, T, rows_per_split, cols, ok, C, BLOCK_S: tl.constexpr,
+                 HAS_COUNTS: tl.constexpr):
     # Splits s0 .. s0 + BLOCK_S - 1: their indices, the [BLOCK_S, BLOCK_C] load mask, row
     # counts n_s (0 past S) and per-split column means (PART rows hold mean, then M2).
+    # HAS_COUNTS: the row counts are read from COUNTS (splits of several processes).
     ss = s0 + tl.arange(0, BLOCK_S)
     s_ok = ss < S
-    n_s = tl.where(s_ok, tl.minimum(T - ss * rows_per_split, rows_per_split), 0).to(tl.float32)
+    if HAS_COUNTS:
+        n_s = tl.load(COUNTS + ss, mask=s_ok, other=0.0)
+    else:
+        n_s = tl.where(s_ok, tl.minimum(T - ss * rows_per_split, rows_per_split), 0).to(tl.float32)
     m = s_ok[:, None] & ok[None, :]
     mean_s = tl.load(PART + ss[:, None] * (2 * C) + cols[None, :], mask=m, other=0.0)
     return ss, m, n_s, mean_s
@@ -94,13 +99,16 @@ def _split_means(PART, s0, S, T, rows_per_split, cols, ok, C, BLOCK_S: tl.conste
 @triton.jit
 def _stats_finalize_kernel(PART, STATS, RMX, RVX, NBX, RMY, RVY, NBY,
                            T, N, S, rows_per_split, momentum, eps,
-                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                           COUNTS=None, HAS_COUNTS: tl.constexpr = False):
     """Combine the S splits into STATS[0] = mean, STATS[1] = 1/sqrt(var + eps) (biased
     var) for the C = 2N columns, and update the running statistics of the x (columns
     < N) and y axes in place; program 0 adds 1 to both counters.
     Two passes over [BLOCK_S, BLOCK_C] tiles of the partials (fixed order):
     mean = sum_s n_s mean_s / T, then M2 = sum_s M2_s + n_s (mean_s - mean)^2.
     Grid: (cdiv(2N, BLOCK_C),).  Bytes: ~12*S*2N read, 8*2N + running stats read/written.
+    HAS_COUNTS (``omni_moe.distributed``): split s has COUNTS[s] rows (float32, 0 for
+    padding) and T is their total: the splits of all processes combined.
     """
     pid = tl.program_id(0)
     C = 2 * N
@@ -108,12 +116,12 @@ def _stats_finalize_kernel(PART, STATS, RMX, RVX, NBX, RMY, RVY, NBY,
     ok = cols < C
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
-        ss, m, n_s, mean_s = _split_means(PART, s0, S, T, rows_per_split, cols, ok, C, BLOCK_S)
+        ss, m, n_s, mean_s = _split_means(PART, COUNTS, s0, S, T, rows_per_split, cols, ok, C, BLOCK_S, HAS_COUNTS)
         acc += tl.sum(n_s[:, None] * mean_s, axis=0)
     mean = acc / T
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
-        ss, m, n_s, mean_s = _split_means(PART, s0, S, T, rows_per_split, cols, ok, C, BLOCK_S)
+        ss, m, n_s, mean_s = _split_means(PART, COUNTS, s0, S, T, rows_per_split, cols, ok, C, BLOCK_S, HAS_COUNTS)
         m2_s = tl.load(PART + ss[:, None] * (2 * C) + C + cols[None, :], mask=m, other=0.0)
         d = mean_s - mean[None, :]
         m2 += tl.sum(m2_s + n_s[:, None] * d * d, axis=0)
