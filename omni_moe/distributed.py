@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._dispatch import use_triton
+from .ops._dispatch import use_triton
 
 __all__ = ["router_stats_group", "set_router_stats_group", "sync_router_log_probs",
            "shard_expert_tables", "data_parallel", "fully_shard_model", "omni_moe_layers"]
@@ -171,12 +171,6 @@ class _SyncNormTorch(torch.autograd.Function):
         return rstd * (dy - s1 - xhat * s2), None, None, None, None, None
 
 
-# Splits of the partial statistics in the synchronised kernel path: at most this many per
-# rank (a fixed bound, so every rank's partials have the same size for the all-gather).
-def _max_splits(C: int) -> int:
-    return max(1, 512 // _cdiv(C, 32))
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -192,34 +186,29 @@ def _split_counts(T: int, S_max: int):
 
 class _SyncRouterLogProbs(torch.autograd.Function):
     """(px, py) from the stacked router logits (T, 2N) with synchronised batch statistics,
-    through the router-norm kernels (``omni_moe.triton.router_norm``): partial statistics,
-    all-gather, finalize with per-split counts, row kernel; backward: row kernel, sums,
-    all-reduce, BatchNorm backward."""
+    through the router-norm launch steps (``omni_moe.ops.router_norm.kernels``): partial
+    statistics, all-gather, finalize with per-split counts, row kernel; backward: row
+    kernel, sums, all-reduce, BatchNorm backward."""
 
     @staticmethod
     def forward(ctx, logits, n, running, momentum, eps, group):
-        import triton
-
-        from .triton import router_norm as rn
+        from .ops.router_norm import kernels as rn
 
         T, C = logits.shape
         dev = logits.device
         P = _world(group)
-        S_max = _max_splits(C)
+        cfg = rn.default_config(T, n)
+        S_max = cfg.splits
         S, rows, _ = _split_counts(T, S_max)
         buf = torch.zeros(S_max * 2 * C + 1, dtype=torch.float32, device=dev)
         if T:
-            part = buf[:S * 2 * C].view(S, 2, C)
-            br, bc = 64, 32
-            rn._stats_partial_kernel[(triton.cdiv(C, bc), S)](
-                logits, part, T, C, rows, logits.stride(0), logits.stride(1),
-                BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+            rn.stats_partials(logits, buf[:S * 2 * C].view(S, 2, C), rows, cfg)
         buf[-1] = float(T)
         gathered = _all_gather_flat(buf, group)
         counts = [int(c) for c in gathered[:, -1].tolist()]      # host sync (small)
         total = sum(counts)
         _check_total(total)
-        ctx.n, ctx.eps, ctx.total, ctx.group = n, eps, total, group
+        ctx.n, ctx.eps, ctx.total, ctx.group, ctx.cfg = n, eps, total, group, cfg
         out = torch.empty((T, C), dtype=torch.float32, device=dev)
         if total == 0:
             ctx.save_for_backward(logits)
@@ -227,18 +216,10 @@ class _SyncRouterLogProbs(torch.autograd.Function):
         split_counts = torch.tensor([c for t in counts for c in _split_counts(t, S_max)[2]],
                                     dtype=torch.float32).to(dev, non_blocking=True)
         stats = torch.empty((2, C), dtype=torch.float32, device=dev)
-        rmx, rvx, nbx, rmy, rvy, nby = running
-        fs, fc = 32, 64
-        rn._stats_finalize_kernel[(triton.cdiv(C, fc),)](
-            gathered[:, :-1].reshape(P * S_max, 2, C), stats, rmx, rvx, nbx, rmy, rvy, nby,
-            total, n, P * S_max, 1, float(momentum), float(eps),
-            BLOCK_S=fs, BLOCK_C=fc, COUNTS=split_counts, HAS_COUNTS=True, num_warps=4)
+        rn.stats_finalize(gathered[:, :-1].reshape(P * S_max, 2, C), stats, running, total, n, 1,
+                          momentum, eps, cfg, counts=split_counts)
         if T:
-            np_ = triton.next_power_of_2(n)
-            br = rn._row_block(n)
-            rn._rows_forward_kernel[(triton.cdiv(T, br), 2)](
-                logits, stats, rmx, rvx, rmy, rvy, out, T, n, logits.stride(0), logits.stride(1),
-                out.stride(0), float(eps), MODE=1, BLOCK_R=br, NP=np_, num_warps=rn._warps(br * np_))
+            rn.rows_forward(logits, stats, running, out, n, 1, eps, cfg)
         ctx.save_for_backward(logits, out, stats)
         return out[:, :n], out[:, n:]
 
@@ -247,13 +228,13 @@ class _SyncRouterLogProbs(torch.autograd.Function):
     def backward(ctx, dpx, dpy):
         import triton
 
-        from .triton import router_norm as rn
+        from .ops.router_norm import kernels as rn
 
         if ctx.total == 0:
             (logits,) = ctx.saved_tensors
             return torch.zeros_like(logits), None, None, None, None, None
         x, p, stats = ctx.saved_tensors
-        n = ctx.n
+        n, cfg = ctx.n, ctx.cfg
         T, C = x.shape
         dev = x.device
         if dpx is None:
@@ -263,34 +244,22 @@ class _SyncRouterLogProbs(torch.autograd.Function):
         dx = torch.empty((T, C), dtype=x.dtype, device=dev)
         sums = torch.zeros((2, C), dtype=torch.float32, device=dev)
         if T:
-            np_ = triton.next_power_of_2(n)
-            br = rn._row_block(n)
-            nb = triton.cdiv(T, br)
             dl = torch.empty((T, C), dtype=torch.float32, device=dev)
-            part = torch.empty((nb, 2, C), dtype=torch.float32, device=dev)
-            rn._rows_backward_kernel[(nb, 2)](
-                dpx, dpy, p, x, stats, p, p, dx, dl, part,
-                T, n, dpx.stride(0), dpx.stride(1), dpy.stride(0), dpy.stride(1), p.stride(0),
-                x.stride(0), x.stride(1), dx.stride(0), float(ctx.eps),
-                MODE=1, BLOCK_R=br, NP=np_, num_warps=rn._warps(br * np_))
-            rn._sums_finalize_kernel[(triton.cdiv(C, 64),)](part, sums, nb, C, BLOCK_B=32,
-                                                            BLOCK_C=64, num_warps=4)
+            part = torch.empty((triton.cdiv(T, cfg.row_block), 2, C), dtype=torch.float32, device=dev)
+            rn.rows_backward(dpx, dpy, p, x, stats, None, dx, dl, part, n, 1, ctx.eps, cfg)
+            rn.sums_finalize(part, sums, cfg)
         dist.all_reduce(sums, group=ctx.group)
         if T:
             # The BatchNorm backward kernel divides the sums by its row count T; the mean
             # over the concatenated batch divides by the global count.
             sums.mul_(T / ctx.total)
-            bc = min(128, triton.next_power_of_2(C))
-            brr = max(1, 2048 // bc)
-            rn._bn_backward_kernel[(triton.cdiv(T, brr), triton.cdiv(C, bc))](
-                dl, x, stats, sums, dx, T, C, x.stride(0), x.stride(1), dx.stride(0),
-                BLOCK_R=brr, BLOCK_C=bc, num_warps=4)
+            rn.bn_backward(dl, x, stats, sums, dx)
         return dx, None, None, None, None, None
 
 
 def _fused_ok(layer, h) -> bool:
     from .modules.omni_moe import _plain
-    from .triton.router_norm import MAX_N
+    from .ops.router_norm.kernels import MAX_N
 
     nx, ny = layer.router_norm_x, layer.router_norm_y
     gx, gy = layer.router_gate_x, layer.router_gate_y
@@ -389,7 +358,7 @@ class ExpertShard:
         self.average_grads = average_grads
 
     def __call__(self, layer, h, scores, indices):
-        from .expert import omni_expert_from_scores
+        from .ops.expert.op import omni_expert_from_scores
 
         group = self.group
         P = _world(group)

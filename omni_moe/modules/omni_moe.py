@@ -37,6 +37,7 @@ from ..ops.expert.op import omni_expert_from_scores
 from ..ops._activations import ACTIVATIONS
 from ..ops.swiglu.op import swiglu
 from ..ops.router.op import MAX_NUM_EXPERT_SQRT, omni_router
+from ..ops.router_norm.op import router_log_probs as fused_router_log_probs
 
 ROUTER_NORMS = ("batchnorm", "none")
 
@@ -153,40 +154,6 @@ def _plain(m: nn.Module) -> bool:
     return not (m._forward_hooks or m._forward_pre_hooks)
 
 
-class _RouterLogProbs(torch.autograd.Function):
-    """(px, py) = the halves of ``norm_log_softmax_forward(logits)``; see
-    ``OmniMoE.router_log_probs``.  Differentiable in ``logits``."""
-
-    @staticmethod
-    def forward(ctx, logits, n, mode, running, momentum, eps):
-        from ..ops.router_norm.kernels import norm_log_softmax_forward
-
-        p, stats = norm_log_softmax_forward(logits, n, mode, running, momentum, eps)
-        ctx.n, ctx.mode, ctx.eps = n, mode, eps
-        if mode == "running" and ctx.needs_input_grad[0]:
-            # Copies: a training-mode call before this backward updates the running
-            # statistics in place (in a kernel, which autograd's version counters miss).
-            ctx.save_for_backward(logits, p, stats, running[1].clone(), running[4].clone())
-        else:
-            ctx.save_for_backward(logits, p, stats)
-        return p[:, :n], p[:, n:]
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dpx, dpy):
-        from ..ops.router_norm.kernels import norm_log_softmax_backward
-
-        logits, p, stats, *rv = ctx.saved_tensors
-        n = ctx.n
-        if dpx is None:
-            dpx = torch.zeros_like(p[:, :n])
-        if dpy is None:
-            dpy = torch.zeros_like(p[:, n:])
-        running = (None, rv[0], None, None, rv[1], None) if rv else None
-        dx = norm_log_softmax_backward(dpx, dpy, p, logits, stats, n, ctx.mode, running, ctx.eps)
-        return dx, None, None, None, None, None
-
-
 class OmniMoE(nn.Module):
     """One OmniMoE layer: ``out = mlp(h) + experts(h)`` for input of shape (..., H).
 
@@ -279,11 +246,11 @@ class OmniMoE(nn.Module):
             return F.log_softmax(lx.float(), dim=-1), F.log_softmax(ly.float(), dim=-1)
         logits = F.linear(h, torch.cat((self.router_gate_x.weight, self.router_gate_y.weight)))
         if mode == "none":
-            return _RouterLogProbs.apply(logits, self.num_expert_sqrt, mode, None, 0.0, 0.0)
+            return fused_router_log_probs(logits, self.num_expert_sqrt, mode, None, 0.0, 0.0)
         nx, ny = self.router_norm_x, self.router_norm_y
         running = (nx.running_mean, nx.running_var, nx.num_batches_tracked,
                    ny.running_mean, ny.running_var, ny.num_batches_tracked)
-        return _RouterLogProbs.apply(logits, self.num_expert_sqrt, mode, running, nx.momentum, nx.eps)
+        return fused_router_log_probs(logits, self.num_expert_sqrt, mode, running, nx.momentum, nx.eps)
 
     def _fused_router_mode(self, h: torch.Tensor):
         """"none" / "batch" / "running" when the fused router prologue applies, else None."""

@@ -32,6 +32,8 @@ PyTorch past that.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -280,26 +282,45 @@ def _bn_backward_kernel(DL, X, STATS, SUMS, DX, T, C, stride_xt, stride_xc, stri
 
 
 # --------------------------------------------------------------------------- configs
-# Everything here is a few MB at most; the configs only keep enough programs in flight.
+@dataclass(frozen=True)
+class RouterNormConfig:
+    """Launch configuration: ``splits`` row splits of the partial statistics (each
+    non-empty; fewer when T is small); ``stats_tile`` (rows, columns) of the partial
+    statistics kernel; ``final_tile`` (partials, columns) per step of the finalize
+    kernels; ``row_block`` rows per program of the row kernels."""
+
+    splits: int
+    stats_tile: tuple[int, int] = (64, 32)
+    final_tile: tuple[int, int] = (32, 64)
+    row_block: int = 1
+
+
 _TARGET_PROGRAMS = 512
-_STATS_TILE = (64, 32)          # (BLOCK_R, BLOCK_C) of the partial statistics
-_FINAL_TILE = (32, 64)          # (partials, columns) per step of the finalize kernels
-CONFIG_OVERRIDE = {"splits": None}
 
 
-def _row_block(N: int) -> int:
-    """Rows per program of the row kernels: about 2K elements per tile."""
-    return max(1, min(16, 2048 // triton.next_power_of_2(N)))
+def default_config(T: int, N: int) -> RouterNormConfig:
+    """The rule: everything here is a few MB at most, so the configuration only keeps
+    enough programs in flight: about 512 partial-statistics programs, row tiles of ~2K
+    elements."""
+    C = 2 * N
+    return RouterNormConfig(splits=max(1, _TARGET_PROGRAMS // triton.cdiv(C, 32)),
+                            row_block=max(1, min(16, 2048 // triton.next_power_of_2(N))))
 
 
-def _splits(T: int, C: int):
-    """(S, rows_per_split) for the partial statistics: every split non-empty."""
-    block_r, block_c = _STATS_TILE
-    if CONFIG_OVERRIDE["splits"] is not None:
-        want = CONFIG_OVERRIDE["splits"]
-    else:
-        want = max(1, _TARGET_PROGRAMS // triton.cdiv(C, block_c))
-    rows = max(1, triton.cdiv(T, min(want, triton.cdiv(T, 1))))
+def _check_config(config) -> RouterNormConfig:
+    if not isinstance(config, RouterNormConfig):
+        raise TypeError(f"config must be a RouterNormConfig, got {type(config).__name__}")
+    values = (config.splits, *config.stats_tile, *config.final_tile, config.row_block)
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"config fields must be ints >= 1, got {config}")
+    if any(v & (v - 1) for v in (*config.stats_tile, *config.final_tile, config.row_block)):
+        raise ValueError(f"config tiles and row_block must be powers of two, got {config}")
+    return config
+
+
+def split_rows(T: int, splits: int) -> tuple[int, int]:
+    """(S, rows per split) for T rows cut into at most ``splits`` non-empty splits."""
+    rows = max(1, triton.cdiv(T, min(splits, max(T, 1))))
     return triton.cdiv(T, rows), rows
 
 
@@ -307,18 +328,90 @@ def _warps(elems: int) -> int:
     return 8 if elems >= 4096 else 4
 
 
+# --------------------------------------------------------------------------- launch steps
+# One function per kernel launch: the single-process launchers below chain them, and the
+# synchronised statistics of ``omni_moe.distributed`` put collectives between them.
+
+def stats_partials(x, part, rows, cfg: RouterNormConfig):
+    """Per-split column (mean, M2) of x (T, C) into part (S, 2, C)."""
+    T, C = x.shape
+    br, bc = cfg.stats_tile
+    _stats_partial_kernel[(triton.cdiv(C, bc), part.shape[0])](
+        x, part, T, C, rows, x.stride(0), x.stride(1), BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+
+
+def stats_finalize(part, stats, running, total, n, rows, momentum, eps, cfg: RouterNormConfig,
+                   counts=None):
+    """Combine the partials (S, 2, C) into stats (2, C) = (mean, rstd) and update the
+    running statistics; ``counts`` (S,) float32 gives each split's rows (splits of
+    several processes), else split s has min(rows, total - s*rows)."""
+    C = stats.shape[1]
+    fs, fc = cfg.final_tile
+    rmx, rvx, nbx, rmy, rvy, nby = running
+    _stats_finalize_kernel[(triton.cdiv(C, fc),)](
+        part, stats, rmx, rvx, nbx, rmy, rvy, nby, total, n, part.shape[0], rows,
+        float(momentum), float(eps), BLOCK_S=fs, BLOCK_C=fc,
+        COUNTS=counts, HAS_COUNTS=counts is not None, num_warps=4)
+
+
+def rows_forward(x, stats, running, out, n, mode: int, eps, cfg: RouterNormConfig):
+    """Normalise (MODE 1: with stats; 2: with the running statistics) and log_softmax."""
+    T = x.shape[0]
+    rmx, rvx, _, rmy, rvy, _ = running if running is not None else (out,) * 6
+    np_ = triton.next_power_of_2(n)
+    br = cfg.row_block
+    _rows_forward_kernel[(triton.cdiv(T, br), 2)](
+        x, stats if mode == 1 else out, rmx, rvx, rmy, rvy, out, T, n, x.stride(0), x.stride(1),
+        out.stride(0), float(eps), MODE=mode, BLOCK_R=br, NP=np_, num_warps=_warps(br * np_))
+
+
+def rows_backward(dpx, dpy, p, x, stats, rv, dx, dl, part, n, mode: int, eps, cfg: RouterNormConfig):
+    """log_softmax backward; MODE 0/2 write dX, MODE 1 writes dl and per-block partial
+    sums of dl and dl * xhat into part (cdiv(T, row_block), 2, C)."""
+    T = x.shape[0]
+    rvx, rvy = rv if rv is not None else (p, p)
+    np_ = triton.next_power_of_2(n)
+    br = cfg.row_block
+    _rows_backward_kernel[(triton.cdiv(T, br), 2)](
+        dpx, dpy, p, x, stats if mode == 1 else p, rvx, rvy, dx, dl, part,
+        T, n, dpx.stride(0), dpx.stride(1), dpy.stride(0), dpy.stride(1), p.stride(0),
+        x.stride(0), x.stride(1), dx.stride(0), float(eps),
+        MODE=mode, BLOCK_R=br, NP=np_, num_warps=_warps(br * np_))
+
+
+def sums_finalize(part, sums, cfg: RouterNormConfig):
+    """Column sums (2, C) of the row blocks' partial sums part (B, 2, C)."""
+    C = sums.shape[1]
+    fs, fc = cfg.final_tile
+    _sums_finalize_kernel[(triton.cdiv(C, fc),)](part, sums, part.shape[0], C, BLOCK_B=fs,
+                                                  BLOCK_C=fc, num_warps=4)
+
+
+def bn_backward(dl, x, stats, sums, dx):
+    """dX = rstd (dl - sums[0] / T - xhat sums[1] / T) (BatchNorm backward, batch stats)."""
+    T, C = x.shape
+    bc = min(128, triton.next_power_of_2(C))
+    brr = max(1, 2048 // bc)
+    _bn_backward_kernel[(triton.cdiv(T, brr), triton.cdiv(C, bc))](
+        dl, x, stats, sums, dx, T, C, x.stride(0), x.stride(1), dx.stride(0),
+        BLOCK_R=brr, BLOCK_C=bc, num_warps=4)
+
+
 # --------------------------------------------------------------------------- launchers
 
-def norm_log_softmax_forward(x, n, mode, running=None, momentum=0.1, eps=1e-5, out=None):
+def norm_log_softmax_forward(x, n, mode, running=None, momentum=0.1, eps=1e-5, out=None, *,
+                             config: RouterNormConfig | None = None):
     """(P, stats): P (T, 2N) float32 log-probabilities of both axes; ``stats`` (2, 2N)
     float32 batch mean / rstd for MODE 1 (what the backward needs), else an empty tensor.
 
     x: (T, 2N) logits, any strides.  mode: "none", "batch" or "running".  running: the
     six buffers (rm_x, rv_x, nbt_x, rm_y, rv_y, nbt_y) (float32 (N,) contiguous, int64
     counters) for "batch" (updated in place) and "running" (read).  "batch" needs T >= 2.
+    ``config`` replaces ``default_config(T, n)``.
     """
     T, C = x.shape
     assert C == 2 * n and n <= MAX_N
+    cfg = default_config(T, n) if config is None else _check_config(config)
     md = MODES[mode]
     dev = x.device
     if out is None:
@@ -326,57 +419,37 @@ def norm_log_softmax_forward(x, n, mode, running=None, momentum=0.1, eps=1e-5, o
     stats = torch.empty((2, C) if md == 1 else (0,), dtype=torch.float32, device=dev)
     if T == 0:
         return out, stats
-    rmx, rvx, nbx, rmy, rvy, nby = running if running is not None else (out,) * 6
     if md == 1:
         assert T >= 2
-        S, rows = _splits(T, C)
+        S, rows = split_rows(T, cfg.splits)
         part = torch.empty((S, 2, C), dtype=torch.float32, device=dev)
-        br, bc = _STATS_TILE
-        _stats_partial_kernel[(triton.cdiv(C, bc), S)](
-            x, part, T, C, rows, x.stride(0), x.stride(1), BLOCK_R=br, BLOCK_C=bc, num_warps=4)
-        fs, fc = _FINAL_TILE
-        _stats_finalize_kernel[(triton.cdiv(C, fc),)](
-            part, stats, rmx, rvx, nbx, rmy, rvy, nby, T, n, S, rows, float(momentum), float(eps),
-            BLOCK_S=fs, BLOCK_C=fc, num_warps=4)
-    np_ = triton.next_power_of_2(n)
-    br = _row_block(n)
-    _rows_forward_kernel[(triton.cdiv(T, br), 2)](
-        x, stats if md == 1 else out, rmx, rvx, rmy, rvy, out, T, n, x.stride(0), x.stride(1),
-        out.stride(0), float(eps), MODE=md, BLOCK_R=br, NP=np_, num_warps=_warps(br * np_))
+        stats_partials(x, part, rows, cfg)
+        stats_finalize(part, stats, running, T, n, rows, momentum, eps, cfg)
+    rows_forward(x, stats, running, out, n, md, eps, cfg)
     return out, stats
 
 
-def norm_log_softmax_backward(dpx, dpy, p, x, stats, n, mode, running=None, eps=1e-5, dx=None):
+def norm_log_softmax_backward(dpx, dpy, p, x, stats, n, mode, running=None, eps=1e-5, dx=None, *,
+                              config: RouterNormConfig | None = None):
     """dX (T, 2N) in x's dtype, row-major, from the gradients dpx, dpy (T, N) (any strides)
     of P's two halves.  ``p``, ``x``, ``stats``: the forward's output, input and stats."""
     T, C = x.shape
+    cfg = default_config(T, n) if config is None else _check_config(config)
     md = MODES[mode]
     dev = x.device
     if dx is None:
         dx = torch.empty((T, C), dtype=x.dtype, device=dev)
     if T == 0:
         return dx
-    rvx, rvy = (running[1], running[4]) if running is not None else (p, p)
-    np_ = triton.next_power_of_2(n)
-    br = _row_block(n)
-    nb = triton.cdiv(T, br)
+    rv = (running[1], running[4]) if running is not None else None
     if md == 1:
         dl = torch.empty((T, C), dtype=torch.float32, device=dev)
-        part = torch.empty((nb, 2, C), dtype=torch.float32, device=dev)
+        part = torch.empty((triton.cdiv(T, cfg.row_block), 2, C), dtype=torch.float32, device=dev)
     else:
         dl = part = p
-    _rows_backward_kernel[(nb, 2)](
-        dpx, dpy, p, x, stats if md == 1 else p, rvx, rvy, dx, dl, part,
-        T, n, dpx.stride(0), dpx.stride(1), dpy.stride(0), dpy.stride(1), p.stride(0),
-        x.stride(0), x.stride(1), dx.stride(0), float(eps),
-        MODE=md, BLOCK_R=br, NP=np_, num_warps=_warps(br * np_))
+    rows_backward(dpx, dpy, p, x, stats, rv, dx, dl, part, n, md, eps, cfg)
     if md == 1:
         sums = torch.empty((2, C), dtype=torch.float32, device=dev)
-        fs, fc = _FINAL_TILE
-        _sums_finalize_kernel[(triton.cdiv(C, fc),)](part, sums, nb, C, BLOCK_B=fs, BLOCK_C=fc, num_warps=4)
-        bc = min(128, triton.next_power_of_2(C))
-        brr = max(1, 2048 // bc)
-        _bn_backward_kernel[(triton.cdiv(T, brr), triton.cdiv(C, bc))](
-            dl, x, stats, sums, dx, T, C, x.stride(0), x.stride(1), dx.stride(0),
-            BLOCK_R=brr, BLOCK_C=bc, num_warps=4)
+        sums_finalize(part, sums, cfg)
+        bn_backward(dl, x, stats, sums, dx)
     return dx
