@@ -1,9 +1,10 @@
 """Timing and environment helpers shared by the benchmarks.
 
-On CUDA, times are ``triton.testing.do_bench`` medians (it flushes L2 before every timed
-call; callers also rotate among input sets larger than L2).  Without CUDA, a
-``time.perf_counter`` median over the same time budget stands in: good enough to compare
-PyTorch paths on a CPU, meaningless for Triton kernels run by the interpreter.
+On CUDA, times are medians of CUDA-event timed calls with an L2 flush before each, as
+``triton.testing.do_bench`` takes them (callers also rotate among input sets larger than
+L2).  Without CUDA, a ``time.perf_counter`` median stands in: good enough to compare
+PyTorch paths on a CPU, meaningless for Triton kernels run by the interpreter.  Either
+way a median is over at least ``MIN_SAMPLES`` calls after warm-up.
 """
 
 from __future__ import annotations
@@ -33,23 +34,130 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
-    """Median wall time of one call of ``fn`` in milliseconds."""
-    if has_cuda():
-        import triton.testing
+# Every printed median is over at least this many timed calls, taken after warm-up.
+MIN_SAMPLES = 10
+# Upper bound of timed calls on CPU, where a sample costs host time only.
+MAX_CPU_SAMPLES = 1000
+# Bytes written between timed CUDA calls to evict L2 (as triton.testing.do_bench does).
+_FLUSH_BYTES = 256 * 2**20
 
-        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    t0 = time.perf_counter()
+
+def _reset_grads(grad_to_none) -> None:
+    for t in grad_to_none or ():
+        t.grad = None
+
+
+def _sample_counts(est_ms, warmup_ms, rep_ms, min_samples, max_samples=None):
+    """(warm-up calls, timed calls) from a per-call estimate taken after the first call."""
+    est_ms = max(est_ms, 1e-6)
+    n_warm = max(1, int(warmup_ms / est_ms))
+    n_rep = max(min_samples, int(rep_ms / est_ms))
+    if max_samples is not None:
+        n_warm, n_rep = min(n_warm, max_samples), max(min_samples, min(n_rep, max_samples))
+    return n_warm, n_rep
+
+
+def samples_ms(fn, warmup_ms: float = 25, rep_ms: float = 100, min_samples: int = MIN_SAMPLES,
+               grad_to_none=None, clock=time.perf_counter, cuda: bool | None = None) -> list[float]:
+    """Timed calls of ``fn``, ms each: at least ``min_samples`` of them, after warm-up.
+
+    The first call (compilation, allocator growth) is run and discarded; the per-call
+    estimate that sizes warm-up and timing comes from the calls after it, so a slow first
+    call cannot shrink the sample.  On CUDA each call is timed with CUDA events after an
+    L2 flush, like ``triton.testing.do_bench``; on CPU with ``clock`` around the call.
+    ``grad_to_none``: tensors whose ``.grad`` is reset before every call, outside the timing.
+    """
+    cuda = has_cuda() if cuda is None else cuda
+    if cuda:
+        return _cuda_samples(fn, warmup_ms, rep_ms, min_samples, grad_to_none)
+    _reset_grads(grad_to_none)
     fn()
-    est = max(time.perf_counter() - t0, 1e-9)
-    for _ in range(min(1000, int(warmup_ms / 1e3 / est))):
+    est = []
+    for _ in range(3):
+        _reset_grads(grad_to_none)
+        t0 = clock()
+        fn()
+        est.append((clock() - t0) * 1e3)
+    n_warm, n_rep = _sample_counts(statistics.median(est), warmup_ms, rep_ms, min_samples,
+                                   MAX_CPU_SAMPLES)
+    for _ in range(n_warm):
+        _reset_grads(grad_to_none)
         fn()
     times = []
-    for _ in range(max(1, min(1000, int(rep_ms / 1e3 / est)))):
+    for _ in range(n_rep):
+        _reset_grads(grad_to_none)
+        t0 = clock()
+        fn()
+        times.append((clock() - t0) * 1e3)
+    return times
+
+
+def _cuda_samples(fn, warmup_ms, rep_ms, min_samples, grad_to_none):
+    flush = torch.empty(_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+
+    def timed(n):
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for s, e in zip(starts, ends):
+            _reset_grads(grad_to_none)
+            flush.zero_()
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+    _reset_grads(grad_to_none)
+    fn()
+    torch.cuda.synchronize()
+    n_warm, n_rep = _sample_counts(statistics.median(timed(5)), warmup_ms, rep_ms, min_samples)
+    for _ in range(n_warm):
+        _reset_grads(grad_to_none)
+        fn()
+    times = timed(n_rep)
+    del flush
+    return times
+
+
+def median_ms(fn, warmup_ms: float = 25, rep_ms: float = 100, min_samples: int = MIN_SAMPLES,
+              grad_to_none=None) -> float:
+    """Median time of one call of ``fn`` in milliseconds (see ``samples_ms``)."""
+    times = samples_ms(fn, warmup_ms, rep_ms, min_samples, grad_to_none)
+    if len(times) < min_samples:
+        raise RuntimeError(f"{len(times)} timed calls, fewer than {min_samples}")
+    return statistics.median(times)
+
+
+def host_ms(fn, samples: int = MIN_SAMPLES, grad_to_none=None) -> float:
+    """Median host time of issuing one call of ``fn`` on CUDA: the device is idle before
+    the call (synchronised) and the clock stops when ``fn`` returns, before the GPU
+    finishes, so this is the Python, dispatcher and launch time of one step."""
+    _reset_grads(grad_to_none)
+    fn()
+    times = []
+    for _ in range(samples):
+        _reset_grads(grad_to_none)
+        synchronize()
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        times.append((time.perf_counter() - t0) * 1e3)
+    synchronize()
+    return statistics.median(times)
+
+
+def cuda_launches(fn) -> int | None:
+    """Device activities (kernels, memsets, copies) of one call of ``fn``, counted with
+    torch.profiler; None without CUDA."""
+    if not has_cuda():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def graph_us(fn, argsets, min_calls: int = 20) -> float | None:
@@ -58,13 +166,10 @@ def graph_us(fn, argsets, min_calls: int = 20) -> float | None:
     One graph holds calls over every argument set (at least ``min_calls`` calls), so the
     kernels read inputs larger than L2 as in ``median_ms``; replaying it removes the host
     time (Python, argument checks, launch) that eager medians of microsecond kernels
-    are made of.  The replay is timed with do_bench (median), divided by the calls.
+    are made of.  The replay is timed with ``median_ms``, divided by the calls.
     """
     if not has_cuda():
         return None
-    import torch
-    import triton.testing
-
     calls = list(argsets) * max(1, -(-min_calls // max(1, len(argsets))))
     for a in argsets:
         fn(*a)
@@ -73,7 +178,7 @@ def graph_us(fn, argsets, min_calls: int = 20) -> float | None:
     with torch.cuda.graph(graph):
         for a in calls:
             fn(*a)
-    ms = triton.testing.do_bench(graph.replay, return_mode="median")
+    ms = median_ms(graph.replay)
     del graph
     return float(ms) * 1e3 / len(calls)
 
