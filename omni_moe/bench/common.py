@@ -9,8 +9,11 @@ way a median is over at least ``MIN_SAMPLES`` calls after warm-up.
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import importlib.util
 import itertools
+import json
 import math
 import os
 import platform
@@ -272,3 +275,143 @@ def environment() -> dict:
         "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
         "argv": sys.argv,
     }
+
+
+# --------------------------------------------------------------------------- command line
+class UsageError(Exception):
+    """A user error (bad argument, unreadable file): one line on stderr, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``PROG: error: MESSAGE (see PROG --help)``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
+# Accepted spellings of --dtype and the name each stands for.
+DTYPE_SPELLINGS = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16",
+                   "fp32": "fp32", "float32": "fp32"}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtype(text: str) -> str:
+    """'bf16' or 'bfloat16' -> 'bf16' (likewise fp16/float16, fp32/float32)."""
+    name = DTYPE_SPELLINGS.get(text.strip().lower())
+    if name is None:
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype {text!r}; choose from bf16 (bfloat16), fp16 (float16), fp32 (float32)")
+    return name
+
+
+def _budget_ms(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds, got {text!r}")
+    if not v >= 0 or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
+def cases_type(fields, check):
+    """argparse type for ``--cases``: 'a,b,c;a,b,c' -> [(a, b, c), ...].
+
+    ``fields`` names the integers of one case; ``check(case)`` returns why a case is
+    invalid, or None.
+    """
+    spec = ",".join(fields)
+
+    def cases(text: str):
+        out = []
+        for part in text.split(";"):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                vals = tuple(int(v) for v in part.split(","))
+            except ValueError:
+                vals = ()
+            if len(vals) != len(fields):
+                raise argparse.ArgumentTypeError(f"bad case {part!r}: expected {spec} ({len(fields)} integers)")
+            why = check(vals)
+            if why:
+                raise argparse.ArgumentTypeError(f"bad case {part!r}: {why}")
+            out.append(vals)
+        if not out:
+            raise argparse.ArgumentTypeError("no cases given")
+        return out
+
+    return cases
+
+
+def add_common_arguments(p: argparse.ArgumentParser, fields, check, default_cases: str) -> None:
+    """The options every ``omni-moe bench`` benchmark has, with the same names and defaults."""
+    spec = ",".join(fields)
+    p.add_argument("--cases", type=cases_type(fields, check), default=None, metavar=f"'{spec};...'",
+                   help=f"cases to run, separated by ';' (default: {default_cases})")
+    p.add_argument("--dtype", type=parse_dtype, default="bf16", metavar="DTYPE",
+                   help="bf16 (bfloat16), fp16 (float16) or fp32 (float32); default bf16")
+    p.add_argument("--warmup-ms", type=_budget_ms, default=25.0, metavar="MS",
+                   help="warm-up time budget per measurement, ms (default 25)")
+    p.add_argument("--rep-ms", type=_budget_ms, default=100.0, metavar="MS",
+                   help=f"timing budget per measurement, ms (default 100; at least {MIN_SAMPLES} "
+                   "timed calls whatever the budget)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random inputs and weights of every case (default 0)")
+    p.add_argument("--json", metavar="PATH",
+                   help="write all rows and the environment here (after every case)")
+    p.add_argument("--plot", metavar="PNG",
+                   help="draw a bar chart (needs matplotlib: pip install 'omni-moe[plot]')")
+    p.add_argument("--from-json", metavar="PATH",
+                   help="run nothing: print the table (and --plot) of a saved --json file "
+                   "(--cases and --json are then errors)")
+
+
+def _check_writable(option: str, path: str) -> None:
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a directory")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        existed = os.path.exists(path)
+        with open(path, "a"):
+            pass
+        if not existed:
+            os.remove(path)
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot write there ({e.strerror or e})")
+
+
+def check_run_arguments(args) -> None:
+    """What can be known wrong before any work: option clashes, a missing matplotlib for
+    --plot, output paths that cannot be written.  Raises UsageError."""
+    if args.from_json:
+        for option, value in (("--cases", args.cases), ("--json", args.json)):
+            if value is not None:
+                raise UsageError(f"{option} cannot be combined with --from-json "
+                                 "(a saved run is reprinted as it was)")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib, which is not installed "
+                         "(pip install 'omni-moe[plot]')")
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            _check_writable(option, path)
+
+
+def load_saved(path: str, benchmark: str, looks_right) -> dict:
+    """The dict of a saved ``--json`` file of ``benchmark``; UsageError if the file is
+    missing, unreadable, not JSON, or ``looks_right(data)`` is false."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"--from-json {path}: no such file")
+    except OSError as e:
+        raise UsageError(f"--from-json {path}: cannot read it ({e.strerror or e})")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"--from-json {path}: not a JSON file ({' '.join(str(e).split())})")
+    if not (isinstance(data, dict) and isinstance(data.get("rows"), list)
+            and all(isinstance(r, dict) for r in data["rows"]) and looks_right(data)):
+        raise UsageError(f"--from-json {path}: not a file written by "
+                         f"'omni-moe bench {benchmark} --json'")
+    return data
