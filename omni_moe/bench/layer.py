@@ -228,8 +228,9 @@ def check_peers(h, up, down, w, idx, act, dtype, names):
         hh, uu, dd, ww = leaves
         out = fn(hh, uu, dd, ww, idx, act)
         out.backward(gout)
-        res = {"out": out.detach(), "d_hidden": hh.grad, "d_up_used_rows": uu.grad[uniq],
-               "d_down_used_rows": dd.grad[uniq], "d_routing_weights": ww.grad}
+        rows = [None if g is None else g[uniq] for g in (uu.grad, dd.grad)]
+        res = {"out": out.detach(), "d_hidden": hh.grad, "d_up_used_rows": rows[0],
+               "d_down_used_rows": rows[1], "d_routing_weights": ww.grad}
         del leaves, hh, uu, dd, ww
         _free()
         return res
@@ -238,7 +239,8 @@ def check_peers(h, up, down, w, idx, act, dtype, names):
     results = {}
     for name in names:
         theirs = run(PEERS[name])
-        res = {key: _rel(theirs[key], ours[key]) for key in ours}
+        # a gradient the peer does not produce is a failure, not a crash
+        res = {key: math.inf if theirs[key] is None else _rel(theirs[key], ours[key]) for key in ours}
         res["pass"] = max(res.values()) <= 2 * CHECK_TOL[dtype]
         results[name] = res
         del theirs
