@@ -373,7 +373,8 @@ def test_bench_layer_tiny_case_on_this_device(tmp_path, capsys):
     out = tmp_path / "layer.json"
     case = (24, 16, 24, 16, 3)
     rc = cli.main(["bench", "layer", "--cases", ",".join(map(str, case)), "--warmup-ms", "0",
-                   "--rep-ms", "0", "--dtype", "float32", "--json", str(out)])
+                   "--rep-ms", "0", "--dtype", "float32", "--json", str(out)]
+                  + (["--launches"] if HAS_CUDA else []))
     printed = capsys.readouterr().out
     assert rc == 0, printed
     data = json.loads(out.read_text())
@@ -386,6 +387,14 @@ def test_bench_layer_tiny_case_on_this_device(tmp_path, capsys):
     for v in bench_layer.VARIANTS:
         for mode in ("fwd", "fwd+bwd"):
             assert row["times_ms"][f"{v} {mode}"] > 0
+    for v in bench_layer.VARIANTS:
+        key = f"{v} fwd+bwd"
+        if HAS_CUDA:
+            # a graph time, or '-' with the reason capture failed
+            assert (row["graph_ms"][key] or 0) > 0 or f"{key} graph" in row["errors"], key
+            assert row["host_ms"][key] > 0 and row["launches"][key] >= 1 and row["peak_mem_MiB"][key] >= 0
+        else:
+            assert not row["graph_ms"] and not row["host_ms"] and not row["launches"]
     assert row["ratios"]["layer / dense_mlp fwd+bwd"] == pytest.approx(
         row["times_ms"]["layer fwd+bwd"] / row["times_ms"]["dense_mlp fwd+bwd"])
     assert row["ratios"]["expert speedup vs peer_bag fwd+bwd"] == pytest.approx(
