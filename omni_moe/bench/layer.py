@@ -516,6 +516,11 @@ def _cell(v, fmt):
     return str(v) if fmt == "s" else format(v, fmt)
 
 
+def _variants_of(row):
+    # Files written before the "variants" key existed name them only in "times_ms".
+    return row.get("variants") or list(dict.fromkeys(k.rsplit(" ", 1)[0] for k in row["times_ms"]))
+
+
 def format_table(rows, gpu: bool) -> str:
     """Markdown table, one line per (case, variant); GPU-only columns only if ``gpu``."""
     cols = [c for c in COLUMNS if gpu or not c[3]]
@@ -525,8 +530,7 @@ def format_table(rows, gpu: bool) -> str:
     for r in rows:
         if "times_ms" not in r:
             continue
-        names = r.get("variants") or list(dict.fromkeys(k.rsplit(" ", 1)[0] for k in r["times_ms"]))
-        for v in names:
+        for v in _variants_of(r):
             lines.append("| " + " | ".join(_cell(get(r, v), fmt) for _, get, fmt, _ in cols) + " |")
         for key, why in (r.get("errors") or {}).items():
             notes.append(f"T={r['T']} H={r['hidden']} E={r['experts']} k={r['k']} {key}: {why}")
@@ -571,8 +575,9 @@ def plot(rows, path, title, gpu: bool) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if "times_ms" in r]
-    names = list(dict.fromkeys(v for r in rows for v in (r.get("variants") or VARIANTS)))
-    panels = [("times_ms", "eager")] + ([("graph_ms", "CUDA graph")] if gpu else [])
+    names = list(dict.fromkeys(v for r in rows for v in _variants_of(r)))
+    has_graphs = any(v for r in rows for v in (r.get("graph_ms") or {}).values())
+    panels = [("times_ms", "eager")] + ([("graph_ms", "CUDA graph")] if gpu and has_graphs else [])
     width = 0.8 / max(1, len(names))
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(8.0, 2.0 * len(rows)), 4 * len(panels)),
                              sharex=True, squeeze=False)
@@ -589,7 +594,7 @@ def plot(rows, path, title, gpu: bool) -> None:
         ax.set_yscale("log")
         ax.set_ylabel(f"fwd+bwd ms, {label}")
         ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(fontsize="small", ncol=4)
+    axes[0, 0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes[-1, 0].set_xticks(range(len(rows)))
     axes[-1, 0].set_xticklabels([f"T={r['T']} H={r['hidden']}\nE={r['experts']} k={r['k']}" for r in rows],
                                 fontsize="small")
