@@ -554,7 +554,9 @@ def _report(result, plot_path=None) -> None:
                      + (f" {bw / 1e12:.2f} TB/s" if bw else "")
                      + "; x dense-grad floor: the same with the zero rows of dense (E, H) gradients")
     else:
-        lines.append("CPU wall times of the PyTorch paths (no CUDA device)")
+        lines.append("CPU wall times (no CUDA device)" + (
+            "; Triton kernels through the interpreter: their times mean nothing"
+            if result.get("mode") == "cpu-interpret" else ", PyTorch paths"))
     for r in rows:
         if "errors" in r and "times_ms" not in r:
             lines.append(f"T={r['T']} H={r['hidden']} E={r['experts']} k={r['k']}: skipped "
