@@ -464,3 +464,19 @@ def test_cpu_plot_draws_no_floor(bench, tmp_path, monkeypatch):
                  "times_ms": {"expert fwd+bwd": 1.0}, "expert_floor_ms": {"fwd+bwd": 0.1}}]
         bench_layer.plot(rows, png, "t", gpu=False)
     assert png.exists() and drawn == []
+
+
+def test_bench_layer_a_failing_variant_is_reported_not_raised(monkeypatch, capsys):
+    from omni_moe.bench import peers
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("peer exploded\nsecond line")
+
+    monkeypatch.setitem(peers.PEERS, "peer_bag", broken)
+    rc = cli.main(["bench", "layer", "--cases", "8,8,8,16,2", "--warmup-ms", "0", "--rep-ms", "0",
+                   "--dtype", "fp32", "--variants", "peer_gather,peer_bag"])
+    captured = capsys.readouterr()
+    assert rc == 1 and "FAILED" in captured.err
+    assert "| peer_bag | NO | - | - |" in captured.out
+    assert "peer_bag fwd+bwd: RuntimeError: peer exploded" in captured.out
+    assert "| peer_gather | yes |" in captured.out

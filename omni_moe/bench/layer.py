@@ -238,7 +238,12 @@ def check_peers(h, up, down, w, idx, act, dtype, names):
     ours = run(omni_expert)
     results = {}
     for name in names:
-        theirs = run(PEERS[name])
+        try:
+            theirs = run(PEERS[name])
+        except Exception as e:  # noqa: BLE001 -- reported as a failed check
+            results[name] = {"error": _first_line(e), "pass": False}
+            _free()
+            continue
         # a gradient the peer does not produce is a failure, not a crash
         res = {key: math.inf if theirs[key] is None else _rel(theirs[key], ours[key]) for key in ours}
         res["pass"] = max(res.values()) <= 2 * CHECK_TOL[dtype]
@@ -355,7 +360,8 @@ def run_case(case, dtype, act, variants, device, args, bw, label):
                                             act, dtype, peers)
             for name, res in row["peer_check"].items():
                 _say(f"{label} check {name} vs expert path: "
-                     + ", ".join(f"{k} {v:.2e}" for k, v in res.items() if k != "pass")
+                     + ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}"
+                                 for k, v in res.items() if k != "pass")
                      + ": " + ("PASS" if res["pass"] else "FAIL"))
 
     params = list(layer.parameters())
@@ -423,12 +429,13 @@ def run_case(case, dtype, act, variants, device, args, bw, label):
                             except Exception:  # noqa: BLE001 -- the error was recorded above
                                 pass
                 _say(f"{label} {key:22s} {ms:9.3f} ms{extra}")
-            except Exception as e:  # noqa: BLE001 -- OOM of a variant is a result, not a crash
-                if not _is_oom(e):
-                    raise
+            except Exception as e:  # noqa: BLE001 -- a variant that fails is a result, not a crash
                 row["times_ms"][key] = None
-                row["errors"][key] = "out of memory"
-                _say(f"{label} {key:22s} out of memory ({str(e).splitlines()[0][:120]})")
+                # out of memory is a measurement; any other error fails the run (exit 1)
+                row["errors"][key] = "out of memory" if _is_oom(e) else _first_line(e)
+                if not _is_oom(e):
+                    row["failed"] = True
+                _say(f"{label} {key:22s} {row['errors'][key]}")
             finally:
                 _reset(leaves)
                 _free()
@@ -673,6 +680,7 @@ def run(args) -> int:
             continue
         ok = ok and row.get("check", {}).get("pass", True)
         ok = ok and all(res["pass"] for res in (row.get("peer_check") or {}).values())
+        ok = ok and not row.get("failed")
         rows.append(row)
         save()
     _say("")
@@ -680,7 +688,7 @@ def run(args) -> int:
     if args.json:
         _say(f"wrote {args.json}")
     if not ok:
-        print("FAILED: a correctness check failed (see the check lines above)", file=sys.stderr)
+        print("FAILED: a correctness check or a variant failed (see the lines above)", file=sys.stderr)
     return 0 if ok else 1
 
 
