@@ -159,7 +159,6 @@ def test_graph_step_host_time_and_launches_on_cuda():
 
     ms = bench_layer.graph_step_ms(step, [x, wt], 5, 20)
     assert ms > 0 and x.grad is None
-    # the replayed graph computes the same gradients as an eager step
     assert common.host_ms(step, grad_to_none=[x, wt]) > 0
     n = common.cuda_launches(lambda: (setattr(x, "grad", None), setattr(wt, "grad", None), step()))
     assert 3 <= n <= 20  # matmul, relu, and the backward's matmuls and mask
@@ -171,3 +170,5 @@ def test_graph_step_host_time_and_launches_on_cuda():
     with pytest.raises(Exception):
         bench_layer.graph_step_ms(syncing_step, [x, wt], 5, 20)
     torch.cuda.synchronize()
+    # the device is usable after a failed capture (the benchmark goes on with the next variant)
+    assert torch.ones(1, device="cuda").item() == 1.0 and x.grad is None
