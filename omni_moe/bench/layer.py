@@ -60,7 +60,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import sys
 import time
 
