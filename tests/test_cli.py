@@ -427,12 +427,12 @@ def test_layer_table_columns_by_device():
                         "dense_mlp fwd": 1.0, "dense_mlp fwd+bwd": 2.0},
            "graph_ms": {"layer fwd+bwd": 2.5, "dense_mlp fwd+bwd": None},
            "host_ms": {"layer fwd+bwd": 0.4}, "launches": {"layer fwd+bwd": 48},
-           "peak_mem_MiB": {"layer fwd+bwd": 10.0}, "expert_floor_ms": {"fwd+bwd": 0.5},
+           "peak_mem_MiB": {"layer fwd+bwd": 10.0, "dense_mlp fwd+bwd": 4.0}, "expert_floor_ms": {"fwd+bwd": 0.5},
            "errors": {"dense_mlp fwd+bwd graph": "RuntimeError: capture failed"},
            "check": {"pass": True}}
     gpu = bench_layer.format_table([row], gpu=True)
-    assert "| 8 | 4 | 8 | 16 | 2 | 9 | layer | - | 1.000 | 3.000 | 2.500 | 0.400 | 48 | 10 | 1.50 | - | - | - | - |" in gpu
-    assert "| expert | yes | 0.500 | 1.500 | - | - | - | - | 0.75 | - | 1.00 | 3.0 |" in gpu
+    assert "| 8 | 4 | 8 | 16 | 2 | 9 | layer | - | 1.000 | 3.000 | 2.500 | 0.400 | 48 | 10 | 6 | 1.50 | - | - | - | - |" in gpu
+    assert "| expert | yes | 0.500 | 1.500 | - | - | - | - | - | 0.75 | - | 1.00 | 3.0 |" in gpu
     assert "dense_mlp fwd+bwd graph: RuntimeError: capture failed" in gpu  # the footnote of '-'
     cpu = bench_layer.format_table([row], gpu=False)
     assert cpu.splitlines()[0] == "| T | H | I | E | k | D | variant | ok | fwd ms | f+b ms | f+b / mlp | f+b / expert |"

@@ -489,6 +489,13 @@ def _over(d, mode, base):
     return get
 
 
+def _minus(d, mode, base):
+    def get(r, v):
+        t, t0 = r.get(d, {}).get(f"{v} {mode}"), r.get(d, {}).get(f"{base} {mode}")
+        return t - t0 if t is not None and t0 is not None else None
+    return get
+
+
 def _x_floor(key):
     def get(r, v):
         t, fl = r.get("times_ms", {}).get(f"{v} fwd+bwd"), (r.get("expert_floor_ms") or {}).get(key)
@@ -505,6 +512,7 @@ COLUMNS = [
     ("f+b graph ms", _t("graph_ms", "fwd+bwd"), ".3f", True),
     ("host ms", _t("host_ms", "fwd+bwd"), ".3f", True), ("launches", _t("launches", "fwd+bwd"), "d", True),
     ("peak MiB", _t("peak_mem_MiB", "fwd+bwd"), ",.0f", True),
+    ("peak - mlp MiB", _minus("peak_mem_MiB", "fwd+bwd", "dense_mlp"), ",.0f", True),
     ("f+b / mlp", _over("times_ms", "fwd+bwd", "dense_mlp"), ".2f", False),
     ("graph / mlp", _over("graph_ms", "fwd+bwd", "dense_mlp"), ".2f", True),
     ("f+b / expert", lambda r, v: _over("times_ms", "fwd+bwd", "expert")(r, v) if v in EXPERT_PATHS else None,
@@ -555,7 +563,7 @@ def _report(result, plot_path=None) -> None:
              format_table(rows, gpu)]
     if gpu:
         lines.append("f+b graph: one training step replayed from a CUDA graph; host: CPU time of "
-                     "issuing one eager step; peak: extra memory of one step; x floor: f+b / the "
+                     "issuing one eager step; peak: extra memory of one step (- mlp: minus the dense MLP's); x floor: f+b / the "
                      "expert path's HBM bytes at the measured copy bandwidth"
                      + (f" {bw / 1e12:.2f} TB/s" if bw else "")
                      + "; x dense-grad floor: the same with the zero rows of dense (E, H) gradients")
