@@ -153,12 +153,14 @@ def copy_bandwidth(device) -> float | None:
     return 2 * n / (ms * 1e-3)
 
 
-def expert_floor_bytes(T, H, K, D, b, E=None):
-    """(forward, forward+backward, forward+backward with dense (E, H) weight gradients)."""
-    fwd = D * 2 * H * b + 2 * T * H * b + T * K * 8
-    bwd = D * 4 * H * b + 3 * T * H * b + T * K * 12
-    dense = fwd + bwd + (2 * (E - D) * H * b if E is not None else 0)
-    return fwd, fwd + bwd, dense
+def expert_floor_bytes(T, H, K, D, b, E):
+    """(forward, forward+backward, forward+backward with dense (E, H) weight gradients) of
+    the expert path in the layer (float32 routing weights): the op's floor formula."""
+    from omni_moe.ops.expert.kernels import expert_floor_bytes as floor
+
+    kw = dict(dtype_bytes=b, distinct=D, weight_bytes=4)
+    return (floor(T, H, E, K, **kw), floor(T, H, E, K, backward=True, dense_weight_grads=False, **kw),
+            floor(T, H, E, K, backward=True, **kw))
 
 
 def _rel(a, b):

@@ -819,7 +819,8 @@ def expected_distinct_experts(T: int, k: int, E: int) -> float:
 
 
 def expert_floor_bytes(T: int, H: int, E: int, k: int, dtype_bytes: int = 2, distinct=None,
-                       backward: bool = False, dense_weight_grads: bool = True) -> float:
+                       backward: bool = False, dense_weight_grads: bool = True,
+                       weight_bytes: int | None = None) -> float:
     """Fewest HBM bytes the atomic-expert op must move (the floor of the cost model).
 
     Forward: each touched expert's u and v rows once (2*D*H*b), h read and out written
@@ -828,12 +829,15 @@ def expert_floor_bytes(T: int, H: int, E: int, k: int, dtype_bytes: int = 2, dis
     do read, dh written (3*T*H*b), dw written (T*k*b), and the weight gradients:
     2*E*H*b for the dense (E, H) tensors autograd needs (``dense_weight_grads``), or
     2*D*H*b if only touched rows had to be written.
-    ``distinct`` (D) defaults to the expectation under uniform routing.
+    ``distinct`` (D) defaults to the expectation under uniform routing; ``weight_bytes``
+    (default ``dtype_bytes``) is the routing weights' element size (4 in the layer, whose
+    scores are float32).
     """
     b = dtype_bytes
+    bw = b if weight_bytes is None else weight_bytes
     D = expected_distinct_experts(T, k, E) if distinct is None else distinct
-    fwd = 2 * D * H * b + 2 * T * H * b + T * k * (4 + b)
+    fwd = 2 * D * H * b + 2 * T * H * b + T * k * (4 + bw)
     if not backward:
         return fwd
     grads = 2 * (E if dense_weight_grads else D) * H * b
-    return fwd + 2 * D * H * b + 3 * T * H * b + T * k * (4 + 2 * b) + grads
+    return fwd + 2 * D * H * b + 3 * T * H * b + T * k * (4 + 2 * bw) + grads
