@@ -12,15 +12,18 @@ Traced code (``torch.compiler.is_compiling()``) goes through the custom op.
 
 Dispatch (see ``omni_moe._dispatch``): CUDA tensors, and CPU tensors under
 ``TRITON_INTERPRET=1``, run the Triton kernels of the chosen algorithm; other CPU
-tensors run ``omni_moe.reference.router_pruned``.
+tensors run ``omni_moe.reference.router_cpu.router_cpu`` (the faster of two exact
+PyTorch algorithms for the size; bitwise brute force's output).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ._checks import check_dense
 from ._dispatch import use_triton
-from .reference.router import router_backward_reference, router_pruned
+from .reference.router import router_backward_reference
+from .reference.router_cpu import router_cpu
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ALGORITHMS = ("fullscan", "pruned")
@@ -33,6 +36,7 @@ def check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_exp
     for name, t in (("router_logits_x", router_logits_x), ("router_logits_y", router_logits_y)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_dense(name, t)
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
         if t.dim() != 2:
@@ -76,7 +80,7 @@ def _triton_forward(algorithm: str):
 def _forward_impl(x, y, k, algorithm):
     if use_triton(x):
         return _triton_forward(algorithm)(x, y, k)
-    return router_pruned(x, y, k)
+    return router_cpu(x, y, k)
 
 
 def _backward_impl(grad, indices, n):
