@@ -13,7 +13,7 @@ Traced code (``torch.compiler.is_compiling()``) goes through the custom op.
 Dispatch (see ``omni_moe._dispatch``): CUDA tensors, and CPU tensors under
 ``TRITON_INTERPRET=1``, run the Triton kernels of the chosen algorithm; other CPU
 tensors run ``omni_moe.reference.router_cpu.router_cpu`` (the faster of two exact
-PyTorch algorithms for the size; bitwise brute force's output).
+PyTorch algorithms for the size).
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
 """The omni router's PyTorch path (CPU tensors without ``TRITON_INTERPRET=1``).
 
-Two exact algorithms with the same output, bit for bit (scores and indices, ties
-included: equal sums go to the lower flat index, NaN ranks below -inf, scores are the
-float32 sums rounded to nearest even into the input dtype):
+Two exact algorithms under the router contract (docs/omni_router.md: NaN ranks below
+-inf, scores are the float32 sums rounded to nearest even into the input dtype); their
+scores are equal, and their indices too except among equal sums:
 
 ``router_pruned`` (omni_moe.reference.router)
     per-axis top-k' by integer key, then the k' x k' candidate grid: O(N*k + k^2) work
     per token, but four key-sorts whose fixed costs dominate small grids.
 ``router_full_product``
-    all N^2 float32 sums and one ``torch.topk`` on floats for k + 1 values, then a check
+    bitwise ``router_bruteforce``'s output (equal sums go to the lower flat index): all
+    N^2 float32 sums and one ``torch.topk`` on floats for k + 1 values, then a check
     that makes it exact: equal values inside the selection are put in flat-index order,
     and rows with a tie at the k-th value or a NaN sum (which ``torch.topk`` ranks
     first) are redone by integer keys (``router_bruteforce``).  O(N^2) memory per token,
@@ -24,13 +25,17 @@ import torch
 
 from .router import ordered_key, router_bruteforce, router_pruned
 
-# Largest N^2 at which the full product beats the pruned path on CPU (docs/cpu.md).
-FULL_PRODUCT_MAX_GRID = 1024
+# Up to this many sums per call (T * N^2), the pruned path's fixed cost (four integer-key
+# sorts) outweighs the full product's extra work while k is small (docs/cpu.md).
+FULL_PRODUCT_MAX_SUMS = 2**16
 
 
 def use_full_product(T: int, N: int, k: int) -> bool:
-    """True when ``router_full_product`` is the faster exact CPU algorithm."""
-    return N * N <= FULL_PRODUCT_MAX_GRID
+    """True when ``router_full_product`` is the faster exact CPU algorithm (measured,
+    docs/cpu.md): when the pruned candidate grid k'^2 (k' = min(k, N)) is at least half of
+    N^2, pruning saves little; and at small calls with small k its fixed cost dominates."""
+    kk = min(k, N)
+    return 2 * kk * kk >= N * N or (T * N * N <= FULL_PRODUCT_MAX_SUMS and k <= 8)
 
 
 def router_full_product(x: torch.Tensor, y: torch.Tensor, k: int):
@@ -71,6 +76,8 @@ def router_full_product(x: torch.Tensor, y: torch.Tensor, k: int):
 def router_cpu(x: torch.Tensor, y: torch.Tensor, k: int):
     """The CPU path: the faster of the two exact algorithms for this size."""
     T, N = x.shape
-    if use_full_product(T, N, k):
+    # The full product reads its data to check for ties (a host sync); meta tensors have
+    # none, and the pruned path gives their shapes without reading any.
+    if x.device.type != "meta" and use_full_product(T, N, k):
         return router_full_product(x, y, k)
     return router_pruned(x, y, k)
