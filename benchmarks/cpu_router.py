@@ -63,7 +63,7 @@ def main() -> None:
             assert torch.equal(s, ref[0]) and torch.equal(i, ref[1]), fn.__name__
         tp = per_call_us(lambda: router_pruned(x, y, k), args.wall)
         tf = per_call_us(lambda: router_full_product(x, y, k), args.wall)
-        rule = "full" if use_full_product(T, N, k) else "pruned"
+        rule = "full" if use_full_product(T, N, k, dtype) else "pruned"
         print(f"{T:>5} {N:>3} {k:>3} {tp:>10.1f} {tf:>10.1f} {'full' if tf < tp else 'pruned':>8} {rule:>8}")
 
 

@@ -53,8 +53,10 @@ def test_cpu_dispatch_uses_rule(monkeypatch):
 
     calls = []
     monkeypatch.setattr(rc, "router_full_product", lambda x, y, k: calls.append("full") or router_full_product(x, y, k))
-    for T, N, k in ((64, 8, 4), (64, 64, 16), (1024, 16, 7)):
-        x, y = make_logits(T, N, torch.float32, "cpu", "randn", seed=N)
+    for T, N, k, dtype in ((64, 8, 4, torch.float32), (64, 64, 16, torch.float32),
+                           (1024, 16, 7, torch.float32), (64, 8, 4, torch.bfloat16)):
+        x, y = make_logits(T, N, dtype, "cpu", "randn", seed=N)
         calls.clear()
         check_router_output(x, y, k, *omni_router(x, y, N, k))
-        assert calls == (["full"] if use_full_product(T, N, k) else [])
+        assert calls == (["full"] if use_full_product(T, N, k, dtype) else [])
+    assert use_full_product(64, 8, 4) and not use_full_product(64, 8, 4, torch.bfloat16)

@@ -30,10 +30,14 @@ from .router import ordered_key, router_bruteforce, router_pruned
 FULL_PRODUCT_MAX_SUMS = 2**16
 
 
-def use_full_product(T: int, N: int, k: int) -> bool:
+def use_full_product(T: int, N: int, k: int, dtype: torch.dtype = torch.float32) -> bool:
     """True when ``router_full_product`` is the faster exact CPU algorithm (measured,
-    docs/cpu.md): when the pruned candidate grid k'^2 (k' = min(k, N)) is at least half of
-    N^2, pruning saves little; and at small calls with small k its fixed cost dominates."""
+    docs/cpu.md).  float32 logits only: bf16/fp16 sums tie often, and ties send rows to the
+    slow exact fix-up.  Then: when the pruned candidate grid k'^2 (k' = min(k, N)) is at
+    least half of N^2, pruning saves little; and at small calls with small k the pruned
+    path's fixed cost dominates."""
+    if dtype != torch.float32:
+        return False
     kk = min(k, N)
     return 2 * kk * kk >= N * N or (T * N * N <= FULL_PRODUCT_MAX_SUMS and k <= 8)
 
@@ -78,6 +82,6 @@ def router_cpu(x: torch.Tensor, y: torch.Tensor, k: int):
     T, N = x.shape
     # The full product reads its data to check for ties (a host sync); meta tensors have
     # none, and the pruned path gives their shapes without reading any.
-    if x.device.type != "meta" and use_full_product(T, N, k):
+    if x.device.type != "meta" and use_full_product(T, N, k, x.dtype):
         return router_full_product(x, y, k)
     return router_pruned(x, y, k)
