@@ -23,6 +23,7 @@ from omni_moe.ops.triton.omni_mlp import triton_omni_mlp_func
 from omni_moe.ops.triton.omni_router import triton_omni_router_func
 from omni_moe.reference import router_backward_reference, router_bruteforce
 from omni_moe.reference.moe import OmniMoEReference
+from conftest import HAS_CUDA
 from router_checks import check_router_output
 
 # Upstream's parameter lists (flash-algo/omni-moe, omni_moe/ops/triton/*.py and
@@ -204,9 +205,43 @@ def test_upstream_essence_torch_path(dtype, torch_path):
     _upstream_essence("cpu", dtype)
 
 
-def test_upstream_essence_kernels(device):
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_upstream_essence_kernels(device, dtype):
     """The same through the Triton kernels (CUDA, or the interpreter at these sizes)."""
-    _upstream_essence(device, torch.float32)
+    _upstream_essence(device, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="upstream's test sizes need CUDA")
+@pytest.mark.parametrize("case", [("router", 1024, 256, 32), ("expert", 1024, 1024, 65536, 32),
+                                  ("mlp", 1024, 1024, 4096)], ids=lambda c: c[0])
+def test_upstream_sizes_gpu(case):
+    """A few of upstream's own test cases (bf16, its sizes), forward and backward."""
+    dtype, dev = torch.bfloat16, "cuda"
+    if case[0] == "router":
+        T, N, k = case[1:]
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(T, N, generator=g).to(dtype).to(dev).requires_grad_()
+        y = torch.randn(T, N, generator=g).to(dtype).to(dev).requires_grad_()
+        s, i = triton_omni_router_func(x, y, N, k)
+        # Sums of two bf16 values are exact in float64: the top-k values, rounded to bf16,
+        # must be ours exactly.
+        sx, _ = x.detach().double().topk(N, dim=-1)
+        sy, _ = y.detach().double().topk(N, dim=-1)
+        ref = (sx[:, :, None] + sy[:, None, :]).reshape(T, -1).topk(k, dim=-1).values
+        assert torch.equal(s.detach(), ref.to(dtype))
+        gs = torch.randn(T, k, device=dev).to(dtype)
+        s.backward(gs)
+        rdx, rdy = router_backward_reference(gs.cpu(), i.cpu(), N)
+        assert torch.equal(x.grad.cpu(), rdx) and torch.equal(y.grad.cpu(), rdy)
+    elif case[0] == "expert":
+        T, H, E, k = case[1:]
+        _grads_vs_float64(triton_omni_expert_func, _expert_formula,
+                          _expert_inputs(T, H, E, k, dtype, dev, seed=0), (0, 1, 2, 3), dtype)
+    else:
+        T, H, I = case[1:]
+        _grads_vs_float64(triton_omni_mlp_func, _mlp_formula,
+                          _mlp_inputs(T, H, I, dtype, dev, seed=0), (0, 1, 2, 3), dtype)
 
 
 # ----------------------------------------------------------------------------- module
