@@ -32,8 +32,8 @@ FULL_PRODUCT_MAX_SUMS = 2**16
 
 def use_full_product(T: int, N: int, k: int, dtype: torch.dtype = torch.float32) -> bool:
     """True when ``router_full_product`` is the faster exact CPU algorithm (measured,
-    docs/cpu.md).  float32 logits only: bf16/fp16 sums tie often, and ties send rows to the
-    slow exact fix-up.  Then: when the pruned candidate grid k'^2 (k' = min(k, N)) is at
+    docs/cpu.md).  float32 logits only: bf16 sums tie often (measured; fp16 is treated
+    alike, unmeasured), and ties send rows to the slow exact fix-up.  Then: when the pruned candidate grid k'^2 (k' = min(k, N)) is at
     least half of N^2, pruning saves little; and at small calls with small k the pruned
     path's fixed cost dominates."""
     if dtype != torch.float32:
