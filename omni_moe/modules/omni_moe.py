@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops._checks import check_layer_input
 from ..ops._dispatch import use_triton
 from ..ops.expert.op import omni_expert_from_scores
 from ..ops._activations import ACTIVATIONS
@@ -279,13 +280,13 @@ class OmniMoE(nn.Module):
 
         With ``return_routing=True`` returns ``(out, (scores, indices))``, scores float32
         log-probabilities and indices int32, both of shape (..., k).
+
+        ``hidden_states`` must be a dense floating tensor of the parameters' dtype (no
+        implicit cast; under ``torch.autocast`` any floating dtype), and with the
+        BatchNorm router in training mode hold at least 2 tokens (or none): see
+        ``omni_moe.ops._checks.check_layer_input``.
         """
-        if not isinstance(hidden_states, torch.Tensor):
-            raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
-        if hidden_states.dim() < 1 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"hidden_states must have shape (..., {self.hidden_size}), got {tuple(hidden_states.shape)}"
-            )
+        check_layer_input(self, hidden_states)
         shape = hidden_states.shape
         h = hidden_states.reshape(-1, self.hidden_size)
         scores, indices = self.route(h)

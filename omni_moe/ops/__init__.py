@@ -5,6 +5,8 @@ their launch rules, and the custom op / autograd glue.
 - ``expert``: the atomic experts, executed expert-centrically.
 - ``swiglu``: the shared dense MLP's fused gated activation.
 - ``router_norm``: the router's BatchNorm + log-softmax prologue kernels.
+
+``triton/`` keeps the public upstream project's import paths (thin adapters).
 """
 
 from .expert.op import omni_expert

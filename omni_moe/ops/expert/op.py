@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_dense
 from .._dispatch import use_triton
 from .._activations import check_activation
 from .reference import expert_backward_reference, expert_forward_reference
@@ -47,6 +48,7 @@ def check_expert_args(hidden_states, up_weights, down_weights, routing_weights, 
     for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_dense(name, t)
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
     for name, t in named[:4]:

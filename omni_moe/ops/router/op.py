@@ -14,18 +14,21 @@ Traced code (``torch.compiler.is_compiling()``) goes through the custom op.
 Dispatch (``omni_moe.ops._dispatch``): CUDA tensors, and CPU tensors under
 ``TRITON_INTERPRET=1``, run the Triton kernels of the chosen algorithm
 (``fullscan.py``, ``pruned.py``, ``backward.py``); other CPU tensors run
-``reference.router_pruned``.  docs/router.md states the contract.
+``cpu.router_cpu`` (the faster of two exact PyTorch algorithms for the size).
+docs/router.md states the contract.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._checks import check_dense
 from .._dispatch import use_triton
 from .backward import router_backward
 from .fullscan import fullscan_router_forward
 from .pruned import pruned_router_forward
-from .reference import router_backward_reference, router_pruned
+from .cpu import router_cpu
+from .reference import router_backward_reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ALGORITHMS = ("fullscan", "pruned")
@@ -38,6 +41,7 @@ def check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_exp
     for name, t in (("router_logits_x", router_logits_x), ("router_logits_y", router_logits_y)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_dense(name, t)
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
         if t.dim() != 2:
@@ -72,7 +76,7 @@ _TRITON_FORWARD = {"fullscan": fullscan_router_forward, "pruned": pruned_router_
 def _forward_impl(x, y, k, algorithm):
     if use_triton(x):
         return _TRITON_FORWARD[algorithm](x, y, k)
-    return router_pruned(x, y, k)
+    return router_cpu(x, y, k)
 
 
 def _backward_impl(grad, indices, n):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .._activations import ACTIVATIONS, activation, activation_and_grad, check_activation
+from .._checks import check_dense
 from .._dispatch import use_triton
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -29,6 +30,7 @@ def check_swiglu_args(gate, up, act) -> None:
     for name, t in (("gate", gate), ("up", up)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_dense(name, t)
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
         if t.dim() < 1:
@@ -167,12 +169,14 @@ def swiglu_mlp(hidden_states: torch.Tensor, gate_weight: torch.Tensor, up_weight
     """
     if not isinstance(hidden_states, torch.Tensor):
         raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
+    check_dense("hidden_states", hidden_states)
     if hidden_states.dim() < 1:
         raise ValueError("hidden_states must have shape (..., hidden_size), got a scalar")
     H = hidden_states.shape[-1]
     for name, w in (("gate_weight", gate_weight), ("up_weight", up_weight), ("down_weight", down_weight)):
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+        check_dense(name, w)
         if w.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(w.shape)}")
     I = gate_weight.shape[0]
