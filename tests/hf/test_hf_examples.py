@@ -51,3 +51,19 @@ def test_train_hf_lm_tiny(tmp_path, capsys):
     assert last < first
     assert os.path.exists(tmp_path / "m" / "config.json")
     assert mod.main(["--text", str(tmp_path / "missing.txt")]) == 2
+
+
+def test_benchmark_script_tiny(tmp_path):
+    import json
+
+    spec = importlib.util.spec_from_file_location("hf_model", os.path.join(REPO, "benchmarks", "hf_model.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path = tmp_path / "b.json"
+    assert mod.main(["--tiny", "--steps", "1", "--dtype", "float32", "--json", str(path)]) == 0
+    res = json.loads(path.read_text())["results"]
+    assert set(res) == {"dense", "converted", "native"}
+    assert all(r["tokens_per_s"] > 0 for r in res.values())
+    # the converted model starts as the dense one
+    assert abs(res["converted"]["first_loss"] - res["dense"]["first_loss"]) < 1e-5
+    assert mod.main(["--tiny", "--json", str(path), "--models", "sparse"]) == 2
