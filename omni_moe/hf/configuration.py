@@ -87,9 +87,6 @@ def _config_class(base, model_type: str, name: str, doc: str):
                 self.moe_layers = sorted(self.moe_layers)
             super().__post_init__(**kwargs)
 
-        def is_moe_layer(self, idx: int) -> bool:
-            return self.moe_layers is None or idx in self.moe_layers
-
     Config.model_type = model_type
     Config.__name__ = Config.__qualname__ = name
     Config.__doc__ = doc

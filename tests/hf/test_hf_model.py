@@ -14,7 +14,7 @@ import omni_moe.hf as ohf  # noqa: E402
 from omni_moe.hf import OmniMoEForCausalLM, OmniMoELMConfig, apply_omnimoe  # noqa: E402
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig,  # noqa: E402
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 V = 61  # odd vocabulary
@@ -68,7 +68,8 @@ def train_steps(model, steps=4, lr=1e-2, **kw):
 
 # ------------------------------------------------------------------ conversion
 @pytest.mark.parametrize("cls,cfg_cls", [(LlamaForCausalLM, LlamaConfig), (Qwen2ForCausalLM, Qwen2Config),
-                                         (MistralForCausalLM, MistralConfig)])
+                                         (MistralForCausalLM, MistralConfig),
+                                         (Qwen3ForCausalLM, Qwen3Config)])
 @pytest.mark.parametrize("norm", ["batchnorm", "layernorm"])
 def test_conversion_keeps_logits(cls, cfg_cls, norm):
     torch.manual_seed(0)
