@@ -22,6 +22,7 @@ import torch.nn as nn
 from transformers import initialization as hf_init
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder
 
 from ..modules.omni_moe import OmniMoE, OmniMoEConfig
@@ -160,6 +161,8 @@ def model_classes(family: str) -> tuple[type, type]:
             if isinstance(module, OmniMoEBlock):
                 _init_block_weights(module, self.config)
 
+        # transformers 5 renamed past_key_values to cache; accept both, as the families do.
+        @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
         @can_return_tuple
         def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                     inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,

@@ -228,7 +228,10 @@ def test_one_token_decode_step_matches_full_forward():
         full = model(x).logits
         pre = model(x[:, :-1], use_cache=True)
         step = model(x[:, -1:], cache=pre.cache, use_cache=True).logits
+        again = model(x[:, :-1], use_cache=True)  # the pre-5.x argument name still works
+        old_name = model(x[:, -1:], past_key_values=again.cache, use_cache=True).logits
     torch.testing.assert_close(step[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(old_name, step, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ router outputs
