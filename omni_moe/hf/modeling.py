@@ -25,10 +25,16 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder
 
-from ..modules.omni_moe import OmniMoE, OmniMoEConfig
+from ..modules.omni_moe import OmniMoE, OmniMoEConfig, RouterNorm
 from ..router import omni_router
 from .configuration import FAMILIES, config_class_for
 from .losses import router_aux_loss
+
+
+def _in_backward() -> bool:
+    """True while autograd's engine runs a backward pass (where checkpointed layers are
+    recomputed)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 class RouterLogitsProbe(nn.Module):
@@ -49,6 +55,22 @@ class OmniMoEBlock(OmniMoE):
     def __init__(self, config: OmniMoEConfig):
         super().__init__(config)
         self.router_probe = RouterLogitsProbe()
+
+    def router_log_probs(self, h: torch.Tensor):
+        norms = (self.router_norm_x, self.router_norm_y)
+        if not (self.training and _in_backward() and all(isinstance(m, RouterNorm) for m in norms)):
+            return super().router_log_probs(h)
+        # Activation checkpointing recomputes this forward inside backward; BatchNorm's
+        # running statistics were already updated by the first forward, so keep them.
+        saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                 for m in norms]
+        out = super().router_log_probs(h)
+        with torch.no_grad():
+            for m, mean, var, nbt in saved:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(nbt)
+        return out
 
     def route(self, h: torch.Tensor):
         px, py = self.router_log_probs(h)

@@ -286,11 +286,12 @@ def test_router_logits_after_conversion_of_a_used_model():
 
 
 # ------------------------------------------------------------------ training features
-def test_gradient_checkpointing_same_gradients():
+@pytest.mark.parametrize("norm", ["layernorm", "batchnorm"])
+def test_gradient_checkpointing_same_gradients(norm):
     torch.manual_seed(0)
-    a = native()
+    a = native(router_norm=norm)
     randomize_experts(a)
-    b = native()
+    b = native(router_norm=norm)
     b.load_state_dict(a.state_dict())
     if hasattr(b, "activation_checkpointing_enable"):
         b.activation_checkpointing_enable({"use_reentrant": False})
@@ -308,6 +309,10 @@ def test_gradient_checkpointing_same_gradients():
     assert calls == [1, 2]  # the checkpointed model ran the layer again in backward
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    # the recomputation leaves BatchNorm's running statistics as one forward left them
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=0, msg=k)
 
 
 def test_native_training_lowers_loss_with_aux_loss():
