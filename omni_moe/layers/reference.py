@@ -91,6 +91,9 @@ class OmniMoEReference(nn.Module):
         if config.router_norm == "batchnorm":
             self.router_norm_x = nn.BatchNorm1d(N, affine=False)
             self.router_norm_y = nn.BatchNorm1d(N, affine=False)
+        elif config.router_norm == "layernorm":
+            self.router_norm_x = nn.LayerNorm(N, elementwise_affine=False)
+            self.router_norm_y = nn.LayerNorm(N, elementwise_affine=False)
         else:
             self.router_norm_x = nn.Identity()
             self.router_norm_y = nn.Identity()

@@ -1,5 +1,5 @@
 """nn.Module layers built on the omni-moe ops."""
 
-from .omni_moe import OmniMoE, OmniMoEConfig, RouterNorm
+from .omni_moe import OmniMoE, OmniMoEConfig, RouterLayerNorm, RouterNorm
 
-__all__ = ["OmniMoE", "OmniMoEConfig", "RouterNorm"]
+__all__ = ["OmniMoE", "OmniMoEConfig", "RouterLayerNorm", "RouterNorm"]

@@ -40,7 +40,7 @@ from ..ops.swiglu.op import swiglu
 from ..ops.router.op import MAX_NUM_EXPERT_SQRT, omni_router
 from ..ops.router_norm.op import router_log_probs as fused_router_log_probs
 
-ROUTER_NORMS = ("batchnorm", "none")
+ROUTER_NORMS = ("batchnorm", "layernorm", "none")
 
 
 def _check_int(name, v, lo, hi=None):
@@ -75,7 +75,9 @@ class OmniMoEConfig:
             Required.
         num_experts_per_token: k, 1 <= k <= E.  Required.
         router_norm: "batchnorm" (BatchNorm1d without affine on each router axis, as the
-            paper and the public reference) or "none".
+            paper and the public reference), "layernorm" (per-token LayerNorm without
+            affine over each axis's N logits: no statistics shared across tokens, so
+            causal in training) or "none".
         sync_router_stats: in training, compute the router norms' batch statistics over
             all processes of the process group, as ``nn.SyncBatchNorm`` does (the same
             routing, gradients and running statistics as one process on the
@@ -149,6 +151,22 @@ class RouterNorm(nn.BatchNorm1d):
         return super().forward(x)
 
 
+class RouterLayerNorm(nn.Module):
+    """Per-token ``layer_norm`` over one axis's N router logits, no affine, in float32.
+
+    No parameters or buffers (no state_dict keys).  Unlike ``RouterNorm`` it uses no
+    other token's logits, so a token's routing never depends on later tokens of the
+    batch.  Runs as torch ops on every device (the fused Triton prologue covers the
+    batch statistics only)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), (self.num_features,), eps=self.eps)
+
+
 def _plain(m: nn.Module) -> bool:
     """True if calling ``m`` runs only its own forward (no hooks): the layer may then use
     its weights directly in fused calls."""
@@ -168,7 +186,8 @@ class OmniMoE(nn.Module):
         router_gate_x, router_gate_y: nn.Linear(H, N, bias=False)
         router_norm_x, router_norm_y: ``RouterNorm`` (BatchNorm1d, affine=False) with
             buffers running_mean, running_var, num_batches_tracked; ``nn.Identity`` (no
-            keys) when ``config.router_norm == "none"``
+            keys) when ``config.router_norm == "none"``, ``RouterLayerNorm`` (no keys)
+            when "layernorm"
         up_embed, down_embed: nn.Embedding(E, H)  (the atomic experts' u and v rows)
 
     Initialisation: Linear layers as nn.Linear; the expert embeddings normal with std
@@ -199,6 +218,9 @@ class OmniMoE(nn.Module):
         if config.router_norm == "batchnorm":
             self.router_norm_x = RouterNorm(N)
             self.router_norm_y = RouterNorm(N)
+        elif config.router_norm == "layernorm":
+            self.router_norm_x = RouterLayerNorm(N)
+            self.router_norm_y = RouterLayerNorm(N)
         else:
             self.router_norm_x = nn.Identity()
             self.router_norm_y = nn.Identity()

@@ -278,7 +278,7 @@ GOOD = dict(hidden_size=32, intermediate_size=48, hidden_act="silu", num_experts
     ("num_experts", None, TypeError), ("num_experts", 46341**2, ValueError),
     ("num_experts_per_token", 0, ValueError), ("num_experts_per_token", 65, ValueError),
     ("num_experts_per_token", None, TypeError), ("num_experts_per_token", 2.5, TypeError),
-    ("router_norm", "layernorm", ValueError), ("router_norm", 1, TypeError),
+    ("router_norm", "rmsnorm", ValueError), ("router_norm", 1, TypeError),
 ])
 def test_config_validation(field, value, exc):
     kwargs = dict(GOOD, **{field: value})
