@@ -5,9 +5,6 @@ kernels under TRITON_INTERPRET=1 / CUDA), and causal: a token's output never dep
 on other tokens of the batch (BatchNorm's does, in training).
 """
 
-import importlib
-import pkgutil
-
 import pytest
 import torch
 
@@ -15,12 +12,6 @@ import omni_moe
 from omni_moe import OmniMoE, OmniMoEConfig
 from omni_moe.modules import RouterLayerNorm
 from omni_moe.layers.reference import OmniMoEReference
-
-# Some tests switch TRITON_INTERPRET off; Triton fixes a kernel's mode when its module is
-# imported, so import them all now, in the session's mode (see tests/hf/conftest.py).
-for _m in pkgutil.walk_packages(omni_moe.__path__, "omni_moe."):
-    if not (_m.name.startswith("omni_moe.hf") or _m.name.endswith("__main__")):
-        importlib.import_module(_m.name)
 
 
 def _cfg(norm="layernorm", H=24, I=40, E=36, k=5, act="silu"):
