@@ -73,6 +73,11 @@ class OmniMoEConfig:
         num_experts_per_token: k, 1 <= k <= E.  Required.
         router_norm: "batchnorm" (BatchNorm1d without affine on each router axis, as the
             paper and the public reference) or "none".
+        sparse_expert_grad: False (default): dense (E, H) gradients of ``up_embed`` and
+            ``down_embed``.  True: sparse COO gradients holding only the used experts'
+            rows (``nn.Embedding(sparse=True)``'s convention; for SparseAdam, SGD,
+            Adagrad; one device sync per backward; not CUDA-graph capturable or
+            compilable).  See docs/layer.md, "Sparse expert gradients".
     """
 
     hidden_size: int
@@ -81,6 +86,7 @@ class OmniMoEConfig:
     num_experts: int | None = None
     num_experts_per_token: int | None = None
     router_norm: str = "batchnorm"
+    sparse_expert_grad: bool = False
 
     def __post_init__(self):
         _check_int("hidden_size", self.hidden_size, 1)
@@ -99,6 +105,8 @@ class OmniMoEConfig:
             raise TypeError("num_experts_per_token is required")
         _check_int("num_experts_per_token", self.num_experts_per_token, 1, self.num_experts)
         _check_choice("router_norm", self.router_norm, ROUTER_NORMS)
+        if not isinstance(self.sparse_expert_grad, bool):
+            raise TypeError(f"sparse_expert_grad must be a bool, got {type(self.sparse_expert_grad).__name__}")
 
     @property
     def num_expert_sqrt(self) -> int:
@@ -224,8 +232,9 @@ class OmniMoE(nn.Module):
             self.router_norm_x = nn.Identity()
             self.router_norm_y = nn.Identity()
 
-        self.up_embed = nn.Embedding(E, H)
-        self.down_embed = nn.Embedding(E, H)
+        # ``sparse`` mirrors the gradient layout for code that inspects embeddings.
+        self.up_embed = nn.Embedding(E, H, sparse=config.sparse_expert_grad)
+        self.down_embed = nn.Embedding(E, H, sparse=config.sparse_expert_grad)
         self.reset_expert_parameters()
 
     def reset_expert_parameters(self) -> None:
@@ -307,7 +316,8 @@ class OmniMoE(nn.Module):
         scores, indices = self.route(h)
         # w = exp(scores) is fused into the expert kernels (no launch, no autograd node).
         experts = omni_expert_from_scores(h, self.up_embed.weight, self.down_embed.weight,
-                                          scores, indices, act=self.act)
+                                          scores, indices, act=self.act,
+                                          sparse_grad=self.up_embed.sparse)
         inner = swiglu(self.gate_proj(h), self.up_proj(h), self.act)
         if _plain(self.down_proj) and self.down_proj.weight.dtype == experts.dtype:
             # experts + inner @ W_down^T in one cuBLAS call (the add in its epilogue).
