@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from .._dispatch import use_triton
 from ..expert import omni_expert_from_scores
 from ..mlp import ACTIVATIONS, swiglu
+from ..output_stage import output_stage
 from ..router import MAX_NUM_EXPERT_SQRT, omni_router
+from ..router_stage import router_stage
 
 ROUTER_NORMS = ("batchnorm", "none")
 
@@ -251,6 +253,9 @@ class OmniMoE(nn.Module):
     def route(self, h: torch.Tensor):
         """(scores, indices) of the k experts of each row of 2-D ``h``: scores are the
         float32 log-probabilities log p_x(i) + log p_y(j), indices int32 i*N + j."""
+        mode = self._fused_router_mode(h)
+        if mode is not None:  # gate GEMM, norm, log_softmax and router: one autograd node
+            return router_stage(self, h, mode)
         px, py = self.router_log_probs(h)
         return omni_router(px, py, self.num_expert_sqrt, self.top_k)
 
@@ -312,8 +317,17 @@ class OmniMoE(nn.Module):
                 f"hidden_states must have shape (..., {self.hidden_size}), got {tuple(hidden_states.shape)}"
             )
         shape = hidden_states.shape
-        h = hidden_states.reshape(-1, self.hidden_size)
+        # (T, H) input as is: a same-shape reshape/view would add two autograd nodes.
+        flat = hidden_states.dim() == 2
+        h = hidden_states if flat else hidden_states.reshape(-1, self.hidden_size)
         scores, indices = self.route(h)
+        out = output_stage(self, h, scores, indices)   # one autograd node (eager)
+        if out is not None:
+            out = out if flat else out.view(shape)
+            if return_routing:
+                lead = shape[:-1]
+                return out, (scores.view(*lead, self.top_k), indices.view(*lead, self.top_k))
+            return out
         # w = exp(scores) is fused into the expert kernels (no launch, no autograd node).
         experts = omni_expert_from_scores(h, self.up_embed.weight, self.down_embed.weight,
                                           scores, indices, act=self.act,
@@ -324,7 +338,7 @@ class OmniMoE(nn.Module):
             out = torch.addmm(experts, inner, self.down_proj.weight.t())
         else:
             out = self.down_proj(inner) + experts
-        out = out.view(shape)
+        out = out if flat else out.view(shape)
         if return_routing:
             lead = shape[:-1]
             return out, (scores.view(*lead, self.top_k), indices.view(*lead, self.top_k))
