@@ -8,11 +8,12 @@
 every kernel and GEMM, in the operand layouts of aten's ``mm`` backward
 (``g.t().mm(x)`` for the weight W of ``x W^T``, whose transposed view is column-major;
 ``g.mm(W)`` for the input), so each gradient is bitwise what the
-unfused path computed, except the input gradient's three terms (experts, gate, up),
-which are summed here in a fixed order where autograd summed them in its own (one
-float rounding apart at most; the layer tests' float64 bounds are unchanged).
+unfused path computed, except the input gradient: its three terms (experts, gate, up)
+are summed here in a fixed order, the MLP terms in the GEMMs' epilogues (``addmm_``,
+one rounding fewer), where autograd summed them with two elementwise adds in its own
+order (within rounding; the layer tests' float64 bounds are unchanged).
 
-Launches are unchanged.  Used by ``OmniMoE.forward`` outside ``torch.compile`` when the
+Launches: the same Triton kernels and GEMMs, and two elementwise adds fewer.  Used by ``OmniMoE.forward`` outside ``torch.compile`` when the
 MLP modules are plain (no hooks) and every weight has h's dtype.
 """
 
@@ -66,7 +67,9 @@ class _OutputStage(torch.autograd.Function):
             if need_wu:
                 dwu = dupp.t().mm(h)
             if need_h:
-                dh = dh + dgate.mm(wg) + dupp.mm(wu)
+                # The input gradient's MLP terms added in the GEMMs' epilogues (beta = 1),
+                # in place on the experts' fresh dh: no elementwise add launches.
+                dh = dh.addmm_(dgate, wg).addmm_(dupp, wu)
         return (dh if need_h else None, dup if need_up else None, ddown if need_down else None,
                 ds if need_s else None, None, dwg, dwu, dwd, None, None)
 
