@@ -2,7 +2,9 @@
 
 from .modules import OmniMoE, OmniMoEConfig
 from .ops import omni_expert, omni_router, swiglu
+from .optim import param_groups
 
 __version__ = "0.1.0"
 
-__all__ = ["omni_router", "omni_expert", "swiglu", "OmniMoE", "OmniMoEConfig", "__version__"]
+__all__ = ["omni_router", "omni_expert", "swiglu", "OmniMoE", "OmniMoEConfig", "param_groups",
+           "__version__"]

@@ -39,6 +39,8 @@ from ..ops._activations import ACTIVATIONS
 from ..ops.swiglu.op import swiglu
 from ..ops.router.op import MAX_NUM_EXPERT_SQRT, omni_router
 from ..ops.router_norm.op import router_log_probs as fused_router_log_probs
+from ..layers.output_stage import output_stage
+from ..layers.router_stage import router_stage
 
 ROUTER_NORMS = ("batchnorm", "layernorm", "none")
 
@@ -85,6 +87,11 @@ class OmniMoEConfig:
             initialised with more than one process; True: required (raises without a
             process group); False: each process normalises with its own batch.  See
             docs/distributed.md and ``omni_moe.distributed``.
+        sparse_expert_grad: False (default): dense (E, H) gradients of ``up_embed`` and
+            ``down_embed``.  True: sparse COO gradients holding only the used experts'
+            rows (``nn.Embedding(sparse=True)``'s convention; for SparseAdam, SGD,
+            Adagrad; one device sync per backward; not CUDA-graph capturable or
+            compilable).  See docs/layer.md, "Sparse expert gradients".
     """
 
     hidden_size: int
@@ -94,6 +101,7 @@ class OmniMoEConfig:
     num_experts_per_token: int | None = None
     router_norm: str = "batchnorm"
     sync_router_stats: bool | None = None
+    sparse_expert_grad: bool = False
 
     def __post_init__(self):
         _check_int("hidden_size", self.hidden_size, 1)
@@ -114,6 +122,8 @@ class OmniMoEConfig:
         _check_choice("router_norm", self.router_norm, ROUTER_NORMS)
         if self.sync_router_stats is not None and not isinstance(self.sync_router_stats, bool):
             raise TypeError(f"sync_router_stats must be a bool or None, got {type(self.sync_router_stats).__name__}")
+        if not isinstance(self.sparse_expert_grad, bool):
+            raise TypeError(f"sparse_expert_grad must be a bool, got {type(self.sparse_expert_grad).__name__}")
 
     @property
     def num_expert_sqrt(self) -> int:
@@ -225,8 +235,9 @@ class OmniMoE(nn.Module):
             self.router_norm_x = nn.Identity()
             self.router_norm_y = nn.Identity()
 
-        self.up_embed = nn.Embedding(E, H)
-        self.down_embed = nn.Embedding(E, H)
+        # ``sparse`` mirrors the gradient layout for code that inspects embeddings.
+        self.up_embed = nn.Embedding(E, H, sparse=config.sparse_expert_grad)
+        self.down_embed = nn.Embedding(E, H, sparse=config.sparse_expert_grad)
         self.reset_expert_parameters()
 
     def reset_expert_parameters(self) -> None:
@@ -243,6 +254,10 @@ class OmniMoE(nn.Module):
     def route(self, h: torch.Tensor):
         """(scores, indices) of the k experts of each row of 2-D ``h``: scores are the
         float32 log-probabilities log p_x(i) + log p_y(j), indices int32 i*N + j."""
+        mode = self._fused_router_mode(h)
+        if mode is not None and self._router_stats_group() is None:
+            # gate GEMM, norm, log_softmax and router: one autograd node
+            return router_stage(self, h, mode)
         px, py = self.router_log_probs(h)
         return omni_router(px, py, self.num_expert_sqrt, self.top_k)
 
@@ -256,12 +271,11 @@ class OmniMoE(nn.Module):
         torch.compile -- where inductor fuses it --, N > 4096, momentum=None, hooks on
         the router modules, a training batch of fewer than 2 tokens).
         """
-        if self.training and self.config.router_norm == "batchnorm" and self.config.sync_router_stats is not False:
-            from ..distributed import router_stats_group, sync_router_log_probs
+        group = self._router_stats_group()
+        if group is not None:
+            from ..distributed import sync_router_log_probs
 
-            group = router_stats_group(self)
-            if group is not None:
-                return sync_router_log_probs(self, h, group)
+            return sync_router_log_probs(self, h, group)
         mode = self._fused_router_mode(h)
         if mode is None:
             lx = self.router_norm_x(self.router_gate_x(h).float())
@@ -274,6 +288,13 @@ class OmniMoE(nn.Module):
         running = (nx.running_mean, nx.running_var, nx.num_batches_tracked,
                    ny.running_mean, ny.running_var, ny.num_batches_tracked)
         return fused_router_log_probs(logits, self.num_expert_sqrt, mode, running, nx.momentum, nx.eps)
+
+    def _router_stats_group(self):
+        """The process group the router norms' batch statistics are synchronised over,
+        or None (``omni_moe.distributed.router_stats_group``)."""
+        from ..distributed import router_stats_group
+
+        return router_stats_group(self)
 
     def _fused_router_mode(self, h: torch.Tensor):
         """"none" / "batch" / "running" when the fused router prologue applies, else None."""
@@ -310,22 +331,32 @@ class OmniMoE(nn.Module):
         """
         check_layer_input(self, hidden_states)
         shape = hidden_states.shape
-        h = hidden_states.reshape(-1, self.hidden_size)
+        # (T, H) input as is: a same-shape reshape/view would add two autograd nodes.
+        flat = hidden_states.dim() == 2
+        h = hidden_states if flat else hidden_states.reshape(-1, self.hidden_size)
         scores, indices = self.route(h)
         if getattr(self, "expert_sharding", None) is not None:
             # Expert tables sharded across processes (omni_moe.distributed.shard_expert_tables).
             experts = self.expert_sharding(self, h, scores, indices)
         else:
+            out = output_stage(self, h, scores, indices)   # one autograd node (eager)
+            if out is not None:
+                out = out if flat else out.view(shape)
+                if return_routing:
+                    lead = shape[:-1]
+                    return out, (scores.view(*lead, self.top_k), indices.view(*lead, self.top_k))
+                return out
             # w = exp(scores) is fused into the expert kernels (no launch, no autograd node).
             experts = omni_expert_from_scores(h, self.up_embed.weight, self.down_embed.weight,
-                                              scores, indices, act=self.act)
+                                              scores, indices, act=self.act,
+                                              sparse_grad=self.up_embed.sparse)
         inner = swiglu(self.gate_proj(h), self.up_proj(h), self.act)
         if _plain(self.down_proj) and self.down_proj.weight.dtype == experts.dtype:
             # experts + inner @ W_down^T in one cuBLAS call (the add in its epilogue).
             out = torch.addmm(experts, inner, self.down_proj.weight.t())
         else:
             out = self.down_proj(inner) + experts
-        out = out.view(shape)
+        out = out if flat else out.view(shape)
         if return_routing:
             lead = shape[:-1]
             return out, (scores.view(*lead, self.top_k), indices.view(*lead, self.top_k))

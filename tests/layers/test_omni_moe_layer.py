@@ -48,7 +48,7 @@ def cfg(H=32, I=48, E=64, k=4, act="silu", norm="batchnorm"):
                          num_experts=E, num_experts_per_token=k, router_norm=norm)
 
 
-def train_and_compare(config, shape, device, dtype, steps=3, seed=0):
+def train_and_compare(config, shape, device, dtype, steps=3, seed=0, make_optimizer=None):
     """Three Adam steps; per step returns {name: (err_ours, err_naive_or_None)} vs float64.
 
     float32: the float64 oracle routes by itself too, and the experts it picks must score
@@ -65,7 +65,7 @@ def train_and_compare(config, shape, device, dtype, steps=3, seed=0):
     layer = OmniMoE(config).to(device)
     if dtype != torch.float32:
         layer = layer.to(dtype)
-    opt = torch.optim.Adam(layer.parameters(), lr=3e-3)
+    opt = (make_optimizer or (lambda m: torch.optim.Adam(m.parameters(), lr=3e-3)))(layer)
     gen = torch.Generator().manual_seed(seed + 1)
     results = []
     for step in range(steps):
@@ -104,6 +104,7 @@ def train_and_compare(config, shape, device, dtype, steps=3, seed=0):
         for name, p in layer.named_parameters():
             assert name in PARAMS
             g = p.grad if p.grad is not None else torch.zeros_like(p)
+            g = g.to_dense() if g.is_sparse else g
             res["d_" + name] = (
                 rel(g, oparams[name].grad),
                 rel(nparams[name].grad, oparams[name].grad) if naive is not None else None,

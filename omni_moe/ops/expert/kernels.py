@@ -756,7 +756,7 @@ def expert_forward(hidden_states, up_weights, down_weights, routing_weights, ind
 def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_weights, indices,
                     a, sorted_e, perm, act="silu", need_dh=True, need_dup=True, need_ddown=True,
                     dh=None, dup=None, ddown=None, dw=None, log_weights=False, *,
-                    config: ExpertConfig | None = None):
+                    config: ExpertConfig | None = None, used_rows=None):
     """Backward: (dh, dup, ddown, dw); an output not needed comes back as None.
 
     ``sorted_e``/``perm``: what ``expert_forward`` returned (empty: the "token"
@@ -765,6 +765,11 @@ def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_w
     for unused experts).  dw is (T, k) in routing_weights' dtype (with ``log_weights``:
     the gradient of the scores).  Outputs may be preallocated.  No host sync.  ``config``
     replaces ``default_config``'s tiles (the schedule is the forward's).
+
+    ``used_rows``: a function ``(sorted_e, E) -> (rows (D,), offsets (D + 1,) int32)``
+    grouping the sorted pairs by used expert (``sparse.expert_groups``); dup/ddown are then
+    (D, H), one row per used expert, the same bits as those rows of the dense gradients,
+    and a fifth result gives ``rows``.
     """
     T, H = hidden_states.shape
     K = indices.shape[1]
@@ -774,22 +779,36 @@ def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_w
            else _check_config(config))
     if dh is None and need_dh:
         dh = torch.empty((T, H), dtype=hidden_states.dtype, device=dev)
-    if dup is None and need_dup:
-        dup = torch.empty((E, H), dtype=up_weights.dtype, device=dev)
-    if ddown is None and need_ddown:
-        ddown = torch.empty((E, H), dtype=down_weights.dtype, device=dev)
+    if used_rows is None:
+        if dup is None and need_dup:
+            dup = torch.empty((E, H), dtype=up_weights.dtype, device=dev)
+        if ddown is None and need_ddown:
+            ddown = torch.empty((E, H), dtype=down_weights.dtype, device=dev)
     if dw is None:
         dw = torch.empty((T, K), dtype=routing_weights.dtype, device=dev)
     need_w = need_dup or need_ddown
+    rows = None
+
+    def weight_grads(sorted_e, pairs, a_p, da_p, sorted_inputs):
+        nonlocal dup, ddown, rows
+        if used_rows is None:
+            offsets = expert_offsets(sorted_e, E)
+        else:
+            rows, offsets = used_rows(sorted_e, E)
+            D = rows.numel()
+            dup = torch.empty((D, H), dtype=up_weights.dtype, device=dev) if need_dup else None
+            ddown = torch.empty((D, H), dtype=down_weights.dtype, device=dev) if need_ddown else None
+        launch_expert_grads(offsets, pairs, a_p, da_p, routing_weights, hidden_states, grad_out,
+                            dup if need_dup else None, ddown if need_ddown else None, act,
+                            log_weights, cfg.expert_grad, sorted_inputs=sorted_inputs)
+
     da = torch.empty((T, K), dtype=torch.float32, device=dev)
     if perm.numel() == 0:                                   # "token" schedule
         launch_token_backward(grad_out, up_weights, down_weights, routing_weights, indices, a,
                               dw, da, dh if need_dh else None, act, log_weights, cfg.token)
         if need_w:
             sorted_e, perm = group_pairs(indices, E)
-            launch_expert_grads(expert_offsets(sorted_e, E), perm, a, da, routing_weights,
-                                hidden_states, grad_out, dup if need_dup else None,
-                                ddown if need_ddown else None, act, log_weights, cfg.expert_grad)
+            weight_grads(sorted_e, perm, a, da, False)
     else:                                                   # "expert" schedule
         P = T * K
         da_s = torch.empty((P,), dtype=torch.float32, device=dev)
@@ -799,14 +818,12 @@ def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_w
                         cfg.pair_dot, backward=True, dw=dw, da=da, da_sorted=da_s, c_sorted=c_s, tok_sorted=t_s,
                         log_weights=log_weights)
         if need_w:
-            launch_expert_grads(expert_offsets(sorted_e, E), t_s, c_s, da_s, routing_weights,
-                                hidden_states, grad_out, dup if need_dup else None,
-                                ddown if need_ddown else None, act, log_weights, cfg.expert_grad,
-                                sorted_inputs=True)
+            weight_grads(sorted_e, t_s, c_s, da_s, True)
         if need_dh:
             launch_gather_combine(up_weights, indices, da, dh, cfg.gather)
-    return (dh if need_dh else None, dup if need_dup else None,
-            ddown if need_ddown else None, dw)
+    grads = (dh if need_dh else None, dup if need_dup else None,
+             ddown if need_ddown else None, dw)
+    return grads if used_rows is None else (*grads, rows)
 
 
 # --------------------------------------------------------------------------- cost model

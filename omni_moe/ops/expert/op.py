@@ -219,21 +219,37 @@ _expert_forward.register_autograd(_backward, setup_context=_setup_context)
 
 class _ExpertFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, up, down, w, idx, act, log_weights):
+    def forward(ctx, h, up, down, w, idx, act, log_weights, sparse_grad=False):
         out, a, sorted_e, perm = _forward_impl(h, up, down, w, idx, act, log_weights)
         ctx.save_for_backward(h, up, down, w, idx, a, sorted_e, perm)
         ctx.act = act
         ctx.log_weights = log_weights
+        ctx.sparse_grad = sparse_grad
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        return _grads(ctx, grad_out, _backward_impl)
+        if ctx.sparse_grad:
+            from .sparse import sparse_backward_impl
+
+            return (*_grads(ctx, grad_out, sparse_backward_impl), None)
+        return (*_grads(ctx, grad_out, _backward_impl), None)
 
 
-def _apply(hidden_states, up_weights, down_weights, routing_weights, indices, act, log_weights):
+def _apply(hidden_states, up_weights, down_weights, routing_weights, indices, act, log_weights,
+           sparse_grad=False):
     check_expert_args(hidden_states, up_weights, down_weights, routing_weights, indices, act)
+    if not isinstance(sparse_grad, bool):
+        raise TypeError(f"sparse_grad must be a bool, got {type(sparse_grad).__name__}")
+    if sparse_grad:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "sparse expert gradients cannot be traced by torch.compile (their size is "
+                "data-dependent); use dense expert gradients (sparse_expert_grad=False / "
+                "sparse_grad=False) in compiled code")
+        return _ExpertFunction.apply(hidden_states, up_weights, down_weights, routing_weights,
+                                     indices, act, log_weights, True)
     if torch.compiler.is_compiling():
         return torch.ops.omni_moe.expert_forward(
             hidden_states, up_weights, down_weights, routing_weights, indices, act, log_weights)[0]
@@ -241,7 +257,8 @@ def _apply(hidden_states, up_weights, down_weights, routing_weights, indices, ac
                                  act, log_weights)
 
 
-def omni_expert(hidden_states, up_weights, down_weights, routing_weights, indices, act="silu"):
+def omni_expert(hidden_states, up_weights, down_weights, routing_weights, indices, act="silu", *,
+                sparse_grad=False):
     """Atomic-expert mixture: out[t] = sum_r act(u_e . h_t) * w[t, r] * v_e, e = indices[t, r].
 
     Args:
@@ -257,15 +274,19 @@ def omni_expert(hidden_states, up_weights, down_weights, routing_weights, indice
         (T, H) tensor in hidden_states' dtype; float32 accumulation, one rounding.
 
     Differentiable in hidden_states, up_weights, down_weights (dense (E, H) gradients,
-    zero rows for unused experts) and routing_weights; not in indices.  Any strides,
+    zero rows for unused experts; with ``sparse_grad=True`` sparse COO gradients holding
+    only the used experts' rows, see ``sparse.py``) and routing_weights;
+    not in indices.  Any strides,
     T, k or E may be 0; the float inputs may have different dtypes.  Deterministic
     (bitwise) run to run.  On CUDA, out-of-range indices are masked rather than
     reported (reporting would need a host sync); on CPU they raise ValueError.
     """
-    return _apply(hidden_states, up_weights, down_weights, routing_weights, indices, act, False)
+    return _apply(hidden_states, up_weights, down_weights, routing_weights, indices, act, False,
+                  sparse_grad)
 
 
-def omni_expert_from_scores(hidden_states, up_weights, down_weights, scores, indices, act="silu"):
+def omni_expert_from_scores(hidden_states, up_weights, down_weights, scores, indices, act="silu", *,
+                            sparse_grad=False):
     """``omni_expert(hidden_states, up_weights, down_weights, scores.exp(), indices, act)``
     with the exp fused into the kernels (no launch and no autograd node of its own).
 
@@ -273,4 +294,4 @@ def omni_expert_from_scores(hidden_states, up_weights, down_weights, scores, ind
     gradient it receives is that of the scores.  Same contract as ``omni_expert``
     otherwise; used by ``omni_moe.OmniMoE``.
     """
-    return _apply(hidden_states, up_weights, down_weights, scores, indices, act, True)
+    return _apply(hidden_states, up_weights, down_weights, scores, indices, act, True, sparse_grad)
