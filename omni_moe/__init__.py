@@ -1,6 +1,6 @@
 """omni-moe: exact, fast kernels for OmniMoE layers (arXiv 2602.05711)."""
 
-from .modules import OmniMoE, OmniMoEConfig
+from .layers import OmniMoE, OmniMoEConfig
 from .ops import omni_expert, omni_router, swiglu
 from .optim import param_groups
 

@@ -29,7 +29,7 @@ def _check_number(name, v, lo=0.0):
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The expert tables (``up_embed.weight``, ``down_embed.weight``) of every ``OmniMoE``
     in ``model`` (the model itself included), each once, in module order."""
-    from .modules.omni_moe import OmniMoE
+    from .layers.omni_moe import OmniMoE
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

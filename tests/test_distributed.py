@@ -69,7 +69,8 @@ def _sync_worker(rank, world, interpret, device="cpu"):
         assert os.environ.get("TRITON_INTERPRET") == "1"
     torch.manual_seed(0)
     layer = OmniMoE(make_cfg()).to(_dev(device, rank))
-    from omni_moe.distributed import _fused_ok, router_stats_group
+    from omni_moe.distributed import router_stats_group
+    from omni_moe.layers.router_stats import _fused_ok
 
     assert router_stats_group(layer) is not None
     # the path under test: kernels on CUDA and under the interpreter

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-import omni_moe.modules.omni_moe as layer_module
+import omni_moe.layers.omni_moe as layer_module
 from omni_moe import OmniMoE, OmniMoEConfig, omni_router
 from omni_moe.bench.launch_count import autograd_nodes
 

@@ -699,13 +699,3 @@ def run(args) -> int:
     if not ok:
         print("FAILED: a correctness check or a variant failed (see the lines above)", file=sys.stderr)
     return 0 if ok else 1
-
-
-def main(argv=None) -> int:
-    from omni_moe.cli import main as cli_main
-
-    return cli_main(["bench", "layer", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,7 +25,7 @@ import math
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-from ..modules.omni_moe import ROUTER_NORMS
+from ..layers.omni_moe import ROUTER_NORMS
 
 HF_ROUTER_NORMS = ROUTER_NORMS
 # The activations both the HF MLPs and the OmniMoE kernels implement identically

@@ -25,7 +25,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder
 
-from ..modules.omni_moe import OmniMoE, OmniMoEConfig, RouterNorm
+from ..layers.omni_moe import OmniMoE, OmniMoEConfig, RouterNorm
 from ..ops.router.op import omni_router
 from .configuration import FAMILIES, config_class_for
 from .losses import router_aux_loss

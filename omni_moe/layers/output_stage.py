@@ -78,7 +78,7 @@ def output_stage(layer, h, scores, indices):
     """``layer``'s experts + shared MLP for 2-D ``h`` through one autograd node, or None
     when the unfused path must run (compiling, hooks, mixed dtypes)."""
     from ..ops.expert.op import check_expert_args
-    from ..modules.omni_moe import _plain
+    from .norms import _plain
 
     mods = (layer.gate_proj, layer.up_proj, layer.down_proj)
     if torch.compiler.is_compiling() or not all(_plain(m) for m in mods):

@@ -10,7 +10,7 @@ import torch
 
 import omni_moe
 from omni_moe import OmniMoE, OmniMoEConfig
-from omni_moe.modules import RouterLayerNorm
+from omni_moe.layers import RouterLayerNorm
 from omni_moe.layers.reference import OmniMoEReference
 
 
