@@ -22,7 +22,7 @@ from omni_moe.ops.expert.op import omni_expert_from_scores
 from omni_moe.ops.expert.sparse import expert_groups, sparse_backward_impl
 from omni_moe.ops.expert import kernels as kern
 from test_expert import ACTS, check_against_float64, make_inputs, rel_l2
-from test_moe import assert_float32, cfg, train_and_compare
+from test_omni_moe_layer import assert_float32, cfg, train_and_compare
 
 pytestmark = pytest.mark.usefixtures("no_tf32")
 
