@@ -24,6 +24,32 @@ def check_dense(name: str, t: torch.Tensor) -> None:
             f"convert it with .to_dense()")
 
 
+def check_float_tensor(name: str, t, dims: int | None = None) -> None:
+    """TypeError unless ``t`` is a dense float32/float16/bfloat16 tensor; ValueError unless
+    it has ``dims`` dimensions (None: at least one)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_dense(name, t)
+    if t.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if dims is None and t.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension, got a scalar")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+
+
+def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, *,
+               dtype=True, shape=True) -> None:
+    """``t`` on ``ref``'s device (ValueError), with its dtype (TypeError) and shape
+    (ValueError) where asked."""
+    if dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    if shape and t.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but {ref_name} has {tuple(ref.shape)}")
+
+
 def check_layer_input(layer, hidden_states) -> None:
     """Validate the input of ``OmniMoE.forward`` (``layer``) before any work.
 

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_dense
+from .._checks import check_dense, check_float_tensor, check_same
 from .._dispatch import use_triton
 from .._activations import check_activation
 from .reference import expert_backward_reference, expert_forward_reference
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _INT32_MAX = 2**31 - 1
 
@@ -45,22 +44,18 @@ def check_expert_args(hidden_states, up_weights, down_weights, routing_weights, 
     named = (("hidden_states", hidden_states), ("up_weights", up_weights),
              ("down_weights", down_weights), ("routing_weights", routing_weights),
              ("indices", indices))
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        check_dense(name, t)
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
     for name, t in named[:4]:
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        check_float_tensor(name, t, dims=2)
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+    check_dense("indices", indices)
     if indices.dtype not in _INDEX_DTYPES:
         raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
+    if indices.dim() != 2:
+        raise ValueError(f"indices must be 2-D, got shape {tuple(indices.shape)}")
     check_activation(act)
-    dev = hidden_states.device
     for name, t in named[1:]:
-        if t.device != dev:
-            raise ValueError(f"{name} is on {t.device} but hidden_states is on {dev}")
+        check_same(name, t, "hidden_states", hidden_states, dtype=False, shape=False)
     T, H = hidden_states.shape
     E = up_weights.shape[0]
     if up_weights.shape[1] != H:

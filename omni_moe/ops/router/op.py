@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_dense
+from .._checks import check_float_tensor, check_same
 from .._dispatch import use_triton
 from .backward import router_backward
 from .fullscan import fullscan_router_forward
@@ -30,7 +30,6 @@ from .pruned import pruned_router_forward
 from .cpu import router_cpu
 from .reference import router_backward_reference
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ALGORITHMS = ("fullscan", "pruned")
 # Flat expert indices are int32.
 MAX_NUM_EXPERT_SQRT = 46340
@@ -38,23 +37,13 @@ MAX_NUM_EXPERT_SQRT = 46340
 
 def check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token):
     """Validate user input; raise TypeError/ValueError naming the offending argument."""
-    for name, t in (("router_logits_x", router_logits_x), ("router_logits_y", router_logits_y)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        check_dense(name, t)
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    x, y = router_logits_x, router_logits_y
+    check_float_tensor("router_logits_x", x)
+    check_float_tensor("router_logits_y", y)
+    for name, t in (("router_logits_x", x), ("router_logits_y", y)):
         if t.dim() != 2:
             raise ValueError(f"{name} must have shape (T, N), got {tuple(t.shape)}")
-    x, y = router_logits_x, router_logits_y
-    if y.dtype != x.dtype:
-        raise TypeError(f"router_logits_y has dtype {y.dtype} but router_logits_x has {x.dtype}")
-    if y.device != x.device:
-        raise ValueError(f"router_logits_y is on {y.device} but router_logits_x is on {x.device}")
-    if y.shape != x.shape:
-        raise ValueError(
-            f"router_logits_y has shape {tuple(y.shape)} but router_logits_x has {tuple(x.shape)}"
-        )
+    check_same("router_logits_y", y, "router_logits_x", x)
     for name, v in (("num_expert_sqrt", num_expert_sqrt), ("num_experts_per_token", num_experts_per_token)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")

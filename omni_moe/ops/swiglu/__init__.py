@@ -1,5 +1,6 @@
 """The fused SwiGLU activation of the shared dense MLP: ``op`` (public functions, custom
-ops, autograd) and ``kernels`` (Triton kernels and launch rule)."""
+ops, autograd), ``kernels`` (Triton kernels and launch rule) and ``reference`` (the
+PyTorch semantics, also the CPU path)."""
 
 from .op import swiglu, swiglu_mlp
 

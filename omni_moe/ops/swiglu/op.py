@@ -18,42 +18,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._activations import ACTIVATIONS, activation, activation_and_grad, check_activation
-from .._checks import check_dense
+from .._activations import check_activation
+from .._checks import check_dense, check_float_tensor, check_same
 from .._dispatch import use_triton
+from .reference import swiglu_backward_torch, swiglu_forward_torch
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_swiglu_args(gate, up, act) -> None:
     """Validate ``swiglu`` input; raise TypeError/ValueError naming the argument."""
-    for name, t in (("gate", gate), ("up", up)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        check_dense(name, t)
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-        if t.dim() < 1:
-            raise ValueError(f"{name} must have at least one dimension, got a scalar")
-    if up.dtype != gate.dtype:
-        raise TypeError(f"up has dtype {up.dtype} but gate has {gate.dtype}")
-    if up.device != gate.device:
-        raise ValueError(f"up is on {up.device} but gate is on {gate.device}")
-    if up.shape != gate.shape:
-        raise ValueError(f"up has shape {tuple(up.shape)} but gate has {tuple(gate.shape)}")
+    check_float_tensor("gate", gate)
+    check_float_tensor("up", up)
+    check_same("up", up, "gate", gate)
     check_activation(act)
-
-
-# --------------------------------------------------------------------------- PyTorch path
-def swiglu_forward_torch(gate, up, act):
-    """The forward formula in PyTorch: float32 math, one rounding to the input dtype."""
-    return (activation(gate.float(), act) * up.float()).to(gate.dtype)
-
-
-def swiglu_backward_torch(grad, gate, up, act):
-    g, u, d = gate.float(), up.float(), grad.float()
-    z, dz = activation_and_grad(g, act)
-    return (d * u * dz).to(gate.dtype), (d * z).to(up.dtype)
 
 
 # --------------------------------------------------------------------------- custom op
