@@ -5,16 +5,8 @@ Router statistics (``OmniMoEConfig.sync_router_stats``).  In training the router
 normalise with the batch's per-feature mean and variance; under data parallelism each
 process sees only its share of the batch.  With synchronisation on (the default under an
 initialised process group of more than one process) the statistics are those of the
-concatenated batch, as ``nn.SyncBatchNorm`` computes them:
-
-  forward   every process reduces its rows to (mean, M2) per feature and split (the
-            router-norm kernels' first step, or a few PyTorch ops), one all-gather
-            exchanges those partials and the row counts, and every process combines
-            them in the same fixed order (Chan's formula; the finalize kernel with
-            per-split counts), so all ranks hold bitwise-equal statistics and running
-            statistics.  The unbiased running variance uses the global count.
-  backward  the per-feature sums of dl and dl * xhat are all-reduced (one collective)
-            before the BatchNorm backward, which divides by the global count.
+concatenated batch, as ``nn.SyncBatchNorm`` computes them (``omni_moe.layers.router_stats``
+says how).
 
 Any per-rank batch size works, 0 included, as long as the global batch has at least two
 tokens (one raises ValueError on every rank, like BatchNorm's "more than 1 value per
