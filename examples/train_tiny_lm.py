@@ -36,7 +36,7 @@ except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from omni_moe import OmniMoE, OmniMoEConfig
-from omni_moe.mlp import swiglu_mlp
+from omni_moe.ops import swiglu_mlp
 
 
 # ----------------------------------------------------------------------------- data
@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PATH", help="write both loss curves to this PNG (needs matplotlib)")
     p.add_argument("--json", metavar="PATH", help="write losses and settings to this JSON file")
     p.add_argument("--seed", type=int, default=0, help="seed of the grammar, the data and the models")
+    p.add_argument("--parallel", choices=("none", "ddp", "fsdp"), default="none",
+                   help="data parallel over the processes of torchrun (see docs/distributed.md); "
+                        "--batch-size is the global batch")
     p.add_argument("--vocab", type=int, default=64, help="vocabulary size")
     p.add_argument("--fanout", type=int, default=8, help="successors of each previous token")
     p.add_argument("--branch", type=int, default=2, help="successors of each (a, b) context")
@@ -251,6 +254,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    par = Parallel(args)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available; use --device cpu", file=sys.stderr)
@@ -279,6 +283,7 @@ def main(argv=None) -> int:
     opts = {}
     for name, m in models.items():
         m.to(device)
+        m = models[name] = par.wrap(m)
         total, active = count_params(m)
         info[name] = {"params_total": total, "params_active": active}
         opts[name] = torch.optim.AdamW(m.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -312,7 +317,7 @@ def main(argv=None) -> int:
     bar = _Bar(args.steps, "train")
     for step in range(args.steps):
         tokens, _ = grammar.sample(args.batch_size, args.seq_len + 1)
-        tokens = tokens.to(device)
+        tokens = par.shard(tokens.to(device))
         inp, tgt = tokens[:, :-1], tokens[:, 1:]
         post = []
         for name, m in models.items():
@@ -326,7 +331,7 @@ def main(argv=None) -> int:
             opts[name].zero_grad(set_to_none=True)
             loss.backward()
             opts[name].step()
-            lv = float(loss.detach())  # synchronises
+            lv = par.mean(float(loss.detach()))  # synchronises
             history[name]["time_s"] += time.perf_counter() - t0
             history[name]["loss"].append(lv)
             post.append(f"{name}={lv:.3f}")
@@ -393,6 +398,77 @@ def main(argv=None) -> int:
             fig.savefig(args.plot, dpi=120)
             print(f"wrote {args.plot}")
     return 0
+
+
+class Parallel:
+    """``--parallel ddp|fsdp`` under torchrun: one process per device, each training on
+    its rows of the same global batch (the router statistics synchronised across ranks),
+    DDP or FSDP2 (``omni_moe.distributed``) on both models; rank 0 prints and writes."""
+
+    def __init__(self, args):
+        self.on = args.parallel != "none"
+        self.kind, self.rank, self.world = args.parallel, 0, 1
+        if not self.on:
+            return
+        import atexit
+
+        import torch.distributed as dist
+
+        if "LOCAL_RANK" not in os.environ:
+            print("--parallel needs a torchrun launch: torchrun --nproc-per-node 2 "
+                  "examples/train_tiny_lm.py --parallel ddp", file=sys.stderr)
+            sys.exit(2)
+        local = int(os.environ["LOCAL_RANK"])
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{local}"
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        atexit.register(dist.destroy_process_group)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if args.batch_size % self.world:
+            print(f"--batch-size {args.batch_size} must be a multiple of the {self.world} processes",
+                  file=sys.stderr)
+            sys.exit(2)
+        if self.rank:
+            args.json = args.plot = None
+            sys.stdout = open(os.devnull, "w")
+            globals()["_Bar"] = _QuietBar
+
+    def wrap(self, model):
+        if self.kind == "ddp":
+            from omni_moe.distributed import data_parallel
+
+            return data_parallel(model)
+        if self.kind == "fsdp":
+            from omni_moe.distributed import fully_shard_model
+
+            return fully_shard_model(model, param_dtype=None, blocks=list(model.blocks))
+        return model
+
+    def shard(self, batch):
+        n = batch.shape[0] // self.world
+        return batch[self.rank * n:(self.rank + 1) * n]
+
+    def mean(self, value: float) -> float:
+        if not self.on:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+
+class _QuietBar:
+    def __init__(self, *a, **k):
+        pass
+
+    def update(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
 
 
 def _plot_without_matplotlib(path, series, floor, width=800, height=500):

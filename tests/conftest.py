@@ -1,10 +1,22 @@
+import importlib
 import os
+import pkgutil
 import sys
 
 import pytest
 import torch
 
+import omni_moe
+
 sys.path.insert(0, os.path.dirname(__file__))
+
+# Some tests switch TRITON_INTERPRET off to run the PyTorch paths.  Triton fixes a
+# kernel's mode (interpreter or compiled) when its module is imported, so every kernel
+# module is imported now, at collection, in the mode the session was started with; a
+# lazy first import inside such a test would leave later interpreter tests compiled.
+for _m in pkgutil.walk_packages(omni_moe.__path__, "omni_moe."):
+    if not (_m.name.startswith("omni_moe.hf") or _m.name.endswith("__main__")):
+        importlib.import_module(_m.name)
 
 # Kernel tests run on CUDA when present, else on CPU through Triton's interpreter.
 HAS_CUDA = torch.cuda.is_available()

@@ -141,3 +141,29 @@ def check_router_backward(grad, indices, n, dx, dy):
     k = indices.shape[1]
     assert_close_ulps(dx, ox, 0.5, grad.dtype, accumulation_bound(k, ax), "dx")
     assert_close_ulps(dy, oy, 0.5, grad.dtype, accumulation_bound(k, ay), "dy")
+
+
+def pruned_config(T, N, k, spec):
+    """A pruned-router launch config from a test spec: None or {} = the default rule;
+    else the named kernel's rule (or the default's) with the given fields replaced.  The
+    launch then takes exactly that kernel and stage (``plan`` raises otherwise)."""
+    from dataclasses import replace
+
+    from omni_moe.ops.router import pruned
+
+    if not spec:
+        return None
+    fields = {key: v for key, v in spec.items() if key != "kernel"}
+    return replace(pruned.default_config(T, N, k, kernel=spec.get("kernel")), **fields)
+
+
+def force_expert_schedule(monkeypatch, schedule):
+    """Make the expert op's launch rule pick ``schedule`` ("token" or "expert")."""
+    from dataclasses import replace
+
+    from omni_moe.ops.expert import kernels
+
+    rule = kernels.default_config
+    monkeypatch.setattr(kernels, "default_config",
+                        lambda *a, **kw: replace(rule(*a, **kw), schedule=schedule))
+

@@ -1,16 +1,18 @@
-"""The ``omni-moe`` command: ``bench router`` end to end on tiny cases, flags, exit codes."""
+"""The ``omni-moe`` command: both benchmarks end to end on tiny cases, flags, one-line errors."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
 
 import omni_moe
 from omni_moe import cli
+from omni_moe.bench import common as bench_common
+from omni_moe.bench import layer as bench_layer
 from omni_moe.bench import router as bench_router
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +38,7 @@ def test_bench_router_tiny_cases_write_json(tmp_path):
     out = tmp_path / "sub" / "router.json"
     cases = [(8, 4, 3), (5, 3, 9)]  # k = N*N: every pair
     r = run_module("bench", "router", "--cases", ";".join(",".join(map(str, c)) for c in cases),
-                   "--json", str(out), "--warmup", "1", "--rep", "1")
+                   "--json", str(out), "--warmup-ms", "1", "--rep-ms", "1")
     assert r.returncode == 0, r.stdout + r.stderr
     data = json.loads(out.read_text())
 
@@ -92,7 +94,7 @@ def test_bench_router_tiny_cases_write_json(tmp_path):
     ["bench", "router", "--cases", "8,0,1"],
     ["bench", "router", "--dtype", "fp8"],
     ["bench", "router", "--impls", "nope"],
-    ["bench", "router", "--warmup", "x"],
+    ["bench", "router", "--warmup-ms", "x"],
     ["bench", "router", "--bogus"],
     ["--bogus"],
 ])
@@ -109,34 +111,9 @@ def test_bad_flag_from_the_command_line():
     assert "--dtype" in r.stderr
 
 
-def test_bench_layer_missing_module_is_reported(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, cli.LAYER_MODULE, None)  # import fails
-    assert cli.main(["bench", "layer", "--anything"]) == 2
-    err = capsys.readouterr().err
-    assert cli.LAYER_MODULE in err and "not available" in err
-
-
-def test_bench_layer_delegates_to_its_module(monkeypatch):
-    seen = {}
-    layer = types.ModuleType(cli.LAYER_MODULE)
-    layer.add_arguments = lambda p: p.add_argument("--hidden", type=int, default=8)
-
-    def run(args):
-        seen["args"] = args
-        return 0
-
-    layer.run = run
-    monkeypatch.setitem(sys.modules, cli.LAYER_MODULE, layer)
-    assert cli.main(["bench", "layer", "--hidden", "64"]) == 0
-    assert seen["args"].hidden == 64
-    with pytest.raises(SystemExit) as e:
-        cli.main(["bench", "layer", "--nope"])
-    assert e.value.code == 2
-
-
 def test_bench_router_exits_1_when_an_implementation_is_wrong(tmp_path, monkeypatch, capsys):
     (tmp_path / "wrong_router_impl.py").write_text(
-        "from omni_moe.reference import router_pruned\n"
+        "from omni_moe.ops.router.reference import router_pruned\n"
         "def route(x, y, k):\n"
         "    s, i = router_pruned(x, y, k)\n"
         "    return s, i.flip(1)  # indices no longer match their scores\n"
@@ -145,7 +122,7 @@ def test_bench_router_exits_1_when_an_implementation_is_wrong(tmp_path, monkeypa
     monkeypatch.setitem(bench_router.IMPLS, "wrong", ("wrong_router_impl", "route", False))
     out = tmp_path / "r.json"
     rc = cli.main(["bench", "router", "--cases", "6,4,3", "--impls", "wrong,torch_pruned",
-                   "--warmup", "1", "--rep", "1", "--json", str(out)])
+                   "--warmup-ms", "1", "--rep-ms", "1", "--json", str(out)])
     assert rc == 1
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["wrong"]["ok"] is False
@@ -155,14 +132,14 @@ def test_bench_router_exits_1_when_an_implementation_is_wrong(tmp_path, monkeypa
 
 
 def test_check_catches_contract_breaks():
-    from omni_moe.reference import router_bruteforce
+    from omni_moe.ops.router.reference import router_bruteforce
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
     k = 4
     s, i = router_bruteforce(x, y, k)
     grad = torch.randn(6, k, generator=g)
-    from omni_moe.reference import router_backward_reference
+    from omni_moe.ops.router.reference import router_backward_reference
 
     dx, dy = router_backward_reference(grad, i, 5)
     assert bench_router.check(x, y, k, s, i, s, grad, dx, dy) == []
@@ -175,9 +152,13 @@ def test_check_catches_contract_breaks():
     assert any("dtype" in p for p in bench_router.check(x, y, k, s, i.long(), s, grad, dx, dy))
 
 
-def test_from_json_reprints_a_saved_run(tmp_path, capsys, monkeypatch):
-    import importlib.util
+def _hide_matplotlib(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
 
+
+def test_from_json_reprints_a_saved_run(tmp_path, capsys, monkeypatch):
     row = {"T": 1024, "N": 64, "k": 16, "dtype": "bf16", "impl": "optimized", "ok": True,
            "fwd_us": 8.25, "bwd_us": 4.5, "fwd_graph_us": 3.61, "bwd_kernel_graph_us": 2.94,
            "autograd_engine_us": None, "fwd_speedup": 6.3, "bwd_speedup": None, "floor_us": 0.142,
@@ -193,12 +174,11 @@ def test_from_json_reprints_a_saved_run(tmp_path, capsys, monkeypatch):
     assert "NVIDIA H100 80GB HBM3" in out and "2026-11-26" in out
     assert "| 1024 | 64 | 16 | bf16 | optimized | yes | 8.2 | 4.5 | 3.6 | 2.9 | - | 6.30 | - | 0.142 | 0.0172 | 0.0316 | 1.23 | - |" in out
 
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    _hide_matplotlib(monkeypatch)
     png = tmp_path / "r.png"
     assert cli.main(["bench", "router", "--from-json", str(path), "--plot", str(png)]) == 2
-    assert "matplotlib is not installed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "matplotlib, which is not installed" in err and err.count("\n") == 1
     assert not png.exists()
 
 
@@ -209,3 +189,294 @@ def test_noop_router_graph_is_a_kernel_free_control():
     assert s.shape == (5, 3) and s.requires_grad
     dx, dy = torch.autograd.grad(s, leaves, torch.ones(5, 3), retain_graph=True)
     assert torch.equal(dx, torch.zeros(5, 8)) and torch.equal(dy, torch.zeros(5, 8))
+
+
+# --------------------------------------------------------------------------- user errors
+def run_main(argv, capsys):
+    """(exit status, stderr) of ``omni-moe ARGV`` run in this process."""
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def assert_one_line_error(rc, err, *words):
+    assert rc == 2, err
+    assert "Traceback" not in err
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("omni-moe"), err
+    for w in words:
+        assert w in err, (w, err)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if a benchmark starts measuring anything."""
+    def boom(*a, **k):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(bench_layer, "run_case", boom)
+    monkeypatch.setattr(bench_router, "_bench_impl", boom)
+    monkeypatch.setattr(bench_common, "environment", boom)
+
+
+BENCHES = ("router", "layer")
+
+
+@pytest.mark.parametrize("bench", BENCHES)
+def test_from_json_missing_file(bench, tmp_path, capsys, no_work):
+    rc, err = run_main(["bench", bench, "--from-json", str(tmp_path / "none.json")], capsys)
+    assert_one_line_error(rc, err, "--from-json", "no such file")
+
+
+@pytest.mark.parametrize("bench", BENCHES)
+def test_from_json_not_json(bench, tmp_path, capsys, no_work):
+    path = tmp_path / "x.json"
+    path.write_text("T,N,k\n1,2,3\n")
+    rc, err = run_main(["bench", bench, "--from-json", str(path)], capsys)
+    assert_one_line_error(rc, err, "not a JSON file")
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    rc, err = run_main(["bench", bench, "--from-json", str(path)], capsys)
+    assert_one_line_error(rc, err, "not a JSON file")
+
+
+@pytest.mark.parametrize("bench", BENCHES)
+@pytest.mark.parametrize("content", [
+    [], {"rows": 3}, {"benchmark": "router", "rows": [1]}, {"benchmark": "nothing", "rows": []},
+    {"benchmark": "layer", "rows": [{"T": 1}]},
+    {"benchmark": "router", "mode": "cuda", "env": {}, "settings": {}, "rows": [{"T": 1}]},
+])
+def test_from_json_wrong_schema(bench, content, tmp_path, capsys, no_work):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps(content))
+    rc, err = run_main(["bench", bench, "--from-json", str(path)], capsys)
+    assert_one_line_error(rc, err, f"not a file written by 'omni-moe bench {bench} --json'")
+
+
+@pytest.mark.parametrize("bench", BENCHES)
+def test_from_json_other_benchmarks_file(bench, tmp_path, capsys, no_work):
+    """A router file given to the layer and vice versa."""
+    other = {"router": "layer", "layer": "router"}[bench]
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"benchmark": other, "mode": "cpu", "env": {}, "settings": {},
+                                "rows": [{"T": 1, "N": 2, "k": 1, "impl": "x", "hidden": 1,
+                                          "intermediate": 1, "experts": 1}]}))
+    rc, err = run_main(["bench", bench, "--from-json", str(path)], capsys)
+    assert_one_line_error(rc, err, "not a file written by")
+
+
+@pytest.mark.parametrize("bench", BENCHES)
+def test_from_json_bad_row_content(bench, tmp_path, capsys):
+    path = tmp_path / "x.json"
+    row = {"T": 1, "N": 2, "k": 1, "impl": "x", "dtype": "bf16", "hidden": 1, "intermediate": 1,
+           "experts": 1, "times_ms": 5, "fwd_us": "fast"}
+    path.write_text(json.dumps({"benchmark": bench, "mode": "cpu", "env": {"gpu": None}, "settings": {},
+                                "rows": [row]}))
+    rc, err = run_main(["bench", bench, "--from-json", str(path)], capsys)
+    assert_one_line_error(rc, err, "unexpected content")
+
+
+@pytest.mark.parametrize("bench", BENCHES)
+@pytest.mark.parametrize("where", ["dir", "under_a_file"])
+def test_unwritable_json_fails_before_any_work(bench, where, tmp_path, capsys, no_work):
+    (tmp_path / "f").write_text("")
+    path = tmp_path if where == "dir" else tmp_path / "f" / "out.json"
+    rc, err = run_main(["bench", bench, "--json", str(path)], capsys)
+    assert_one_line_error(rc, err, "--json", str(path))
+
+
+@pytest.mark.parametrize("bench", BENCHES)
+def test_plot_without_matplotlib_fails_before_any_work(bench, tmp_path, capsys, monkeypatch, no_work):
+    _hide_matplotlib(monkeypatch)
+    rc, err = run_main(["bench", bench, "--plot", str(tmp_path / "p.png")], capsys)
+    assert_one_line_error(rc, err, "--plot", "matplotlib")
+
+
+@pytest.mark.parametrize("bench", BENCHES)
+def test_cases_with_from_json_is_an_error(bench, tmp_path, capsys, no_work):
+    path = tmp_path / "x.json"
+    path.write_text("{}")
+    cases = "8,4,3" if bench == "router" else "16,8,16,16,2"
+    rc, err = run_main(["bench", bench, "--from-json", str(path), "--cases", cases], capsys)
+    assert_one_line_error(rc, err, "--cases cannot be combined with --from-json")
+    rc, err = run_main(["bench", bench, "--from-json", str(path), "--json", str(tmp_path / "o.json")], capsys)
+    assert_one_line_error(rc, err, "--json cannot be combined with --from-json")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["bench", "layer", "--cases", "4,8,16,17,2"], ["E=17 is not a perfect square"]),
+    (["bench", "layer", "--cases", "4,8,16,16,17"], ["k=17 > E=16"]),
+    (["bench", "layer", "--cases", "4,8,16"], ["expected T,H,I,E,k"]),
+    (["bench", "layer", "--cases", "4,8,16,16,0"], ["positive"]),
+    (["bench", "layer", "--cases", ";"], ["no cases"]),
+    (["bench", "router", "--cases", "8,4,17"], ["0 <= k <= N*N"]),
+    (["bench", "router", "--cases", "8,x,1"], ["expected T,N,k"]),
+    (["bench", "layer", "--dtype", "fp8"], ["unknown dtype 'fp8'"]),
+    (["bench", "layer", "--variants", "layer,nope"], ["unknown variant"]),
+    (["bench", "router", "--impls", "nope"], ["unknown implementation"]),
+    (["bench", "layer", "--rep-ms", "nan"], ["--rep-ms"]),
+    (["bench", "router", "--seed", "x"], ["--seed"]),
+    (["bench", "layer", "--bogus"], ["unrecognized arguments: --bogus"]),
+    (["bench", "nothing"], ["invalid choice"]),
+    ([], ["required"]),
+])
+def test_bad_arguments_are_one_line(argv, words, capsys):
+    rc, err = run_main(argv, capsys)
+    assert_one_line_error(rc, err, *words)
+    # argparse names the option once; the message does not repeat it
+    if "--cases" in argv:
+        assert err.count("--cases") == 1, err
+
+
+def test_errors_from_the_command_line_are_one_line(tmp_path):
+    r = run_module("bench", "layer", "--from-json", str(tmp_path / "missing.json"))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and "no such file" in r.stderr
+
+
+# --------------------------------------------------------------------------- shared options
+COMMON = ("--cases", "--dtype", "--warmup-ms", "--rep-ms", "--seed", "--json", "--plot", "--from-json")
+
+
+def _options(bench):
+    sub = cli.build_parser()._subparsers._group_actions[0].choices["bench"]
+    p = sub._subparsers._group_actions[0].choices[bench]
+    return p, {s: a for a in p._actions for s in a.option_strings}
+
+
+def test_router_and_layer_share_options():
+    (pr, r), (pl, lay) = _options("router"), _options("layer")
+    for opt in COMMON:
+        assert opt in r and opt in lay, opt
+        assert r[opt].default == lay[opt].default, opt
+        assert r[opt].help and (opt == "--cases" or r[opt].help == lay[opt].help), opt
+    for spelling, name in (("bf16", "bf16"), ("bfloat16", "bf16"), ("FP16", "fp16"), ("float16", "fp16"),
+                           ("fp32", "fp32"), ("float32", "fp32")):
+        for bench in BENCHES:
+            assert cli.build_parser().parse_args(["bench", bench, "--dtype", spelling]).dtype == name
+
+
+@pytest.mark.parametrize("bench", BENCHES)
+def test_help_describes_what_exists(bench):
+    r = run_module("bench", bench, "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for opt in COMMON:
+        assert opt in text
+    for stale in ("does not exist", "not written", "not available", "--case "):
+        assert stale not in text
+
+
+# --------------------------------------------------------------------------- bench layer
+def test_bench_layer_tiny_case_on_this_device(tmp_path, capsys):
+    out = tmp_path / "layer.json"
+    case = (24, 16, 24, 16, 3)
+    # Under the interpreter every timed call of a Triton variant costs seconds: time only
+    # the PyTorch ones there (the checks still run the layer and the expert kernels).
+    variants = (["peer_gather", "peer_bag", "reference"] if INTERPRET and not HAS_CUDA
+                else list(bench_layer.VARIANTS))
+    rc = cli.main(["bench", "layer", "--cases", ",".join(map(str, case)), "--warmup-ms", "0",
+                   "--rep-ms", "0", "--dtype", "float32", "--json", str(out), "--variants", ",".join(variants)]
+                  + (["--launches"] if HAS_CUDA else []))
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "layer" and data["settings"]["dtype"] == "fp32"
+    (row,) = data["rows"]
+    assert (row["T"], row["hidden"], row["intermediate"], row["experts"], row["k"]) == case
+    assert row["check"]["pass"] is True
+    assert set(row["peer_check"]) == {"peer_gather", "peer_bag"}
+    assert all(r["pass"] for r in row["peer_check"].values())
+    assert row["variants"] == variants
+    for v in variants:
+        for mode in ("fwd", "fwd+bwd"):
+            assert row["times_ms"][f"{v} {mode}"] > 0
+    for v in variants:
+        key = f"{v} fwd+bwd"
+        if HAS_CUDA:
+            # a graph time, or '-' with the reason capture failed
+            assert (row["graph_ms"][key] or 0) > 0 or f"{key} graph" in row["errors"], key
+            assert row["host_ms"][key] > 0 and row["launches"][key] >= 1 and row["peak_mem_MiB"][key] >= 0
+        else:
+            assert not row["graph_ms"] and not row["host_ms"] and not row["launches"]
+    if "layer" in variants:
+        assert row["ratios"]["layer / dense_mlp fwd+bwd"] == pytest.approx(
+            row["times_ms"]["layer fwd+bwd"] / row["times_ms"]["dense_mlp fwd+bwd"])
+        assert row["ratios"]["expert speedup vs peer_bag fwd+bwd"] == pytest.approx(
+            row["times_ms"]["peer_bag fwd+bwd"] / row["times_ms"]["expert fwd+bwd"])
+
+    table = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(variants)
+    if not HAS_CUDA:
+        head = table[0]
+        for gpu_only in ("graph", "host", "launches", "peak", "floor"):
+            assert gpu_only not in head
+        assert "| peer_bag | yes |" in printed
+        assert "| expert | yes |" in printed or "expert" not in variants
+
+    assert cli.main(["bench", "layer", "--from-json", str(out)]) == 0
+    again = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert again == table
+
+
+def test_layer_table_columns_by_device():
+    row = {"T": 8, "hidden": 4, "intermediate": 8, "experts": 16, "k": 2, "distinct_experts": 9,
+           "variants": ["layer", "expert", "dense_mlp"],
+           "times_ms": {"layer fwd": 1.0, "layer fwd+bwd": 3.0, "expert fwd": 0.5, "expert fwd+bwd": 1.5,
+                        "dense_mlp fwd": 1.0, "dense_mlp fwd+bwd": 2.0},
+           "graph_ms": {"layer fwd+bwd": 2.5, "dense_mlp fwd+bwd": None},
+           "host_ms": {"layer fwd+bwd": 0.4}, "launches": {"layer fwd+bwd": 48},
+           "peak_mem_MiB": {"layer fwd+bwd": 10.0, "dense_mlp fwd+bwd": 4.0}, "expert_floor_ms": {"fwd+bwd": 0.5},
+           "errors": {"dense_mlp fwd+bwd graph": "RuntimeError: capture failed"},
+           "check": {"pass": True}}
+    gpu = bench_layer.format_table([row], gpu=True)
+    assert "| 8 | 4 | 8 | 16 | 2 | 9 | layer | - | 1.000 | 3.000 | 2.500 | 0.400 | 48 | 10 | 6 | 1.50 | - | - | - | - |" in gpu
+    assert "| expert | yes | 0.500 | 1.500 | - | - | - | - | - | 0.75 | - | 1.00 | 3.0 |" in gpu
+    assert "dense_mlp fwd+bwd graph: RuntimeError: capture failed" in gpu  # the footnote of '-'
+    cpu = bench_layer.format_table([row], gpu=False)
+    assert cpu.splitlines()[0] == "| T | H | I | E | k | D | variant | ok | fwd ms | f+b ms | f+b / mlp | f+b / expert |"
+    assert "| 8 | 4 | 8 | 16 | 2 | 9 | layer | - | 1.000 | 3.000 | 1.50 | - |" in cpu
+
+
+def test_router_cpu_table_has_no_gpu_columns():
+    row = {"T": 8, "N": 4, "k": 3, "dtype": "bf16", "impl": "torch_pruned", "ok": True, "fwd_us": 10.0,
+           "bwd_us": 5.0, "floor_us": 1e-4, "fwd_floor_frac": 1e-5}
+    assert bench_router.format_table([row], gpu=False).splitlines()[0] == (
+        "| T | N | k | dtype | impl | ok | fwd us | bwd us |")
+    assert "floor" in bench_router.format_table([row], gpu=True)
+
+
+@pytest.mark.parametrize("bench", BENCHES)
+def test_cpu_plot_draws_no_floor(bench, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "hlines", lambda self, *a, **k: drawn.append(a))
+    png = tmp_path / "p.png"
+    if bench == "router":
+        rows = [{"T": 8, "N": 4, "k": 3, "impl": "torch_pruned", "fwd_us": 10.0, "bwd_us": 5.0,
+                 "floor_us": 1e-4}]
+        bench_router.plot(rows, png, "t", floors_too=False)
+    else:
+        rows = [{"T": 8, "hidden": 4, "intermediate": 8, "experts": 16, "k": 2, "variants": ["expert"],
+                 "times_ms": {"expert fwd+bwd": 1.0}, "expert_floor_ms": {"fwd+bwd": 0.1}}]
+        bench_layer.plot(rows, png, "t", gpu=False)
+    assert png.exists() and drawn == []
+
+
+def test_bench_layer_a_failing_variant_is_reported_not_raised(monkeypatch, capsys):
+    from omni_moe.bench import peers
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("peer exploded\nsecond line")
+
+    monkeypatch.setitem(peers.PEERS, "peer_bag", broken)
+    rc = cli.main(["bench", "layer", "--cases", "8,8,8,16,2", "--warmup-ms", "0", "--rep-ms", "0",
+                   "--dtype", "fp32", "--variants", "peer_gather,peer_bag"])
+    captured = capsys.readouterr()
+    assert rc == 1 and "FAILED" in captured.err
+    assert "| peer_bag | NO | - | - |" in captured.out
+    assert "peer_bag fwd+bwd: RuntimeError: peer exploded" in captured.out
+    assert "| peer_gather | yes |" in captured.out

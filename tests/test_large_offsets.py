@@ -18,6 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from router_checks import force_expert_schedule, pruned_config
+
 from conftest import HAS_CUDA, INTERPRET
 
 LIMIT = 2**31
@@ -74,9 +76,9 @@ ROUTER_PATHS = [
 
 @pytest.mark.parametrize("name,config,N,k", ROUTER_PATHS, ids=[p[0] for p in ROUTER_PATHS])
 def test_router_forward_far_offsets(name, config, N, k, dev):
-    from omni_moe.reference import router_bruteforce
-    from omni_moe.triton.omni_router import fullscan_router_forward
-    from omni_moe.triton.omni_router_optimized import pruned_router_forward
+    from omni_moe.ops.router.reference import router_bruteforce
+    from omni_moe.ops.router.fullscan import FullscanConfig, fullscan_router_forward
+    from omni_moe.ops.router.pruned import pruned_router_forward
 
     T = 2
     x, y = far_views(T, N, 2, BF16, dev, seed=N + k)
@@ -88,17 +90,18 @@ def test_router_forward_far_offsets(name, config, N, k, dev):
         s_ref, i_ref = fullscan_router_forward(x.contiguous(), y.contiguous(), k)
     else:
         if name == "pruned-warp-thresh":
-            from omni_moe.triton import omni_router_optimized as opt
-            assert opt._plan(T, N, k, BF16, x.device, config, 2)[-1]["AXIS_THRESH"]
-        pruned_router_forward(x, y, k, s_far, i_out, config=config)
-        s_ref, i_ref = pruned_router_forward(x.contiguous(), y.contiguous(), k, config=config)
+            from omni_moe.ops.router import pruned as opt
+            assert opt.plan(T, N, k, BF16, x.device, pruned_config(T, N, k, config)).constants["AXIS_THRESH"]
+        pruned_router_forward(x, y, k, s_far, i_out, config=pruned_config(T, N, k, config))
+        s_ref, i_ref = pruned_router_forward(x.contiguous(), y.contiguous(), k,
+                                             config=pruned_config(T, N, k, config))
     assert _same(s_far, s_ref) and torch.equal(i_out.cpu(), i_ref.cpu())
     bs, _ = router_bruteforce(x.cpu().contiguous(), y.cpu().contiguous(), k)
     assert _same(s_ref, bs)
 
 
 def test_router_backward_far_offsets(dev):
-    from omni_moe.triton.router_backward import router_backward
+    from omni_moe.ops.router.backward import router_backward
 
     T, N, k = 3, 16, 8
     g, = far_views(T, k, 1, BF16, dev, seed=4)  # column stride ~3e8: r * stride passes 2^31
@@ -120,9 +123,9 @@ def test_router_backward_far_offsets(dev):
 
 
 @pytest.mark.parametrize("mode", ["token", "expert"])
-def test_expert_far_offsets(mode, dev):
+def test_expert_far_offsets(mode, dev, monkeypatch):
     from omni_moe import omni_expert
-    from omni_moe.triton import omni_expert as kern
+    from omni_moe.ops.expert import kernels as kern
 
     T, H, E, k = 3, 8, 5, 8
     # hidden, grad_out, routing weights (T x 8) and up/down tables (E x 8) share a buffer.
@@ -146,19 +149,15 @@ def test_expert_far_offsets(mode, dev):
         out.backward(tensors[4])
         return [out] + [t.grad for t in leaves]
 
-    old = kern.CONFIG_OVERRIDE["mode"]
-    kern.CONFIG_OVERRIDE["mode"] = mode
-    try:
-        far = run([h, up, down, w, go])
-        near = run([t.contiguous() for t in (h, up, down, w, go)])
-    finally:
-        kern.CONFIG_OVERRIDE["mode"] = old
+    force_expert_schedule(monkeypatch, mode)
+    far = run([h, up, down, w, go])
+    near = run([t.contiguous() for t in (h, up, down, w, go)])
     for name, a, b in zip(("out", "dh", "dup", "ddown", "dw"), far, near):
         assert _same(a, b), name
 
 
 def test_swiglu_far_offsets(dev):
-    from omni_moe.triton.swiglu import swiglu_backward, swiglu_forward
+    from omni_moe.ops.swiglu.kernels import swiglu_backward, swiglu_forward
 
     T, I = 3, 8
     gate, up, grad = far_views(T, I, 3, BF16, dev, seed=12)
@@ -172,7 +171,7 @@ def test_swiglu_far_offsets(dev):
 
 @pytest.mark.parametrize("mode", ["none", "batch"])
 def test_router_norm_far_offsets(mode, dev):
-    from omni_moe.triton.router_norm import norm_log_softmax_backward, norm_log_softmax_forward
+    from omni_moe.ops.router_norm.kernels import norm_log_softmax_backward, norm_log_softmax_forward
 
     T, N = 4, 8
     x, = far_views(T, 2 * N, 1, BF16, dev, seed=21)

@@ -19,7 +19,7 @@ def _read(name):
 
 
 def test_public_router_api():
-    from omni_moe.reference import router_bruteforce
+    from omni_moe.ops.router.reference import router_bruteforce
     from omni_moe.triton.omni_router import triton_omni_router_func
     from omni_moe.triton.omni_router_optimized import triton_omni_router_func_optimized
 

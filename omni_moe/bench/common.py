@@ -1,15 +1,19 @@
 """Timing and environment helpers shared by the benchmarks.
 
-On CUDA, times are ``triton.testing.do_bench`` medians (it flushes L2 before every timed
-call; callers also rotate among input sets larger than L2).  Without CUDA, a
-``time.perf_counter`` median over the same time budget stands in: good enough to compare
-PyTorch paths on a CPU, meaningless for Triton kernels run by the interpreter.
+On CUDA, times are medians of CUDA-event timed calls with an L2 flush before each, as
+``triton.testing.do_bench`` takes them (callers also rotate among input sets larger than
+L2).  Without CUDA, a ``time.perf_counter`` median stands in: good enough to compare
+PyTorch paths on a CPU, meaningless for Triton kernels run by the interpreter.  Either
+way a median is over at least ``MIN_SAMPLES`` calls after warm-up.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import importlib.util
 import itertools
+import json
 import math
 import os
 import platform
@@ -33,23 +37,130 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
-    """Median wall time of one call of ``fn`` in milliseconds."""
-    if has_cuda():
-        import triton.testing
+# Every printed median is over at least this many timed calls, taken after warm-up.
+MIN_SAMPLES = 10
+# Upper bound of timed calls on CPU, where a sample costs host time only.
+MAX_CPU_SAMPLES = 1000
+# Bytes written between timed CUDA calls to evict L2 (as triton.testing.do_bench does).
+_FLUSH_BYTES = 256 * 2**20
 
-        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    t0 = time.perf_counter()
+
+def _reset_grads(grad_to_none) -> None:
+    for t in grad_to_none or ():
+        t.grad = None
+
+
+def _sample_counts(est_ms, warmup_ms, rep_ms, min_samples, max_samples=None):
+    """(warm-up calls, timed calls) from a per-call estimate taken after the first call."""
+    est_ms = max(est_ms, 1e-6)
+    n_warm = max(1, int(warmup_ms / est_ms))
+    n_rep = max(min_samples, int(rep_ms / est_ms))
+    if max_samples is not None:
+        n_warm, n_rep = min(n_warm, max_samples), max(min_samples, min(n_rep, max_samples))
+    return n_warm, n_rep
+
+
+def samples_ms(fn, warmup_ms: float = 25, rep_ms: float = 100, min_samples: int = MIN_SAMPLES,
+               grad_to_none=None, clock=time.perf_counter, cuda: bool | None = None) -> list[float]:
+    """Timed calls of ``fn``, ms each: at least ``min_samples`` of them, after warm-up.
+
+    The first call (compilation, allocator growth) is run and discarded; the per-call
+    estimate that sizes warm-up and timing comes from the calls after it, so a slow first
+    call cannot shrink the sample.  On CUDA each call is timed with CUDA events after an
+    L2 flush, like ``triton.testing.do_bench``; on CPU with ``clock`` around the call.
+    ``grad_to_none``: tensors whose ``.grad`` is reset before every call, outside the timing.
+    """
+    cuda = has_cuda() if cuda is None else cuda
+    if cuda:
+        return _cuda_samples(fn, warmup_ms, rep_ms, min_samples, grad_to_none)
+    _reset_grads(grad_to_none)
     fn()
-    est = max(time.perf_counter() - t0, 1e-9)
-    for _ in range(min(1000, int(warmup_ms / 1e3 / est))):
+    est = []
+    for _ in range(3):
+        _reset_grads(grad_to_none)
+        t0 = clock()
+        fn()
+        est.append((clock() - t0) * 1e3)
+    n_warm, n_rep = _sample_counts(statistics.median(est), warmup_ms, rep_ms, min_samples,
+                                   MAX_CPU_SAMPLES)
+    for _ in range(n_warm):
+        _reset_grads(grad_to_none)
         fn()
     times = []
-    for _ in range(max(1, min(1000, int(rep_ms / 1e3 / est)))):
+    for _ in range(n_rep):
+        _reset_grads(grad_to_none)
+        t0 = clock()
+        fn()
+        times.append((clock() - t0) * 1e3)
+    return times
+
+
+def _cuda_samples(fn, warmup_ms, rep_ms, min_samples, grad_to_none):
+    flush = torch.empty(_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+
+    def timed(n):
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for s, e in zip(starts, ends):
+            _reset_grads(grad_to_none)
+            flush.zero_()
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+    _reset_grads(grad_to_none)
+    fn()
+    torch.cuda.synchronize()
+    n_warm, n_rep = _sample_counts(statistics.median(timed(5)), warmup_ms, rep_ms, min_samples)
+    for _ in range(n_warm):
+        _reset_grads(grad_to_none)
+        fn()
+    times = timed(n_rep)
+    del flush
+    return times
+
+
+def median_ms(fn, warmup_ms: float = 25, rep_ms: float = 100, min_samples: int = MIN_SAMPLES,
+              grad_to_none=None) -> float:
+    """Median time of one call of ``fn`` in milliseconds (see ``samples_ms``)."""
+    times = samples_ms(fn, warmup_ms, rep_ms, min_samples, grad_to_none)
+    if len(times) < min_samples:
+        raise RuntimeError(f"{len(times)} timed calls, fewer than {min_samples}")
+    return statistics.median(times)
+
+
+def host_ms(fn, samples: int = MIN_SAMPLES, grad_to_none=None) -> float:
+    """Median host time of issuing one call of ``fn`` on CUDA: the device is idle before
+    the call (synchronised) and the clock stops when ``fn`` returns, before the GPU
+    finishes, so this is the Python, dispatcher and launch time of one step."""
+    _reset_grads(grad_to_none)
+    fn()
+    times = []
+    for _ in range(samples):
+        _reset_grads(grad_to_none)
+        synchronize()
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        times.append((time.perf_counter() - t0) * 1e3)
+    synchronize()
+    return statistics.median(times)
+
+
+def cuda_launches(fn) -> int | None:
+    """Device activities (kernels, memsets, copies) of one call of ``fn``, counted with
+    torch.profiler; None without CUDA."""
+    if not has_cuda():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def graph_us(fn, argsets, min_calls: int = 20) -> float | None:
@@ -58,13 +169,10 @@ def graph_us(fn, argsets, min_calls: int = 20) -> float | None:
     One graph holds calls over every argument set (at least ``min_calls`` calls), so the
     kernels read inputs larger than L2 as in ``median_ms``; replaying it removes the host
     time (Python, argument checks, launch) that eager medians of microsecond kernels
-    are made of.  The replay is timed with do_bench (median), divided by the calls.
+    are made of.  The replay is timed with ``median_ms``, divided by the calls.
     """
     if not has_cuda():
         return None
-    import torch
-    import triton.testing
-
     calls = list(argsets) * max(1, -(-min_calls // max(1, len(argsets))))
     for a in argsets:
         fn(*a)
@@ -73,7 +181,7 @@ def graph_us(fn, argsets, min_calls: int = 20) -> float | None:
     with torch.cuda.graph(graph):
         for a in calls:
             fn(*a)
-    ms = triton.testing.do_bench(graph.replay, return_mode="median")
+    ms = median_ms(graph.replay)
     del graph
     return float(ms) * 1e3 / len(calls)
 
@@ -167,3 +275,143 @@ def environment() -> dict:
         "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
         "argv": sys.argv,
     }
+
+
+# --------------------------------------------------------------------------- command line
+class UsageError(Exception):
+    """A user error (bad argument, unreadable file): one line on stderr, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``PROG: error: MESSAGE (see PROG --help)``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
+# Accepted spellings of --dtype and the name each stands for.
+DTYPE_SPELLINGS = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16",
+                   "fp32": "fp32", "float32": "fp32"}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtype(text: str) -> str:
+    """'bf16' or 'bfloat16' -> 'bf16' (likewise fp16/float16, fp32/float32)."""
+    name = DTYPE_SPELLINGS.get(text.strip().lower())
+    if name is None:
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype {text!r}; choose from bf16 (bfloat16), fp16 (float16), fp32 (float32)")
+    return name
+
+
+def _budget_ms(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds, got {text!r}")
+    if not v >= 0 or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
+def cases_type(fields, check):
+    """argparse type for ``--cases``: 'a,b,c;a,b,c' -> [(a, b, c), ...].
+
+    ``fields`` names the integers of one case; ``check(case)`` returns why a case is
+    invalid, or None.
+    """
+    spec = ",".join(fields)
+
+    def cases(text: str):
+        out = []
+        for part in text.split(";"):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                vals = tuple(int(v) for v in part.split(","))
+            except ValueError:
+                vals = ()
+            if len(vals) != len(fields):
+                raise argparse.ArgumentTypeError(f"bad case {part!r}: expected {spec} ({len(fields)} integers)")
+            why = check(vals)
+            if why:
+                raise argparse.ArgumentTypeError(f"bad case {part!r}: {why}")
+            out.append(vals)
+        if not out:
+            raise argparse.ArgumentTypeError("no cases given")
+        return out
+
+    return cases
+
+
+def add_common_arguments(p: argparse.ArgumentParser, fields, check, default_cases: str) -> None:
+    """The options every ``omni-moe bench`` benchmark has, with the same names and defaults."""
+    spec = ",".join(fields)
+    p.add_argument("--cases", type=cases_type(fields, check), default=None, metavar=f"'{spec};...'",
+                   help=f"cases to run, separated by ';' (default: {default_cases})")
+    p.add_argument("--dtype", type=parse_dtype, default="bf16", metavar="DTYPE",
+                   help="bf16 (bfloat16), fp16 (float16) or fp32 (float32); default bf16")
+    p.add_argument("--warmup-ms", type=_budget_ms, default=25.0, metavar="MS",
+                   help="warm-up time budget per measurement, ms (default 25)")
+    p.add_argument("--rep-ms", type=_budget_ms, default=100.0, metavar="MS",
+                   help=f"timing budget per measurement, ms (default 100; at least {MIN_SAMPLES} "
+                   "timed calls whatever the budget)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random inputs and weights of every case (default 0)")
+    p.add_argument("--json", metavar="PATH",
+                   help="write all rows and the environment here (after every case)")
+    p.add_argument("--plot", metavar="PNG",
+                   help="draw a bar chart (needs matplotlib: pip install 'omni-moe[plot]')")
+    p.add_argument("--from-json", metavar="PATH",
+                   help="run nothing: print the table (and --plot) of a saved --json file "
+                   "(--cases and --json are then errors)")
+
+
+def _check_writable(option: str, path: str) -> None:
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a directory")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        existed = os.path.exists(path)
+        with open(path, "a"):
+            pass
+        if not existed:
+            os.remove(path)
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot write there ({e.strerror or e})")
+
+
+def check_run_arguments(args) -> None:
+    """What can be known wrong before any work: option clashes, a missing matplotlib for
+    --plot, output paths that cannot be written.  Raises UsageError."""
+    if args.from_json:
+        for option, value in (("--cases", args.cases), ("--json", args.json)):
+            if value is not None:
+                raise UsageError(f"{option} cannot be combined with --from-json "
+                                 "(a saved run is reprinted as it was)")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib, which is not installed "
+                         "(pip install 'omni-moe[plot]')")
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            _check_writable(option, path)
+
+
+def load_saved(path: str, benchmark: str, looks_right) -> dict:
+    """The dict of a saved ``--json`` file of ``benchmark``; UsageError if the file is
+    missing, unreadable, not JSON, or ``looks_right(data)`` is false."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"--from-json {path}: no such file")
+    except OSError as e:
+        raise UsageError(f"--from-json {path}: cannot read it ({e.strerror or e})")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"--from-json {path}: not a JSON file ({' '.join(str(e).split())})")
+    if not (isinstance(data, dict) and isinstance(data.get("rows"), list)
+            and all(isinstance(r, dict) for r in data["rows"]) and looks_right(data)):
+        raise UsageError(f"--from-json {path}: not a file written by "
+                         f"'omni-moe bench {benchmark} --json'")
+    return data

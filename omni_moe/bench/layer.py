@@ -1,36 +1,57 @@
-"""Benchmark of the whole OmniMoE layer and its parts (``omni-moe bench layer``).
+"""``omni-moe bench layer``: the whole OmniMoE layer, its parts and its PyTorch peers.
 
-For each case (T tokens, hidden H, intermediate I, experts E, k per token) it times, with
-``triton.testing.do_bench`` medians (which flush L2 before every timed call), forward and
-forward+backward of:
+For each case (T tokens, hidden H, intermediate I, experts E, k per token) it times
+forward and forward+backward (medians of at least 10 timed calls after warm-up; on CUDA
+timed with CUDA events after an L2 flush, as ``triton.testing.do_bench`` does) of:
 
-    layer      omni_moe.OmniMoE: router + atomic experts + shared SwiGLU MLP
-    router     the layer's routing alone: gate GEMMs, BatchNorm, log_softmax, omni_router
-               (with the rest, it says where the layer's time goes)
-    expert     omni_moe.omni_expert alone, on the layer's own routing
-    reference  the token-centric PyTorch expert path (gathers u[idx], v[idx] into
-               (T, k, H) tensors; omni_moe.reference.moe.expert_reference), same inputs
-    dense_mlp  the shared SwiGLU MLP alone (3 cuBLAS GEMMs + fused activation)
+    layer        omni_moe.OmniMoE: router + atomic experts + shared SwiGLU MLP
+    router       the layer's routing alone: gate GEMMs, BatchNorm, log_softmax, omni_router
+                 (with the rest, it says where the layer's time goes)
+    expert       omni_moe.omni_expert alone, on the layer's own routing
+    peer_gather  the expert sum as PEER / product-key code writes it: nn.Embedding rows of
+                 both tables gathered into (T, k, H) tensors and einsums over them
+    peer_bag     the up rows gathered the same way, the down projection as
+                 F.embedding_bag(..., mode="sum", per_sample_weights=...)
+    reference    the token-centric expert path the checks use (gathers plus batched matmuls;
+                 omni_moe.layers.reference.expert_reference)
+    dense_mlp    the shared SwiGLU MLP alone (3 GEMMs + fused activation)
 
-"forward" runs under ``torch.no_grad()``; "fwd+bwd" is a training step of the variant
-(forward with autograd, backward of a random output gradient; gradients of the input and
-of every weight, reset to None before each call as a training step would find them).
+Every expert-path variant gets the same inputs: the layer's own routing indices and
+weights.  "forward" runs under ``torch.no_grad()``; "fwd+bwd" is a training step of the
+variant (forward with autograd, backward of a random output gradient; gradients of the
+input and of every weight, reset to None before each call as a training step finds them).
 
-Before timing, the expert path is checked against a float32 token-centric oracle on the
-same inputs (output and all four gradients, on the rows of the experts used).
+Checks before timing: the expert path against a float32 token-centric oracle (output and
+all four gradients, on the rows of the experts used); each peer against the expert path
+(output, gradients of h and w and of the used rows of both tables), within twice the
+oracle tolerance since both round.  'ok' says whether a variant passed its check.
 
-Also reported: peak extra memory of one call of each variant, the expert path's HBM
-floor -- bytes that must move at the copy bandwidth measured on this device:
+On CUDA, per variant and training step, also:
+  f+b graph   the step captured once in a CUDA graph with static inputs and replayed
+              ('-' with a footnote where capture fails)
+  host ms     CPU time of issuing one eager step: the device idle before (synchronised),
+              the clock stopped when the call returns, before the GPU finishes
+  launches    kernels, memsets and copies of one step, counted with torch.profiler
+              (with --launches; it costs a profiler start per variant)
+  peak MiB    peak extra memory of one step
+and the expert path's HBM floor -- bytes that must move at the copy bandwidth measured
+on this device:
     forward   D*2*H*b (u, v rows of the D distinct experts touched, counted from the
               actual indices) + 2*T*H*b (read h, write out) + T*k*(4 + 4) (indices, weights)
     backward  D*2*H*b (read u, v) + D*2*H*b (write du, dv rows) + 3*T*H*b (h, dout, dh)
               + T*k*(4 + 4 + 4) (indices, weights, dw)
     dense     the same plus 2*(E-D)*H*b: the zero rows of the dense (E, H) gradients that
               autograd's parameter gradients require (8 GiB at E = 2^20, H = 2048)
--- and the ratios: speedup of the expert path over the reference, expert time / floor, and
-layer fwd+bwd / dense MLP fwd+bwd (what the experts cost on top of the shared MLP).
+-- and the ratios: each step's time / the dense MLP's, eager and graph (layer / MLP is
+what the experts cost on top of the shared MLP); expert-path variants' time / the expert
+path's (what a user gains by switching); expert-path time / floor.
 
-Without CUDA it times tiny cases on CPU (PyTorch paths) and says so.
+Without CUDA it times small cases on CPU (PyTorch paths) and says so; the table keeps the
+columns that mean something there (no graph, host, launch, memory or floor columns).
+
+--json saves the rows and the environment after every case; --from-json reprints (and
+--plot redraws) a saved run without running anything.  Exit status 1 if a check fails,
+2 on bad arguments (one line on stderr).
 """
 
 from __future__ import annotations
@@ -39,11 +60,13 @@ import argparse
 import gc
 import json
 import math
-import os
 import sys
 import time
 
 import torch
+
+from . import common
+from .peers import PEERS
 
 DEFAULT_CASES = [
     (4096, 1024, 4096, 4096, 16),
@@ -54,41 +77,45 @@ CPU_CASES = [
     (256, 64, 128, 256, 4),
     (512, 64, 128, 1024, 8),
 ]
-VARIANTS = ("layer", "router", "expert", "reference", "dense_mlp")
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+VARIANTS = ("layer", "router", "expert", *PEERS, "reference", "dense_mlp")
+# Variants that compute the expert sum on the layer's routing (share its floor).
+EXPERT_PATHS = ("expert", *PEERS, "reference")
 CHECK_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-def _parse_case(s: str):
-    try:
-        vals = tuple(int(v) for v in s.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--case wants T,H,I,E,K integers, got {s!r}")
-    if len(vals) != 5 or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"--case wants five positive integers T,H,I,E,K, got {s!r}")
-    T, H, I, E, K = vals
+def check_case(case):
+    T, H, I, E, K = case
+    if min(case) < 1:
+        return "need five positive integers"
     if math.isqrt(E) ** 2 != E:
-        raise argparse.ArgumentTypeError(f"--case: E={E} is not a perfect square")
+        return f"E={E} is not a perfect square"
     if K > E:
-        raise argparse.ArgumentTypeError(f"--case: K={K} > E={E}")
-    return vals
+        return f"k={K} > E={E}"
+    return None
+
+
+def parse_variants(text: str):
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+    return names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``omni-moe bench layer`` (also ``python -m omni_moe.bench.layer``)."""
-    parser.add_argument("--case", action="append", type=_parse_case, metavar="T,H,I,E,K",
-                        help="a case to run (repeatable); default: "
-                        + "; ".join(",".join(map(str, c)) for c in DEFAULT_CASES)
-                        + " on CUDA, tiny cases on CPU")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
-    parser.add_argument("--act", choices=("silu", "gelu", "relu"), default="silu")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated subset of {','.join(VARIANTS)}")
-    parser.add_argument("--warmup-ms", type=float, default=25.0)
-    parser.add_argument("--rep-ms", type=float, default=100.0)
-    parser.add_argument("--no-check", action="store_true", help="skip the correctness check")
-    parser.add_argument("--json", metavar="PATH", help="write all rows and the environment here")
-    parser.add_argument("--seed", type=int, default=0)
+    """Options of ``omni-moe bench layer``."""
+    common.add_common_arguments(
+        parser, ("T", "H", "I", "E", "k"), check_case,
+        "'" + ";".join(",".join(map(str, c)) for c in DEFAULT_CASES) + "' on CUDA, small cases on CPU")
+    parser.add_argument("--act", choices=("silu", "gelu", "relu"), default="silu",
+                        help="activation of the experts and the MLP (default silu)")
+    parser.add_argument("--variants", type=parse_variants, default=list(VARIANTS), metavar="A,B",
+                        help=f"comma-separated subset of {','.join(VARIANTS)} (default all)")
+    parser.add_argument("--no-check", action="store_true", help="skip the correctness checks")
+    parser.add_argument("--no-graphs", action="store_true",
+                        help="skip the CUDA-graph column (CUDA only)")
+    parser.add_argument("--launches", action="store_true",
+                        help="count the launches of each training step with torch.profiler (CUDA only)")
 
 
 def _say(msg: str) -> None:
@@ -117,23 +144,23 @@ def copy_bandwidth(device) -> float | None:
     """Bytes/s of a device-to-device copy of 1 GiB (read + write counted)."""
     if device.type != "cuda":
         return None
-    import triton.testing
-
     n = 2**30
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    ms = common.median_ms(lambda: dst.copy_(src))
     del src, dst
     _free()
     return 2 * n / (ms * 1e-3)
 
 
-def expert_floor_bytes(T, H, K, D, b, E=None):
-    """(forward, forward+backward, forward+backward with dense (E, H) weight gradients)."""
-    fwd = D * 2 * H * b + 2 * T * H * b + T * K * 8
-    bwd = D * 4 * H * b + 3 * T * H * b + T * K * 12
-    dense = fwd + bwd + (2 * (E - D) * H * b if E is not None else 0)
-    return fwd, fwd + bwd, dense
+def expert_floor_bytes(T, H, K, D, b, E):
+    """(forward, forward+backward, forward+backward with dense (E, H) weight gradients) of
+    the expert path in the layer (float32 routing weights): the op's floor formula."""
+    from omni_moe.ops.expert.kernels import expert_floor_bytes as floor
+
+    kw = dict(dtype_bytes=b, distinct=D, weight_bytes=4)
+    return (floor(T, H, E, K, **kw), floor(T, H, E, K, backward=True, dense_weight_grads=False, **kw),
+            floor(T, H, E, K, backward=True, **kw))
 
 
 def _rel(a, b):
@@ -150,7 +177,7 @@ def check_expert(h, up, down, w, idx, act, dtype):
     up/down gradients outside the used rows (must be exactly 0).
     """
     from omni_moe import omni_expert
-    from omni_moe.reference.moe import expert_reference
+    from omni_moe.layers.reference import expert_reference
 
     uniq, inv = torch.unique(idx.long(), return_inverse=True)
     hh = h.detach().clone().requires_grad_()
@@ -186,47 +213,114 @@ def check_expert(h, up, down, w, idx, act, dtype):
     return res
 
 
+def check_peers(h, up, down, w, idx, act, dtype, names):
+    """Each peer against ``omni_expert`` on the same inputs: {peer: {quantity: rel L2, "pass"}}.
+
+    Gradients of the tables are compared on the rows of the experts used (the others are
+    zero in both, and copying them would cost gigabytes at E = 2^20).
+    """
+    from omni_moe import omni_expert
+
+    uniq = torch.unique(idx.long())
+    gout = torch.randn(h.shape, device=h.device, dtype=h.dtype)
+
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (h, up, down, w)]
+        hh, uu, dd, ww = leaves
+        out = fn(hh, uu, dd, ww, idx, act)
+        out.backward(gout)
+        rows = [None if g is None else g[uniq] for g in (uu.grad, dd.grad)]
+        res = {"out": out.detach(), "d_hidden": hh.grad, "d_up_used_rows": rows[0],
+               "d_down_used_rows": rows[1], "d_routing_weights": ww.grad}
+        del leaves, hh, uu, dd, ww
+        _free()
+        return res
+
+    ours = run(omni_expert)
+    results = {}
+    for name in names:
+        try:
+            theirs = run(PEERS[name])
+        except Exception as e:  # noqa: BLE001 -- reported as a failed check
+            results[name] = {"error": _first_line(e), "pass": False}
+            _free()
+            continue
+        # a gradient the peer does not produce is a failure, not a crash
+        res = {key: math.inf if theirs[key] is None else _rel(theirs[key], ours[key]) for key in ours}
+        res["pass"] = max(res.values()) <= 2 * CHECK_TOL[dtype]
+        results[name] = res
+        del theirs
+    del ours
+    _free()
+    return results
+
+
 def _measure(fn, device, warmup_ms, rep_ms, grad_to_none):
     """(median ms, peak extra bytes of one call or None)."""
-    from omni_moe.bench.common import median_ms
-
-    def call():
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
-        fn()
-
     peak = None
     if device.type == "cuda":
-        call()
+        _reset(grad_to_none)
+        fn()
         _sync()
-        for t in grad_to_none or ():
-            t.grad = None
+        _reset(grad_to_none)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fn()
         _sync()
         peak = torch.cuda.max_memory_allocated() - base
-        import triton.testing
-
-        ms = float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms,
-                                           grad_to_none=grad_to_none, return_mode="median"))
-    else:
-        ms = median_ms(call, warmup_ms, rep_ms)
-    for t in grad_to_none or ():
-        t.grad = None
+    ms = common.median_ms(fn, warmup_ms, rep_ms, grad_to_none=grad_to_none)
+    _reset(grad_to_none)
     return ms, peak
+
+
+def _reset(leaves):
+    for t in leaves or ():
+        t.grad = None
+
+
+def graph_step_ms(step, leaves, warmup_ms, rep_ms) -> float:
+    """Median ms of replaying a CUDA graph of one training step captured with static inputs.
+
+    Warmed up on a side stream first (as torch's whole-network capture does), then
+    captured with every ``.grad`` None, so the graph allocates the gradients from its pool
+    and each replay overwrites them.
+    """
+    _reset(leaves)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            _reset(leaves)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    _reset(leaves)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+        _sync()
+        return common.median_ms(graph.replay, warmup_ms, rep_ms)
+    finally:
+        _reset(leaves)
+        del graph
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160] if text else ''}"
 
 
 def run_case(case, dtype, act, variants, device, args, bw, label):
     from omni_moe import OmniMoE, OmniMoEConfig, omni_expert
-    from omni_moe.mlp import swiglu_mlp
-    from omni_moe.reference.moe import expert_reference
+    from omni_moe.ops import swiglu_mlp
+    from omni_moe.layers.reference import expert_reference
 
     T, H, I, E, K = case
     b = torch.finfo(dtype).bits // 8
+    cuda = device.type == "cuda"
     row = {"T": T, "hidden": H, "intermediate": I, "experts": E, "k": K, "dtype": str(dtype).replace("torch.", ""),
-           "act": act, "times_ms": {}, "peak_mem_MiB": {}, "errors": {}}
+           "act": act, "variants": list(variants), "times_ms": {}, "peak_mem_MiB": {}, "graph_ms": {},
+           "host_ms": {}, "launches": {}, "errors": {}}
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     cfg = OmniMoEConfig(hidden_size=H, intermediate_size=I, hidden_act=act, num_experts=E,
@@ -261,6 +355,15 @@ def run_case(case, dtype, act, variants, device, args, bw, label):
              + f"; unused rows' grad max {res['unused_rows_grad_abs_max']}: "
              + ("PASS" if res["pass"] else "FAIL"))
         _free()
+        peers = [v for v in variants if v in PEERS]
+        if peers:
+            row["peer_check"] = check_peers(h, layer.up_embed.weight, layer.down_embed.weight, w, idx,
+                                            act, dtype, peers)
+            for name, res in row["peer_check"].items():
+                _say(f"{label} check {name} vs expert path: "
+                     + ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}"
+                                 for k, v in res.items() if k != "pass")
+                     + ": " + ("PASS" if res["pass"] else "FAIL"))
 
     params = list(layer.parameters())
     U, V = layer.up_embed.weight, layer.down_embed.weight
@@ -273,6 +376,10 @@ def run_case(case, dtype, act, variants, device, args, bw, label):
             fn().backward(gout)
         return step, leaves
 
+    def expert_like(fn):
+        return (lambda: fn(h, U, V, w, idx, act),
+                *fb(lambda: fn(h_req, U, V, w_req, idx, act), [h_req, U, V, w_req]))
+
     gs = torch.randn(T, K, device=device, dtype=torch.float32)
     router_leaves = [h_req, layer.router_gate_x.weight, layer.router_gate_y.weight]
 
@@ -282,10 +389,9 @@ def run_case(case, dtype, act, variants, device, args, bw, label):
     plans = {
         "layer": (lambda: layer(h), *fb(lambda: layer(h_req), [h_req] + params)),
         "router": (lambda: layer.route(h), router_step, router_leaves),
-        "expert": (lambda: omni_expert(h, U, V, w, idx, act),
-                   *fb(lambda: omni_expert(h_req, U, V, w_req, idx, act), [h_req, U, V, w_req])),
-        "reference": (lambda: expert_reference(h, U, V, w, idx, act),
-                      *fb(lambda: expert_reference(h_req, U, V, w_req, idx, act), [h_req, U, V, w_req])),
+        "expert": expert_like(omni_expert),
+        **{name: expert_like(fn) for name, fn in PEERS.items()},
+        "reference": expert_like(expert_reference),
         "dense_mlp": (lambda: swiglu_mlp(h, Wg, Wu, Wd, act),
                       *fb(lambda: swiglu_mlp(h_req, Wg, Wu, Wd, act), [h_req, Wg, Wu, Wd])),
     }
@@ -304,17 +410,35 @@ def run_case(case, dtype, act, variants, device, args, bw, label):
                 ms, peak = _measure(fn, device, args.warmup_ms, args.rep_ms, grads)
                 row["times_ms"][key] = ms
                 row["peak_mem_MiB"][key] = None if peak is None else peak / 2**20
-                mem = "" if peak is None else f", peak +{peak / 2**20:,.0f} MiB"
-                _say(f"{label} {key:20s} {ms:9.3f} ms{mem}")
-            except Exception as e:  # noqa: BLE001 -- OOM of a variant is a result, not a crash
-                if not _is_oom(e):
-                    raise
+                extra = "" if peak is None else f", peak +{peak / 2**20:,.0f} MiB"
+                if cuda and mode == "fwd+bwd":
+                    row["host_ms"][key] = common.host_ms(step, grad_to_none=leaves)
+                    extra += f", host {row['host_ms'][key]:.3f} ms"
+                    if args.launches:
+                        row["launches"][key] = common.cuda_launches(lambda: (_reset(leaves), step()))
+                        extra += f", {row['launches'][key]} launches"
+                    if not args.no_graphs:
+                        try:
+                            row["graph_ms"][key] = graph_step_ms(step, leaves, args.warmup_ms, args.rep_ms)
+                            extra += f", graph {row['graph_ms'][key]:.3f} ms"
+                        except Exception as e:  # noqa: BLE001 -- a capture failure is a result
+                            row["graph_ms"][key] = None
+                            row["errors"][f"{key} graph"] = _first_line(e)
+                            extra += f", graph capture failed ({_first_line(e)})"
+                            try:
+                                _sync()
+                            except Exception:  # noqa: BLE001 -- the error was recorded above
+                                pass
+                _say(f"{label} {key:22s} {ms:9.3f} ms{extra}")
+            except Exception as e:  # noqa: BLE001 -- a variant that fails is a result, not a crash
                 row["times_ms"][key] = None
-                row["errors"][key] = "out of memory"
-                _say(f"{label} {key:20s} out of memory ({str(e).splitlines()[0][:120]})")
+                # out of memory is a measurement; any other error fails the run (exit 1)
+                row["errors"][key] = "out of memory" if _is_oom(e) else _first_line(e)
+                if not _is_oom(e):
+                    row["failed"] = True
+                _say(f"{label} {key:22s} {row['errors'][key]}")
             finally:
-                for t in (leaves or []):
-                    t.grad = None
+                _reset(leaves)
                 _free()
 
     fwd_bytes, fb_bytes, dense_bytes = expert_floor_bytes(T, H, K, D, b, E)
@@ -325,6 +449,10 @@ def run_case(case, dtype, act, variants, device, args, bw, label):
         e, r = tm.get(f"expert {mode}"), tm.get(f"reference {mode}")
         if e and r:
             ratios[f"expert speedup vs reference {mode}"] = r / e
+        for peer in PEERS:
+            p = tm.get(f"{peer} {mode}")
+            if e and p:
+                ratios[f"expert speedup vs {peer} {mode}"] = p / e
         if bw and e:
             floor_ms = (fwd_bytes if mode == "fwd" else fb_bytes) / bw * 1e3
             row.setdefault("expert_floor_ms", {})[mode] = floor_ms
@@ -336,73 +464,215 @@ def run_case(case, dtype, act, variants, device, args, bw, label):
     lf, mf = tm.get("layer fwd+bwd"), tm.get("dense_mlp fwd+bwd")
     if lf and mf:
         ratios["layer / dense_mlp fwd+bwd"] = lf / mf
+    lg, mg = row["graph_ms"].get("layer fwd+bwd"), row["graph_ms"].get("dense_mlp fwd+bwd")
+    if lg and mg:
+        ratios["layer / dense_mlp fwd+bwd graph"] = lg / mg
     row["ratios"] = ratios
     del layer, params, U, V, Wg, Wu, Wd, plans, h, gout, h_req, w_req, scores, idx, w, gs, router_leaves
     _free()
     return row
 
 
-def _table(rows, bw):
-    lines = []
-    hdr = (f"{'T':>5} {'H':>5} {'I':>5} {'E':>8} {'k':>3} {'D':>7} | "
-           + " ".join(f"{v[:9] + ' ' + m:>16}" for v in VARIANTS for m in ("fwd", "f+b"))
-           + " | floor f/f+b | xfloor f/f+b | x dense-grad floor | vs ref f/f+b | layer/mlp")
-    lines.append(hdr)
+# (header, what, format, CUDA only).  ``what`` picks a value from (row, variant).
+def _t(d, mode):
+    return lambda r, v: r.get(d, {}).get(f"{v} {mode}")
+
+
+def _ok(r, v):
+    if v == "expert" and "check" in r:
+        return r["check"]["pass"]
+    return (r.get("peer_check") or {}).get(v, {}).get("pass")
+
+
+def _over(d, mode, base):
+    def get(r, v):
+        t, t0 = r.get(d, {}).get(f"{v} {mode}"), r.get(d, {}).get(f"{base} {mode}")
+        return t / t0 if t and t0 else None
+    return get
+
+
+def _minus(d, mode, base):
+    def get(r, v):
+        t, t0 = r.get(d, {}).get(f"{v} {mode}"), r.get(d, {}).get(f"{base} {mode}")
+        return t - t0 if t is not None and t0 is not None else None
+    return get
+
+
+def _x_floor(key):
+    def get(r, v):
+        t, fl = r.get("times_ms", {}).get(f"{v} fwd+bwd"), (r.get("expert_floor_ms") or {}).get(key)
+        return t / fl if v in EXPERT_PATHS and t and fl else None
+    return get
+
+
+COLUMNS = [
+    ("T", lambda r, v: r["T"], "d", False), ("H", lambda r, v: r["hidden"], "d", False),
+    ("I", lambda r, v: r["intermediate"], "d", False), ("E", lambda r, v: r["experts"], "d", False),
+    ("k", lambda r, v: r["k"], "d", False), ("D", lambda r, v: r.get("distinct_experts"), "d", False),
+    ("variant", lambda r, v: v, "s", False), ("ok", _ok, "ok", False),
+    ("fwd ms", _t("times_ms", "fwd"), ".3f", False), ("f+b ms", _t("times_ms", "fwd+bwd"), ".3f", False),
+    ("f+b graph ms", _t("graph_ms", "fwd+bwd"), ".3f", True),
+    ("host ms", _t("host_ms", "fwd+bwd"), ".3f", True), ("launches", _t("launches", "fwd+bwd"), "d", True),
+    ("peak MiB", _t("peak_mem_MiB", "fwd+bwd"), ",.0f", True),
+    ("peak - mlp MiB", _minus("peak_mem_MiB", "fwd+bwd", "dense_mlp"), ",.0f", True),
+    ("f+b / mlp", _over("times_ms", "fwd+bwd", "dense_mlp"), ".2f", False),
+    ("graph / mlp", _over("graph_ms", "fwd+bwd", "dense_mlp"), ".2f", True),
+    ("f+b / expert", lambda r, v: _over("times_ms", "fwd+bwd", "expert")(r, v) if v in EXPERT_PATHS else None,
+     ".2f", False),
+    ("x floor", _x_floor("fwd+bwd"), ".1f", True),
+    ("x dense-grad floor", _x_floor("fwd+bwd dense grads"), ".1f", True),
+]
+
+
+def _cell(v, fmt):
+    if fmt == "ok":
+        return "-" if v is None else ("yes" if v else "NO")
+    if v is None:
+        return "-"
+    return str(v) if fmt == "s" else format(v, fmt)
+
+
+def _variants_of(row):
+    # Files written before the "variants" key existed name them only in "times_ms".
+    return row.get("variants") or list(dict.fromkeys(k.rsplit(" ", 1)[0] for k in row["times_ms"]))
+
+
+def format_table(rows, gpu: bool) -> str:
+    """Markdown table, one line per (case, variant); GPU-only columns only if ``gpu``."""
+    cols = [c for c in COLUMNS if gpu or not c[3]]
+    lines = ["| " + " | ".join(c[0] for c in cols) + " |",
+             "|" + "|".join("---" if c[2] in ("s", "ok") else "---:" for c in cols) + "|"]
+    notes = []
     for r in rows:
-        tm = r["times_ms"]
+        if "times_ms" not in r:
+            continue
+        for v in _variants_of(r):
+            lines.append("| " + " | ".join(_cell(get(r, v), fmt) for _, get, fmt, _ in cols) + " |")
+        for key, why in (r.get("errors") or {}).items():
+            notes.append(f"T={r['T']} H={r['hidden']} E={r['experts']} k={r['k']} {key}: {why}")
+    return "\n".join(lines + [f"  {n}" for n in notes])
 
-        def fmt(v):
-            return f"{v:16.3f}" if isinstance(v, float) else f"{('OOM' if v is None else '-'):>16}"
 
-        cells = " ".join(fmt(tm.get(f"{v} {m}", "-")) for v in VARIANTS for m in ("fwd", "fwd+bwd"))
-        fl = r.get("expert_floor_ms", {})
-        ra = r["ratios"]
+def _report(result, plot_path=None) -> None:
+    """Print the table of a result (fresh or loaded from --json); draw it if asked."""
+    env = result.get("environment") or {}
+    gpu = result["mode"] == "cuda" if "mode" in result else bool(env.get("gpu"))
+    bw = result.get("copy_bandwidth_Bps")
+    rows = result["rows"]
+    where = env.get("gpu") or f"CPU ({result.get('mode', 'cpu')})"
+    lines = [f"omni-moe layer, {where}, torch {env.get('torch')}, triton {env.get('triton')}, "
+             f"{env.get('date')}; times in ms, medians",
+             format_table(rows, gpu)]
+    if gpu:
+        lines.append("f+b graph: one training step replayed from a CUDA graph; host: CPU time of "
+                     "issuing one eager step; peak: extra memory of one step (- mlp: minus the dense MLP's); x floor: f+b / the "
+                     "expert path's HBM bytes at the measured copy bandwidth"
+                     + (f" {bw / 1e12:.2f} TB/s" if bw else "")
+                     + "; x dense-grad floor: the same with the zero rows of dense (E, H) gradients")
+    else:
+        lines.append("CPU wall times (no CUDA device)" + (
+            "; Triton kernels through the interpreter: their times mean nothing"
+            if result.get("mode") == "cpu-interpret" else ", PyTorch paths"))
+    for r in rows:
+        if "errors" in r and "times_ms" not in r:
+            lines.append(f"T={r['T']} H={r['hidden']} E={r['experts']} k={r['k']}: skipped "
+                         f"({', '.join(f'{k}: {v}' for k, v in r['errors'].items())})")
+    # Built whole before printing: a malformed saved file fails before any output.
+    print("\n".join(lines), flush=True)
+    if plot_path:
+        plot(rows, plot_path, f"omni-moe layer, {where}, {str(env.get('date'))[:10]}", gpu)
+        print(f"wrote {plot_path}")
 
-        def pair(a, b, spec):
-            return "/".join(("-" if x is None else format(x, spec)) for x in (a, b))
 
-        lines.append(
-            f"{r['T']:>5} {r['hidden']:>5} {r['intermediate']:>5} {r['experts']:>8} {r['k']:>3} "
-            f"{r['distinct_experts']:>7} | {cells} | "
-            f"{pair(fl.get('fwd'), fl.get('fwd+bwd'), '.3f'):>11} | "
-            f"{pair(ra.get('expert x-floor fwd'), ra.get('expert x-floor fwd+bwd'), '.1f'):>12} | "
-            f"{ra.get('expert x-floor fwd+bwd dense grads', float('nan')):>18.1f} | "
-            f"{pair(ra.get('expert speedup vs reference fwd'), ra.get('expert speedup vs reference fwd+bwd'), '.1f'):>12} | "
-            f"{ra.get('layer / dense_mlp fwd+bwd', float('nan')):.2f}")
-    lines.append("x dense-grad floor: expert fwd+bwd / (floor + the 2*(E-D)*H*b bytes of zero rows that "
-                 "dense (E, H) weight gradients must also write)")
-    lines.append("times in ms (median); floor = expert path HBM bytes / measured copy bandwidth"
-                 + (f" {bw / 1e12:.2f} TB/s" if bw else " (n/a on CPU)"))
-    return "\n".join(lines)
+def plot(rows, path, title, gpu: bool) -> None:
+    """Bars of the training-step time of every variant per case (eager; graph on CUDA),
+    log scale, with the expert path's floor on CUDA."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "times_ms" in r]
+    names = list(dict.fromkeys(v for r in rows for v in _variants_of(r)))
+    has_graphs = any(v for r in rows for v in (r.get("graph_ms") or {}).values())
+    panels = [("times_ms", "eager")] + ([("graph_ms", "CUDA graph")] if gpu and has_graphs else [])
+    width = 0.8 / max(1, len(names))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8.0, 2.0 * len(rows)), 4 * len(panels)),
+                             sharex=True, squeeze=False)
+    for ax, (key, label) in zip(axes[:, 0], panels):
+        for j, v in enumerate(names):
+            vals = [r.get(key, {}).get(f"{v} fwd+bwd") or math.nan for r in rows]
+            xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(rows))]
+            ax.bar(xs, vals, width, label=v)
+        for i, r in enumerate(rows if gpu else ()):
+            floor = (r.get("expert_floor_ms") or {}).get("fwd+bwd")
+            if floor:
+                ax.hlines(floor, i - 0.45, i + 0.45, colors="k", linestyles="dashed",
+                          label="expert HBM floor" if i == 0 else None)
+        ax.set_yscale("log")
+        ax.set_ylabel(f"fwd+bwd ms, {label}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes[-1, 0].set_xticks(range(len(rows)))
+    axes[-1, 0].set_xticklabels([f"T={r['T']} H={r['hidden']}\nE={r['experts']} k={r['k']}" for r in rows],
+                                fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _looks_like_layer_run(data) -> bool:
+    # Files written before the "benchmark" key existed have "copy_bandwidth_Bps".
+    return ((data.get("benchmark") == "layer" or "copy_bandwidth_Bps" in data)
+            and all({"T", "hidden", "intermediate", "experts", "k"} <= r.keys() for r in data["rows"]))
 
 
 def run(args) -> int:
     """Run the benchmark; returns a process exit code (1 if a correctness check failed)."""
-    from omni_moe.bench.common import environment, warm_up_triton
+    from omni_moe.ops._dispatch import interpret_mode
 
-    dtype = _DTYPES[args.dtype]
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for v in variants:
-        if v not in VARIANTS:
-            print(f"--variants: unknown variant {v!r} (choose from {', '.join(VARIANTS)})", file=sys.stderr)
-            return 2
-    if torch.cuda.is_available():
+    common.check_run_arguments(args)
+    if args.from_json:
+        saved = common.load_saved(args.from_json, "layer", _looks_like_layer_run)
+        try:
+            _report(saved, args.plot)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise common.UsageError(f"--from-json {args.from_json}: unexpected content "
+                                    f"({type(e).__name__}: {e})")
+        return 0
+
+    dtype = common.TORCH_DTYPES[args.dtype]
+    variants = args.variants
+    cuda = torch.cuda.is_available()
+    mode = "cuda" if cuda else ("cpu-interpret" if interpret_mode() else "cpu")
+    if cuda:
         device = torch.device("cuda")
-        cases = args.case or DEFAULT_CASES
+        cases = args.cases or DEFAULT_CASES
         _say(f"device: {torch.cuda.get_device_name()}; dtype {args.dtype}; {len(cases)} case(s)")
-        warm_up_triton()
+        common.warm_up_triton()
     else:
         device = torch.device("cpu")
-        cases = args.case or CPU_CASES
-        interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-        _say("CUDA is not available: timing tiny cases on CPU "
-             + ("through the Triton interpreter (meaningless as kernel timings)" if interp
+        cases = args.cases or CPU_CASES
+        _say("CUDA is not available: timing small cases on CPU "
+             + ("through the Triton interpreter (meaningless as kernel timings)" if mode == "cpu-interpret"
                 else "(PyTorch paths, not the Triton kernels)")
              + f"; dtype {args.dtype}")
     bw = copy_bandwidth(device)
     if bw:
         _say(f"measured device-to-device copy bandwidth: {bw / 1e12:.2f} TB/s")
     rows = []
+    result = {"benchmark": "layer", "mode": mode, "environment": common.environment(),
+              "settings": {"dtype": args.dtype, "act": args.act, "warmup_ms": args.warmup_ms,
+                           "rep_ms": args.rep_ms, "min_samples": common.MIN_SAMPLES, "seed": args.seed,
+                           "graphs": cuda and not args.no_graphs, "launches": cuda and args.launches},
+              "copy_bandwidth_Bps": bw, "rows": rows}
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+
     ok = True
     for i, case in enumerate(cases):
         label = f"[{i + 1}/{len(cases)} T={case[0]} H={case[1]} I={case[2]} E={case[3]} k={case[4]}]"
@@ -415,28 +685,17 @@ def run(args) -> int:
             rows.append({"T": case[0], "hidden": case[1], "intermediate": case[2], "experts": case[3],
                          "k": case[4], "errors": {"setup": "out of memory"}})
             _free()
+            save()
             continue
         ok = ok and row.get("check", {}).get("pass", True)
+        ok = ok and all(res["pass"] for res in (row.get("peer_check") or {}).values())
+        ok = ok and not row.get("failed")
         rows.append(row)
-    done = [r for r in rows if "times_ms" in r]
-    if done:
-        _say("\n" + _table(done, bw))
+        save()
+    _say("")
+    _report(result, args.plot)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment(), "copy_bandwidth_Bps": bw, "rows": rows}, f, indent=1)
         _say(f"wrote {args.json}")
     if not ok:
-        _say("a correctness check FAILED (see above)")
+        print("FAILED: a correctness check or a variant failed (see the lines above)", file=sys.stderr)
     return 0 if ok else 1
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m omni_moe.bench.layer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,15 +5,14 @@ Implementations (``--impls``):
     original      omni_moe.triton.omni_router.triton_omni_router_func (Triton, full scan)
     optimized     omni_moe.triton.omni_router_optimized.triton_omni_router_func_optimized
                   (Triton, exact pruned; what ``omni_moe.omni_router`` runs)
-    torch_pruned  omni_moe.reference.router_pruned (PyTorch, exact pruned, the contract's
+    torch_pruned  omni_moe.ops.router.reference.router_pruned (PyTorch, exact pruned, the contract's
                   NaN/tie order through int64 keys: the CPU path)
-    torch_topk    omni_moe.reference.router_product_key_topk (PyTorch, the product-key
+    torch_topk    omni_moe.ops.router.reference.router_product_key_topk (PyTorch, the product-key
                   trick with plain torch.topk, as PEER-style code writes it)
-    torch_brute   omni_moe.reference.router_bruteforce (PyTorch, all N*N pairs); only
+    torch_brute   omni_moe.ops.router.reference.router_bruteforce (PyTorch, all N*N pairs); only
                   where T*N*N*4 bytes < --brute-max-gib
 
-An implementation whose module does not exist yet is skipped with a note.  The PyTorch
-ones are differentiable through ordinary torch ops (gathers of float32 logits), so their
+The PyTorch ones are differentiable through ordinary torch ops (gathers of float32 logits), so their
 backward is whatever autograd makes of them.
 
 For every case and implementation, on the same inputs:
@@ -26,7 +25,7 @@ For every case and implementation, on the same inputs:
 - backward: median time of ``torch.autograd.grad(scores, (x, y), g, retain_graph=True)``
   on a graph built beforehand: the autograd engine plus the backward kernels, nothing
   of the forward and no gradient accumulation into ``.grad``.
-- both rotate among enough input sets that their total size exceeds 2x L2 (do_bench also
+- both rotate among enough input sets that their total size exceeds 2x L2 (the timer also
   flushes L2 before every timed call).
 - graph columns (Triton implementations on CUDA, when the eager forward is under 1 ms):
   'fwd graph' is the forward call and 'bwd kernel graph' the backward kernel alone
@@ -44,17 +43,19 @@ For every case and implementation, on the same inputs:
   int32 indices; backward reads T*k*(b+4) and writes 2*T*N*b: the same byte count, at
   --hbm-tbps (3.0 TB/s, H100 device-to-device copy).  'floor/time' = floor / measured.
 
+Without CUDA the table keeps the columns that mean something on a CPU (no graph,
+first-call or HBM-floor columns) and the plot draws no floor.
+
 --json saves the rows and the environment after every case; --from-json reprints (and
 --plot redraws) a saved run without running anything.
 
-The process exits 1 if any check fails, 2 on bad arguments.
+The process exits 1 if any check fails, 2 on bad arguments (one line on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import math
 import os
@@ -62,12 +63,14 @@ import shutil
 import sys
 import tempfile
 
+from . import common
+
 IMPLS = {
     "original": ("omni_moe.triton.omni_router", "triton_omni_router_func", True),
     "optimized": ("omni_moe.triton.omni_router_optimized", "triton_omni_router_func_optimized", True),
-    "torch_pruned": ("omni_moe.reference.router", "router_pruned", False),
-    "torch_topk": ("omni_moe.reference.router", "router_product_key_topk", False),
-    "torch_brute": ("omni_moe.reference.router", "router_bruteforce", False),
+    "torch_pruned": ("omni_moe.ops.router.reference", "router_pruned", False),
+    "torch_topk": ("omni_moe.ops.router.reference", "router_product_key_topk", False),
+    "torch_brute": ("omni_moe.ops.router.reference", "router_bruteforce", False),
 }
 
 DEFAULT_CASES = [
@@ -86,26 +89,13 @@ INTERPRET_MAX_PAIRS = 2**17
 # Brute force is the oracle up to this size; above it, the exact pruned reference is.
 BRUTE_ORACLE_MAX_BYTES = 256 * 2**20
 
-DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
 
-def parse_cases(text: str):
-    """'T,N,k;T,N,k' -> [(T, N, k), ...]."""
-    cases = []
-    for part in text.split(";"):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            T, N, k = (int(v) for v in part.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"bad case {part!r}: expected T,N,k (three integers)")
-        if T < 0 or N < 1 or not 0 <= k <= N * N:
-            raise argparse.ArgumentTypeError(f"bad case {part!r}: need T >= 0, N >= 1, 0 <= k <= N*N")
-        cases.append((T, N, k))
-    if not cases:
-        raise argparse.ArgumentTypeError("no cases given")
-    return cases
+def check_case(case):
+    T, N, k = case
+    if T < 0 or N < 1 or not 0 <= k <= N * N:
+        return "need T >= 0, N >= 1, 0 <= k <= N*N"
+    return None
 
 
 def parse_impls(text: str):
@@ -117,17 +107,12 @@ def parse_impls(text: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cases", type=parse_cases, default=None, metavar="T,N,k;...",
-                   help="cases to run (default: the standard H100 set on CUDA; small ones on CPU)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16", help="logit dtype (default bf16)")
+    common.add_common_arguments(p, ("T", "N", "k"), check_case,
+                                "the standard H100 set on CUDA; small ones on CPU")
     p.add_argument("--impls", type=parse_impls, default=list(IMPLS), metavar="A,B",
                    help=f"implementations (default all: {','.join(IMPLS)})")
     p.add_argument("--skip-original", action="store_true",
                    help="leave out the original full-scan kernel (slow at large sizes)")
-    p.add_argument("--json", metavar="PATH", help="write all rows and the environment here")
-    p.add_argument("--plot", metavar="PATH", help="PNG bar chart (needs matplotlib: pip install 'omni-moe[plot]')")
-    p.add_argument("--warmup", type=float, default=25, help="do_bench warm-up budget, ms (default 25)")
-    p.add_argument("--rep", type=float, default=100, help="do_bench timing budget, ms (default 100)")
     p.add_argument("--brute-max-gib", type=float, default=4.0,
                    help="run torch_brute only where T*N*N*4 bytes are below this (default 4)")
     p.add_argument("--hbm-tbps", type=float, default=3.0, help="HBM bandwidth for the floor, TB/s (default 3.0)")
@@ -135,20 +120,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="total size of the rotated input sets, MiB (default 2x L2 on CUDA, no rotation on CPU)")
     p.add_argument("--reuse-triton-cache", action="store_true",
                    help="keep Triton's usual cache (first-call times then may not include compilation)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--from-json", metavar="PATH",
-                   help="run nothing: print the table (and --plot) of a saved --json file")
 
 
 def _load(name):
-    """(callable(x, y, k), None) or (None, why it is unavailable).
-
-    A module that does not exist is 'not available'; one that exists but fails to
-    import is an error the caller reports as a failed row.
-    """
+    """(callable(x, y, k), None); an import error is reported by the caller as a failed row."""
     module, attr, is_triton = IMPLS[name]
-    if importlib.util.find_spec(module) is None:
-        return None, f"{module} does not exist (not written yet?)"
     fn = getattr(importlib.import_module(module), attr)
     if is_triton:
         return (lambda x, y, k: fn(x, y, x.shape[1], k)), None
@@ -163,7 +139,7 @@ def check(x, y, k, scores, indices, ref_scores, g, dx, dy):
     """Contract problems of one forward + backward (an empty list when all is well)."""
     import torch
 
-    from omni_moe.reference import router_backward_reference
+    from omni_moe.ops.router.reference import router_backward_reference
 
     T, N = x.shape
     if tuple(scores.shape) != (T, k) or tuple(indices.shape) != (T, k):
@@ -226,7 +202,7 @@ def _engine_floor_us(x, y, k, g, args, common):
 
     s, leaves = noop_router_graph(x, y, k)
     return common.median_ms(lambda: torch.autograd.grad(s, leaves, g, retain_graph=True),
-                            args.warmup, args.rep) * 1e3
+                            args.warmup_ms, args.rep_ms) * 1e3
 
 
 def _bench_impl(name, fn, case, sets, grads, ref_scores, args, common):
@@ -251,7 +227,7 @@ def _bench_impl(name, fn, case, sets, grads, ref_scores, args, common):
     problems, first_fwd, first_bwd = forward_and_check("first call")
 
     with torch.no_grad():
-        fwd_ms = common.median_ms(common.cycling(lambda x, y: fn(x, y, k), sets), args.warmup, args.rep)
+        fwd_ms = common.median_ms(common.cycling(lambda x, y: fn(x, y, k), sets), args.warmup_ms, args.rep_ms)
 
     graphs = []
     for (x, y), g in zip(sets, grads):
@@ -259,14 +235,14 @@ def _bench_impl(name, fn, case, sets, grads, ref_scores, args, common):
         graphs.append((fn(xl, yl, k)[0], (xl, yl), g))
     bwd_ms = common.median_ms(
         common.cycling(lambda s, xy, g: torch.autograd.grad(s, xy, g, retain_graph=True), graphs),
-        args.warmup, args.rep)
+        args.warmup_ms, args.rep_ms)
     del graphs
 
     fwd_graph = bwd_graph = engine = None
     if is_triton and torch.cuda.is_available() and fwd_ms < 1.0:
         # GPU time without the host: the forward call, and the backward kernel alone
         # (the same one for both Triton implementations) on the same gradients.
-        from omni_moe.triton.router_backward import router_backward
+        from omni_moe.ops.router.backward import router_backward
 
         with torch.no_grad():
             fwd_graph = common.graph_us(lambda x, y: fn(x, y, k), sets)
@@ -302,6 +278,12 @@ COLUMNS = [
 ]
 
 
+# Columns that mean something only on a GPU: graph replays, first calls (compilation of
+# Triton kernels), the original kernel as baseline (Triton) and the HBM floor.
+GPU_ONLY = {"fwd_graph_us", "bwd_kernel_graph_us", "autograd_engine_us", "fwd_speedup", "bwd_speedup",
+            "floor_us", "fwd_floor_frac", "bwd_floor_frac", "first_fwd_s", "first_bwd_s"}
+
+
 def _cell(row, key, fmt):
     v = row.get(key)
     if fmt == "ok":
@@ -311,15 +293,16 @@ def _cell(row, key, fmt):
     return format(v, fmt) if fmt != "s" else str(v)
 
 
-def format_table(rows) -> str:
-    """Markdown table of the rows."""
-    head = "| " + " | ".join(c[0] for c in COLUMNS) + " |"
-    align = "|" + "|".join("---" if c[2] in ("s", "ok") else "---:" for c in COLUMNS) + "|"
-    body = ["| " + " | ".join(_cell(r, key, fmt) for _, key, fmt in COLUMNS) + " |" for r in rows]
+def format_table(rows, gpu: bool = True) -> str:
+    """Markdown table of the rows (without the GPU-only columns unless ``gpu``)."""
+    cols = [c for c in COLUMNS if gpu or c[1] not in GPU_ONLY]
+    head = "| " + " | ".join(c[0] for c in cols) + " |"
+    align = "|" + "|".join("---" if c[2] in ("s", "ok") else "---:" for c in cols) + "|"
+    body = ["| " + " | ".join(_cell(r, key, fmt) for _, key, fmt in cols) + " |" for r in rows]
     return "\n".join([head, align, *body])
 
 
-def plot(rows, path, title):
+def plot(rows, path, title, floors_too: bool = True):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,7 +319,7 @@ def plot(rows, path, title):
             vals = [(by.get((*c, impl)) or {}).get(key) or math.nan for c in cases]
             xs = [i + (j - (len(impls) - 1) / 2) * width for i in range(len(cases))]
             ax.bar(xs, vals, width, label=impl)
-        for i, c in enumerate(cases):
+        for i, c in enumerate(cases if floors_too else ()):
             ax.hlines(floors[c], i - 0.45, i + 0.45, colors="k", linestyles="dashed",
                       label="HBM floor" if i == 0 else None)
         ax.set_yscale("log")
@@ -354,48 +337,53 @@ def plot(rows, path, title):
 def _report(result, plot_path=None) -> None:
     """Print the table of a result (fresh or loaded from --json); draw it if asked."""
     env, st = result["env"], result["settings"]
+    gpu = result["mode"] == "cuda"
     where = env["gpu"] or f"CPU ({result['mode']})"
-    print(f"omni router, {st['dtype']}, {where}, torch {env['torch']}, triton {env['triton']}, "
-          f"{env['date']}; x orig = original time / this time; "
-          f"floor = HBM bytes at {st['hbm_tbps']:g} TB/s")
-    print(format_table(result["rows"]))
+    lines = [f"omni router, {st['dtype']}, {where}, torch {env['torch']}, triton {env['triton']}, "
+             f"{env['date']}; times are medians"
+             + (f"; x orig = original time / this time; floor = HBM bytes at {st['hbm_tbps']:g} TB/s"
+                if gpu else "; CPU wall times of the PyTorch paths"),
+             format_table(result["rows"], gpu)]
     for r in result["rows"]:
         for text in ([r["note"]] if r.get("note") else []) + (r.get("problems") or []):
-            print(f"  T={r['T']} N={r['N']} k={r['k']} {r['impl']}: {text}")
-    sys.stdout.flush()
+            lines.append(f"  T={r['T']} N={r['N']} k={r['k']} {r['impl']}: {text}")
+    # Built whole before printing: a malformed saved file fails before any output.
+    print("\n".join(lines), flush=True)
     if plot_path:
-        plot(result["rows"], plot_path, f"omni router, {st['dtype']}, {where}, {env['date'][:10]}")
+        plot(result["rows"], plot_path, f"omni router, {st['dtype']}, {where}, {env['date'][:10]}", gpu)
         print(f"wrote {plot_path}")
+
+
+def _looks_like_router_run(data) -> bool:
+    return (data.get("benchmark") == "router" and isinstance(data.get("env"), dict)
+            and isinstance(data.get("settings"), dict) and "mode" in data
+            and all({"T", "N", "k", "impl"} <= r.keys() for r in data["rows"]))
 
 
 def run(args) -> int:
     import torch
 
-    from omni_moe._dispatch import interpret_mode
-    from omni_moe.reference import router_bruteforce, router_pruned
-
-    from . import common
+    from omni_moe.ops._dispatch import interpret_mode
+    from omni_moe.ops.router.reference import router_bruteforce, router_pruned
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    no_plot = None
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        # Still run: the numbers matter more than the picture, which --from-json can redraw.
-        no_plot = (f"--plot {args.plot} ignored: matplotlib is not installed "
-                   "(pip install 'omni-moe[plot]'; then redraw with --from-json)")
-        print("warning: " + no_plot, file=sys.stderr, flush=True)
+    common.check_run_arguments(args)
     if args.from_json:
-        with open(args.from_json) as f:
-            saved = json.load(f)
-        _report(saved, args.plot if not no_plot else None)
-        return 2 if no_plot else 0
+        saved = common.load_saved(args.from_json, "router", _looks_like_router_run)
+        try:
+            _report(saved, args.plot)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise common.UsageError(f"--from-json {args.from_json}: unexpected content "
+                                    f"({type(e).__name__}: {e})")
+        return 0
 
     cuda = common.has_cuda()
     interp = interpret_mode()
     mode = "cuda" if cuda else ("cpu-interpret" if interp else "cpu")
     device = "cuda" if cuda else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = common.TORCH_DTYPES[args.dtype]
     b = dtype.itemsize
     cases = args.cases or (DEFAULT_CASES if cuda else CPU_CASES)
     impls = [n for n in args.impls if not (args.skip_original and n == "original")]
@@ -431,10 +419,12 @@ def run(args) -> int:
     rotate_bytes = (int(args.rotate_mb * 2**20) if args.rotate_mb is not None
                     else 2 * common.l2_bytes())
     settings = {
-        "dtype": args.dtype, "device": device, "warmup_ms": args.warmup, "rep_ms": args.rep,
+        "dtype": args.dtype, "device": device, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
         "hbm_tbps": args.hbm_tbps, "rotate_bytes": rotate_bytes, "brute_max_gib": args.brute_max_gib,
         "fresh_triton_cache": cuda and not args.reuse_triton_cache,
-        "timer": "triton.testing.do_bench median" if cuda else "time.perf_counter median (CPU)",
+        "timer": ("median of CUDA-event timed calls, L2 flushed before each" if cuda
+                  else "time.perf_counter median (CPU)"),
+        "min_samples": common.MIN_SAMPLES,
         "forward": "the call under torch.no_grad()",
         "backward": "torch.autograd.grad(scores, (x, y), g, retain_graph=True) on a prebuilt graph",
     }
@@ -522,9 +512,7 @@ def run(args) -> int:
     save()
     if args.json:
         print(f"wrote {args.json}")
-    _report(result, args.plot if not no_plot else None)
-    if no_plot:
-        print("warning: " + no_plot, file=sys.stderr)
+    _report(result, args.plot)
     if failures:
         print(f"FAILED: {failures} implementation/case(s) did not meet the contract (see 'problem' lines)",
               file=sys.stderr)

@@ -1,5 +1,6 @@
-"""nn.Module layers built on the omni-moe ops."""
+"""The public upstream project's import path of the layer (``omni_moe.modules``); the
+layer lives in ``omni_moe.layers``."""
 
-from .omni_moe import OmniMoE, OmniMoEConfig, RouterNorm
+from ..layers.omni_moe import OmniMoE, OmniMoEConfig, RouterLayerNorm, RouterNorm
 
-__all__ = ["OmniMoE", "OmniMoEConfig", "RouterNorm"]
+__all__ = ["OmniMoE", "OmniMoEConfig", "RouterLayerNorm", "RouterNorm"]

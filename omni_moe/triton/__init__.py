@@ -1,1 +1,4 @@
-"""Triton kernels.  One file per op; small shared helpers in ``utils``."""
+"""Import paths of the seed change request, kept for code written against it.
+
+The kernels live in ``omni_moe.ops``; these modules only re-export entry points.
+"""

@@ -1,0 +1,71 @@
+"""Time the two exact CPU router algorithms (pruned vs full product) and print a table.
+
+    python benchmarks/cpu_router.py [--threads N] [--dtype float32|bfloat16] [--wall]
+
+Each cell is the best of 5 ``timeit`` repeats (per-call microseconds, the number of calls
+per repeat chosen by ``Timer.autorange``) of the process's CPU time, one torch thread by
+default: on a shared machine wall time mostly measures the other processes (``--wall``
+times wall clock instead).  Both algorithms are checked against the brute force first.  The rule in ``omni_moe.ops.router.cpu.use_full_product`` comes from
+this table (docs/cpu.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import time
+import timeit
+
+import torch
+
+from omni_moe.ops.router.reference import router_bruteforce, router_pruned
+from omni_moe.ops.router.cpu import router_full_product, use_full_product
+
+CASES = [(T, N, k) for T in (64, 1024) for N in (8, 16, 32, 64) for k in (4, 7, 16)]
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def per_call_us(fn, wall: bool = False) -> float:
+    t = timeit.Timer(fn, timer=time.perf_counter if wall else time.process_time)
+    n, _ = t.autorange()
+    return min(t.repeat(repeat=5, number=n)) / n * 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
+    p.add_argument("--wall", action="store_true", help="time wall clock, not CPU time")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}; threads {torch.get_num_threads()}; {args.dtype}; "
+          f"{'wall' if args.wall else 'CPU'} time")
+    print(f"{'T':>5} {'N':>3} {'k':>3} {'pruned us':>10} {'full us':>10} {'faster':>8} {'rule':>8}")
+    g = torch.Generator().manual_seed(0)
+    for T, N, k in CASES:
+        x = torch.randn(T, N, generator=g).to(dtype)
+        y = torch.randn(T, N, generator=g).to(dtype)
+        ref = router_bruteforce(x, y, k)
+        for fn in (router_pruned, router_full_product):
+            s, i = fn(x, y, k)
+            assert torch.equal(s, ref[0]) and torch.equal(i, ref[1]), fn.__name__
+        tp = per_call_us(lambda: router_pruned(x, y, k), args.wall)
+        tf = per_call_us(lambda: router_full_product(x, y, k), args.wall)
+        rule = "full" if use_full_product(T, N, k, dtype) else "pruned"
+        print(f"{T:>5} {N:>3} {k:>3} {tp:>10.1f} {tf:>10.1f} {'full' if tf < tp else 'pruned':>8} {rule:>8}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""OmniMoE training on 1 vs 2 processes: tokens/s, peak memory per GPU, scaling
+efficiency and loss curves, with DDP, FSDP2 (bf16 mixed precision) and row-sharded
+expert tables (``omni_moe.distributed``).
+
+    torchrun --nproc-per-node 2 benchmarks/distributed.py --json dist_h100.json
+    torchrun --nproc-per-node 2 benchmarks/distributed.py --big --json dist_1m_h100.json
+    torchrun --nproc-per-node 2 benchmarks/distributed.py --tiny --device cpu   # gloo smoke run
+
+Model: token embedding -> L residual blocks x + OmniMoE(LayerNorm(x)) -> LayerNorm ->
+tied head, cross-entropy on synthetic bigram data (next = 31 * prev + 7 + u mod V, u
+uniform in 0..3: loss floor log 4).  Every phase trains the same initial model on the
+same global batches (``--global-tokens`` per step, split evenly over the ranks):
+
+  1gpu        rank 0 alone, float32 parameters (TF32 GEMMs), AdamW
+  1gpu_fsdp   rank 0 alone under fully_shard (bf16 parameters, float32 reduction): the
+              single-GPU twin of ``fsdp``'s numerics
+  ddp         2 ranks, DistributedDataParallel, router statistics synchronised
+  fsdp        2 ranks, fully_shard on each block and the model, bf16 MixedPrecisionPolicy
+  ddp_sharded 2 ranks, expert tables row-sharded (DTensor Shard(0)), DDP on the rest
+  (--big)     fsdp and 1gpu_fsdp again at --big-experts experts, --big-layers blocks
+              (out of memory is recorded as such)
+
+While rank 0 runs a 1-GPU phase, rank 1 waits on a CPU (gloo) barrier.  Per phase:
+step time (median over the steps after --warmup), tokens/s of the global batch, peak
+allocated memory per rank, the global loss per step.  Scaling efficiency = tokens/s
+on 2 GPUs / (2 x tokens/s on 1 GPU), against the phase with the same numerics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from omni_moe import OmniMoE, OmniMoEConfig  # noqa: E402
+from omni_moe.distributed import data_parallel, fully_shard_model, shard_expert_tables  # noqa: E402
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.hidden_size)
+        self.moe = OmniMoE(cfg)
+
+    def forward(self, x):
+        return x + self.moe(self.norm(x))
+
+
+class Net(nn.Module):
+    def __init__(self, vocab, cfg, layers):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, cfg.hidden_size)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(layers))
+        self.norm = nn.LayerNorm(cfg.hidden_size)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for b in self.blocks:
+            x = b(x)
+        return F.linear(self.norm(x), self.embed.weight)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--tiny", action="store_true", help="small sizes (CPU / gloo smoke run)")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=2048)
+    p.add_argument("--experts", type=int, default=65536)
+    p.add_argument("--topk", type=int, default=16)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--global-tokens", type=int, default=16384, help="tokens per step, all ranks")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--big", action="store_true", help="also FSDP2 at --big-experts experts")
+    p.add_argument("--big-experts", type=int, default=1 << 20)
+    p.add_argument("--big-layers", type=int, default=1, help="blocks of the --big model")
+    p.add_argument("--phases", default="1gpu,1gpu_fsdp,ddp,fsdp,ddp_sharded")
+    p.add_argument("--json", metavar="PATH")
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.hidden, a.intermediate, a.experts, a.topk, a.layers = 32, 48, 256, 4, 2
+        a.vocab, a.global_tokens, a.steps, a.warmup, a.big_experts = 64, 256, 6, 2, 1024
+    return a
+
+
+def batch(step, a, device):
+    g = torch.Generator().manual_seed(1000 + step)
+    prev = torch.randint(0, a.vocab, (a.global_tokens,), generator=g)
+    nxt = (31 * prev + 7 + torch.randint(0, 4, (a.global_tokens,), generator=g)) % a.vocab
+    return prev.to(device), nxt.to(device)
+
+
+def build(a, experts, layers, device, single):
+    # sync_router_stats=False in the 1-GPU phases: rank 1 is not taking part.
+    cfg = OmniMoEConfig(hidden_size=a.hidden, intermediate_size=a.intermediate, num_experts=experts,
+                        num_experts_per_token=a.topk, sync_router_stats=False if single else None)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return Net(a.vocab, cfg, layers)
+
+
+def run_phase(name, a, experts, layers, device, rank, world, mesh_all):
+    single = name.startswith("1gpu")
+    P = 1 if single else world
+    model = build(a, experts, layers, device, single)
+    if name == "1gpu_fsdp":
+        from torch.distributed.device_mesh import DeviceMesh
+
+        mesh = DeviceMesh.from_group(_G0, device.type)
+        model = fully_shard_model(model, mesh, blocks=list(model.blocks))
+    elif name == "fsdp":
+        model = fully_shard_model(model, mesh_all, blocks=list(model.blocks))
+    elif name == "ddp":
+        model = data_parallel(model)
+    elif name == "ddp_sharded":
+        shard_expert_tables(model, mesh_all)
+        model = data_parallel(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    n = a.global_tokens // P
+    losses, times = [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for step in range(a.steps):
+        inp, tgt = batch(step, a, device)
+        inp, tgt = inp[rank * n:(rank + 1) * n], tgt[rank * n:(rank + 1) * n]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(inp).float(), tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        lv = loss.detach().double().reshape(1)
+        if P > 1:
+            dist.all_reduce(lv)
+        lv = float(lv) / P  # synchronises
+        times.append(time.perf_counter() - t0)
+        losses.append(lv)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    step_s = statistics.median(times[a.warmup:]) if len(times) > a.warmup else float("nan")
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"world": P, "experts": experts, "layers": layers, "loss": losses, "step_ms": 1e3 * step_s,
+            "tokens_per_s": a.global_tokens / step_s, "peak_mem_gib": peak}
+
+
+_G0 = None
+
+
+def main(argv=None):
+    global _G0
+    a = parse(argv)
+    if "LOCAL_RANK" not in os.environ:
+        print("launch with torchrun --nproc-per-node 2 benchmarks/distributed.py ...", file=sys.stderr)
+        return 2
+    local = int(os.environ["LOCAL_RANK"])
+    if a.device == "cuda":
+        if not torch.cuda.is_available():
+            print("CUDA is not available; use --device cpu --tiny", file=sys.stderr)
+            return 2
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    waiter = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=30))
+    _G0 = dist.new_group([0])
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh_all = init_device_mesh(device.type, (world,))
+    phases = [p for p in a.phases.split(",") if p]
+    plan = [(p, a.experts, a.layers) for p in phases]
+    if a.big:
+        # 2 GPUs first: a 1-GPU out-of-memory can leave the allocator fragmented
+        plan += [("fsdp", a.big_experts, a.big_layers), ("1gpu_fsdp", a.big_experts, a.big_layers)]
+    results = {}
+    for name, experts, layers in plan:
+        key = name if experts == a.experts else f"{name}_E{experts}"
+        if name.startswith("1gpu") and rank != 0:
+            dist.barrier(group=waiter)
+            continue
+        try:
+            res = run_phase(name, a, experts, layers, device, rank, world, mesh_all)
+        except torch.OutOfMemoryError as e:
+            res = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+            torch.cuda.empty_cache()
+        if name.startswith("1gpu"):
+            dist.barrier(group=waiter)
+        else:
+            # peak memory of every rank
+            mem = torch.tensor([res.get("peak_mem_gib") or -1.0], dtype=torch.float64, device=device)
+            allm = [torch.zeros_like(mem) for _ in range(world)]
+            dist.all_gather(allm, mem)
+            if "error" not in res:
+                res["peak_mem_gib_per_rank"] = [float(m) for m in allm]
+        results[key] = res
+        if rank == 0:
+            print(f"{key:20s} " + (res["error"] if "error" in res else
+                  f"{res['tokens_per_s']:12,.0f} tok/s  {res['step_ms']:8.2f} ms/step  "
+                  f"peak {res['peak_mem_gib'] or 0:6.2f} GiB  loss {res['loss'][0]:.3f} -> {res['loss'][-1]:.3f}"),
+                  flush=True)
+    if rank == 0:
+        summary = {}
+        for two, one in (("ddp", "1gpu"), ("fsdp", "1gpu_fsdp"), ("ddp_sharded", "1gpu"),
+                         (f"fsdp_E{a.big_experts}", f"1gpu_fsdp_E{a.big_experts}")):
+            r2, r1 = results.get(two), results.get(one)
+            if r2 and r1 and "error" not in r2 and "error" not in r1:
+                summary[f"{two}_vs_{one}"] = {
+                    "scaling_efficiency": r2["tokens_per_s"] / (2 * r1["tokens_per_s"]),
+                    "loss_max_abs_diff": max(abs(x - y) for x, y in zip(r2["loss"], r1["loss"])),
+                }
+        for k, v in summary.items():
+            print(f"{k:28s} scaling efficiency {v['scaling_efficiency']:.3f}  "
+                  f"max |loss diff| {v['loss_max_abs_diff']:.2e}")
+        out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "world": world, "args": vars(a), "loss_floor": math.log(4), "phases": results,
+               "comparisons": summary}
+        if a.json:
+            os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+            with open(a.json, "w") as f:
+                json.dump(out, f, indent=1)
+            print(f"wrote {a.json}")
+    dist.barrier(group=waiter)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

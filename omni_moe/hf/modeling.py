@@ -1,0 +1,227 @@
+"""Decoders whose MLPs are OmniMoE layers, built from transformers' own decoder blocks.
+
+For each supported family (Llama, Qwen2, Mistral, Qwen3) the classes here subclass the
+family's ``<Family>Model`` and ``<Family>ForCausalLM``: attention, RMSNorm, rotary
+embeddings, caches, masks and the decoder layer are transformers' own; only the
+``mlp`` of the chosen layers (``config.moe_layers``, default all) is an
+``OmniMoEBlock``.  A dense MLP's ``gate_proj``/``up_proj``/``down_proj`` modules become
+the block's shared branch unchanged, so parameter names and checkpoint keys of the
+attention and the shared branch are the family's.
+
+The Llama family is the native model: ``OmniMoEModel`` / ``OmniMoEForCausalLM`` with
+``OmniMoELMConfig`` (``model_type="omni_moe"``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+import torch.nn as nn
+from transformers import initialization as hf_init
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.output_capturing import OutputRecorder
+
+from ..layers.omni_moe import OmniMoE, OmniMoEConfig, RouterNorm
+from ..ops.router.op import omni_router
+from .configuration import FAMILIES, config_class_for
+from .losses import router_aux_loss
+
+
+def _in_backward() -> bool:
+    """True while autograd's engine runs a backward pass (where checkpointed layers are
+    recomputed)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+class RouterLogitsProbe(nn.Module):
+    """Where ``output_router_logits`` records a layer's router output: (T, 2N) float32,
+    the log-probabilities ``[log p_x | log p_y]`` of the two axes.  No parameters.
+
+    Called only while a forward hook is attached (transformers attaches one the first
+    time router logits are requested), so the concatenation costs nothing otherwise."""
+
+    def forward(self, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
+        return torch.cat((px, py), dim=-1)
+
+
+class OmniMoEBlock(OmniMoE):
+    """``OmniMoE`` used as a decoder layer's ``mlp``; exposes its router output to
+    transformers' output recording (``RouterLogitsProbe``)."""
+
+    def __init__(self, config: OmniMoEConfig):
+        super().__init__(config)
+        self.router_probe = RouterLogitsProbe()
+
+    def router_log_probs(self, h: torch.Tensor):
+        norms = (self.router_norm_x, self.router_norm_y)
+        if not (self.training and _in_backward() and all(isinstance(m, RouterNorm) for m in norms)):
+            return super().router_log_probs(h)
+        # Activation checkpointing recomputes this forward inside backward; BatchNorm's
+        # running statistics were already updated by the first forward, so keep them.
+        saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                 for m in norms]
+        out = super().router_log_probs(h)
+        with torch.no_grad():
+            for m, mean, var, nbt in saved:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(nbt)
+        return out
+
+    def route(self, h: torch.Tensor):
+        px, py = self.router_log_probs(h)
+        if self.router_probe._forward_hooks:
+            self.router_probe(px, py)
+        return omni_router(px, py, self.num_expert_sqrt, self.top_k)
+
+
+def layer_config(config) -> OmniMoEConfig:
+    """The ``OmniMoEConfig`` of every OmniMoE layer of a model with this HF config."""
+    return OmniMoEConfig(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                         hidden_act=config.hidden_act, num_experts=config.num_experts,
+                         num_experts_per_token=config.num_experts_per_tok,
+                         router_norm=config.router_norm)
+
+
+def check_dense_mlp(mlp: nn.Module, idx: int) -> None:
+    """TypeError/ValueError unless ``mlp`` is a bias-free Llama-style SwiGLU MLP."""
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        lin = getattr(mlp, name, None)
+        if not isinstance(lin, nn.Linear):
+            raise TypeError(f"model: layer {idx}'s mlp has no nn.Linear {name} "
+                            f"({type(mlp).__name__}); only Llama-style SwiGLU MLPs convert")
+        if lin.bias is not None:
+            raise ValueError(f"model: layer {idx}'s mlp.{name} has a bias (mlp_bias=True); "
+                             "OmniMoE's shared branch has none")
+
+
+def install_blocks(base_model: nn.Module, config, layer_ids) -> list[OmniMoEBlock]:
+    """Replace ``base_model.layers[i].mlp`` for i in ``layer_ids`` by OmniMoE blocks that
+    take over the dense MLP's three Linear modules as their shared branch.  The router
+    and expert tables are new, on the dense weights' device and dtype."""
+    lc = layer_config(config)
+    blocks = []
+    for i in layer_ids:
+        layer = base_model.layers[i]
+        dense = layer.mlp
+        check_dense_mlp(dense, i)
+        w = dense.gate_proj.weight
+        with torch.device(w.device):
+            block = OmniMoEBlock(lc)
+        block.to(dtype=w.dtype)
+        block.gate_proj, block.up_proj, block.down_proj = dense.gate_proj, dense.up_proj, dense.down_proj
+        layer.mlp = block
+        blocks.append(block)
+    return blocks
+
+
+def moe_layer_ids(config) -> list[int]:
+    n = config.num_hidden_layers
+    return list(range(n)) if config.moe_layers is None else list(config.moe_layers)
+
+
+def _init_block_weights(block: OmniMoEBlock, config) -> None:
+    # Inputs to the MLP are RMS-normalised (entries ~1), so u . h ~ N(0, 1) with
+    # std 1/sqrt(H); the output table starts like the model's other output projections.
+    hf_init.normal_(block.up_embed.weight, std=1.0 / math.sqrt(config.hidden_size))
+    hf_init.normal_(block.down_embed.weight, std=config.initializer_range)
+
+
+_CLASSES: dict[str, tuple[type, type]] = {}
+
+_FP32_MODULES = ["router_norm_x", "router_norm_y"]
+
+
+def _record_router_logits(base_cls) -> dict:
+    return {**base_cls._can_record_outputs, "router_logits": OutputRecorder(RouterLogitsProbe, index=0)}
+
+
+def model_classes(family: str) -> tuple[type, type]:
+    """(base model class, causal-LM class) with OmniMoE MLPs for a supported family."""
+    if family in _CLASSES:
+        return _CLASSES[family]
+    mod, prefix, _, ours = FAMILIES[family]
+    hf = importlib.import_module(f"transformers.models.{mod}.modeling_{mod}")
+    BaseModel = getattr(hf, f"{prefix}Model")
+    BaseLM = getattr(hf, f"{prefix}ForCausalLM")
+    Config = config_class_for(family)
+
+    class Model(BaseModel):
+        config_class = Config
+        _can_record_outputs = _record_router_logits(BaseModel)
+        _keep_in_fp32_modules = _FP32_MODULES
+
+        def __init__(self, config):
+            super().__init__(config)
+            for block in install_blocks(self, config, moe_layer_ids(config)):
+                for m in reversed(list(block.modules())):
+                    self._init_weights(m)
+
+        def _init_weights(self, module):
+            super()._init_weights(module)
+            if isinstance(module, OmniMoEBlock):
+                _init_block_weights(module, self.config)
+
+    class ForCausalLM(BaseLM):
+        config_class = Config
+        _keep_in_fp32_modules = _FP32_MODULES
+
+        def __init__(self, config):
+            # BaseLM.__init__ minus the dense base model: the same three attributes.
+            super(BaseLM, self).__init__(config)
+            self.model = Model(config)
+            self.vocab_size = config.vocab_size
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.post_init()
+
+        def _init_weights(self, module):
+            super()._init_weights(module)
+            if isinstance(module, OmniMoEBlock):
+                _init_block_weights(module, self.config)
+
+        # transformers 5 renamed past_key_values to cache; accept both, as the families do.
+        @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+        @can_return_tuple
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                    inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
+                    output_router_logits=None, **kwargs) -> MoeCausalLMOutputWithPast:
+            """The family's causal-LM forward plus ``output_router_logits`` (per OmniMoE
+            layer, (tokens, 2N) log-probabilities) and, with it, ``aux_loss``
+            (``router_aux_loss``), added to ``loss`` times ``router_aux_loss_coef``."""
+            if output_router_logits is None:
+                output_router_logits = self.config.output_router_logits
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, output_router_logits=output_router_logits, **kwargs)
+            hidden = out.last_hidden_state
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep, :])
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels,
+                                          vocab_size=self.config.vocab_size, **kwargs)
+            router_logits = getattr(out, "router_logits", None) if output_router_logits else None
+            aux = None
+            if router_logits:
+                aux = router_aux_loss(router_logits, self.config.num_experts_per_tok, attention_mask)
+                if loss is not None and self.config.router_aux_loss_coef:
+                    loss = loss + self.config.router_aux_loss_coef * aux.to(loss.device)
+            return MoeCausalLMOutputWithPast(
+                loss=loss, aux_loss=aux, logits=logits, cache=out.cache,
+                hidden_states=out.hidden_states, attentions=out.attentions,
+                router_logits=router_logits)
+
+    for cls, kind in ((Model, "Model"), (ForCausalLM, "ForCausalLM")):
+        cls.__name__ = cls.__qualname__ = f"{ours}{kind}"
+        cls.__module__ = __name__
+        cls.__doc__ = (f"``{prefix}{kind}`` whose decoder layers listed in ``config.moe_layers`` "
+                       f"(default all) have an ``OmniMoEBlock`` as their mlp.")
+    _CLASSES[family] = (Model, ForCausalLM)
+    return Model, ForCausalLM
+
+
+OmniMoEModel, OmniMoEForCausalLM = model_classes("llama")

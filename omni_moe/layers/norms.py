@@ -1,0 +1,61 @@
+"""The router's per-axis norms as modules: ``RouterNorm`` (BatchNorm1d without affine,
+float32) and ``RouterLayerNorm`` (per-token LayerNorm without affine); ``_plain`` tells
+whether a module runs only its own forward (the layer may then fuse its weights)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RouterNorm(nn.BatchNorm1d):
+    """``BatchNorm1d(N, affine=False)`` over router logits that computes in float32.
+
+    Its running statistics (``running_mean``, ``running_var``, ``num_batches_tracked``)
+    are buffers, not parameters: they are in the state_dict, no optimizer touches them,
+    and they are updated in place by every forward in training mode.  They stay float32
+    when the module is cast (``.to(torch.bfloat16)``, ``.half()``): router logits are
+    normalised in float32 because bf16 logits produce many exact ties in the router.
+    """
+
+    def __init__(self, num_features: int):
+        super().__init__(num_features, affine=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for name in ("running_mean", "running_var"):
+            buf = self._buffers.get(name)
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.training and x.shape[0] == 0:
+            # Batch statistics of an empty batch are NaN and would poison the running
+            # statistics; an empty batch is normalised with (and leaves) the running ones.
+            return F.batch_norm(x, self.running_mean, self.running_var, None, None, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+class RouterLayerNorm(nn.Module):
+    """Per-token ``layer_norm`` over one axis's N router logits, no affine, in float32.
+
+    No parameters or buffers (no state_dict keys).  Unlike ``RouterNorm`` it uses no
+    other token's logits, so a token's routing never depends on later tokens of the
+    batch.  Runs as torch ops on every device (the fused Triton prologue covers the
+    batch statistics only)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), (self.num_features,), eps=self.eps)
+
+
+def _plain(m: nn.Module) -> bool:
+    """True if calling ``m`` runs only its own forward (no hooks): the layer may then use
+    its weights directly in fused calls."""
+    return not (m._forward_hooks or m._forward_pre_hooks)

@@ -1,0 +1,309 @@
+"""The OmniMoE layer (arXiv 2602.05711): a shared dense SwiGLU MLP plus k atomic experts
+per token, chosen by the Cartesian-product omni router out of E = N^2.
+
+Per token h (see docs/layer.md):
+
+    lx = norm(W_x h),  ly = norm(W_y h)                 W_x, W_y: (N, H); norm: BatchNorm1d
+    px = log_softmax(lx), py = log_softmax(ly)          float32
+    scores, idx = omni_router(px, py, N, k)             top-k of px[i] + py[j] over N x N
+    w = exp(scores)                                     = p_x(i) p_y(j)
+    experts = omni_expert(h, up_embed, down_embed, w, idx, act)
+            = sum_r act(u[idx_r] . h) * w_r * v[idx_r]
+    mlp = down_proj(act(gate_proj h) * up_proj h)       cuBLAS GEMMs + fused activation
+    out = mlp + experts
+
+Launches of one eager training step on CUDA (docs/layer.md): the two gate projections
+are one GEMM (stacked weights); BatchNorm + log_softmax of both axes are 3 Triton
+launches (``omni_moe.ops.router_norm.kernels``); exp(scores) is fused into the expert
+kernels; the shared MLP's last GEMM adds the experts' output in its epilogue (addmm).
+
+Parameter names follow the public reference module (flash-algo/omni-moe ``OmniMoE``):
+``gate_proj``, ``up_proj``, ``down_proj``, ``router_gate_x``, ``router_gate_y``,
+``router_norm_x``, ``router_norm_y``, ``up_embed``, ``down_embed``, so its state_dict
+loads unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops._checks import check_layer_input
+from ..ops._dispatch import use_triton
+from ..ops.expert.op import omni_expert_from_scores
+from ..ops._activations import ACTIVATIONS
+from ..ops.swiglu.op import swiglu
+from ..ops.router.op import MAX_NUM_EXPERT_SQRT, omni_router
+from ..ops.router_norm.op import router_log_probs as fused_router_log_probs
+from .norms import RouterLayerNorm, RouterNorm, _plain
+from .output_stage import output_stage
+from .router_stage import router_stage
+from .router_stats import router_stats_group, sync_router_log_probs
+
+ROUTER_NORMS = ("batchnorm", "layernorm", "none")
+
+
+def _check_int(name, v, lo, hi=None):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be {rng}, got {v}")
+
+
+def _check_choice(name, v, choices):
+    if not isinstance(v, str):
+        raise TypeError(f"{name} must be a str, one of {choices}, got {type(v).__name__}")
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {v!r}")
+
+
+@dataclass
+class OmniMoEConfig:
+    """Sizes and choices of one OmniMoE layer; validated on construction.
+
+    Field order matches the public reference's ``OmniMoEConfig(hidden_size,
+    intermediate_size, hidden_act, num_experts, num_experts_per_token)``, so positional
+    calls written for it work here.
+
+    Attributes:
+        hidden_size: H, the model width (>= 1).
+        intermediate_size: I, width of the shared dense MLP (>= 1).
+        hidden_act: "silu" (default), "gelu" (exact erf GELU) or "relu"; used by both
+            the shared MLP and the atomic experts.
+        num_experts: E, a perfect square N^2 (the router's grid), 1 <= N <= 46340.
+            Required.
+        num_experts_per_token: k, 1 <= k <= E.  Required.
+        router_norm: "batchnorm" (BatchNorm1d without affine on each router axis, as the
+            paper and the public reference), "layernorm" (per-token LayerNorm without
+            affine over each axis's N logits: no statistics shared across tokens, so
+            causal in training) or "none".
+        sync_router_stats: in training, compute the router norms' batch statistics over
+            all processes of the process group, as ``nn.SyncBatchNorm`` does (the same
+            routing, gradients and running statistics as one process on the
+            concatenated batch).  None (default): on when ``torch.distributed`` is
+            initialised with more than one process; True: required (raises without a
+            process group); False: each process normalises with its own batch.  See
+            docs/distributed.md and ``omni_moe.distributed``.
+        sparse_expert_grad: False (default): dense (E, H) gradients of ``up_embed`` and
+            ``down_embed``.  True: sparse COO gradients holding only the used experts'
+            rows (``nn.Embedding(sparse=True)``'s convention; for SparseAdam, SGD,
+            Adagrad; one device sync per backward; not CUDA-graph capturable or
+            compilable).  See docs/layer.md, "Sparse expert gradients".
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    hidden_act: str = "silu"
+    num_experts: int | None = None
+    num_experts_per_token: int | None = None
+    router_norm: str = "batchnorm"
+    sync_router_stats: bool | None = None
+    sparse_expert_grad: bool = False
+
+    def __post_init__(self):
+        _check_int("hidden_size", self.hidden_size, 1)
+        _check_int("intermediate_size", self.intermediate_size, 1)
+        _check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
+        if self.num_experts is None:
+            raise TypeError("num_experts is required (a perfect square N*N)")
+        _check_int("num_experts", self.num_experts, 1, MAX_NUM_EXPERT_SQRT**2)
+        n = math.isqrt(self.num_experts)
+        if n * n != self.num_experts:
+            raise ValueError(
+                f"num_experts must be a perfect square (the router's N x N grid), got "
+                f"{self.num_experts}; nearest: {n * n} or {(n + 1) ** 2}"
+            )
+        if self.num_experts_per_token is None:
+            raise TypeError("num_experts_per_token is required")
+        _check_int("num_experts_per_token", self.num_experts_per_token, 1, self.num_experts)
+        _check_choice("router_norm", self.router_norm, ROUTER_NORMS)
+        if self.sync_router_stats is not None and not isinstance(self.sync_router_stats, bool):
+            raise TypeError(f"sync_router_stats must be a bool or None, got {type(self.sync_router_stats).__name__}")
+        if not isinstance(self.sparse_expert_grad, bool):
+            raise TypeError(f"sparse_expert_grad must be a bool, got {type(self.sparse_expert_grad).__name__}")
+
+    @property
+    def num_expert_sqrt(self) -> int:
+        """N = sqrt(num_experts)."""
+        return math.isqrt(self.num_experts)
+
+
+class OmniMoE(nn.Module):
+    """One OmniMoE layer: ``out = mlp(h) + experts(h)`` for input of shape (..., H).
+
+    Runs anywhere the three ops do: CUDA tensors go through the Triton kernels (router,
+    atomic experts, fused activation) and cuBLAS; CPU tensors through the PyTorch paths
+    (through the Triton interpreter under ``TRITON_INTERPRET=1``).  Traceable by
+    ``torch.compile(fullgraph=True)``.
+
+    Parameters (state_dict keys, shared with the public reference module):
+        gate_proj, up_proj: nn.Linear(H, I, bias=False); down_proj: nn.Linear(I, H, bias=False)
+        router_gate_x, router_gate_y: nn.Linear(H, N, bias=False)
+        router_norm_x, router_norm_y: ``RouterNorm`` (BatchNorm1d, affine=False) with
+            buffers running_mean, running_var, num_batches_tracked; ``nn.Identity`` (no
+            keys) when ``config.router_norm == "none"``, ``RouterLayerNorm`` (no keys)
+            when "layernorm"
+        up_embed, down_embed: nn.Embedding(E, H)  (the atomic experts' u and v rows)
+
+    Initialisation: Linear layers as nn.Linear; the expert embeddings normal with std
+    1/sqrt(H) (nn.Embedding's default std 1 makes u . h grow like sqrt(H)).
+
+    In training mode the router norms use batch statistics over all tokens of the call
+    (which must then be more than one, as for any BatchNorm1d; an empty batch is fine).
+    """
+
+    def __init__(self, config: OmniMoEConfig):
+        super().__init__()
+        if not isinstance(config, OmniMoEConfig):
+            raise TypeError(f"config must be an OmniMoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.hidden_size = H = config.hidden_size
+        self.intermediate_size = I = config.intermediate_size
+        self.num_experts = E = config.num_experts
+        self.num_expert_sqrt = N = config.num_expert_sqrt
+        self.top_k = config.num_experts_per_token
+        self.act = config.hidden_act
+
+        self.gate_proj = nn.Linear(H, I, bias=False)
+        self.up_proj = nn.Linear(H, I, bias=False)
+        self.down_proj = nn.Linear(I, H, bias=False)
+
+        self.router_gate_x = nn.Linear(H, N, bias=False)
+        self.router_gate_y = nn.Linear(H, N, bias=False)
+        if config.router_norm == "batchnorm":
+            self.router_norm_x = RouterNorm(N)
+            self.router_norm_y = RouterNorm(N)
+        elif config.router_norm == "layernorm":
+            self.router_norm_x = RouterLayerNorm(N)
+            self.router_norm_y = RouterLayerNorm(N)
+        else:
+            self.router_norm_x = nn.Identity()
+            self.router_norm_y = nn.Identity()
+
+        # ``sparse`` mirrors the gradient layout for code that inspects embeddings.
+        self.up_embed = nn.Embedding(E, H, sparse=config.sparse_expert_grad)
+        self.down_embed = nn.Embedding(E, H, sparse=config.sparse_expert_grad)
+        self.reset_expert_parameters()
+
+    def reset_expert_parameters(self) -> None:
+        std = 1.0 / math.sqrt(self.hidden_size)
+        nn.init.normal_(self.up_embed.weight, std=std)
+        nn.init.normal_(self.down_embed.weight, std=std)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"hidden_size={c.hidden_size}, intermediate_size={c.intermediate_size}, "
+                f"num_experts={c.num_experts} ({self.num_expert_sqrt}^2), top_k={self.top_k}, "
+                f"act={c.hidden_act!r}, router_norm={c.router_norm!r}")
+
+    def route(self, h: torch.Tensor):
+        """(scores, indices) of the k experts of each row of 2-D ``h``: scores are the
+        float32 log-probabilities log p_x(i) + log p_y(j), indices int32 i*N + j."""
+        mode = self._fused_router_mode(h)
+        if mode is not None and self._router_stats_group() is None:
+            # gate GEMM, norm, log_softmax and router: one autograd node
+            return router_stage(self, h, mode)
+        px, py = self.router_log_probs(h)
+        return omni_router(px, py, self.num_expert_sqrt, self.top_k)
+
+    def router_log_probs(self, h: torch.Tensor):
+        """(px, py): float32 (T, N) log_softmax(norm(W_x h)), log_softmax(norm(W_y h)).
+
+        Fast path (Triton tensors, eager): one GEMM with the stacked gate weights, then
+        ``omni_moe.ops.router_norm.kernels`` (3 launches forward and backward in training, 1
+        otherwise, instead of ~10 each way); px and py are the two column halves of one
+        (T, 2N) tensor.  Same math as the plain path below, which runs otherwise (CPU,
+        torch.compile -- where inductor fuses it --, N > 4096, momentum=None, hooks on
+        the router modules, a training batch of fewer than 2 tokens).
+        """
+        group = self._router_stats_group()
+        if group is not None:
+            return sync_router_log_probs(self, h, group)
+        mode = self._fused_router_mode(h)
+        if mode is None:
+            lx = self.router_norm_x(self.router_gate_x(h).float())
+            ly = self.router_norm_y(self.router_gate_y(h).float())
+            return F.log_softmax(lx.float(), dim=-1), F.log_softmax(ly.float(), dim=-1)
+        logits = F.linear(h, torch.cat((self.router_gate_x.weight, self.router_gate_y.weight)))
+        if mode == "none":
+            return fused_router_log_probs(logits, self.num_expert_sqrt, mode, None, 0.0, 0.0)
+        nx, ny = self.router_norm_x, self.router_norm_y
+        running = (nx.running_mean, nx.running_var, nx.num_batches_tracked,
+                   ny.running_mean, ny.running_var, ny.num_batches_tracked)
+        return fused_router_log_probs(logits, self.num_expert_sqrt, mode, running, nx.momentum, nx.eps)
+
+    def _router_stats_group(self):
+        """The process group the router norms' batch statistics are synchronised over,
+        or None (``omni_moe.distributed.router_stats_group``)."""
+        return router_stats_group(self)
+
+    def _fused_router_mode(self, h: torch.Tensor):
+        """"none" / "batch" / "running" when the fused router prologue applies, else None."""
+        from ..ops.router_norm.kernels import MAX_N
+
+        if (not use_triton(h) or torch.compiler.is_compiling() or h.shape[0] == 0
+                or self.num_expert_sqrt > MAX_N):
+            return None
+        gx, gy, nx, ny = self.router_gate_x, self.router_gate_y, self.router_norm_x, self.router_norm_y
+        if not all(_plain(m) for m in (gx, gy, nx, ny)) or gx.weight.dtype != h.dtype:
+            return None
+        if type(nx) is nn.Identity and type(ny) is nn.Identity:
+            return "none"
+        if not (type(nx) is RouterNorm and type(ny) is RouterNorm):
+            return None
+        if not (nx.track_running_stats and ny.track_running_stats and nx.training == ny.training
+                and nx.momentum is not None and nx.momentum == ny.momentum and nx.eps == ny.eps
+                and nx.running_mean is not None and ny.running_mean is not None):
+            return None
+        if nx.training:
+            return "batch" if h.shape[0] >= 2 else None
+        return "running"
+
+    def forward(self, hidden_states: torch.Tensor, return_routing: bool = False):
+        """``hidden_states`` (..., H) -> (..., H), same dtype.
+
+        With ``return_routing=True`` returns ``(out, (scores, indices))``, scores float32
+        log-probabilities and indices int32, both of shape (..., k).
+
+        ``hidden_states`` must be a dense floating tensor of the parameters' dtype (no
+        implicit cast; under ``torch.autocast`` any floating dtype), and with the
+        BatchNorm router in training mode hold at least 2 tokens (or none): see
+        ``omni_moe.ops._checks.check_layer_input``.
+        """
+        check_layer_input(self, hidden_states)
+        shape = hidden_states.shape
+        # (T, H) input as is: a same-shape reshape/view would add two autograd nodes.
+        flat = hidden_states.dim() == 2
+        h = hidden_states if flat else hidden_states.reshape(-1, self.hidden_size)
+        scores, indices = self.route(h)
+        if getattr(self, "expert_sharding", None) is not None:
+            # Expert tables sharded across processes (omni_moe.distributed.shard_expert_tables).
+            experts = self.expert_sharding(self, h, scores, indices)
+        else:
+            out = output_stage(self, h, scores, indices)   # one autograd node (eager)
+            if out is not None:
+                out = out if flat else out.view(shape)
+                if return_routing:
+                    lead = shape[:-1]
+                    return out, (scores.view(*lead, self.top_k), indices.view(*lead, self.top_k))
+                return out
+            # w = exp(scores) is fused into the expert kernels (no launch, no autograd node).
+            experts = omni_expert_from_scores(h, self.up_embed.weight, self.down_embed.weight,
+                                              scores, indices, act=self.act,
+                                              sparse_grad=self.up_embed.sparse)
+        inner = swiglu(self.gate_proj(h), self.up_proj(h), self.act)
+        if _plain(self.down_proj) and self.down_proj.weight.dtype == experts.dtype:
+            # experts + inner @ W_down^T in one cuBLAS call (the add in its epilogue).
+            out = torch.addmm(experts, inner, self.down_proj.weight.t())
+        else:
+            out = self.down_proj(inner) + experts
+        out = out if flat else out.view(shape)
+        if return_routing:
+            lead = shape[:-1]
+            return out, (scores.view(*lead, self.top_k), indices.view(*lead, self.top_k))
+        return out

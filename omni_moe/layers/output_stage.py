@@ -1,0 +1,91 @@
+"""The layer's output stage as one autograd node (eager mode).
+
+    out = addmm(experts(h, u, v, exp(scores), idx), act(h W_g^T) * (h W_u^T), W_d^T)
+
+``OmniMoE.forward`` built it from eight autograd nodes (the expert Function, two
+``F.linear`` (Mm + T each), the SwiGLU Function, ``addmm`` and its weight's T) and two
+``Function.apply`` calls.  Here the same calls run inside one ``autograd.Function``:
+every kernel and GEMM, in the operand layouts of aten's ``mm`` backward
+(``g.t().mm(x)`` for the weight W of ``x W^T``, whose transposed view is column-major;
+``g.mm(W)`` for the input), so each gradient is bitwise what the
+unfused path computed, except the input gradient: its three terms (experts, gate, up)
+are summed here in a fixed order, the MLP terms in the GEMMs' epilogues (``addmm_``,
+one rounding fewer), where autograd summed them with two elementwise adds in its own
+order (within rounding; the layer tests' float64 bounds are unchanged).
+
+Launches: the same Triton kernels and GEMMs, and two elementwise adds fewer.  Used by ``OmniMoE.forward`` outside ``torch.compile`` when the
+MLP modules are plain (no hooks) and every weight has h's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _OutputStage(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, up, down, scores, idx, wg, wu, wd, act, sparse_grad):
+        from ..ops.expert.op import _forward_impl as expert_forward
+        from ..ops.swiglu.op import _forward_impl as swiglu_forward
+
+        experts, a, sorted_e, perm = expert_forward(h, up, down, scores, idx, act, True)
+        gate = F.linear(h, wg)
+        upp = F.linear(h, wu)
+        inner = swiglu_forward(gate, upp, act)
+        out = torch.addmm(experts, inner, wd.t())
+        ctx.save_for_backward(h, up, down, scores, idx, a, sorted_e, perm, wg, wu, wd, gate, upp,
+                              inner)
+        ctx.act, ctx.sparse_grad = act, sparse_grad
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        from ..ops.expert.op import _backward_impl as expert_backward
+        from ..ops.swiglu.op import _backward_impl as swiglu_backward
+
+        h, up, down, scores, idx, a, sorted_e, perm, wg, wu, wd, gate, upp, inner = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_h, need_up, need_down, need_s = need[:4]
+        need_wg, need_wu, need_wd = need[5:8]
+        act = ctx.act
+        dh = dup = ddown = ds = dwg = dwu = dwd = None
+        if need_h or need_up or need_down or need_s:
+            if ctx.sparse_grad:
+                from ..ops.expert.sparse import sparse_backward_impl as fn
+            else:
+                fn = expert_backward
+            dh, dup, ddown, ds = fn(dout, h, up, down, scores, idx, a, sorted_e, perm, act,
+                                    bool(need_h), bool(need_up), bool(need_down), True)
+        if need_wd:
+            dwd = dout.t().mm(inner)
+        if need_h or need_wg or need_wu:
+            dgate, dupp = swiglu_backward(dout.mm(wd), gate, upp, act)
+            if need_wg:
+                dwg = dgate.t().mm(h)
+            if need_wu:
+                dwu = dupp.t().mm(h)
+            if need_h:
+                # The input gradient's MLP terms added in the GEMMs' epilogues (beta = 1),
+                # in place on the experts' fresh dh: no elementwise add launches.
+                dh = dh.addmm_(dgate, wg).addmm_(dupp, wu)
+        return (dh if need_h else None, dup if need_up else None, ddown if need_down else None,
+                ds if need_s else None, None, dwg, dwu, dwd, None, None)
+
+
+def output_stage(layer, h, scores, indices):
+    """``layer``'s experts + shared MLP for 2-D ``h`` through one autograd node, or None
+    when the unfused path must run (compiling, hooks, mixed dtypes)."""
+    from ..ops.expert.op import check_expert_args
+    from .norms import _plain
+
+    mods = (layer.gate_proj, layer.up_proj, layer.down_proj)
+    if torch.compiler.is_compiling() or not all(_plain(m) for m in mods):
+        return None
+    ws = (layer.up_embed.weight, layer.down_embed.weight) + tuple(m.weight for m in mods)
+    if any(w.dtype != h.dtype for w in ws):
+        return None
+    check_expert_args(h, ws[0], ws[1], scores, indices, layer.act)
+    return _OutputStage.apply(h, ws[0], ws[1], scores, indices, ws[2], ws[3], ws[4], layer.act,
+                              bool(layer.up_embed.sparse))

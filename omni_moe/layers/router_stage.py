@@ -1,0 +1,77 @@
+"""The layer's router stage as one autograd node (eager, Triton tensors).
+
+    logits = h [W_x; W_y]^T -> BatchNorm / none -> log_softmax (both axes)
+           -> omni_router top-k -> (scores float32, indices int32)
+
+``OmniMoE.route`` used to build it from four autograd-visible pieces (``torch.cat`` of
+the gate weights, ``F.linear``, the fused norm + log_softmax Function, the router
+Function): five autograd nodes (Cat, T, Mm and two Functions) and two
+``Function.apply`` calls per step.  Here the same calls run inside one
+``autograd.Function``: one node, one apply.  Every kernel, GEMM and its operand layout
+are the ones autograd ran before (``dlogits.t().mm(h)`` for the stacked weight
+gradient: aten's ``mm`` backward for a column-major second operand; ``dlogits.mm(W)``
+for the input's), so results are bitwise those of the
+unfused path (tested).  Launches are unchanged: 1 cat + 1 GEMM + 1-3 norm + 1 router
+forward; 1 router + 1-3 norm + 2 GEMMs backward.
+
+Used only where ``OmniMoE._fused_router_mode`` allows the fused prologue (eager, Triton
+tensors, plain modules); everything else keeps the unfused path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _RouterStage(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, wx, wy, n, k, mode, running, momentum, eps):
+        from ..ops.router.op import _forward_impl as router_forward
+        from ..ops.router_norm.kernels import norm_log_softmax_forward
+
+        w = torch.cat((wx, wy))
+        logits = F.linear(h, w)
+        p, stats = norm_log_softmax_forward(logits, n, mode, running, momentum, eps)
+        scores, indices = router_forward(p[:, :n], p[:, n:], k, "pruned")
+        ctx.mark_non_differentiable(indices)
+        ctx.n, ctx.mode, ctx.eps = n, mode, eps
+        if mode == "running" and any(ctx.needs_input_grad[:3]):
+            # Copies: a training-mode call before this backward updates the running
+            # statistics in place (in a kernel, which autograd's version counters miss).
+            ctx.save_for_backward(h, w, logits, p, stats, indices, running[1].clone(),
+                                  running[4].clone())
+        else:
+            ctx.save_for_backward(h, w, logits, p, stats, indices)
+        return scores, indices
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dscores, _dindices):
+        from ..ops.router.op import _backward_impl as router_backward
+        from ..ops.router_norm.kernels import norm_log_softmax_backward
+
+        h, w, logits, p, stats, indices, *rv = ctx.saved_tensors
+        n = ctx.n
+        dpx, dpy = router_backward(dscores, indices, n)
+        running = (None, rv[0], None, None, rv[1], None) if rv else None
+        dlogits = norm_log_softmax_backward(dpx, dpy, p, logits, stats, n, ctx.mode, running, ctx.eps)
+        need_h, need_wx, need_wy = ctx.needs_input_grad[:3]
+        # The operand layouts of aten's linear backward (mm of the transposed weight).
+        dh = dlogits.mm(w) if need_h else None
+        dw = dlogits.t().mm(h) if (need_wx or need_wy) else None
+        return (dh, dw[:n] if need_wx else None, dw[n:] if need_wy else None,
+                None, None, None, None, None, None)
+
+
+def router_stage(layer, h: torch.Tensor, mode: str):
+    """(scores, indices) of ``layer`` (an ``OmniMoE``) for 2-D ``h`` through one autograd
+    node; ``mode`` = ``layer._fused_router_mode(h)`` (not None)."""
+    gx, gy = layer.router_gate_x.weight, layer.router_gate_y.weight
+    n, k = layer.num_expert_sqrt, layer.top_k
+    if mode == "none":
+        return _RouterStage.apply(h, gx, gy, n, k, mode, None, 0.0, 0.0)
+    nx, ny = layer.router_norm_x, layer.router_norm_y
+    running = (nx.running_mean, nx.running_var, nx.num_batches_tracked,
+               ny.running_mean, ny.running_var, ny.num_batches_tracked)
+    return _RouterStage.apply(h, gx, gy, n, k, mode, running, nx.momentum, nx.eps)

@@ -1,0 +1,90 @@
+"""Argument checks shared by the public functions and the layer.
+
+Every check raises TypeError/ValueError naming the offending argument, before any work
+(and before torch fails somewhere inside with a message about its own internals).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_dense(name: str, t: torch.Tensor) -> None:
+    """TypeError unless ``t`` is a dense (strided) tensor: sparse layouts (COO, CSR, CSC,
+    BSR, BSC), nested and mkldnn tensors have no strides for the kernels to read, and the
+    PyTorch paths would fail deep inside torch.  Meta tensors are dense: they run the
+    PyTorch paths and give the output shapes (deferred initialisation, shape tracing)."""
+    if t.is_nested:
+        raise TypeError(f"{name} must be a dense tensor, got a nested tensor")
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"{name} must be a dense (strided) tensor, got layout {t.layout}; "
+            f"convert it with .to_dense()")
+
+
+def check_float_tensor(name: str, t, dims: int | None = None) -> None:
+    """TypeError unless ``t`` is a dense float32/float16/bfloat16 tensor; ValueError unless
+    it has ``dims`` dimensions (None: at least one)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_dense(name, t)
+    if t.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if dims is None and t.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension, got a scalar")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+
+
+def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, *,
+               dtype=True, shape=True) -> None:
+    """``t`` on ``ref``'s device (ValueError), with its dtype (TypeError) and shape
+    (ValueError) where asked."""
+    if dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    if shape and t.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but {ref_name} has {tuple(ref.shape)}")
+
+
+def check_layer_input(layer, hidden_states) -> None:
+    """Validate the input of ``OmniMoE.forward`` (``layer``) before any work.
+
+    Dtype rule: the input must have the dtype of the weights that read it (the gate,
+    up and router projections); a mismatch raises TypeError naming both rather than being
+    cast silently (a cast would hide a half-converted model and copy the activations).
+    Under ``torch.autocast`` for the input's device the projections cast for themselves,
+    so the rule is not applied there.
+    """
+    if not isinstance(hidden_states, torch.Tensor):
+        raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
+    check_dense("hidden_states", hidden_states)
+    if not hidden_states.is_floating_point():
+        raise TypeError(
+            f"hidden_states must be a floating-point tensor, got {hidden_states.dtype}")
+    wdt = layer.gate_proj.weight.dtype
+    if wdt not in _KERNEL_DTYPES:
+        raise TypeError(
+            f"OmniMoE's parameters are {wdt}; it runs in float32, float16 or bfloat16: "
+            f"cast the module with .float(), .half() or .bfloat16()")
+    if hidden_states.dtype != wdt and not torch.is_autocast_enabled(hidden_states.device.type):
+        raise TypeError(
+            f"hidden_states has dtype {hidden_states.dtype} but OmniMoE's parameters are "
+            f"{wdt}; cast one to the other (e.g. hidden_states.to({wdt}))")
+    H = layer.hidden_size
+    if hidden_states.dim() < 1 or hidden_states.shape[-1] != H:
+        raise ValueError(
+            f"hidden_states must have shape (..., hidden_size={H}), got "
+            f"{tuple(hidden_states.shape)}")
+    norm = layer.router_norm_x
+    if (isinstance(norm, torch.nn.modules.batchnorm._BatchNorm)
+            and (norm.training or norm.running_mean is None)
+            and hidden_states.numel() // H == 1):
+        raise ValueError(
+            "router_norm='batchnorm' needs at least 2 tokens in training mode: the router "
+            "normalises its logits with statistics over the tokens of the call, and one "
+            "token has no variance. Pass more tokens, call .eval() (running statistics), "
+            "or build the layer with router_norm='none'")

@@ -1,0 +1,167 @@
+"""The omni router op: argument checks, ``torch.library`` custom ops, autograd, and the
+public ``omni_router``.
+
+``omni_router`` (the pruned algorithm) and the full scan kept for comparison
+(``route(..., "fullscan")``, exposed as the seed's ``triton_omni_router_func``) go
+through the ops registered here, so every entry point validates its arguments the same
+way, has the same backward, and is traceable by ``torch.compile(fullgraph=True)``.
+
+Eager calls run the same implementation functions through a plain
+``torch.autograd.Function`` (or directly, without autograd, when no gradient is needed):
+a custom-op call costs about 0.1 ms of host time, more than the kernels at small T.
+Traced code (``torch.compiler.is_compiling()``) goes through the custom op.
+
+Dispatch (``omni_moe.ops._dispatch``): CUDA tensors, and CPU tensors under
+``TRITON_INTERPRET=1``, run the Triton kernels of the chosen algorithm
+(``fullscan.py``, ``pruned.py``, ``backward.py``); other CPU tensors run
+``cpu.router_cpu`` (the faster of two exact PyTorch algorithms for the size).
+docs/router.md states the contract.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_float_tensor, check_same
+from .._dispatch import use_triton
+from .backward import router_backward
+from .fullscan import fullscan_router_forward
+from .pruned import pruned_router_forward
+from .cpu import router_cpu
+from .reference import router_backward_reference
+
+ALGORITHMS = ("fullscan", "pruned")
+# Flat expert indices are int32.
+MAX_NUM_EXPERT_SQRT = 46340
+
+
+def check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token):
+    """Validate user input; raise TypeError/ValueError naming the offending argument."""
+    x, y = router_logits_x, router_logits_y
+    check_float_tensor("router_logits_x", x)
+    check_float_tensor("router_logits_y", y)
+    for name, t in (("router_logits_x", x), ("router_logits_y", y)):
+        if t.dim() != 2:
+            raise ValueError(f"{name} must have shape (T, N), got {tuple(t.shape)}")
+    check_same("router_logits_y", y, "router_logits_x", x)
+    for name, v in (("num_expert_sqrt", num_expert_sqrt), ("num_experts_per_token", num_experts_per_token)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    n = num_expert_sqrt
+    if n < 1 or n > MAX_NUM_EXPERT_SQRT:
+        raise ValueError(f"num_expert_sqrt must be in [1, {MAX_NUM_EXPERT_SQRT}], got {n}")
+    if x.shape[1] != n:
+        raise ValueError(
+            f"num_expert_sqrt={n} does not match router_logits_x.shape[1]={x.shape[1]}"
+        )
+    k = num_experts_per_token
+    if k < 0 or k > n * n:
+        raise ValueError(f"num_experts_per_token must be in [0, {n * n}] (N*N), got {k}")
+
+
+_TRITON_FORWARD = {"fullscan": fullscan_router_forward, "pruned": pruned_router_forward}
+
+
+def _forward_impl(x, y, k, algorithm):
+    if use_triton(x):
+        return _TRITON_FORWARD[algorithm](x, y, k)
+    return router_cpu(x, y, k)
+
+
+def _backward_impl(grad, indices, n):
+    if use_triton(grad):
+        return router_backward(grad, indices, n)
+    return router_backward_reference(grad, indices, n)
+
+
+@torch.library.custom_op("omni_moe::router_forward", mutates_args=())
+def _router_forward(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(x, y, k, algorithm)
+
+
+@_router_forward.register_fake
+def _(x, y, k, algorithm):
+    T = x.shape[0]
+    return x.new_empty((T, k)), x.new_empty((T, k), dtype=torch.int32)
+
+
+@torch.library.custom_op("omni_moe::router_backward", mutates_args=())
+def _router_backward(grad: torch.Tensor, indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward_impl(grad, indices, n)
+
+
+@_router_backward.register_fake
+def _(grad, indices, n):
+    T = grad.shape[0]
+    return grad.new_empty((T, n)), grad.new_empty((T, n))
+
+
+def _setup_context(ctx, inputs, output):
+    x, _, _, _ = inputs
+    ctx.save_for_backward(output[1])
+    ctx.n = x.shape[1]
+
+
+def _backward(ctx, grad_scores, grad_indices):
+    (indices,) = ctx.saved_tensors
+    dx, dy = torch.ops.omni_moe.router_backward(grad_scores, indices, ctx.n)
+    return dx, dy, None, None
+
+
+_router_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _RouterFunction(torch.autograd.Function):
+    """Eager-mode twin of the custom op: the same two implementation functions.
+
+    A custom-op call costs about 0.1 ms of host time on the H100 machine (dispatcher,
+    schema checks, Python), more than the kernel itself at T <= 16K; eager calls
+    therefore skip it, and only traced code (torch.compile) goes through the op.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, k, algorithm):
+        scores, indices = _forward_impl(x, y, k, algorithm)
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(indices)
+        ctx.n = x.shape[1]
+        return scores, indices
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_scores, grad_indices):
+        (indices,) = ctx.saved_tensors
+        dx, dy = _backward_impl(grad_scores, indices, ctx.n)
+        return dx, dy, None, None
+
+
+def route(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token, algorithm):
+    """Validate, then run the router with the given Triton algorithm."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token)
+    x, y, k = router_logits_x, router_logits_y, num_experts_per_token
+    if torch.compiler.is_compiling():
+        return torch.ops.omni_moe.router_forward(x, y, k, algorithm)
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        return _RouterFunction.apply(x, y, k, algorithm)
+    return _forward_impl(x, y, k, algorithm)
+
+
+def omni_router(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token):
+    """Top-k experts of the N x N Cartesian-product grid; the fastest exact router.
+
+    Args:
+        router_logits_x, router_logits_y: (T, N) float32/float16/bfloat16 tensors on
+            one device; any strides (e.g. the two column halves of one (T, 2N) tensor).
+        num_expert_sqrt: N.
+        num_experts_per_token: k, 0 <= k <= N*N.
+
+    Returns:
+        scores: (T, k) in the input dtype, sorted descending; scores[t, r] is
+            float32(x[t, i]) + float32(y[t, j]) rounded, for indices[t, r] = i*N + j.
+        indices: (T, k) int32, distinct per row.
+
+    Differentiable in both logits (scores only).  See docs/router.md.
+    """
+    return route(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token, "pruned")

@@ -1,0 +1,116 @@
+"""Optimizer helpers for models with OmniMoE layers.
+
+``param_groups``: the expert tables (``up_embed`` / ``down_embed`` of every ``OmniMoE``)
+in a group of their own, with their own learning rate and no weight decay by default.
+Each table row is one expert's vector, updated only on the steps that route to it
+(every ~E / (T k) steps for a rarely used one); product-key memories train such value
+tables with a higher learning rate than the dense weights and without weight decay,
+which would shrink a row on every step while its gradient arrives rarely.
+
+``clip_grad_norm_``: ``torch.nn.utils.clip_grad_norm_`` for gradients of either layout
+(dense or sparse COO, as ``sparse_expert_grad=True`` produces).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def _check_number(name, v, lo=0.0):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    if not math.isfinite(v) or v < lo:
+        raise ValueError(f"{name} must be a finite number >= {lo}, got {v}")
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The expert tables (``up_embed.weight``, ``down_embed.weight``) of every ``OmniMoE``
+    in ``model`` (the model itself included), each once, in module order."""
+    from .layers.omni_moe import OmniMoE
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    seen, out = set(), []
+    for m in model.modules():
+        if isinstance(m, OmniMoE):
+            for p in (m.up_embed.weight, m.down_embed.weight):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+    return out
+
+
+def param_groups(model: nn.Module, *, lr: float, expert_lr: float | None = None,
+                 weight_decay: float = 0.0, expert_weight_decay: float = 0.0,
+                 split: bool = False):
+    """Parameter groups for ``torch.optim`` optimizers: the expert tables apart.
+
+    Args:
+        model: any module containing ``OmniMoE`` layers.
+        lr, weight_decay: of every other trainable parameter (the default group).
+        expert_lr: learning rate of the expert tables (default: ``lr``).
+        expert_weight_decay: their weight decay (default 0).
+        split: False (default): returns ``[default_group, expert_group]`` for one
+            optimizer, e.g. ``torch.optim.AdamW(param_groups(model, lr=1e-3,
+            expert_lr=1e-2, weight_decay=0.1))``.  True: returns the two groups as a
+            tuple ``(default_group, expert_group)`` for two optimizers -- what sparse
+            expert gradients need (``torch.optim.SparseAdam([expert_group])`` and a
+            dense optimizer for the rest).
+
+    Groups are dicts with ``params``, ``lr``, ``weight_decay`` and ``name`` ("default" /
+    "experts"); a group may be empty (a model without OmniMoE layers has no expert
+    parameters).  Only parameters with ``requires_grad`` are included, each once.
+    For SparseAdam, drop ``weight_decay`` from the expert group (it has no such option).
+    """
+    _check_number("lr", lr)
+    if expert_lr is None:
+        expert_lr = lr
+    _check_number("expert_lr", expert_lr)
+    _check_number("weight_decay", weight_decay)
+    _check_number("expert_weight_decay", expert_weight_decay)
+    experts = [p for p in expert_parameters(model) if p.requires_grad]
+    ids = {id(p) for p in experts}
+    seen, rest = set(), []
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in ids and id(p) not in seen:
+            seen.add(id(p))
+            rest.append(p)
+    default = {"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "default"}
+    expert = {"params": experts, "lr": expert_lr, "weight_decay": expert_weight_decay,
+              "name": "experts"}
+    return (default, expert) if split else [default, expert]
+
+
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """Scale the gradients of ``parameters`` in place so that their joint ``norm_type``
+    norm is at most ``max_norm``; returns the norm before clipping (a 0-d tensor).
+
+    As ``torch.nn.utils.clip_grad_norm_`` (same formula: coefficient max_norm / (norm +
+    1e-6), clamped to 1), but sparse COO gradients are accepted: their norm is that of
+    their coalesced values.  No host sync (the clamp is a tensor op).
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    _check_number("max_norm", max_norm)
+    if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or norm_type <= 0:
+        raise ValueError(f"norm_type must be a positive number or inf, got {norm_type!r}")
+    if not grads:
+        return torch.tensor(0.0)
+    dev = grads[0].device
+    # A sparse gradient's values may repeat rows (accumulated passes): coalesce first.
+    dense_views = [g.coalesce().values() if g.is_sparse else g for g in grads]
+    norms = torch.stack([torch.linalg.vector_norm(v.detach(), norm_type, dtype=torch.float32).to(dev)
+                         for v in dense_views])
+    total = torch.linalg.vector_norm(norms, norm_type)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        if g.is_sparse:
+            # In place on the stored tensor: its values are scaled (duplicates included).
+            g._values().mul_(coef.to(g.dtype))
+        else:
+            g.mul_(coef.to(g.dtype))
+    return total

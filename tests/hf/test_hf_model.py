@@ -1,0 +1,380 @@
+"""omni_moe.hf: conversion of dense transformers models, the native OmniMoEForCausalLM,
+save/load, generate, router logits, aux loss, expert usage.  Tiny random configs on
+CPU; no downloads.  All but the last test run the PyTorch paths (fast); the last runs
+the Triton kernels under TRITON_INTERPRET=1."""
+
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import omni_moe.hf as ohf  # noqa: E402
+from omni_moe.hf import OmniMoEForCausalLM, OmniMoELMConfig, apply_omnimoe  # noqa: E402
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig,  # noqa: E402
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+V = 61  # odd vocabulary
+
+
+@pytest.fixture(autouse=True)
+def torch_path(monkeypatch, request):
+    if "kernels" not in request.node.name:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def small(cls=LlamaConfig, **kw):
+    base = dict(vocab_size=V, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    base.update(kw)
+    return cls(**base)
+
+
+def native(**kw):
+    opts = dict(num_experts=25, num_experts_per_tok=3, router_norm="layernorm")
+    opts.update(kw)
+    return OmniMoEForCausalLM(small(OmniMoELMConfig, **opts))
+
+
+def tokens(b=2, s=11, seed=0):
+    return torch.randint(0, V, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_experts(model, seed=3):
+    """Non-zero expert tables, so equalities below are not trivially 0 == 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, ohf.OmniMoEBlock):
+                m.down_embed.weight.copy_(torch.randn(m.down_embed.weight.shape, generator=g) * 0.1)
+
+
+def train_steps(model, steps=4, lr=1e-2, **kw):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    x = tokens(4, 16, seed=5)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        out = model(x, labels=x, **kw)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    return losses
+
+
+# ------------------------------------------------------------------ conversion
+@pytest.mark.parametrize("cls,cfg_cls", [(LlamaForCausalLM, LlamaConfig), (Qwen2ForCausalLM, Qwen2Config),
+                                         (MistralForCausalLM, MistralConfig),
+                                         (Qwen3ForCausalLM, Qwen3Config)])
+@pytest.mark.parametrize("norm", ["batchnorm", "layernorm"])
+def test_conversion_keeps_logits(cls, cfg_cls, norm):
+    torch.manual_seed(0)
+    model = cls(small(cfg_cls))
+    x = tokens()
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        with torch.no_grad():
+            want = model(x).logits
+        if mode == "eval":
+            apply_omnimoe(model, layers=[0, 2], num_experts=16, num_experts_per_tok=5, router_norm=norm)
+            assert isinstance(model, cls)  # still the original class (a subclass of it)
+            assert [type(l.mlp).__name__ for l in model.model.layers] == \
+                ["OmniMoEBlock", type(model.model.layers[1].mlp).__name__, "OmniMoEBlock"]
+            assert type(model.model.layers[1].mlp) is not ohf.OmniMoEBlock
+            assert model.config.moe_layers == [0, 2] and model.config.router_norm == norm
+        with torch.no_grad():
+            got = model(x).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the dense weights are the shared branch (same Parameter objects)
+    assert model.model.layers[0].mlp.gate_proj.weight.shape == (40, 32)
+
+
+def test_conversion_keeps_dense_parameters_and_trains():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(small())
+    gate = model.model.layers[1].mlp.gate_proj.weight
+    apply_omnimoe(model, num_experts=16, num_experts_per_tok=4)
+    assert model.model.layers[1].mlp.gate_proj.weight is gate
+    losses = train_steps(model, steps=6)
+    assert losses[-1] < losses[0] - 0.1, losses
+    # the zero-initialised expert tables received gradient and moved
+    assert model.model.layers[0].mlp.down_embed.weight.abs().sum() > 0
+
+
+def test_conversion_errors():
+    model = LlamaForCausalLM(small())
+    with pytest.raises(ValueError, match="num_experts"):
+        apply_omnimoe(model, num_experts=20, num_experts_per_tok=2)
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        apply_omnimoe(model, num_experts=16, num_experts_per_tok=17)
+    with pytest.raises(ValueError, match="layers"):
+        apply_omnimoe(model, layers=[3], num_experts=16, num_experts_per_tok=2)
+    with pytest.raises(ValueError, match="layers"):
+        apply_omnimoe(model, layers=[0, -3], num_experts=16, num_experts_per_tok=2)
+    with pytest.raises(ValueError, match="router_norm"):
+        apply_omnimoe(model, num_experts=16, num_experts_per_tok=2, router_norm="rms")
+    with pytest.raises(TypeError, match="layers"):
+        apply_omnimoe(model, layers="0", num_experts=16, num_experts_per_tok=2)
+    # a failed call leaves the model untouched
+    assert type(model) is LlamaForCausalLM and model.config.model_type == "llama"
+    with pytest.raises(ValueError, match="hidden_act"):
+        apply_omnimoe(LlamaForCausalLM(small(hidden_act="gelu_pytorch_tanh")), num_experts=16,
+                      num_experts_per_tok=2)
+    with pytest.raises(ValueError, match="mlp_bias"):
+        apply_omnimoe(LlamaForCausalLM(small(mlp_bias=True)), num_experts=16, num_experts_per_tok=2)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=V))
+    with pytest.raises(TypeError, match="model"):
+        apply_omnimoe(gpt2, num_experts=16, num_experts_per_tok=2)
+    with pytest.raises(TypeError, match="model"):
+        apply_omnimoe(torch.nn.Linear(2, 2), num_experts=16, num_experts_per_tok=2)
+    apply_omnimoe(model, num_experts=16, num_experts_per_tok=2)
+    with pytest.raises(ValueError, match="already"):
+        apply_omnimoe(model, num_experts=16, num_experts_per_tok=2)
+    with pytest.raises(ValueError, match="num_experts"):
+        small(OmniMoELMConfig, num_experts=10)
+    with pytest.raises(ValueError, match="moe_layers"):
+        small(OmniMoELMConfig, num_experts=16, moe_layers=[5])
+
+
+# ------------------------------------------------------------------ save / load
+@pytest.mark.parametrize("norm", ["batchnorm", "layernorm"])
+def test_roundtrip_converted(tmp_path, norm):
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(small(Qwen2Config)) if norm == "batchnorm" else LlamaForCausalLM(small())
+    apply_omnimoe(model, layers=[1], num_experts=16, num_experts_per_tok=3, router_norm=norm)
+    train_steps(model, steps=2)  # moves the tables and the BatchNorm running statistics
+    model.eval()
+    x = tokens(seed=9)
+    with torch.no_grad():
+        want = model(x).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    assert loaded.config.moe_layers == [1] and loaded.config.router_norm == norm
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, want, rtol=0, atol=0)
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys()
+    for k in sd:
+        assert torch.equal(sd[k], sd2[k]), k
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base) is type(model.model)
+
+
+def test_roundtrip_native_and_auto(tmp_path):
+    torch.manual_seed(0)
+    model = native(router_norm="batchnorm", moe_layers=[0, 2])
+    assert type(model.model.layers[1].mlp).__name__ == "LlamaMLP"
+    train_steps(model, steps=2)
+    model.eval()
+    x = tokens(seed=4)
+    with torch.no_grad():
+        want = model(x).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, OmniMoEForCausalLM)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, want, rtol=0, atol=0)
+    rn = loaded.model.layers[0].mlp.router_norm_x
+    assert int(rn.num_batches_tracked) == 2 and rn.running_var.ne(1).any()
+    # bf16 loading keeps the router norms' statistics float32
+    half = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert half.model.layers[0].mlp.up_embed.weight.dtype == torch.bfloat16
+    assert half.model.layers[0].mlp.router_norm_x.running_mean.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.isfinite(half(x).logits).all()
+
+
+def test_from_config_builds_native():
+    cfg = small(OmniMoELMConfig, num_experts=16, num_experts_per_tok=2)
+    auto = AutoConfig.for_model("omni_moe", num_experts=16, num_experts_per_tok=2)
+    assert isinstance(auto, OmniMoELMConfig) and auto.num_experts == 16
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert isinstance(model, OmniMoEForCausalLM) and isinstance(model, LlamaForCausalLM)
+    assert all(isinstance(l.mlp, ohf.OmniMoEBlock) for l in model.model.layers)
+    assert isinstance(AutoModel.from_config(cfg), ohf.OmniMoEModel)
+    # the native init gives non-zero expert tables (experts contribute from step 0)
+    assert model.model.layers[0].mlp.down_embed.weight.std() > 0
+
+
+# ------------------------------------------------------------------ generation
+@pytest.mark.parametrize("norm", ["batchnorm", "layernorm"])
+def test_generate_matches_stepwise_greedy(norm):
+    torch.manual_seed(0)
+    model = native(router_norm=norm, eos_token_id=None)  # no early stop: compare all tokens
+    train_steps(model, steps=1)
+    model.eval()
+    x = tokens(2, 5, seed=2)
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                         pad_token_id=0)
+    seq = x
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_one_token_decode_step_matches_full_forward():
+    torch.manual_seed(0)
+    model = native(router_norm="batchnorm").eval()
+    randomize_experts(model)
+    x = tokens(2, 8, seed=6)
+    with torch.no_grad():
+        full = model(x).logits
+        pre = model(x[:, :-1], use_cache=True)
+        step = model(x[:, -1:], cache=pre.cache, use_cache=True).logits
+        again = model(x[:, :-1], use_cache=True)  # the pre-5.x argument name still works
+        old_name = model(x[:, -1:], past_key_values=again.cache, use_cache=True).logits
+    torch.testing.assert_close(step[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(old_name, step, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ router outputs
+def test_router_logits_aux_loss_and_usage():
+    torch.manual_seed(0)
+    model = native(moe_layers=[0, 2], router_aux_loss_coef=0.5).eval()
+    x = tokens(2, 7, seed=1)
+    captured = {}
+    layer0 = model.model.layers[0].mlp
+    hook = layer0.register_forward_pre_hook(lambda m, a: captured.setdefault("h", a[0].detach()))
+    out = model(x, labels=x, output_router_logits=True)
+    hook.remove()
+    assert len(out.router_logits) == 2
+    lp = out.router_logits[0]
+    assert lp.shape == (14, 10) and lp.dtype == torch.float32
+    px, py = layer0.router_log_probs(captured["h"].reshape(-1, 32))
+    torch.testing.assert_close(lp, torch.cat([px, py], -1), rtol=0, atol=0)
+    # loss includes coef * aux_loss; without router logits there is neither
+    plain = model(x, labels=x)
+    assert plain.aux_loss is None and plain.router_logits is None
+    torch.testing.assert_close(out.loss, plain.loss + 0.5 * out.aux_loss)
+    # aux loss: 1 for uniform marginals, larger for concentrated ones; differentiable
+    n, T = 5, 6
+    uniform = torch.full((T, 2 * n), -float(torch.log(torch.tensor(5.0))))
+    assert abs(ohf.router_aux_loss((uniform,), 3).item() - 1.0) < 1e-6
+    peaked = torch.log_softmax(torch.tensor([9.0, 0, 0, 0, 0] * 2).repeat(T, 1).view(T, 2, n), -1).view(T, 2 * n)
+    assert ohf.router_aux_loss((peaked,), 1).item() > 4.0
+    # padding tokens are left out
+    mask = torch.ones(2, 3)
+    mask[1, 1:] = 0
+    lp6 = torch.cat([peaked[:4], uniform[:2]])
+    half = ohf.router_aux_loss((lp6,), 1, mask)
+    torch.testing.assert_close(half, ohf.router_aux_loss((peaked[:4],), 1))
+    # usage: the routing the layer used, counted
+    usage = ohf.expert_usage(out.router_logits, 3)
+    _, (_, idx) = layer0(captured["h"], return_routing=True)
+    want = torch.bincount(idx.reshape(-1).long(), minlength=25)
+    assert torch.equal(usage.counts[0], want)
+    assert usage.touched[0] == int((want > 0).sum()) and usage.counts[0].sum() == 14 * 3
+    assert usage.num_experts == 25
+
+
+def test_router_logits_after_conversion_of_a_used_model():
+    # transformers installs its recording hooks once per model; converting a model that
+    # already recorded hidden states must still record the new layers' router logits.
+    model = LlamaForCausalLM(small()).eval()
+    x = tokens()
+    model(x, output_hidden_states=True)
+    apply_omnimoe(model, num_experts=16, num_experts_per_tok=2)
+    out = model(x, output_router_logits=True, output_hidden_states=True)
+    assert len(out.router_logits) == 3 and len(out.hidden_states) == 4
+
+
+# ------------------------------------------------------------------ training features
+@pytest.mark.parametrize("norm", ["layernorm", "batchnorm"])
+def test_gradient_checkpointing_same_gradients(norm):
+    torch.manual_seed(0)
+    a = native(router_norm=norm)
+    randomize_experts(a)
+    b = native(router_norm=norm)
+    b.load_state_dict(a.state_dict())
+    if hasattr(b, "activation_checkpointing_enable"):
+        b.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        b.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    x = tokens(2, 9, seed=3)
+    calls = []
+    for m in (a, b):
+        m.train()
+        n = [0]
+        h = m.model.layers[0].mlp.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+        m(x, labels=x).loss.backward()
+        h.remove()
+        calls.append(n[0])
+    assert calls == [1, 2]  # the checkpointed model ran the layer again in backward
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    # the recomputation leaves BatchNorm's running statistics as one forward left them
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=0, msg=k)
+
+
+def test_native_training_lowers_loss_with_aux_loss():
+    torch.manual_seed(0)
+    model = native(router_aux_loss_coef=0.01)
+    losses = train_steps(model, steps=6, output_router_logits=True)
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_sdpa_matches_eager_and_bf16_runs():
+    torch.manual_seed(0)
+    model = native().eval()
+    randomize_experts(model)
+    x = tokens()
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        eager = model(x).logits
+        model.set_attn_implementation("sdpa")
+        assert model.config._attn_implementation == "sdpa"
+        sdpa = model(x).logits
+    torch.testing.assert_close(sdpa, eager, rtol=1e-4, atol=1e-5)
+    model = model.to(torch.bfloat16).train()
+    out = model(x, labels=x)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    assert model.model.layers[0].mlp.up_embed.weight.grad.dtype == torch.bfloat16
+
+
+def test_torch_compile_forward():
+    torch.manual_seed(0)
+    model = native().eval()
+    randomize_experts(model)
+    x = tokens()
+    with torch.no_grad():
+        want = model(x).logits
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
+        got = compiled(x).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ Triton kernels
+@pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs TRITON_INTERPRET=1 or CUDA")
+def test_kernels_converted_model_matches_torch_path(monkeypatch):
+    """The Triton kernels (interpreter on CPU) give the PyTorch path's logits and
+    gradients on a converted model (batchnorm, training mode: the fused prologue)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(small(num_hidden_layers=1))
+    apply_omnimoe(model, num_experts=16, num_experts_per_tok=3, router_norm="batchnorm")
+    randomize_experts(model)
+    model = model.to(dev).train()
+    x = tokens(2, 6).to(dev)
+    out = model(x, labels=x)
+    out.loss.backward()
+    kern = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if dev == "cuda":
+        model = model.cpu()
+        x = x.cpu()
+    ref = model(x, labels=x)
+    ref.loss.backward()
+    torch.testing.assert_close(out.logits.cpu(), ref.logits, rtol=1e-4, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(kern[n].cpu(), p.grad, rtol=1e-4, atol=1e-5, msg=n)

@@ -1,0 +1,512 @@
+"""Tests of the atomic-expert op: forward and every gradient against float64.
+
+Kernel tests run the Triton kernels: on CUDA when present, else on CPU through Triton's
+interpreter (TRITON_INTERPRET=1).  Run:
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_expert.py
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import omni_moe
+from omni_moe import omni_expert
+from omni_moe.ops.expert.op import check_expert_args
+from omni_moe.ops.expert.reference import (
+    expert_backward_reference,
+    expert_forward_reference,
+    expert_naive,
+)
+from omni_moe.ops.expert import kernels as kern
+from _expert_oracle import expert_oracle
+from _tolerance import accumulation_bound, assert_close_ulps
+
+HAS_CUDA = torch.cuda.is_available()
+ACTS = ("silu", "gelu", "relu")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- inputs
+
+def make_indices(T, k, E, kind, gen, dtype=torch.int64):
+    """(T, k) indices in [0, E).
+
+    random: uniform, duplicates possible within a row;  distinct: distinct per row
+    (as the router returns; needs k <= E);  skewed: most pairs on a few hot experts,
+    about half the experts unused.
+    """
+    if kind == "random":
+        idx = torch.randint(0, E, (T, k), generator=gen)
+    elif kind == "distinct":
+        idx = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :k]
+    elif kind == "skewed":
+        hot = torch.randint(0, max(1, E // 4), (T, k), generator=gen)
+        cold = torch.randint(0, max(1, E // 2), (T, k), generator=gen) * 2 % E
+        idx = torch.where(torch.rand(T, k, generator=gen) < 0.7, hot, cold)
+    else:
+        raise ValueError(kind)
+    return idx.to(dtype)
+
+
+def make_inputs(T, H, E, k, dtypes, device, kind="random", seed=0, idx_dtype=torch.int64):
+    """Fresh (h, up, down, w, idx, grad_out); dtypes = (h, up, down, w) dtypes or one."""
+    if isinstance(dtypes, torch.dtype):
+        dtypes = (dtypes,) * 4
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(T, H, generator=g)
+    up = torch.randn(E, H, generator=g) / max(H, 1) ** 0.5 * 2.0
+    down = torch.randn(E, H, generator=g)
+    w = torch.rand(T, k, generator=g) + 0.05
+    go = torch.randn(T, H, generator=g)
+    idx = make_indices(T, k, E, kind, g, idx_dtype) if E > 0 else torch.zeros(T, k, dtype=idx_dtype)
+    ts = [x.to(dt).to(device) for x, dt in zip((h, up, down, w), dtypes)]
+    return (*ts, idx.to(device), go.to(dtypes[0]).to(device))
+
+
+def rel_l2(x, ref):
+    x = x.detach().double().cpu()
+    ref = ref.detach().double().cpu()
+    assert x.shape == ref.shape
+    assert not torch.isnan(x).any(), "NaN in result"
+    den = ref.norm().item()
+    num = (x - ref).norm().item()
+    if den == 0.0:
+        return num
+    return num / den
+
+
+def run_op(h, up, down, w, idx, go, act, fn=omni_expert):
+    leaves = [x.detach().clone().requires_grad_() for x in (h, up, down, w)]
+    out = fn(*leaves, idx, act)
+    out.backward(go)
+    return [out.detach()] + [x.grad for x in leaves]
+
+
+def run_naive(h, up, down, w, idx, go, act, dtype):
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (h, up, down, w)]
+    out = expert_naive(*leaves, idx, act)
+    out.backward(go.to(dtype))
+    return [out.detach()] + [x.grad for x in leaves]
+
+
+NAMES = ("out", "d_hidden", "d_up", "d_down", "d_routing")
+
+
+def check_against_float64(h, up, down, w, idx, go, act, got, fp32_tol=None):
+    """Every result vs the float64 oracle, element by element: within half an ulp of
+    its dtype (one rounding of a float32 result) plus twice the float32 error budget
+    (``_expert_oracle``).  ``fp32_tol`` is accepted for old callers and unused."""
+    assert got[0].dtype == h.dtype and got[0].shape == h.shape
+    for g, x in zip(got[1:], (h, up, down, w)):
+        assert g.dtype == x.dtype and g.shape == x.shape
+    want, mag, n_ops = expert_oracle(h, up, down, w, idx, go, act)
+    dtypes = [h.dtype, h.dtype, up.dtype, down.dtype, w.dtype]
+    for i, name in enumerate(NAMES):
+        assert_close_ulps(got[i], want[i], 0.5, dtypes[i], 2 * accumulation_bound(n_ops, mag[i]), name)
+
+
+# --------------------------------------------------------------------------- correctness
+
+@pytest.fixture(params=["token", "expert"])
+def mode(request, monkeypatch):
+    """Both schedules of the kernels, forced through the op's launch rule."""
+    rule = kern.default_config
+    monkeypatch.setattr(kern, "default_config",
+                        lambda *a, **k: replace(rule(*a, **k), schedule=request.param))
+    yield request.param
+
+
+def with_tile(monkeypatch, **tiles):
+    """Make the op launch with the given tiles (fields of ExpertConfig)."""
+    rule = kern.default_config
+    monkeypatch.setattr(kern, "default_config", lambda *a, **k: replace(rule(*a, **k), **tiles))
+
+
+CASES = [
+    # (T, H, E, k, kind)
+    (1, 8, 4, 1, "random"),
+    (7, 8, 9, 3, "random"),
+    (7, 48, 64, 3, "distinct"),
+    (33, 48, 9, 8, "random"),       # k close to E, many duplicates within rows
+    (33, 8, 64, 8, "distinct"),
+    (33, 48, 64, 3, "skewed"),
+    (17, 300, 20, 2, "random"),     # H above one column block, not a power of two
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}_H{}_E{}_k{}_{}".format(*c))
+def test_matches_float64_three_calls(case, dtype, device, mode):
+    T, H, E, k, kind = case
+    for call in range(3):  # consecutive calls, fresh inputs each
+        act = ACTS[(call + len(kind)) % 3]
+        inputs = make_inputs(T, H, E, k, dtype, device, kind, seed=100 * call + T + H + E + k,
+                             idx_dtype=(torch.int32, torch.int64)[call % 2])
+        got = run_op(*inputs, act)
+        check_against_float64(*inputs, act, got)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_activations_float32(act, device):
+    for call in range(3):
+        inputs = make_inputs(33, 48, 9, 3, torch.float32, device, "random", seed=7 + call)
+        check_against_float64(*inputs, act, run_op(*inputs, act))
+
+
+@pytest.mark.parametrize("dtypes", [
+    (torch.bfloat16, torch.float32, torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16, torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16, torch.float16, torch.float32),
+], ids=["h_bf16", "weights_bf16", "w_fp32"])
+def test_mixed_dtypes(dtypes, device, mode):
+    inputs = make_inputs(9, 48, 9, 3, dtypes, device, "random", seed=3)
+    check_against_float64(*inputs, "silu", run_op(*inputs, "silu"))
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 4, 3), (5, 8, 4, 0), (0, 8, 0, 2), (4, 0, 3, 2)],
+                         ids=["T0", "k0", "T0_E0", "H0"])
+def test_empty(shape, device, mode):
+    T, H, E, k = shape
+    inputs = make_inputs(T, H, E, k, torch.float32, device, "random", seed=1)
+    h, up, down, w, idx, go = inputs
+    got = run_op(*inputs, "gelu")
+    assert got[0].shape == (T, H) and torch.equal(got[0], torch.zeros(T, H, device=device))
+    for g, x in zip(got[1:], (h, up, down, w)):
+        assert g.shape == x.shape and not torch.isnan(g).any()
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_non_contiguous(device, mode):
+    T, H, E, k = 13, 40, 11, 3
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(H, T, generator=g).to(device).t()                    # column-major
+    big = (torch.randn(E, 3 * H, generator=g) / H ** 0.5).to(device)
+    up = big[:, H:2 * H]                                                 # row stride 3H
+    down = torch.randn(H, E, generator=g).to(device).t()                 # column-major
+    w = (torch.rand(k, T, generator=g) + 0.1).to(device).t()
+    idx = torch.randint(0, E, (k, T), generator=g).to(torch.int32).to(device).t()
+    go = torch.randn(2 * T, H, generator=g).to(device)[::2]              # every other row
+    assert not any(x.is_contiguous() for x in (h, up, down, w, idx, go))
+    got = run_op(h, up, down, w, idx, go, "silu")
+    check_against_float64(h, up, down, w, idx, go, "silu", got)
+
+
+def test_only_some_inputs_need_grad(device, mode):
+    h, up, down, w, idx, go = make_inputs(9, 16, 7, 2, torch.float32, device, seed=11)
+    full = run_op(h, up, down, w, idx, go, "silu")
+    for which in range(4):
+        leaves = [x.detach().clone().requires_grad_(i == which) for i, x in enumerate((h, up, down, w))]
+        out = omni_expert(*leaves, idx, "silu")
+        out.backward(go)
+        for i, x in enumerate(leaves):
+            if i == which:
+                assert torch.allclose(x.grad, full[1 + i], rtol=1e-6, atol=1e-6)
+            else:
+                assert x.grad is None
+    with torch.no_grad():
+        out = omni_expert(h, up, down, w, idx, "silu")
+    assert torch.allclose(out, full[0])
+
+
+def test_custom_op_path_matches_eager_path(device, mode):
+    """omni_expert runs an autograd.Function eagerly and the custom ops under
+    torch.compile; both call the same implementation: identical bits."""
+    inputs = make_inputs(13, 24, 9, 3, torch.bfloat16, device, "random", seed=23)
+    eager = run_op(*inputs, "silu")
+    via_op = run_op(*inputs, "silu",
+                    fn=lambda *a: torch.ops.omni_moe.expert_forward(*a)[0])
+    for x, y in zip(eager, via_op):
+        assert torch.equal(x, y)
+    # A .sum() loss hands the backward an expanded (stride-0) gradient.
+    h, up, down, w, idx, _ = inputs
+    leaves = [x.detach().clone().requires_grad_() for x in (h, up, down, w)]
+    omni_expert(*leaves, idx, "silu").float().sum().backward()
+    ones = run_op(h, up, down, w, idx, torch.ones_like(h), "silu")
+    for x, y in zip(leaves, ones[1:]):
+        assert torch.equal(x.grad, y)
+
+
+def test_deterministic(device, mode):
+    inputs = make_inputs(33, 48, 9, 8, torch.bfloat16, device, "skewed", seed=21)
+    first = run_op(*inputs, "silu")
+    for _ in range(2):
+        again = run_op(*inputs, "silu")
+        for x, y in zip(first, again):
+            assert torch.equal(x, y)
+
+
+def test_reference_path_matches_float64():
+    """The plain-CPU PyTorch path (reference forward + explicit backward formula)."""
+    for call, act in enumerate(ACTS):
+        h, up, down, w, idx, go = make_inputs(17, 24, 10, 4, torch.float32, "cpu", "random", seed=call)
+        out, a = expert_forward_reference(h, up, down, w, idx, act)
+        grads = expert_backward_reference(go, h, up, down, w, idx, a, act)
+        check_against_float64(h, up, down, w, idx, go, act, [out, *grads])
+
+
+# --------------------------------------------------------------------------- launchers: poison, ranges
+
+def _poison(t):
+    if t.dtype.is_floating_point:
+        return t.fill_(float("nan"))
+    return t.fill_(-1)
+
+
+def test_poisoned_outputs(device, mode):
+    T, H, E, k = 21, 40, 64, 3   # 63 pairs over 64 experts: many unused rows
+    h, up, down, w, idx, go = make_inputs(T, H, E, k, torch.bfloat16, device, "random", seed=9)
+    w = w.float()
+    act = "gelu"
+    out, a, se, perm = kern.expert_forward(h, up, down, w, idx, act)
+    out_p = _poison(torch.empty_like(out))
+    a_p = _poison(torch.empty_like(a))
+    kern.expert_forward(h, up, down, w, idx, act, out=out_p, a=a_p)
+    assert torch.equal(out_p, out) and torch.equal(a_p, a)
+    grads = kern.expert_backward(go, h, up, down, w, idx, a, se, perm, act)
+    poisoned = [_poison(torch.empty_like(g)) for g in grads]
+    got = kern.expert_backward(go, h, up, down, w, idx, a, se, perm, act,
+                               dh=poisoned[0], dup=poisoned[1], ddown=poisoned[2], dw=poisoned[3])
+    used = torch.zeros(E, dtype=torch.bool, device=device)
+    used[idx.long().reshape(-1)] = True
+    assert not used.all()
+    for g, p, ref in zip(got, poisoned, grads):
+        assert g is p and torch.equal(p, ref)
+    assert torch.equal(got[1][~used], torch.zeros_like(got[1][~used]))
+    assert torch.equal(got[2][~used], torch.zeros_like(got[2][~used]))
+    check_against_float64(h, up, down, w, idx, go, act, [out, *got])
+
+
+@pytest.mark.parametrize("cfg", [(2, 16, 3, 4), (8, 64, 1, 4), (1, 32, 2, 2), (2, 16, 2, 4, 4), (1, 64, 2, 4, 3)],
+                         ids=str)
+def test_expert_grad_tilings_same_bits(cfg, device, mode, monkeypatch):
+    """The expert-gradient kernel sums each expert's pairs one at a time in sorted
+    order, whatever its tiling (a 5th entry: experts per program): identical bits."""
+    inputs = make_inputs(21, 40, 9, 3, torch.float32, device, "skewed", seed=4)
+    ref = run_op(*inputs, "gelu")
+    with_tile(monkeypatch, expert_grad=kern.Tile(*cfg))
+    got = run_op(*inputs, "gelu")
+    for x, y in zip(got, ref):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("cfg", [(2, 16, 2, 4), (1, 16, 3, 4), (4, 64, 1, 4), (8, 32, 2, 2)], ids=str)
+def test_token_kernel_tilings(cfg, device, monkeypatch):
+    """Other (BLOCK_T, BLOCK_H, UNROLL, warps) of the token kernels, including the
+    two-phase path (H > BLOCK_H: dots by column chunks, a CTA barrier, then the sums):
+    every result matches float64, also with unused and out-of-range slots."""
+    with_tile(monkeypatch, schedule="token", token=kern.Tile(*cfg))
+    for call, (T, H, E, k, kind) in enumerate([(13, 40, 9, 3, "random"), (9, 33, 64, 5, "skewed")]):
+        act = ACTS[call + 1]
+        inputs = make_inputs(T, H, E, k, torch.float32, device, kind, seed=31 + call,
+                             idx_dtype=(torch.int32, torch.int64)[call])
+        check_against_float64(*inputs, act, run_op(*inputs, act))
+        inputs = make_inputs(T, H, E, k, torch.bfloat16, device, kind, seed=41 + call)
+        check_against_float64(*inputs, act, run_op(*inputs, act))
+    # poisoned outputs and an out-of-range slot on the two-phase path
+    h, up, down, w, idx, go = make_inputs(11, 40, 6, 3, torch.float32, device, seed=5)
+    idx = idx.clone()
+    idx[2, 1] = -1
+    idx[7, 0] = 6
+    out_p = _poison(torch.empty(11, 40, device=device))
+    a_p = _poison(torch.empty(11, 3, device=device))
+    out, a, se, perm = kern.expert_forward(h, up, down, w, idx, "silu", out=out_p, a=a_p)
+    got = kern.expert_backward(go, h, up, down, w, idx, a, se, perm, "silu",
+                               dh=_poison(torch.empty_like(h)), dup=_poison(torch.empty_like(up)),
+                               ddown=_poison(torch.empty_like(down)), dw=_poison(torch.empty_like(w)))
+    assert a[2, 1] == 0 and a[7, 0] == 0 and got[3][2, 1] == 0 and got[3][7, 0] == 0
+    w0 = w.clone()
+    w0[2, 1] = w0[7, 0] = 0.0
+    idx0 = idx.clamp(0, 5)
+    ref = run_naive(h, up, down, w0, idx0, go, "silu", torch.float64)
+    for x, y in zip([out, *got[:3]], ref[:4]):
+        assert rel_l2(x, y) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=["fp32", "bf16"])
+def test_from_scores(dtype, device, mode):
+    """omni_expert_from_scores(s) == omni_expert(exp(s)) with the exp fused; the
+    gradient it returns is that of the scores (d s = exp(s) d w)."""
+    from omni_moe.ops.expert.op import omni_expert_from_scores
+
+    h, up, down, w, idx, go = make_inputs(17, 24, 10, 4, dtype, device, "random", seed=3)
+    s = (w.float().log() - 0.5).to(torch.float32)   # fp32 log-probabilities, as the router's
+    for act in ACTS:
+        got = run_op(h, up, down, s, idx, go, act, fn=omni_expert_from_scores)
+        # float64 oracle of the composition
+        leaves = [x.detach().double().requires_grad_() for x in (h, up, down, s)]
+        ref_out = expert_naive(leaves[0], leaves[1], leaves[2], leaves[3].exp(), idx, act)
+        ref_out.backward(go.double())
+        ref = [ref_out] + [x.grad for x in leaves]
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        for i, (x, y) in enumerate(zip(got, ref)):
+            assert x.dtype == (h.dtype, h.dtype, up.dtype, down.dtype, s.dtype)[i]
+            assert rel_l2(x, y) <= tol, (act, i, rel_l2(x, y))
+        # torch.compile path (custom ops): the same bits as the eager path
+        via_op = run_op(h, up, down, s, idx, go, act,
+                        fn=lambda *a: torch.ops.omni_moe.expert_forward(*a, True)[0])
+        for x, y in zip(got, via_op):
+            assert torch.equal(x, y)
+
+
+def test_out_of_range_indices_masked_by_kernels(device, mode):
+    """The launchers never read outside the weights; bad slots contribute nothing."""
+    T, H, E, k = 11, 24, 6, 3
+    h, up, down, w, idx, go = make_inputs(T, H, E, k, torch.float32, device, seed=13)
+    bad = torch.zeros(T, k, dtype=torch.bool)
+    bad[0, 0] = bad[3, 2] = bad[5, 1] = bad[10, 0] = True
+    vals = torch.tensor([-1, E, 2**40, -(2**40)])
+    idx_bad = idx.clone().cpu()
+    idx_bad[bad] = vals
+    idx_bad = idx_bad.to(device)
+    out, a, se, perm = kern.expert_forward(h, up, down, w, idx_bad, "silu")
+    dh, dup, ddown, dw = kern.expert_backward(go, h, up, down, w, idx_bad, a, se, perm, "silu")
+    # Reference: the same pairs with zero routing weight and an in-range index.
+    w0 = w.clone()
+    w0[bad.to(device)] = 0.0
+    idx0 = torch.where(bad.to(device), torch.zeros_like(idx), idx)
+    ref = run_naive(h, up, down, w0, idx0, go, "silu", torch.float64)
+    assert rel_l2(out, ref[0]) <= 1e-5
+    assert rel_l2(dh, ref[1]) <= 1e-5
+    assert rel_l2(dup, ref[2]) <= 1e-5
+    assert rel_l2(ddown, ref[3]) <= 1e-5
+    good = ~bad.to(device)
+    assert rel_l2(dw[good], ref[4][good]) <= 1e-5
+    assert torch.equal(dw[~good], torch.zeros_like(dw[~good]))
+    # int32 indices: the same.
+    out32 = kern.expert_forward(h, up, down, w, idx_bad.clamp(-5, E + 5).to(torch.int32), "silu")[0]
+    assert torch.equal(out32, out)
+
+
+def test_out_of_range_indices_raise_on_cpu():
+    h, up, down, w, idx, go = make_inputs(5, 8, 4, 2, torch.float32, "cpu", seed=2)
+    for v in (-1, 4):
+        bad = idx.clone()
+        bad[2, 1] = v
+        with pytest.raises(ValueError, match="indices"):
+            omni_expert(h, up, down, w, bad)
+
+
+def test_grouping_helpers(device):
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 10, (13, 4), generator=g).to(device)
+    se, perm = kern.group_pairs(idx, 10)
+    flat = idx.reshape(-1)
+    assert torch.equal(flat[perm].to(torch.int32), se.to(torch.int32))
+    assert bool((se[1:] >= se[:-1]).all())
+    same = se[1:] == se[:-1]
+    assert bool((perm[1:][same] > perm[:-1][same]).all()), "not stable"
+    off = kern.expert_offsets(se, 10).cpu()
+    counts = torch.bincount(flat.cpu(), minlength=10)
+    assert torch.equal(off[1:] - off[:-1], counts.to(off.dtype)) and off[0] == 0
+
+
+# --------------------------------------------------------------------------- API
+
+def test_exported():
+    assert omni_moe.omni_expert is omni_expert
+    assert "omni_expert" in omni_moe.__all__
+
+
+def test_bad_inputs():
+    h, up, down, w, idx, _ = make_inputs(4, 8, 5, 2, torch.float32, "cpu", seed=0)
+    good = dict(hidden_states=h, up_weights=up, down_weights=down, routing_weights=w, indices=idx)
+
+    def call(**kw):
+        args = dict(good)
+        act = kw.pop("act", "silu")
+        args.update(kw)
+        return omni_expert(args["hidden_states"], args["up_weights"], args["down_weights"],
+                           args["routing_weights"], args["indices"], act)
+
+    cases = [
+        (TypeError, "hidden_states", dict(hidden_states=h.numpy())),
+        (ValueError, "hidden_states", dict(hidden_states=h[0])),
+        (TypeError, "hidden_states", dict(hidden_states=h.double())),
+        (TypeError, "up_weights", dict(up_weights=up.to(torch.int32))),
+        (ValueError, "up_weights", dict(up_weights=up[:, :7])),
+        (ValueError, "up_weights", dict(up_weights=up[None])),
+        (ValueError, "down_weights", dict(down_weights=down[:4])),
+        (TypeError, "routing_weights", dict(routing_weights=w.double())),
+        (ValueError, "routing_weights", dict(routing_weights=w[:3])),
+        (ValueError, "indices", dict(indices=idx[:, :1])),
+        (TypeError, "indices", dict(indices=idx.float())),
+        (TypeError, "indices", dict(indices=idx.to(torch.int16))),
+        (ValueError, "indices", dict(indices=idx.to("meta"))),
+        (ValueError, "down_weights", dict(down_weights=down.to("meta"))),
+        (ValueError, "act", dict(act="tanh")),
+        (TypeError, "act", dict(act=None)),
+    ]
+    for exc, name, kw in cases:
+        with pytest.raises(exc, match=name):
+            call(**kw)
+    check_expert_args(h, up, down, w, idx, "relu")  # the good case passes
+
+
+def test_torch_compile_fullgraph(device):
+    inputs = make_inputs(9, 16, 7, 3, torch.float32, device, seed=17)
+    h, up, down, w, idx, go = inputs
+    eager = run_op(*inputs, "gelu")
+
+    def layer(h, up, down, w, idx):
+        return omni_expert(h * 1.0, up, down, torch.exp(torch.log(w)), idx, act="gelu")
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        got = run_op(*inputs, "gelu", fn=lambda a, b, c, d, i, act: compiled(a, b, c, d, i))
+        for x, y in zip(got, eager):
+            assert torch.allclose(x, y, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- cost model
+
+def test_floor_bytes():
+    # (8192, 1024, 65536, 32) bf16: ~64.3K distinct experts -> ~251 MiB of weight rows.
+    D = kern.expected_distinct_experts(8192, 32, 65536)
+    assert 64000 < D < 64500
+    fwd = kern.expert_floor_bytes(8192, 1024, 65536, 32, 2)
+    assert fwd == pytest.approx(2 * D * 1024 * 2 + 2 * 8192 * 1024 * 2 + 8192 * 32 * 6)
+    both = kern.expert_floor_bytes(8192, 1024, 65536, 32, 2, backward=True)
+    sparse = kern.expert_floor_bytes(8192, 1024, 65536, 32, 2, backward=True, dense_weight_grads=False)
+    assert both > sparse > 2 * fwd * 0.9
+    assert kern.expert_floor_bytes(4, 8, 16, 2, 2, distinct=3) == 2 * 3 * 8 * 2 + 2 * 4 * 8 * 2 + 4 * 2 * 6
+
+
+# --------------------------------------------------------------------------- GPU, larger
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="large sizes need CUDA")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", [(512, 256, 4096, 16, "random"), (1024, 512, 65536, 32, "distinct"),
+                                  (1000, 200, 300, 8, "skewed")],
+                         ids=lambda c: "T{}_H{}_E{}_k{}_{}".format(*c))
+def test_large_gpu(case, dtype):
+    T, H, E, k, kind = case
+    for call in range(3):
+        inputs = make_inputs(T, H, E, k, dtype, "cuda", kind, seed=call)
+        got = run_op(*inputs, ACTS[call])
+        check_against_float64(*inputs, ACTS[call], got)
+
+
+def test_explicit_config_and_checks(device):
+    """A config passed to the launchers is used as given (both schedules give the same
+    results) and a malformed one is rejected."""
+    h, up, down, w, idx, go = make_inputs(9, 40, 12, 3, torch.float32, device, seed=8)
+    rule = kern.default_config(9, 40, 12, 3, 4)
+    outs = []
+    for schedule in kern.SCHEDULES:
+        cfg = replace(rule, schedule=schedule, gather=kern.Tile(2, 16, 1, 1))
+        out, a, se, perm = kern.expert_forward(h, up, down, w, idx, "gelu", config=cfg)
+        assert (perm.numel() > 0) == (schedule == "expert")
+        grads = kern.expert_backward(go, h, up, down, w, idx, a, se, perm, "gelu", config=cfg)
+        outs.append((out, *grads))
+    for x, y in zip(*outs):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="ExpertConfig"):
+        kern.expert_forward(h, up, down, w, idx, "gelu", config={"schedule": "token"})
+    with pytest.raises(ValueError, match="schedule"):
+        kern.expert_forward(h, up, down, w, idx, "gelu", config=replace(rule, schedule="auto"))
+    with pytest.raises(ValueError, match="token.cols"):
+        kern.expert_forward(h, up, down, w, idx, "gelu", config=replace(rule, token=kern.Tile(1, 8)))

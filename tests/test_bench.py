@@ -1,0 +1,174 @@
+"""Benchmark helpers: timing sample counts, peers of the expert path."""
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from omni_moe.bench import common
+
+
+class FakeClock:
+    """A clock that only the timed function moves: call i costs costs(i) ms."""
+
+    def __init__(self, costs):
+        self.now, self.calls, self.costs = 0.0, 0, costs
+
+    def __call__(self):
+        return self.now
+
+    def fn(self):
+        self.now += self.costs(self.calls) / 1e3
+        self.calls += 1
+
+
+@pytest.mark.parametrize("rep_ms, want", [(1.0, common.MIN_SAMPLES), (40.0, 40)])
+def test_slow_first_call_leaves_a_full_sample(rep_ms, want):
+    # 1 s first call, then 1 ms per call: the old helper sized its sample from the first
+    # call and timed it once.
+    clock = FakeClock(lambda i: 1000.0 if i == 0 else 1.0)
+    times = common.samples_ms(clock.fn, warmup_ms=5, rep_ms=rep_ms, clock=clock, cuda=False)
+    assert len(times) == want
+    assert times == pytest.approx([1.0] * want)  # the first call is not among them
+    # first call, 3 calls for the estimate, 5 ms of warm-up, then the timed calls
+    assert clock.calls == 1 + 3 + 5 + want
+
+
+def test_median_ms_with_a_real_slow_first_call():
+    calls = []
+
+    def fn():
+        calls.append(None)
+        if len(calls) == 1:
+            time.sleep(0.3)
+
+    ms = common.median_ms(fn, warmup_ms=1, rep_ms=1)
+    assert ms < 100
+    assert len(calls) >= 1 + common.MIN_SAMPLES
+
+
+def test_min_samples_respected_when_every_call_is_slow():
+    clock = FakeClock(lambda i: 50.0)
+    times = common.samples_ms(clock.fn, warmup_ms=1, rep_ms=1, min_samples=7, clock=clock, cuda=False)
+    assert len(times) == 7 and statistics.median(times) == pytest.approx(50.0)
+
+
+def test_grad_to_none_resets_before_every_call():
+    x = torch.ones(3, requires_grad=True)
+    seen = []
+
+    def step():
+        seen.append(x.grad is None)
+        (x * 2).sum().backward()
+
+    common.samples_ms(step, warmup_ms=0, rep_ms=0, min_samples=3, grad_to_none=[x], cuda=False)
+    assert all(seen) and len(seen) >= 1 + 3 + 3
+
+
+# --------------------------------------------------------------------------- peers
+from omni_moe.bench import layer as bench_layer  # noqa: E402
+from omni_moe.bench import peers  # noqa: E402
+
+
+def _oracle(h, up, down, w, idx, act):
+    """float64 loop over tokens and slots: the atomic-expert sum by its definition."""
+    f = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+         "relu": torch.nn.functional.relu}[act]
+    out = torch.zeros_like(h)
+    for t in range(h.shape[0]):
+        for r in range(idx.shape[1]):
+            e = int(idx[t, r])
+            out[t] += f(up[e] @ h[t]) * w[t, r] * down[e]
+    return out
+
+
+def _inputs(T, H, E, k, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(T, H, generator=g, dtype=dtype)
+    up = torch.randn(E, H, generator=g, dtype=dtype) / H**0.5
+    down = torch.randn(E, H, generator=g, dtype=dtype)
+    w = torch.rand(T, k, generator=g, dtype=dtype)
+    # distinct experts per row, like the router's output; int32 like its indices
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)] or [torch.empty(0, k)])
+    idx = idx.reshape(T, k).int()
+    return h, up, down, w, idx
+
+
+@pytest.mark.parametrize("name", list(peers.PEERS))
+@pytest.mark.parametrize("act", ["silu", "gelu", "relu"])
+@pytest.mark.parametrize("T, H, E, k", [(7, 5, 9, 3), (1, 3, 4, 4), (0, 4, 9, 2), (12, 6, 25, 1)])
+def test_peer_matches_the_definition_in_float64(name, act, T, H, E, k):
+    h, up, down, w, idx = _inputs(T, H, E, k, seed=T * 100 + E)
+    leaves = [t.clone().requires_grad_() for t in (h, up, down, w)]
+    out = peers.PEERS[name](*leaves, idx, act)
+    want = _oracle(h, up, down, w, idx, act)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    if T:
+        g = torch.randn_like(out)
+        out.backward(g)
+        ref = [t.clone().requires_grad_() for t in (h, up, down, w)]
+        _oracle(*ref, idx, act).backward(g)
+        for a, b in zip(leaves, ref):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_peers_take_non_contiguous_inputs():
+    h, up, down, w, idx = _inputs(6, 8, 16, 3, seed=1)
+    ht = h.t().contiguous().t()
+    wt = torch.stack([w, w], 2)[..., 0]
+    assert not ht.is_contiguous() and not wt.is_contiguous()
+    for fn in peers.PEERS.values():
+        torch.testing.assert_close(fn(ht, up, down, wt, idx), _oracle(h, up, down, w, idx, "silu"))
+
+
+def test_check_peers_passes_the_peers_and_catches_a_wrong_one(monkeypatch):
+    h, up, down, w, idx = _inputs(16, 8, 16, 3, seed=2, dtype=torch.float32)
+    res = bench_layer.check_peers(h, up, down, w, idx, "silu", torch.float32, list(peers.PEERS))
+    assert set(res) == set(peers.PEERS) and all(r["pass"] for r in res.values()), res
+
+    def slots_swapped(h, up, down, w, idx, act="silu"):  # weights of the wrong slots
+        return peers.peer_gather(h, up, down, w.flip(1), idx, act)
+
+    def unweighted(h, up, down, w, idx, act="silu"):  # no gradient for the weights at all
+        return peers.peer_gather(h, up, down, torch.ones_like(w), idx, act)
+
+    for wrong in (slots_swapped, unweighted):
+        monkeypatch.setitem(peers.PEERS, "peer_gather", wrong)
+        res = bench_layer.check_peers(h, up, down, w, idx, "silu", torch.float32, ["peer_gather"])
+        assert res["peer_gather"]["pass"] is False
+
+
+def test_peers_in_bfloat16_stay_within_the_check_tolerance():
+    h, up, down, w, idx = _inputs(64, 32, 64, 4, seed=3, dtype=torch.float32)
+    res = bench_layer.check_peers(h.bfloat16(), up.bfloat16(), down.bfloat16(), w, idx, "silu",
+                                  torch.bfloat16, list(peers.PEERS))
+    assert all(r["pass"] for r in res.values()), res
+
+
+# --------------------------------------------------------------------------- GPU-only helpers
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_step_host_time_and_launches_on_cuda():
+    x = torch.randn(256, 256, device="cuda", requires_grad=True)
+    wt = torch.randn(256, 256, device="cuda", requires_grad=True)
+    g = torch.randn(256, 256, device="cuda")
+
+    def step():
+        (x @ wt).relu().backward(g)
+
+    ms = bench_layer.graph_step_ms(step, [x, wt], 5, 20)
+    assert ms > 0 and x.grad is None
+    assert common.host_ms(step, grad_to_none=[x, wt]) > 0
+    n = common.cuda_launches(lambda: (setattr(x, "grad", None), setattr(wt, "grad", None), step()))
+    assert 3 <= n <= 20  # matmul, relu, and the backward's matmuls and mask
+
+    def syncing_step():
+        step()
+        float(x.grad.sum())  # a host sync: cannot be captured
+
+    with pytest.raises(Exception):
+        bench_layer.graph_step_ms(syncing_step, [x, wt], 5, 20)
+    torch.cuda.synchronize()
+    # the device is usable after a failed capture (the benchmark goes on with the next variant)
+    assert torch.ones(1, device="cuda").item() == 1.0 and x.grad is None

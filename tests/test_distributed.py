@@ -1,0 +1,414 @@
+"""OmniMoE under torch.distributed on CPU (gloo, 2 spawned processes) against one
+process on the concatenated batch: synchronised router statistics (PyTorch path, and the
+router-norm kernels under TRITON_INTERPRET=1), DDP, FSDP2 and row-sharded expert tables.
+A ``gpu`` variant runs the same checks with NCCL on two CUDA devices.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dist_utils import JOIN_TIMEOUT_S, run_ranks
+from omni_moe import OmniMoE, OmniMoEConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+H = 16
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    n = b.norm()
+    return float((a - b).norm() / n) if n > 0 else float((a - b).norm())
+
+
+def make_cfg(sync=None, E=49, k=3):
+    return OmniMoEConfig(hidden_size=H, intermediate_size=24, num_experts=E,
+                         num_experts_per_token=k, sync_router_stats=sync)
+
+
+def batches(sizes_per_step, seed=1):
+    """Per step: (x, gout) of the concatenated batch, and the rank offsets."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for sizes in sizes_per_step:
+        T = sum(sizes)
+        off = [sum(sizes[:r]) for r in range(len(sizes) + 1)]
+        out.append((torch.randn(T, H, generator=g) * 2 + 0.5, torch.randn(T, H, generator=g), off))
+    return out
+
+
+# ----------------------------------------------------------------------------- router statistics
+SIZES = [(7, 12), (1, 4), (0, 6)]   # unequal, a 1-token rank, an empty rank
+
+
+def _run_layer(layer, data, rank=None, device="cpu"):
+    outs = []
+    for x, gout, off in data:
+        sl = slice(off[rank], off[rank + 1]) if rank is not None else slice(None)
+        xr = x[sl].to(device).requires_grad_()
+        out, (_, idx) = layer(xr, return_routing=True)
+        out.backward(gout[sl].to(device))
+        outs.append((out.detach().cpu(), idx.cpu(), xr.grad.cpu()))
+    grads = {n: p.grad.cpu() for n, p in layer.named_parameters()}
+    bufs = {n: b.cpu() for n, b in layer.named_buffers()}
+    return outs, grads, bufs
+
+
+def _dev(device, rank):
+    return f"cuda:{rank}" if device == "cuda" else device
+
+
+def _sync_worker(rank, world, interpret, device="cpu"):
+    if interpret:
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+    torch.manual_seed(0)
+    layer = OmniMoE(make_cfg()).to(_dev(device, rank))
+    from omni_moe.distributed import router_stats_group
+    from omni_moe.layers.router_stats import _fused_ok
+
+    assert router_stats_group(layer) is not None
+    # the path under test: kernels on CUDA and under the interpreter
+    assert _fused_ok(layer, torch.empty(1, H, device=_dev(device, rank))) == (interpret or device == "cuda")
+    return _run_layer(layer, batches(SIZES), rank, _dev(device, rank))
+
+
+def _check_against_single(results, sizes=SIZES, tol=1e-5, device="cpu"):
+    torch.manual_seed(0)
+    single = OmniMoE(make_cfg()).to(device)
+    outs, grads, bufs = _run_layer(single, batches(sizes), device=device)
+    data = batches(sizes)
+    for rank, (r_outs, r_grads, r_bufs) in enumerate(results):
+        for step, ((o, i, gx), (so, si, sgx)) in enumerate(zip(r_outs, outs)):
+            sl = slice(data[step][2][rank], data[step][2][rank + 1])
+            assert torch.equal(i, si[sl]), f"rank {rank} step {step}: routing differs"
+            assert rel(o, so[sl]) <= tol, f"rank {rank} step {step}: output"
+            assert rel(gx, sgx[sl]) <= tol, f"rank {rank} step {step}: input gradient"
+        for name, b in bufs.items():
+            if b.is_floating_point():
+                assert rel(r_bufs[name], b) <= 1e-6, f"rank {rank}: {name}"
+            else:
+                assert torch.equal(r_bufs[name], b), f"rank {rank}: {name}"
+    for name, g in grads.items():
+        total = sum(r[1][name] for r in results)
+        assert rel(total, g) <= tol, f"gradient of {name}"
+
+
+def test_sync_router_stats_torch_path(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _check_against_single(run_ranks(_sync_worker, 2, False))
+
+
+def test_sync_router_stats_kernels(monkeypatch):
+    """The router-norm kernels (partials, all-gather, finalize with per-split counts;
+    sums all-reduce) through Triton's interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    results = run_ranks(_sync_worker, 2, True)
+    # The reference: one process on the PyTorch path (this process's Triton may not be
+    # in interpreter mode).
+    monkeypatch.delenv("TRITON_INTERPRET")
+    _check_against_single(results)
+
+
+def test_sync_requires_group():
+    layer = OmniMoE(make_cfg(sync=True))
+    with pytest.raises(ValueError, match="sync_router_stats"):
+        layer(torch.randn(4, H))
+    with pytest.raises(TypeError, match="sync_router_stats"):
+        make_cfg(sync=1)
+
+
+def _one_token_worker(rank, world):
+    import torch.distributed as dist
+
+    from omni_moe.distributed import router_stats_group, set_router_stats_group
+
+    layer = OmniMoE(make_cfg())
+    msg = None
+    try:
+        layer(torch.randn(1 if rank == 0 else 0, H))
+    except ValueError as e:
+        msg = str(e)
+    assert router_stats_group(layer) is dist.group.WORLD
+    singles = [dist.new_group([r]) for r in range(world)]
+    pair = dist.new_group(list(range(world)))
+    set_router_stats_group(nn.Sequential(layer), singles[rank])
+    alone = router_stats_group(layer)
+    set_router_stats_group(layer, pair)
+    return msg, alone, router_stats_group(layer) is pair, router_stats_group(layer.eval())
+
+
+def test_sync_one_token_in_total_raises_everywhere():
+    """One token over all ranks raises on every rank (none would hang in a collective);
+    the statistics group is settable and a group of one process means no exchange."""
+    for msg, alone, is_pair, in_eval in run_ranks(_one_token_worker, 2):
+        assert msg is not None and "more than one token" in msg
+        assert alone is None and is_pair and in_eval is None
+
+
+# ----------------------------------------------------------------------------- DDP
+def tiny_model(sync=None):
+    torch.manual_seed(3)
+    return nn.Sequential(OmniMoE(make_cfg(sync, E=36, k=4)), nn.LayerNorm(H),
+                         OmniMoE(make_cfg(sync, E=36, k=4)))
+
+
+def _train(model, data, rank=None, steps=2, lr=0.05):
+    """SGD steps on mean((model(x) - y)^2) of this rank's share; per-step gradients."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    dev = next(model.parameters()).device
+    hist = []
+    for x, y, off in data[:steps]:
+        sl = slice(off[rank], off[rank + 1]) if rank is not None else slice(None)
+        loss = ((model(x[sl].to(dev)) - y[sl].to(dev)) ** 2).mean()
+        loss.backward()
+        hist.append({n: _cpu(p.grad) for n, p in _named(model)})
+        opt.step()
+        opt.zero_grad()
+    return hist, {n: _cpu(p.detach()) for n, p in _named(model)}
+
+
+def _cpu(t):
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu()
+
+
+def _named(model):
+    m = model.module if hasattr(model, "module") else model
+    return m.named_parameters()
+
+
+DDP_SIZES = [(10, 10), (10, 10)]
+
+
+def _ddp_worker(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    res = {}
+    for sync in (None, False):
+        model = DDP(tiny_model(sync))
+        res[sync] = _train(model, batches(DDP_SIZES, seed=5), rank)
+    return res
+
+
+def test_ddp_matches_single_process():
+    results = run_ranks(_ddp_worker, 2)
+    hist, params = _train(tiny_model(), batches(DDP_SIZES, seed=5))
+    for rank, res in enumerate(results):
+        r_hist, r_params = res[None]
+        for step, (rg, g) in enumerate(zip(r_hist, hist)):
+            for name in g:
+                assert rel(rg[name], g[name]) <= 1e-5, f"rank {rank} step {step} {name}"
+        for name in params:
+            assert rel(r_params[name], params[name]) <= 1e-5, f"rank {rank} {name}"
+        # Per-rank statistics (synchronisation off) give another model: the check above
+        # is sensitive to it.
+        worst = max(rel(res[False][0][0][n], hist[0][n]) for n in hist[0])
+        assert worst > 1e-3
+
+
+# ----------------------------------------------------------------------------- FSDP2
+def _fsdp_worker(rank, world, param_dtype, device="cpu"):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from omni_moe.distributed import fully_shard_model
+
+    mesh = init_device_mesh(device, (world,))
+    model = fully_shard_model(tiny_model().to(_dev(device, rank)), mesh, param_dtype=param_dtype)
+    res = _train(model, batches(DDP_SIZES, seed=5), rank)
+    # a lone layer as the FSDP root
+    layer = fully_shard_model(tiny_model()[0].to(_dev(device, rank)), mesh, param_dtype=param_dtype)
+    return res, _train(layer, batches(DDP_SIZES, seed=5), rank, steps=1)
+
+
+@pytest.mark.parametrize("param_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fsdp2_matches_single_process(param_dtype):
+    """fully_shard on each OmniMoE layer and the model.  fp32: equal to one process.
+    bf16 mixed precision: equal to one process computing with bf16 copies of the
+    parameters (float32 master weights and gradient reduction), within bf16 rounding."""
+    results = run_ranks(_fsdp_worker, 2, param_dtype)
+    data = batches(DDP_SIZES, seed=5)
+    train = _train if param_dtype is None else _train_bf16_reference
+    tol = 1e-5 if param_dtype is None else 3e-2
+    refs = (train(tiny_model(), data), train(tiny_model()[0], data, steps=1))
+    for rank, res in enumerate(results):
+        for (r_hist, r_params), (hist, params) in zip(res, refs):
+            for step, (rg, g) in enumerate(zip(r_hist, hist)):
+                for name in g:
+                    assert rel(rg[name], g[name]) <= tol, f"rank {rank} step {step} {name}"
+            for name in params:
+                assert rel(r_params[name], params[name]) <= tol, f"rank {rank} {name}"
+
+
+def _train_bf16_reference(model, data, steps=2, lr=0.05):
+    """One process mirroring FSDP2's MixedPrecisionPolicy(bf16, reduce float32): forward
+    and backward with bf16 copies of float32 master parameters, bf16 inputs."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    hist = []
+    for x, y, _ in data[:steps]:
+        low = copy.deepcopy(model).to(torch.bfloat16)
+        loss = ((low(x.bfloat16()).float() - y) ** 2).mean()
+        loss.backward()
+        for (n, p), (_, q) in zip(model.named_parameters(), low.named_parameters()):
+            p.grad = q.grad.float()
+        # the bf16 copy's forward updated its running statistics; keep them
+        for (n, b), (_, c) in zip(model.named_buffers(), low.named_buffers()):
+            b.copy_(c)
+        hist.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        opt.step()
+        opt.zero_grad()
+    return hist, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- sharded expert tables
+SHARD_SIZES = [(9, 5), (0, 7)]
+
+
+def _shard_worker(rank, world, device="cpu"):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from omni_moe.distributed import data_parallel, shard_expert_tables
+
+    torch.manual_seed(0)
+    dev = _dev(device, rank)
+    layer = OmniMoE(make_cfg()).to(dev)     # E = 49: ranks hold 25 and 24 rows
+    mesh = init_device_mesh(device, (world,))
+    shard_expert_tables(layer, mesh)
+    assert layer.up_embed.weight.to_local().shape[0] == (25, 24)[rank]
+    model = data_parallel(layer)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    outs = []
+    for x, gout, off in batches(SHARD_SIZES):
+        sl = slice(off[rank], off[rank + 1])
+        xr = x[sl].to(dev).requires_grad_()
+        out = model(xr)
+        out.backward(gout[sl].to(dev))
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).cpu()
+                 for n, p in layer.named_parameters()}
+        outs.append((out.detach().cpu(), xr.grad.cpu(), grads))
+        opt.step()
+        opt.zero_grad()
+    return outs
+
+
+def test_sharded_expert_tables_match_single_process():
+    """Row-sharded tables + DDP on the rest, unequal token counts (one rank empty): the
+    outputs, input gradients and (averaged) parameter gradients of one process on the
+    concatenated batch, over two SGD steps."""
+    _check_shard(run_ranks(_shard_worker, 2))
+
+
+def _check_shard(results, device="cpu"):
+    torch.manual_seed(0)
+    single = OmniMoE(make_cfg()).to(device)
+    opt = torch.optim.SGD(single.parameters(), lr=0.1)
+    P = 2
+    for step, (x, gout, off) in enumerate(batches(SHARD_SIZES)):
+        xs = x.to(device).requires_grad_()
+        out = single(xs)
+        # DDP averages over ranks: the ranks' update equals one process's on loss / P
+        (out * gout.to(device)).sum().div(P).backward()
+        for rank, r in enumerate(results):
+            o, gx, grads = r[step]
+            sl = slice(off[rank], off[rank + 1])
+            assert rel(o, out[sl]) <= 1e-5, f"rank {rank} step {step}: output"
+            assert rel(gx, xs.grad[sl] * P) <= 1e-5, f"rank {rank} step {step}: input gradient"
+            for n, p in single.named_parameters():
+                assert rel(grads[n], p.grad) <= 1e-5, f"rank {rank} step {step}: {n}"
+        opt.step()
+        opt.zero_grad()
+
+
+def test_shard_rejects_sparse_grad_and_bad_mesh():
+    from omni_moe.distributed import shard_expert_tables
+
+    class Mesh1D:
+        ndim = 1
+
+    class Mesh2D:
+        ndim = 2
+
+    layer = OmniMoE(make_cfg())
+    with pytest.raises(ValueError, match="1-D"):
+        shard_expert_tables(layer, Mesh2D())
+    layer.config.sparse_expert_grad = True
+    with pytest.raises(ValueError, match="sparse_expert_grad"):
+        shard_expert_tables(layer, Mesh1D())
+    layer.config.sparse_expert_grad = False
+    layer.expert_sharding = object()
+    with pytest.raises(ValueError, match="already sharded"):
+        shard_expert_tables(layer, Mesh1D())
+    with pytest.raises(ValueError, match="no OmniMoE"):
+        shard_expert_tables(nn.Linear(2, 2), Mesh1D())
+
+
+# ----------------------------------------------------------------------------- torchrun launch
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "train_tiny_lm.py")
+TINY = ["--device", "cpu", "--steps", "3", "--d-model", "32", "--heads", "2", "--layers", "1",
+        "--seq-len", "16", "--batch-size", "4", "--experts", "64", "--topk", "4",
+        "--intermediate", "32", "--vocab", "16", "--fanout", "4", "--eval-every", "3",
+        "--eval-batches", "1", "--warmup", "1"]
+
+
+def _run_example(tmp_path, name, launcher):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / f"{name}.json"
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), ".."))
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, *launcher, EXAMPLE, *TINY, "--json", str(out)]
+    if name != "single":
+        cmd += ["--parallel", name]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=JOIN_TIMEOUT_S)
+    return json.loads(out.read_text())["models"]
+
+
+@pytest.fixture(scope="module")
+def single_example(tmp_path_factory):
+    return _run_example(tmp_path_factory.mktemp("single"), "single", [])
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_torchrun_example_matches_single_process(tmp_path, kind, single_example):
+    """``torchrun --nproc-per-node 2 examples/train_tiny_lm.py --parallel ddp|fsdp`` (gloo)
+    trains both models to the single-process losses on the same global batches."""
+    single = single_example
+    par = _run_example(tmp_path, kind, ["-m", "torch.distributed.run", "--standalone",
+                                        "--nproc-per-node", "2"])
+    for name in ("omni_moe", "dense"):
+        a, b = single[name], par[name]
+        assert len(a["loss"]) == len(b["loss"]) == 3
+        for la, lb in zip(a["loss"], b["loss"]):
+            assert abs(la - lb) <= 1e-5 * abs(la), (name, a["loss"], b["loss"])
+        assert abs(a["eval"][-1][1] - b["eval"][-1][1]) <= 1e-5 * abs(a["eval"][-1][1])
+        assert a["params_total"] == b["params_total"]
+
+
+# ----------------------------------------------------------------------------- two CUDA devices
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("check", ["sync_stats", "sharded_tables", "fsdp2"])
+@pytest.mark.usefixtures("no_tf32")
+def test_gpu_two_ranks(check, monkeypatch):
+    """NCCL on cuda:0 and cuda:1 against one process on cuda:0: the router-norm kernels
+    with synchronised statistics; row-sharded tables (masked out-of-range slots)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if check == "sync_stats":
+        _check_against_single(run_ranks(_sync_worker, 2, False, "cuda", backend="nccl"), device="cuda")
+    elif check == "sharded_tables":
+        _check_shard(run_ranks(_shard_worker, 2, "cuda", backend="nccl"), device="cuda")
+    else:
+        results = run_ranks(_fsdp_worker, 2, None, "cuda", backend="nccl")
+        hist, params = _train(tiny_model().cuda(), batches(DDP_SIZES, seed=5))
+        for (r_hist, r_params), _ in results:
+            for rg, g in zip(r_hist, hist):
+                for name in g:
+                    assert rel(rg[name], g[name]) <= 1e-5, name
+            for name in params:
+                assert rel(r_params[name], params[name]) <= 1e-5, name
