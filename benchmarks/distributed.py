@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from omni_moe import OmniMoE, OmniMoEConfig  # noqa: E402
+from omni_moe import OmniMoE, OmniMoEConfig, param_groups  # noqa: E402
 from omni_moe.distributed import data_parallel, fully_shard_model, shard_expert_tables  # noqa: E402
 
 
@@ -132,7 +132,9 @@ def run_phase(name, a, experts, layers, device, rank, world, mesh_all):
     elif name == "ddp_sharded":
         shard_expert_tables(model, mesh_all)
         model = data_parallel(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    # The expert tables in their own group: sharded, they are DTensors, and one
+    # multi-tensor optimizer step cannot mix them with plain tensors.
+    opt = torch.optim.AdamW(param_groups(model, lr=a.lr), betas=(0.9, 0.95), weight_decay=0.0)
     n = a.global_tokens // P
     losses, times = [], []
     if device.type == "cuda":
