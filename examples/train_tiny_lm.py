@@ -461,10 +461,15 @@ class Parallel:
 
 
 class _QuietBar:
+    """The progress bar of ranks other than 0: prints nothing."""
+
     def __init__(self, *a, **k):
         pass
 
     def update(self, *a, **k):
+        pass
+
+    def write(self, *a, **k):
         pass
 
     def close(self):

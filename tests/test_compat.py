@@ -21,7 +21,7 @@ from omni_moe.ops import swiglu_mlp
 from omni_moe.ops.triton.omni_expert import triton_omni_expert_func
 from omni_moe.ops.triton.omni_mlp import triton_omni_mlp_func
 from omni_moe.ops.triton.omni_router import triton_omni_router_func
-from omni_moe.ops.router.reference import router_backward_reference, router_bruteforce
+from omni_moe.ops.router.reference import router_backward_reference
 from omni_moe.layers.reference import OmniMoEReference
 from conftest import HAS_CUDA
 from router_checks import check_router_output
@@ -187,8 +187,7 @@ def _upstream_essence(device, dtype):
     sy, iy = y.detach().double().topk(N, dim=-1)
     ref_s = (sx[:, :, None] + sy[:, None, :]).reshape(T, -1).topk(k, dim=-1).values
     torch.testing.assert_close(s.detach().double(), ref_s, **TOL[dtype])
-    check_router_output(x.detach(), y.detach(), k, s.detach(), i, ref=router_bruteforce(
-        x.detach().cpu(), y.detach().cpu(), k))
+    check_router_output(x.detach(), y.detach(), k, s.detach(), i)
     s.sum().backward()
     cnt_x = torch.zeros(T, N, dtype=torch.float64).scatter_add_(
         1, i.long().cpu() // N, torch.ones(T, k, dtype=torch.float64))

@@ -80,9 +80,11 @@ def check_layer_input(layer, hidden_states) -> None:
             f"hidden_states must have shape (..., hidden_size={H}), got "
             f"{tuple(hidden_states.shape)}")
     norm = layer.router_norm_x
-    if (isinstance(norm, torch.nn.modules.batchnorm._BatchNorm)
+    if (hidden_states.numel() // H == 1
+            and isinstance(norm, torch.nn.modules.batchnorm._BatchNorm)
             and (norm.training or norm.running_mean is None)
-            and hidden_states.numel() // H == 1):
+            # synchronised statistics count the tokens of every process (and say so)
+            and layer._router_stats_group() is None):
         raise ValueError(
             "router_norm='batchnorm' needs at least 2 tokens in training mode: the router "
             "normalises its logits with statistics over the tokens of the call, and one "
