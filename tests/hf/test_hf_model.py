@@ -378,3 +378,30 @@ def test_kernels_converted_model_matches_torch_path(monkeypatch):
     torch.testing.assert_close(out.logits.cpu(), ref.logits, rtol=1e-4, atol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(kern[n].cpu(), p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+# ------------------------------------------------------------------ Trainer
+def test_trainer_trains_and_saves(tmp_path):
+    """transformers' Trainer trains a native OmniMoE model (loss falls) and its checkpoint
+    loads back with the Auto classes to the same logits."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = native()
+    data = [{"input_ids": t, "labels": t} for t in tokens(32, 16, seed=7)]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8,
+                             num_train_epochs=3, learning_rate=1e-2, logging_steps=1,
+                             save_strategy="no", report_to=[], use_cpu=True, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) >= 6 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    trainer.save_model(str(tmp_path / "model"))
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"))
+    assert type(back) is OmniMoEForCausalLM
+    x = tokens(2, 9, seed=8)
+    model.eval()
+    back.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, model(x).logits, rtol=0, atol=0)
