@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 # Some tests switch TRITON_INTERPRET off to run the PyTorch paths.  Triton fixes a
 # kernel's mode (interpreter or compiled) when its module is imported, so every kernel
-# module is imported now, at collection, in the mode the session was started with; a
+# module is imported now, at collection, in the mode the test run was started with; a
 # lazy first import inside such a test would leave later interpreter tests compiled.
 for _m in pkgutil.walk_packages(omni_moe.__path__, "omni_moe."):
     if not (_m.name.startswith("omni_moe.hf") or _m.name.endswith("__main__")):
