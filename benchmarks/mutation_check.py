@@ -77,7 +77,7 @@ MUTANTS = [
      OPS + "_triton.py",
      "        o = tl.where((b & 0x7FFF) > 0x7F80, -32768, o)\n",
      "        pass\n",
-     ["tests/ops/router/test_pruned.py::test_router_correctness", "-k", "nan"]),
+     ["tests/ops/router/test_special_values.py", "-k", "pruned or positive_nan"]),
     ("int32-offset-pruned-store",
      OPS + "router/pruned.py",
      "ko = tl.arange(0, KP).to(tl.int64)",
