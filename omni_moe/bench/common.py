@@ -28,6 +28,15 @@ import torch
 DEFAULT_L2_BYTES = 50 * 2**20
 
 
+def parse_names(text: str, choices, what: str) -> list[str]:
+    """Comma-separated names, each one of ``choices``; argparse error naming ``what``."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in names if v not in choices]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown {what} {bad}; choose from {', '.join(choices)}")
+    return names
+
+
 def has_cuda() -> bool:
     return torch.cuda.is_available()
 

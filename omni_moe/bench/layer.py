@@ -95,11 +95,7 @@ def check_case(case):
 
 
 def parse_variants(text: str):
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in names if v not in VARIANTS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
-    return names
+    return common.parse_names(text, VARIANTS, "variant(s)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

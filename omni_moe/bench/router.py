@@ -99,11 +99,7 @@ def check_case(case):
 
 
 def parse_impls(text: str):
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in names if v not in IMPLS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown implementation(s) {bad}; choose from {', '.join(IMPLS)}")
-    return names
+    return common.parse_names(text, IMPLS, "implementation(s)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -122,16 +122,14 @@ class _SyncNormTorch(torch.autograd.Function):
         return rstd * (dy - s1 - xhat * s2), None, None, None, None, None
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _split_counts(T: int, S_max: int):
-    """(S, rows per split, per-split row counts padded to S_max) of T rows."""
+    """(S, rows per split, per-split row counts padded to S_max) of T rows: the
+    single-process launcher's split rule (``split_rows``)."""
+    from ..ops.router_norm.kernels import split_rows
+
     if T == 0:
         return 0, 1, [0] * S_max
-    rows = _cdiv(T, min(S_max, T))
-    S = _cdiv(T, rows)
+    S, rows = split_rows(T, S_max)
     return S, rows, [min(rows, T - s * rows) for s in range(S)] + [0] * (S_max - S)
 
 
