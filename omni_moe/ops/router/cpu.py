@@ -57,7 +57,9 @@ def router_full_product(x: torch.Tensor, y: torch.Tensor, k: int):
     tie = vals[:, 1:] == vals[:, :-1]
     nan = torch.isnan(vals[:, 0])
     if not bool(tie.any() | nan.any()):
-        return vals[:, :k].to(x.dtype), pos[:, :k].to(torch.int32)
+        # Contiguous like the kernels' outputs (and the op's fake): a float32 ``.to`` of
+        # the (T, k + 1) slice would be a strided view, which compiled graphs reject.
+        return vals[:, :k].to(x.dtype).contiguous(), pos[:, :k].to(torch.int32)
     vals, pos = vals[:, :k], pos[:, :k]
     # Ties inside the selection: order them by flat index (key order, as brute force).
     key = (ordered_key(vals) << 32) + ((2**31 - 1) - pos)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import omni_moe.ops.router.fullscan as fullscan
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, INTERPRET
 from omni_moe.ops._dispatch import use_triton
 from omni_moe.ops.router.fullscan import FullscanConfig, fullscan_router_forward
 from omni_moe.ops.router.op import route
@@ -286,9 +286,16 @@ def _model(x, y):
     return (s.float() * _COEF).sum(), i
 
 
+@pytest.mark.parametrize("path", ["interpreter", "torch"])
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
-def test_torch_compile_fullgraph_cpu(backend):
-    """fullgraph=True: the custom op traces without graph breaks, forward and backward."""
+def test_torch_compile_fullgraph_cpu(backend, path, monkeypatch):
+    """fullgraph=True: the custom op traces without graph breaks, forward and backward,
+    on CPU through the kernels (interpreter) and through the PyTorch path; inductor checks
+    the real outputs' strides against the fake implementation's."""
+    if path == "torch":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    elif not INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1")
     torch._dynamo.reset()
     compiled = torch.compile(_model, backend=backend, fullgraph=True)
     for seed in range(2):
