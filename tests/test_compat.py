@@ -238,9 +238,28 @@ def test_upstream_sizes_gpu(case):
         _grads_vs_float64(triton_omni_expert_func, _expert_formula,
                           _expert_inputs(T, H, E, k, dtype, dev, seed=0), (0, 1, 2, 3), dtype)
     else:
+        # At this size the bf16 roundings of the (T, I) gate and up products alone put
+        # ~13 % of the outputs outside upstream's 1e-2 bounds against float64 (upstream
+        # compares with the same formula in bf16, which rounds alike).  So: no worse than
+        # that bf16 formula, against float64.
         T, H, I = case[1:]
-        _grads_vs_float64(triton_omni_mlp_func, _mlp_formula,
-                          _mlp_inputs(T, H, I, dtype, dev, seed=0), (0, 1, 2, 3), dtype)
+        args = _mlp_inputs(T, H, I, dtype, dev, seed=0)
+        ours, naive, ref = (_values_and_grads(fn, args, t) for fn, t in
+                            ((triton_omni_mlp_func, dtype), (_mlp_formula, dtype),
+                             (_mlp_formula, torch.float64)))
+        for name, a, b, r in zip(("out", "dx", "dwg", "dwu", "dwd"), ours, naive, ref):
+            e, e_naive = ((v.double() - r).norm() / r.norm() for v in (a, b))
+            assert e <= 1.05 * e_naive + 1e-4, f"{name}: rel. L2 {e:.3g} vs bf16 formula {e_naive:.3g}"
+            m, m_naive = ((v.double() - r).abs().max() for v in (a, b))
+            assert m <= 2 * m_naive, f"{name}: max error {m:.3g} vs bf16 formula {m_naive:.3g}"
+
+
+def _values_and_grads(fn, args, dtype):
+    """fn(*args) and the gradients of its sum, with the inputs cast to ``dtype``."""
+    leaves = [a.detach().to(dtype).requires_grad_() for a in args]
+    out = fn(*leaves)
+    out.sum().backward()
+    return [out.detach()] + [a.grad for a in leaves]
 
 
 # ----------------------------------------------------------------------------- module

@@ -18,6 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _tolerance import assert_close_ulps
 from router_checks import force_expert_schedule, pruned_config
 
 from conftest import HAS_CUDA, INTERPRET
@@ -184,10 +185,21 @@ def test_router_norm_far_offsets(mode, dev):
 
     p, st = norm_log_softmax_forward(x, N, mode, running=running())
     pr, sr = norm_log_softmax_forward(x.contiguous(), N, mode, running=running())
-    assert _same(p, pr) and _same(st, sr)
     dx = norm_log_softmax_backward(dpx, dpy, pr, x, sr, N, mode)
     dr = norm_log_softmax_backward(dpx.contiguous(), dpy.contiguous(), pr, x.contiguous(), sr, N, mode)
-    assert _same(dx, dr)
+    if dev == "cpu":
+        assert _same(p, pr) and _same(st, sr) and _same(dx, dr)
+    else:
+        # Compiled, the row reductions (max, sum of exp) follow the register layout that
+        # Triton picks from the loads' contiguity: a column-major view sums a row in
+        # another order than the row-major copy, a few float32 ulps apart.  A wrong
+        # address (the int32 wrap) is far outside these bounds.
+        # log-probs: x - max - log(sum exp); a reordered float32 sum of 2N terms moves
+        # log(sum) by at most ~2N unit roundoffs, absolutely.
+        assert_close_ulps(p, pr, 8, torch.float32, extra=torch.full_like(pr, 4 * N * 2.0**-24),
+                          name="log-probs")
+        assert_close_ulps(st, sr, 16, torch.float32, name="statistics")
+        assert_close_ulps(dx, dr, 1, x.dtype, name="dx")
     # float64 sanity of the contiguous run (mode "none": plain log-softmax per axis).
     if mode == "none":
         xd = x.double().cpu()
