@@ -43,7 +43,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # import this checkout's omni_moe, installed or not
 
 from omni_moe import OmniMoE, OmniMoEConfig, param_groups  # noqa: E402
 from omni_moe.distributed import data_parallel, fully_shard_model, shard_expert_tables  # noqa: E402

@@ -29,11 +29,8 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-try:
-    import omni_moe  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.join(HERE, ".."))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # import this checkout's omni_moe, installed or not
 
 
 def parse_args(argv=None):

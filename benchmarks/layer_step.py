@@ -25,8 +25,8 @@ import os
 import sys
 import time
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # import this checkout's omni_moe, installed or not
 
 CASES = [(4096, 1024, 4096, 4096, 16), (8192, 1024, 4096, 65536, 32), (4096, 2048, 8192, 1048576, 16)]
 DRY_CASES = [(48, 32, 48, 64, 4), (40, 24, 32, 400, 3)]

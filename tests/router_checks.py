@@ -157,13 +157,16 @@ def pruned_config(T, N, k, spec):
     return replace(pruned.default_config(T, N, k, kernel=spec.get("kernel")), **fields)
 
 
-def force_expert_schedule(monkeypatch, schedule):
-    """Make the expert op's launch rule pick ``schedule`` ("token" or "expert")."""
+def force_expert_schedule(monkeypatch, schedule=None, **fields):
+    """Make the expert op's launch rule pick ``schedule`` ("token" or "expert"; None: the
+    rule's own) and the other ``ExpertConfig`` ``fields`` given (tiles)."""
     from dataclasses import replace
 
     from omni_moe.ops.expert import kernels
 
+    if schedule is not None:
+        fields["schedule"] = schedule
     rule = kernels.default_config
     monkeypatch.setattr(kernels, "default_config",
-                        lambda *a, **kw: replace(rule(*a, **kw), schedule=schedule))
+                        lambda *a, **kw: replace(rule(*a, **kw), **fields))
 

@@ -17,6 +17,7 @@ import torch
 
 from conftest import HAS_CUDA
 from omni_moe import OmniMoE, OmniMoEConfig
+from router_checks import force_expert_schedule
 
 pytestmark = pytest.mark.usefixtures("no_tf32")
 
@@ -82,15 +83,9 @@ def _gpu_layer(E, seed=0):
 
 @pytest.fixture
 def expert_mode(request, monkeypatch):
-    from dataclasses import replace
-
-    from omni_moe.ops.expert import kernels as kern
-
     schedule = getattr(request, "param", None)
     if schedule is not None:
-        rule = kern.default_config
-        monkeypatch.setattr(kern, "default_config",
-                            lambda *a, **k: replace(rule(*a, **k), schedule=schedule))
+        force_expert_schedule(monkeypatch, schedule)
     yield schedule
 
 

@@ -17,6 +17,7 @@ import torch
 from conftest import HAS_CUDA
 from omni_moe import OmniMoE, OmniMoEConfig
 from omni_moe.layers.reference import OmniMoEReference
+from router_checks import force_expert_schedule
 
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
               pytest.mark.usefixtures("no_tf32")]
@@ -245,12 +246,7 @@ def test_float32_three_steps(device, case):
 def test_float32_expert_schedule(device, monkeypatch):
     """The layer with the experts' "expert" schedule forced (sorted dot products; the
     shapes above all pick the "token" one)."""
-    from dataclasses import replace
-
-    from omni_moe.ops.expert import kernels as kern
-
-    rule = kern.default_config
-    monkeypatch.setattr(kern, "default_config", lambda *a, **k: replace(rule(*a, **k), schedule="expert"))
+    force_expert_schedule(monkeypatch, "expert")
     c, shape = CASES[0]
     assert_float32(train_and_compare(cfg(**c), shape, device, torch.float32))
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -22,6 +20,7 @@ from omni_moe.ops.expert.op import omni_expert_from_scores
 from omni_moe.ops.expert.sparse import expert_groups, sparse_backward_impl
 from omni_moe.ops.expert import kernels as kern
 from test_expert import ACTS, check_against_float64, make_inputs, rel_l2
+from router_checks import force_expert_schedule
 from test_omni_moe_layer import assert_float32, cfg, train_and_compare
 
 pytestmark = pytest.mark.usefixtures("no_tf32")
@@ -29,9 +28,7 @@ pytestmark = pytest.mark.usefixtures("no_tf32")
 
 @pytest.fixture(params=["token", "expert"])
 def mode(request, monkeypatch):
-    rule = kern.default_config
-    monkeypatch.setattr(kern, "default_config",
-                        lambda *a, **k: replace(rule(*a, **k), schedule=request.param))
+    force_expert_schedule(monkeypatch, request.param)
     yield request.param
 
 

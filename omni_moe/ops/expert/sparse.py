@@ -71,6 +71,7 @@ def _triton_backward(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need
                            need_dup, need_ddown, log_weights=log_weights, used_rows=expert_groups)
 
 
+# Not expert_backward_reference + a row gather: that would allocate the (E, H) sums this avoids.
 def _torch_backward(grad_out, h, up, down, w, idx, a, act, need_dh, need_dup, need_ddown,
                     log_weights):
     """The PyTorch reference's backward (``expert_backward_reference``) with the weight

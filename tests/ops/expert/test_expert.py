@@ -23,6 +23,7 @@ from omni_moe.ops.expert.reference import (
 from omni_moe.ops.expert import kernels as kern
 from _expert_oracle import expert_oracle
 from _tolerance import accumulation_bound, assert_close_ulps
+from router_checks import force_expert_schedule
 
 HAS_CUDA = torch.cuda.is_available()
 ACTS = ("silu", "gelu", "relu")
@@ -113,16 +114,8 @@ def check_against_float64(h, up, down, w, idx, go, act, got, fp32_tol=None):
 @pytest.fixture(params=["token", "expert"])
 def mode(request, monkeypatch):
     """Both schedules of the kernels, forced through the op's launch rule."""
-    rule = kern.default_config
-    monkeypatch.setattr(kern, "default_config",
-                        lambda *a, **k: replace(rule(*a, **k), schedule=request.param))
+    force_expert_schedule(monkeypatch, request.param)
     yield request.param
-
-
-def with_tile(monkeypatch, **tiles):
-    """Make the op launch with the given tiles (fields of ExpertConfig)."""
-    rule = kern.default_config
-    monkeypatch.setattr(kern, "default_config", lambda *a, **k: replace(rule(*a, **k), **tiles))
 
 
 CASES = [
@@ -286,7 +279,7 @@ def test_expert_grad_tilings_same_bits(cfg, device, mode, monkeypatch):
     order, whatever its tiling (a 5th entry: experts per program): identical bits."""
     inputs = make_inputs(21, 40, 9, 3, torch.float32, device, "skewed", seed=4)
     ref = run_op(*inputs, "gelu")
-    with_tile(monkeypatch, expert_grad=kern.Tile(*cfg))
+    force_expert_schedule(monkeypatch, expert_grad=kern.Tile(*cfg))
     got = run_op(*inputs, "gelu")
     for x, y in zip(got, ref):
         assert torch.equal(x, y)
@@ -297,7 +290,7 @@ def test_token_kernel_tilings(cfg, device, monkeypatch):
     """Other (BLOCK_T, BLOCK_H, UNROLL, warps) of the token kernels, including the
     two-phase path (H > BLOCK_H: dots by column chunks, a CTA barrier, then the sums):
     every result matches float64, also with unused and out-of-range slots."""
-    with_tile(monkeypatch, schedule="token", token=kern.Tile(*cfg))
+    force_expert_schedule(monkeypatch, "token", token=kern.Tile(*cfg))
     for call, (T, H, E, k, kind) in enumerate([(13, 40, 9, 3, "random"), (9, 33, 64, 5, "skewed")]):
         act = ACTS[call + 1]
         inputs = make_inputs(T, H, E, k, torch.float32, device, kind, seed=31 + call,
