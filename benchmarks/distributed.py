@@ -5,12 +5,14 @@ expert tables (``omni_moe.distributed``).
 
     torchrun --nproc-per-node 2 benchmarks/distributed.py --json dist_h100.json
     torchrun --nproc-per-node 2 benchmarks/distributed.py --big --json dist_1m_h100.json
+    torchrun --nproc-per-node 2 benchmarks/distributed.py --global-tokens 16384,65536 --json sweep.json
     torchrun --nproc-per-node 2 benchmarks/distributed.py --tiny --device cpu   # gloo smoke run
 
 Model: token embedding -> L residual blocks x + OmniMoE(LayerNorm(x)) -> LayerNorm ->
 tied head, cross-entropy on synthetic bigram data (next = 31 * prev + 7 + u mod V, u
 uniform in 0..3: loss floor log 4).  Every phase trains the same initial model on the
-same global batches (``--global-tokens`` per step, split evenly over the ranks):
+same global batches (``--global-tokens`` per step, split evenly over the ranks; a
+comma-separated list runs every phase at every size):
 
   1gpu        rank 0 alone, float32 parameters (TF32 GEMMs), AdamW
   1gpu_fsdp   rank 0 alone under fully_shard (bf16 parameters, float32 reduction): the
@@ -23,8 +25,14 @@ same global batches (``--global-tokens`` per step, split evenly over the ranks):
 
 While rank 0 runs a 1-GPU phase, rank 1 waits on a CPU (gloo) barrier.  Per phase:
 step time (median over the steps after --warmup), tokens/s of the global batch, peak
-allocated memory per rank, the global loss per step.  Scaling efficiency = tokens/s
-on 2 GPUs / (2 x tokens/s on 1 GPU), against the phase with the same numerics.
+allocated memory per rank, the global loss per step, and where the step's time goes:
+forward, backward (with DDP's gradient all-reduce or FSDP's reduce-scatter, which end
+inside it) and optimizer step (AdamW and zero_grad), each the median over the same steps
+of the time between CUDA events recorded at those points of rank 0's stream (on CPU,
+the host clock).  Work that scales with the expert tables (dense table gradients, their
+all-reduce, AdamW over the tables) does not shrink with more ranks, token work does:
+the breakdown and a token-count sweep tell them apart.  Scaling efficiency = tokens/s
+on 2 GPUs / (2 x tokens/s on 1 GPU), against the phase with the same numerics and size.
 """
 
 from __future__ import annotations
@@ -75,6 +83,18 @@ class Net(nn.Module):
         return F.linear(self.norm(x), self.embed.weight)
 
 
+def _token_counts(text: str) -> list[int]:
+    """--global-tokens: one or more positive ints, comma-separated."""
+    try:
+        sizes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--global-tokens takes positive integers separated by commas, got {text!r}")
+    return sizes
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -85,7 +105,8 @@ def parse(argv=None):
     p.add_argument("--topk", type=int, default=16)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--global-tokens", type=int, default=16384, help="tokens per step, all ranks")
+    p.add_argument("--global-tokens", type=_token_counts, default=[16384],
+                   help="tokens per step, all ranks; comma-separated to sweep, e.g. 16384,65536")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -96,16 +117,44 @@ def parse(argv=None):
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
     if a.tiny:
-        a.hidden, a.intermediate, a.experts, a.topk, a.layers = 32, 48, 256, 4, 2
-        a.vocab, a.global_tokens, a.steps, a.warmup, a.big_experts = 64, 256, 6, 2, 1024
+        # new defaults: sizes given on the command line still win
+        p.set_defaults(hidden=32, intermediate=48, experts=256, topk=4, layers=2, vocab=64,
+                       global_tokens=[256], steps=6, warmup=2, big_experts=1024)
+        a = p.parse_args(argv)
     return a
 
 
-def batch(step, a, device):
+def batch(step, a, tokens, device):
     g = torch.Generator().manual_seed(1000 + step)
-    prev = torch.randint(0, a.vocab, (a.global_tokens,), generator=g)
-    nxt = (31 * prev + 7 + torch.randint(0, 4, (a.global_tokens,), generator=g)) % a.vocab
+    prev = torch.randint(0, a.vocab, (tokens,), generator=g)
+    nxt = (31 * prev + 7 + torch.randint(0, 4, (tokens,), generator=g)) % a.vocab
     return prev.to(device), nxt.to(device)
+
+
+PARTS = {"forward": "fwd", "backward": "bwd", "optimizer": "opt"}   # JSON key: printed label
+
+
+class StepMarks:
+    """Points of one step on rank 0's timeline: CUDA events on the current stream (read
+    once the step has synchronised, so marking adds no sync), or the host clock on CPU,
+    where the step runs synchronously."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.points = cuda, []
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.points.append(e)
+        else:
+            self.points.append(time.perf_counter())
+
+    def spans_ms(self) -> list[float]:
+        p = self.points
+        if self.cuda:
+            return [a.elapsed_time(b) for a, b in zip(p, p[1:])]
+        return [1e3 * (b - a) for a, b in zip(p, p[1:])]
 
 
 def build(a, experts, layers, device, single):
@@ -117,7 +166,7 @@ def build(a, experts, layers, device, single):
         return Net(a.vocab, cfg, layers)
 
 
-def run_phase(name, a, experts, layers, device, rank, world, mesh_all):
+def run_phase(name, a, tokens, experts, layers, device, rank, world, mesh_all):
     single = name.startswith("1gpu")
     P = 1 if single else world
     model = build(a, experts, layers, device, single)
@@ -136,33 +185,47 @@ def run_phase(name, a, experts, layers, device, rank, world, mesh_all):
     # The expert tables in their own group: sharded, they are DTensors, and one
     # multi-tensor optimizer step cannot mix them with plain tensors.
     opt = torch.optim.AdamW(param_groups(model, lr=a.lr), betas=(0.9, 0.95), weight_decay=0.0)
-    n = a.global_tokens // P
-    losses, times = [], []
+    n = tokens // P
+    losses, times, parts = [], [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(a.steps):
-        inp, tgt = batch(step, a, device)
+        inp, tgt = batch(step, a, tokens, device)
         inp, tgt = inp[rank * n:(rank + 1) * n], tgt[rank * n:(rank + 1) * n]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        marks = StepMarks(device.type == "cuda")
         t0 = time.perf_counter()
+        marks.mark()
         loss = F.cross_entropy(model(inp).float(), tgt)
+        marks.mark()
         loss.backward()
+        marks.mark()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        marks.mark()
         lv = loss.detach().double().reshape(1)
         if P > 1:
             dist.all_reduce(lv)
         lv = float(lv) / P  # synchronises
         times.append(time.perf_counter() - t0)
+        parts.append(marks.spans_ms())
         losses.append(lv)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     step_s = statistics.median(times[a.warmup:]) if len(times) > a.warmup else float("nan")
+    timed = parts[a.warmup:]
+    # Medians per part (robust to one slow step), so they need not add up to step_ms;
+    # fwd_bwd is the median of the per-step sums.
+    breakdown = {k: statistics.median(p[i] for p in timed) if timed else float("nan")
+                 for i, k in enumerate(PARTS)}
+    breakdown["fwd_bwd"] = statistics.median(p[0] + p[1] for p in timed) if timed else float("nan")
+    n_params = sum(p.numel() for p in model.parameters())
     del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"world": P, "experts": experts, "layers": layers, "loss": losses, "step_ms": 1e3 * step_s,
-            "tokens_per_s": a.global_tokens / step_s, "peak_mem_gib": peak}
+    return {"world": P, "experts": experts, "layers": layers, "global_tokens": tokens, "loss": losses,
+            "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s, "peak_mem_gib": peak,
+            "breakdown_ms": breakdown, "step_parts_ms": parts, "params": n_params}
 
 
 _G0 = None
@@ -195,18 +258,22 @@ def main(argv=None):
 
     mesh_all = init_device_mesh(device.type, (world,))
     phases = [p for p in a.phases.split(",") if p]
-    plan = [(p, a.experts, a.layers) for p in phases]
-    if a.big:
-        # 2 GPUs first: a 1-GPU out-of-memory can leave the allocator fragmented
-        plan += [("fsdp", a.big_experts, a.big_layers), ("1gpu_fsdp", a.big_experts, a.big_layers)]
-    results = {}
-    for name, experts, layers in plan:
+    plan = []
+    for tokens in a.global_tokens:
+        plan += [(tokens, p, a.experts, a.layers) for p in phases]
+        if a.big:
+            # 2 GPUs first: a 1-GPU out-of-memory can leave the allocator fragmented
+            plan += [(tokens, "fsdp", a.big_experts, a.big_layers),
+                     (tokens, "1gpu_fsdp", a.big_experts, a.big_layers)]
+    by_tokens = {t: {} for t in a.global_tokens}
+    for tokens, name, experts, layers in plan:
+        results = by_tokens[tokens]
         key = name if experts == a.experts else f"{name}_E{experts}"
         if name.startswith("1gpu") and rank != 0:
             dist.barrier(group=waiter)
             continue
         try:
-            res = run_phase(name, a, experts, layers, device, rank, world, mesh_all)
+            res = run_phase(name, a, tokens, experts, layers, device, rank, world, mesh_all)
         except torch.OutOfMemoryError as e:
             res = {"error": f"out of memory: {str(e).splitlines()[0]}"}
             torch.cuda.empty_cache()
@@ -221,26 +288,34 @@ def main(argv=None):
                 res["peak_mem_gib_per_rank"] = [float(m) for m in allm]
         results[key] = res
         if rank == 0:
-            print(f"{key:20s} " + (res["error"] if "error" in res else
+            print(f"{key:20s} {tokens:>7d} tok/step " + (res["error"] if "error" in res else
                   f"{res['tokens_per_s']:12,.0f} tok/s  {res['step_ms']:8.2f} ms/step  "
+                  + "  ".join(f"{v} {res['breakdown_ms'][k]:7.2f}" for k, v in PARTS.items()) + " ms  "
                   f"peak {res['peak_mem_gib'] or 0:6.2f} GiB  loss {res['loss'][0]:.3f} -> {res['loss'][-1]:.3f}"),
                   flush=True)
     if rank == 0:
-        summary = {}
-        for two, one in (("ddp", "1gpu"), ("fsdp", "1gpu_fsdp"), ("ddp_sharded", "1gpu"),
-                         (f"fsdp_E{a.big_experts}", f"1gpu_fsdp_E{a.big_experts}")):
-            r2, r1 = results.get(two), results.get(one)
-            if r2 and r1 and "error" not in r2 and "error" not in r1:
-                summary[f"{two}_vs_{one}"] = {
-                    "scaling_efficiency": r2["tokens_per_s"] / (2 * r1["tokens_per_s"]),
-                    "loss_max_abs_diff": max(abs(x - y) for x, y in zip(r2["loss"], r1["loss"])),
-                }
-        for k, v in summary.items():
-            print(f"{k:28s} scaling efficiency {v['scaling_efficiency']:.3f}  "
-                  f"max |loss diff| {v['loss_max_abs_diff']:.2e}")
+        sweep = {}
+        for tokens, results in by_tokens.items():
+            summary = {}
+            for two, one in (("ddp", "1gpu"), ("fsdp", "1gpu_fsdp"), ("ddp_sharded", "1gpu"),
+                             (f"fsdp_E{a.big_experts}", f"1gpu_fsdp_E{a.big_experts}")):
+                r2, r1 = results.get(two), results.get(one)
+                if r2 and r1 and "error" not in r2 and "error" not in r1:
+                    summary[f"{two}_vs_{one}"] = {
+                        "scaling_efficiency": r2["tokens_per_s"] / (2 * r1["tokens_per_s"]),
+                        "loss_max_abs_diff": max(abs(x - y) for x, y in zip(r2["loss"], r1["loss"])),
+                    }
+            for k, v in summary.items():
+                print(f"{k:28s} {tokens:>7d} tok/step  scaling efficiency {v['scaling_efficiency']:.3f}  "
+                      f"max |loss diff| {v['loss_max_abs_diff']:.2e}")
+            sweep[str(tokens)] = {"phases": results, "comparisons": summary}
+        first = sweep[str(a.global_tokens[0])]
+        # "phases" and "comparisons" hold the first size, as when one size was the only
+        # choice; "by_tokens" holds every size.
         out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "world": world, "args": vars(a), "loss_floor": math.log(4), "phases": results,
-               "comparisons": summary}
+               "world": world, "args": vars(a), "loss_floor": math.log(4), "phases": first["phases"],
+               "comparisons": first["comparisons"], "global_tokens": a.global_tokens,
+               "by_tokens": sweep}
         if a.json:
             os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
             with open(a.json, "w") as f:

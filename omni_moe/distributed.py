@@ -8,10 +8,12 @@ initialised process group of more than one process) the statistics are those of 
 concatenated batch, as ``nn.SyncBatchNorm`` computes them (``omni_moe.layers.router_stats``
 says how).
 
-Any per-rank batch size works, 0 included, as long as the global batch has at least two
-tokens (one raises ValueError on every rank, like BatchNorm's "more than 1 value per
-channel"; an empty global batch normalises with the running statistics).  Every rank
-must call the layer the same number of times per step (as for any collective).
+Any per-rank batch size works, 0 and 1 included.  The token counts stay on the device
+(no host sync per layer call), so a global batch of fewer than two tokens cannot raise:
+it is normalised with the running statistics, which it leaves unchanged (with their
+counters), and gets the eval-mode gradient; one process with one token still raises
+ValueError, as BatchNorm does.  Every rank must call the layer, and run its backward,
+the same number of times per step (as for any collective).
 
 Expert tables larger than one GPU (``shard_expert_tables``): ``up_embed`` and
 ``down_embed`` become DTensor parameters sharded by rows (experts, ``Shard(0)``) over a

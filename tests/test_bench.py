@@ -172,3 +172,53 @@ def test_graph_step_host_time_and_launches_on_cuda():
     torch.cuda.synchronize()
     # the device is usable after a failed capture (the benchmark goes on with the next variant)
     assert torch.ones(1, device="cuda").item() == 1.0 and x.grad is None
+
+
+# ----------------------------------------------------------------------------- benchmarks/distributed.py
+def test_distributed_benchmark_sweeps_sizes_with_a_time_breakdown(tmp_path):
+    """``torchrun --nproc-per-node 2 benchmarks/distributed.py --tiny --device cpu`` (gloo)
+    with two global token counts: every phase at every size, each with its forward,
+    backward and optimizer times; the first size also under the old top-level keys."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = tmp_path / "dist.json"
+    env = dict(os.environ, PYTHONPATH=root)
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(root, "benchmarks", "distributed.py"), "--tiny", "--device", "cpu",
+           "--phases", "1gpu,ddp", "--global-tokens", "64,128", "--steps", "3", "--warmup", "1",
+           "--json", str(out)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["global_tokens"] == [64, 128] and set(got["by_tokens"]) == {"64", "128"}
+    assert got["phases"] == got["by_tokens"]["64"]["phases"]
+    for size, entry in got["by_tokens"].items():
+        assert set(entry["phases"]) == {"1gpu", "ddp"} and "ddp_vs_1gpu" in entry["comparisons"]
+        for res in entry["phases"].values():
+            assert res["global_tokens"] == int(size) and len(res["step_parts_ms"]) == 3
+            b = res["breakdown_ms"]
+            assert all(b[k] > 0 for k in ("forward", "backward", "optimizer", "fwd_bwd"))
+            assert b["fwd_bwd"] <= res["step_ms"] * 1.5
+    assert run.stdout.count(" fwd ") == 4 and " bwd " in run.stdout and " opt " in run.stdout
+
+
+def test_distributed_benchmark_rejects_bad_token_counts():
+    import argparse
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_distributed", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "distributed.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod._token_counts("16384, 65536") == [16384, 65536]
+    for bad in ("", "0", "16384,x", "-5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--global-tokens"):
+            mod._token_counts(bad)
+    assert mod.parse(["--tiny"]).global_tokens == [256]
+    assert mod.parse([]).global_tokens == [16384]

@@ -64,23 +64,34 @@ def _dev(device, rank):
     return f"cuda:{rank}" if device == "cuda" else device
 
 
-def _sync_worker(rank, world, interpret, device="cpu"):
+def _cumulative(layer):
+    """Running statistics as a cumulative average (BatchNorm's momentum=None)."""
+    layer.router_norm_x.momentum = layer.router_norm_y.momentum = None
+    return layer
+
+
+def _sync_worker(rank, world, interpret, device="cpu", cumulative=False):
     if interpret:
         assert os.environ.get("TRITON_INTERPRET") == "1"
     torch.manual_seed(0)
     layer = OmniMoE(make_cfg()).to(_dev(device, rank))
+    if cumulative:
+        _cumulative(layer)
     from omni_moe.distributed import router_stats_group
     from omni_moe.layers.router_stats import _fused_ok
 
     assert router_stats_group(layer) is not None
     # the path under test: kernels on CUDA and under the interpreter
-    assert _fused_ok(layer, torch.empty(1, H, device=_dev(device, rank))) == (interpret or device == "cuda")
+    fused = (interpret or device == "cuda") and not cumulative
+    assert _fused_ok(layer, torch.empty(1, H, device=_dev(device, rank))) == fused
     return _run_layer(layer, batches(SIZES), rank, _dev(device, rank))
 
 
-def _check_against_single(results, sizes=SIZES, tol=1e-5, device="cpu"):
+def _check_against_single(results, sizes=SIZES, tol=1e-5, device="cpu", cumulative=False):
     torch.manual_seed(0)
     single = OmniMoE(make_cfg()).to(device)
+    if cumulative:
+        _cumulative(single)
     outs, grads, bufs = _run_layer(single, batches(sizes), device=device)
     data = batches(sizes)
     for rank, (r_outs, r_grads, r_bufs) in enumerate(results):
@@ -104,6 +115,13 @@ def test_sync_router_stats_torch_path(monkeypatch):
     _check_against_single(run_ranks(_sync_worker, 2, False))
 
 
+def test_sync_router_stats_cumulative_average(monkeypatch):
+    """momentum=None (PyTorch path): the running average's factor 1 / num_batches_tracked
+    is taken on the device."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _check_against_single(run_ranks(_sync_worker, 2, False, "cpu", True), cumulative=True)
+
+
 def test_sync_router_stats_kernels(monkeypatch):
     """The router-norm kernels (partials, all-gather, finalize with per-split counts;
     sums all-reduce) through Triton's interpreter."""
@@ -123,32 +141,205 @@ def test_sync_requires_group():
         make_cfg(sync=1)
 
 
-def _one_token_worker(rank, world):
+def test_split_counts_follow_split_rows():
+    """The per-split counts built on the device from the ranks' counts are the
+    single-process launcher's split rule."""
+    from omni_moe.layers.router_stats import _split_counts
+    from omni_moe.ops.router_norm.kernels import split_rows
+
+    Ts = list(range(0, 70)) + [511, 512, 513, 4097]
+    for S_max in (1, 2, 3, 8, 16, 64):
+        got = _split_counts(torch.tensor(Ts, dtype=torch.float32), S_max).view(len(Ts), S_max)
+        for T, row in zip(Ts, got.tolist()):
+            S, rows = split_rows(T, S_max) if T else (0, 1)
+            want = [min(rows, T - s * rows) for s in range(S)] + [0] * (S_max - S)
+            assert row == want, (T, S_max)
+
+
+FEW = [(3, 4), (1, 0), (0, 0)]   # a normal step, then one token in total, then none
+
+
+def _few_tokens_worker(rank, world, interpret):
     import torch.distributed as dist
 
     from omni_moe.distributed import router_stats_group, set_router_stats_group
+    from omni_moe.layers.router_stats import _fused_ok
 
+    torch.manual_seed(0)
     layer = OmniMoE(make_cfg())
-    msg = None
-    try:
-        layer(torch.randn(1 if rank == 0 else 0, H))
-    except ValueError as e:
-        msg = str(e)
+    assert _fused_ok(layer, torch.empty(1, H)) == interpret
+    steps = []
+    for x, gout, off in batches(FEW):
+        sl = slice(off[rank], off[rank + 1])
+        layer.zero_grad(set_to_none=False)
+        xr = x[sl].clone().requires_grad_()
+        out, (_, idx) = layer(xr, return_routing=True)
+        out.backward(gout[sl])
+        steps.append((out.detach(), idx, xr.grad, {n: p.grad.clone() for n, p in layer.named_parameters()},
+                      {n: b.clone() for n, b in layer.named_buffers()}))
     assert router_stats_group(layer) is dist.group.WORLD
     singles = [dist.new_group([r]) for r in range(world)]
     pair = dist.new_group(list(range(world)))
     set_router_stats_group(nn.Sequential(layer), singles[rank])
     alone = router_stats_group(layer)
     set_router_stats_group(layer, pair)
-    return msg, alone, router_stats_group(layer) is pair, router_stats_group(layer.eval())
+    return steps, (alone, router_stats_group(layer) is pair, router_stats_group(layer.eval()))
 
 
-def test_sync_one_token_in_total_raises_everywhere():
-    """One token over all ranks raises on every rank (none would hang in a collective);
-    the statistics group is settable and a group of one process means no exchange."""
-    for msg, alone, is_pair, in_eval in run_ranks(_one_token_worker, 2):
-        assert msg is not None and "more than one token" in msg
+@pytest.mark.parametrize("interpret", [False, True], ids=["torch", "kernels"])
+def test_sync_fewer_than_two_tokens_uses_running_stats(interpret, monkeypatch):
+    """One token over all ranks (or none): no rank raises (the count is never read on the
+    host); the tokens are normalised with the running statistics, which stay unchanged
+    with their counters, and the gradients are the eval-mode ones.  The statistics group
+    is settable, and a group of one process means no exchange."""
+    if interpret:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    results = run_ranks(_few_tokens_worker, 2, interpret)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    data = batches(FEW)
+    torch.manual_seed(0)
+    single = OmniMoE(make_cfg())
+    x, gout, _ = data[0]
+    single(x).backward(gout)
+    after_first = {n: b.clone() for n, b in single.named_buffers()}
+    single.eval().zero_grad()
+    x, gout, _ = data[1]
+    xs = x.clone().requires_grad_()
+    out, (_, idx) = single(xs, return_routing=True)
+    out.backward(gout)
+    for rank, (steps, (alone, is_pair, in_eval)) in enumerate(results):
         assert alone is None and is_pair and in_eval is None
+        for name, b in after_first.items():
+            assert rel(steps[0][4][name], b) <= 1e-6, f"rank {rank}: {name}"
+        for step in (1, 2):
+            for name, b in steps[step][4].items():
+                assert torch.equal(b, steps[0][4][name]), f"rank {rank} step {step}: {name} changed"
+                assert torch.isfinite(b.float()).all()
+        assert steps[2][0].shape[0] == 0
+    o, i, gx = results[0][0][1][:3]
+    assert torch.equal(i, idx) and rel(o, out) <= 1e-5 and rel(gx, xs.grad) <= 1e-5
+    assert results[1][0][1][0].shape[0] == 0
+    for name, p in single.named_parameters():
+        total = results[0][0][1][3][name] + results[1][0][1][3][name]
+        assert rel(total, p.grad) <= 1e-5, f"gradient of {name}"
+
+
+_HOST_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__",
+               "__complex__", "__array__")
+
+
+class _NoHostReads:
+    """Tensor methods that hand a value to Python raise while active.  On CPU a host
+    read is not a copy, so this is the structural check: none of the code between the
+    launches looks at a tensor's value.  Launches (under the Triton interpreter they
+    read their tensors on the host, as a GPU would on the device) lift it."""
+
+    def __init__(self):
+        self.depth = 0
+        self.saved = {n: getattr(torch.Tensor, n) for n in _HOST_READS if hasattr(torch.Tensor, n)}
+
+    def __enter__(self):
+        self.depth += 1
+        if self.depth == 1:
+            for name in self.saved:
+                setattr(torch.Tensor, name, self._refuse(name))
+        return self
+
+    def __exit__(self, *exc):
+        self.depth -= 1
+        if self.depth == 0:
+            for name, fn in self.saved.items():
+                setattr(torch.Tensor, name, fn)
+
+    @staticmethod
+    def _refuse(name):
+        def refuse(self, *args, **kwargs):
+            raise AssertionError(f"host read of a tensor (Tensor.{name}) in the synchronised statistics")
+        return refuse
+
+    def lifted(self, fn):
+        def call(*args, **kwargs):
+            saved, self.depth = self.depth, 0
+            for name, f in self.saved.items():
+                setattr(torch.Tensor, name, f)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth = saved
+                if saved:
+                    for name in self.saved:
+                        setattr(torch.Tensor, name, self._refuse(name))
+        return call
+
+
+def _no_host_read_worker(rank, world, interpret):
+    import torch.distributed as dist
+
+    from omni_moe.layers.router_stats import _fused_ok, sync_router_log_probs
+    from omni_moe.ops.router_norm import kernels as rn
+
+    torch.manual_seed(0)
+    layer = OmniMoE(make_cfg())
+    assert _fused_ok(layer, torch.empty(1, H)) == interpret
+    guard = _NoHostReads()
+    for name in ("stats_partials", "stats_finalize", "rows_forward", "rows_backward",
+                 "sums_finalize", "bn_backward"):
+        setattr(rn, name, guard.lifted(getattr(rn, name)))
+    with guard:
+        try:
+            torch.ones(1).item()
+        except AssertionError:
+            pass
+        else:
+            raise RuntimeError("the guard does not catch Tensor.item")
+    seen = []
+    for sizes in ((5, 3), (1, 0), (0, 0)):
+        h = torch.randn(sizes[rank], H)
+        h.requires_grad_()
+        with guard:
+            px, py = sync_router_log_probs(layer, h, dist.group.WORLD)
+            torch.autograd.backward((px, py), (torch.randn_like(px), torch.randn_like(py)))
+        seen.append(h.grad.shape[0])
+    return seen
+
+
+@pytest.mark.parametrize("interpret", [False, True], ids=["torch", "kernels"])
+def test_sync_router_stats_no_host_reads(interpret, monkeypatch):
+    """The synchronised forward and backward (2 gloo ranks) never read a tensor's value
+    on the host: a normal step, one token in total, none."""
+    if interpret:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert run_ranks(_no_host_read_worker, 2, interpret) == [[5, 1, 0], [3, 0, 0]]
+
+
+def _ddp_sync_debug_worker(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from omni_moe.layers.router_stats import _fused_ok
+
+    dev = f"cuda:{rank}"
+    torch.manual_seed(0)
+    model = DDP(tiny_model().to(dev), device_ids=[rank])
+    assert _fused_ok(model.module[0], torch.empty(1, H, device=dev))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step, (x, y, off) in enumerate(batches([(9, 7)] * 3, seed=5)):
+        sl = slice(off[rank], off[rank + 1])
+        xr, yr = x[sl].to(dev), y[sl].to(dev)
+        torch.cuda.synchronize()
+        # the first steps compile kernels, build DDP's buckets and fill caches (may sync)
+        if step == 2:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            ((model(xr) - yr) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return True
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -412,3 +603,13 @@ def test_gpu_two_ranks(check, monkeypatch):
                     assert rel(rg[name], g[name]) <= 1e-5, name
             for name in params:
                 assert rel(r_params[name], params[name]) <= 1e-5, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_gpu_ddp_step_has_no_host_sync(monkeypatch):
+    """A DDP step (forward, backward with the gradient all-reduce, SGD step) of two
+    OmniMoE layers with synchronised router statistics on the kernel path, NCCL on two
+    GPUs, under ``torch.cuda.set_sync_debug_mode("error")``: no device->host sync."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert run_ranks(_ddp_sync_debug_worker, 2, backend="nccl") == [True, True]

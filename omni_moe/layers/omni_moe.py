@@ -155,6 +155,8 @@ class OmniMoE(nn.Module):
 
     In training mode the router norms use batch statistics over all tokens of the call
     (which must then be more than one, as for any BatchNorm1d; an empty batch is fine).
+    With ``sync_router_stats`` the count is over all processes, and fewer than two
+    tokens there are normalised with the running statistics instead of raising.
     """
 
     def __init__(self, config: OmniMoEConfig):

@@ -10,6 +10,15 @@ them (docs/distributed.md; ``omni_moe.distributed`` has the launch-side helpers)
             statistics.  The unbiased running variance uses the global count.
   backward  the per-feature sums of dl and dl * xhat are all-reduced (one collective)
             before the BatchNorm backward, which divides by the global count.
+
+The counts stay on the device (no host sync per layer call, as in ``nn.SyncBatchNorm``):
+per-split counts, the global count and the running-statistics update are device
+tensors, and every rank runs the same collectives whatever the counts.  So the global
+count cannot pick a Python branch: where it is below 2 (one token over all ranks, or
+none), device-side selects normalise with the running statistics and leave them and
+their counters unchanged, and the backward is that of the running statistics (the
+eval-mode gradient).  No rank raises: a rank may hold one token or none.  (One process
+on one token raises ValueError as BatchNorm does; that path is not synchronised.)
 """
 
 from __future__ import annotations
@@ -52,32 +61,33 @@ def router_stats_group(layer):
 
 def _combine(gathered: torch.Tensor, C: int):
     """(mean, M2, total count) of the concatenated batch from per-rank rows
-    [mean (C), M2 (C), count] (P, 2C + 1), combined in rank order."""
-    counts = [int(c) for c in gathered[:, -1].tolist()]
-    total = sum(counts)
-    w = gathered[:, -1:].clone()
-    mean = (w * gathered[:, :C]).sum(0) / max(total, 1)
+    [mean (C), M2 (C), count] (P, 2C + 1), combined in rank order; the count is a
+    0-d float32 device tensor."""
+    w = gathered[:, -1:]
+    total = w.sum()
+    mean = (w * gathered[:, :C]).sum(0) / total.clamp(min=1)
     d = gathered[:, :C] - mean
     m2 = (gathered[:, C:2 * C] + w * d * d).sum(0)
     return mean, m2, total
 
 
-def _check_total(total: int):
-    if total == 1:
-        raise ValueError("router BatchNorm in training needs more than one token across all "
-                         "processes (got 1); call the layer in eval mode or with more tokens")
-
-
 def _update_running(running, mean, m2, total, momentum, n):
+    """BatchNorm's running-statistics update with the global count ``total`` (a device
+    tensor); below 2 rows the statistics and counters are kept (selected on the device,
+    the count is never read on the host)."""
     rmx, rvx, nbx, rmy, rvy, nby = running
     with torch.no_grad():
-        nbx.add_(1)
-        nby.add_(1)
-        f = momentum if momentum is not None else 1.0 / float(nbx)
+        upd = total >= 2
+        nbx.add_(upd.to(nbx.dtype))
+        nby.add_(upd.to(nby.dtype))
+        # momentum None: cumulative average, factor 1 / num_batches_tracked (inf where
+        # nothing is tracked yet, and then not selected)
+        f = momentum if momentum is not None else nbx.double().reciprocal().float()
         var_u = m2 / (total - 1)
-        for rm, rv, sl in ((rmx, rvx, slice(0, n)), (rmy, rvy, slice(n, 2 * n))):
-            rm.mul_(1.0 - f).add_(mean[sl].to(rm.dtype), alpha=f)
-            rv.mul_(1.0 - f).add_(var_u[sl].to(rv.dtype), alpha=f)
+        for r, v in ((rmx, mean[:n]), (rvx, var_u[:n]), (rmy, mean[n:2 * n]), (rvy, var_u[n:2 * n])):
+            v = v.to(r.dtype)
+            new = (r * (1.0 - f)).add_(v, alpha=f) if momentum is not None else (r * (1.0 - f)).add_(v * f)
+            r.copy_(torch.where(upd, new, r))
 
 
 class _SyncNormTorch(torch.autograd.Function):
@@ -94,43 +104,40 @@ class _SyncNormTorch(torch.autograd.Function):
             mean = m2 = x.new_zeros(C)
         mine = torch.cat((mean, m2, x.new_full((1,), float(T))))
         mean, m2, total = _combine(_all_gather_flat(mine, group), C)
-        _check_total(total)
-        ctx.total = total
-        if total == 0:
-            rm = torch.cat((running[0], running[3]))
-            rv = torch.cat((running[1], running[4]))
-            rstd = torch.rsqrt(rv + eps)
-            ctx.save_for_backward(x, rstd)
-            return (x - rm) * rstd
+        ok = total >= 2
+        # before the update: what fewer than two rows are normalised with
+        run_mean = torch.cat((running[0], running[3]))
+        run_rstd = torch.rsqrt(torch.cat((running[1], running[4])) + eps)
         _update_running(running, mean, m2, total, momentum, n)
-        rstd = torch.rsqrt(m2 / total + eps)
-        xhat = (x - mean) * rstd
+        rstd = torch.where(ok, torch.rsqrt(m2 / total + eps), run_rstd)
+        xhat = (x - torch.where(ok, mean, run_mean)) * rstd
         ctx.group = group
-        ctx.save_for_backward(xhat, rstd)
+        ctx.save_for_backward(xhat, rstd, total)
         return xhat
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        xhat, rstd = ctx.saved_tensors
-        if ctx.total == 0:
-            return dy * rstd, None, None, None, None, None
+        xhat, rstd, total = ctx.saved_tensors
         sums = torch.cat((dy.sum(0), (dy * xhat).sum(0)))
         dist.all_reduce(sums, group=ctx.group)
+        # Below 2 rows the running statistics are constants: no batch terms.
+        sums = torch.where(total >= 2, sums / total.clamp(min=1), 0.0)
         C = xhat.shape[1]
-        s1, s2 = sums[:C] / ctx.total, sums[C:] / ctx.total
+        s1, s2 = sums[:C], sums[C:]
         return rstd * (dy - s1 - xhat * s2), None, None, None, None, None
 
 
-def _split_counts(T: int, S_max: int):
-    """(S, rows per split, per-split row counts padded to S_max) of T rows: the
-    single-process launcher's split rule (``split_rows``)."""
-    from ..ops.router_norm.kernels import split_rows
-
-    if T == 0:
-        return 0, 1, [0] * S_max
-    S, rows = split_rows(T, S_max)
-    return S, rows, [min(rows, T - s * rows) for s in range(S)] + [0] * (S_max - S)
+def _split_counts(counts: torch.Tensor, S_max: int) -> torch.Tensor:
+    """(P * S_max,) float32 row counts of every split of every rank, from the ranks' row
+    counts (P,) float32, on their device: the single-process launcher's split rule
+    (``split_rows``: at most S_max non-empty splits of ceil(T / min(S_max, T)) rows),
+    0 for the padding splits and for empty ranks."""
+    t = counts.to(torch.int64).unsqueeze(1)
+    parts = t.clamp(min=1, max=S_max)
+    rows = ((t + parts - 1) // parts).clamp(min=1)
+    s = torch.arange(S_max, dtype=torch.int64, device=counts.device)
+    return torch.minimum(rows, t - s * rows).clamp(min=0).flatten().to(torch.float32)
 
 
 class _SyncRouterLogProbs(torch.autograd.Function):
@@ -148,28 +155,24 @@ class _SyncRouterLogProbs(torch.autograd.Function):
         P = _world(group)
         cfg = rn.default_config(T, n)
         S_max = cfg.splits
-        S, rows, _ = _split_counts(T, S_max)
         buf = torch.zeros(S_max * 2 * C + 1, dtype=torch.float32, device=dev)
         if T:
+            S, rows = rn.split_rows(T, S_max)
             rn.stats_partials(logits, buf[:S * 2 * C].view(S, 2, C), rows, cfg)
         buf[-1] = float(T)
         gathered = _all_gather_flat(buf, group)
-        counts = [int(c) for c in gathered[:, -1].tolist()]      # host sync (small)
-        total = sum(counts)
-        _check_total(total)
-        ctx.n, ctx.eps, ctx.total, ctx.group, ctx.cfg = n, eps, total, group, cfg
-        out = torch.empty((T, C), dtype=torch.float32, device=dev)
-        if total == 0:
-            ctx.save_for_backward(logits)
-            return out[:, :n], out[:, n:]
-        split_counts = torch.tensor([c for t in counts for c in _split_counts(t, S_max)[2]],
-                                    dtype=torch.float32).to(dev, non_blocking=True)
+        counts = gathered[:, -1]
+        total = counts.sum(0, keepdim=True)
         stats = torch.empty((2, C), dtype=torch.float32, device=dev)
+        # Below 2 rows in total the kernel puts the running statistics in ``stats`` and
+        # keeps them: the rows are normalised as in eval mode.
         rn.stats_finalize(gathered[:, :-1].reshape(P * S_max, 2, C), stats, running, total, n, 1,
-                          momentum, eps, cfg, counts=split_counts)
+                          momentum, eps, cfg, counts=_split_counts(counts, S_max))
+        out = torch.empty((T, C), dtype=torch.float32, device=dev)
         if T:
             rn.rows_forward(logits, stats, running, out, n, 1, eps, cfg)
-        ctx.save_for_backward(logits, out, stats)
+        ctx.n, ctx.eps, ctx.group, ctx.cfg = n, eps, group, cfg
+        ctx.save_for_backward(logits, out, stats, total)
         return out[:, :n], out[:, n:]
 
     @staticmethod
@@ -179,10 +182,7 @@ class _SyncRouterLogProbs(torch.autograd.Function):
 
         from ..ops.router_norm import kernels as rn
 
-        if ctx.total == 0:
-            (logits,) = ctx.saved_tensors
-            return torch.zeros_like(logits), None, None, None, None, None
-        x, p, stats = ctx.saved_tensors
+        x, p, stats, total = ctx.saved_tensors
         n, cfg = ctx.n, ctx.cfg
         T, C = x.shape
         dev = x.device
@@ -200,8 +200,9 @@ class _SyncRouterLogProbs(torch.autograd.Function):
         dist.all_reduce(sums, group=ctx.group)
         if T:
             # The BatchNorm backward kernel divides the sums by its row count T; the mean
-            # over the concatenated batch divides by the global count.
-            sums.mul_(T / ctx.total)
+            # over the concatenated batch divides by the global count.  Below 2 rows the
+            # statistics are the running ones, constants: zero sums leave dX = rstd dl.
+            sums.mul_(torch.where(total >= 2, T / total, 0.0))
             rn.bn_backward(dl, x, stats, sums, dx)
         return dx, None, None, None, None, None
 

@@ -83,7 +83,8 @@ def check_layer_input(layer, hidden_states) -> None:
     if (hidden_states.numel() // H == 1
             and isinstance(norm, torch.nn.modules.batchnorm._BatchNorm)
             and (norm.training or norm.running_mean is None)
-            # synchronised statistics count the tokens of every process (and say so)
+            # synchronised statistics count the tokens of every process, and fall back
+            # to the running statistics below 2 in total (omni_moe.layers.router_stats)
             and layer._router_stats_group() is None):
         raise ValueError(
             "router_norm='batchnorm' needs at least 2 tokens in training mode: the router "

@@ -102,7 +102,8 @@ def _split_means(PART, COUNTS, s0, S, T, rows_per_split, cols, ok, C, BLOCK_S: t
 def _stats_finalize_kernel(PART, STATS, RMX, RVX, NBX, RMY, RVY, NBY,
                            T, N, S, rows_per_split, momentum, eps,
                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-                           COUNTS=None, HAS_COUNTS: tl.constexpr = False):
+                           COUNTS=None, HAS_COUNTS: tl.constexpr = False,
+                           DEVICE_TOTAL: tl.constexpr = False):
     """Combine the S splits into STATS[0] = mean, STATS[1] = 1/sqrt(var + eps) (biased
     var) for the C = 2N columns, and update the running statistics of the x (columns
     < N) and y axes in place; program 0 adds 1 to both counters.
@@ -111,6 +112,10 @@ def _stats_finalize_kernel(PART, STATS, RMX, RVX, NBX, RMY, RVY, NBY,
     Grid: (cdiv(2N, BLOCK_C),).  Bytes: ~12*S*2N read, 8*2N + running stats read/written.
     HAS_COUNTS (``omni_moe.distributed``): split s has COUNTS[s] rows (float32, 0 for
     padding) and T is their total: the splits of all processes combined.
+    DEVICE_TOTAL (with HAS_COUNTS): T points to that total (float32, one element), so no
+    process reads it on the host; below 2 rows there is no batch variance, and STATS then
+    hold the running statistics (mean, 1/sqrt(running var + eps), as MODE 2 computes
+    them), which are left unchanged with their counters.
     """
     pid = tl.program_id(0)
     C = 2 * N
@@ -120,32 +125,47 @@ def _stats_finalize_kernel(PART, STATS, RMX, RVX, NBX, RMY, RVY, NBY,
     for s0 in range(0, loop_bound(S), BLOCK_S):
         ss, m, n_s, mean_s = _split_means(PART, COUNTS, s0, S, T, rows_per_split, cols, ok, C, BLOCK_S, HAS_COUNTS)
         acc += tl.sum(n_s[:, None] * mean_s, axis=0)
-    mean = acc / T
+    if DEVICE_TOTAL:
+        n_tot = tl.load(T)
+    else:
+        n_tot = T
+    mean = acc / n_tot
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for s0 in range(0, loop_bound(S), BLOCK_S):
         ss, m, n_s, mean_s = _split_means(PART, COUNTS, s0, S, T, rows_per_split, cols, ok, C, BLOCK_S, HAS_COUNTS)
         m2_s = tl.load(PART + ss[:, None] * (2 * C) + C + cols[None, :], mask=m, other=0.0)
         d = mean_s - mean[None, :]
         m2 += tl.sum(m2_s + n_s[:, None] * d * d, axis=0)
-    var = m2 / T
+    var = m2 / n_tot
     rstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(STATS + cols, mean, mask=ok)
-    tl.store(STATS + C + cols, rstd, mask=ok)
-    unbiased = m2 / (T - 1)
+    unbiased = m2 / (n_tot - 1)
     is_x = ok & (cols < N)
     is_y = ok & (cols >= N)
     cy = cols - N
-    rm = tl.where(is_x, tl.load(RMX + cols, mask=is_x, other=0.0), tl.load(RMY + cy, mask=is_y, other=0.0))
-    rv = tl.where(is_x, tl.load(RVX + cols, mask=is_x, other=0.0), tl.load(RVY + cy, mask=is_y, other=0.0))
-    rm = (1.0 - momentum) * rm + momentum * mean
-    rv = (1.0 - momentum) * rv + momentum * unbiased
+    rm0 = tl.where(is_x, tl.load(RMX + cols, mask=is_x, other=0.0), tl.load(RMY + cy, mask=is_y, other=0.0))
+    rv0 = tl.where(is_x, tl.load(RVX + cols, mask=is_x, other=0.0), tl.load(RVY + cy, mask=is_y, other=0.0))
+    rm = (1.0 - momentum) * rm0 + momentum * mean
+    rv = (1.0 - momentum) * rv0 + momentum * unbiased
+    if DEVICE_TOTAL:
+        # Selects rather than branches: the total is known on the device only.
+        upd = n_tot >= 2.0
+        mean = tl.where(upd, mean, rm0)
+        rstd = tl.where(upd, rstd, 1.0 / tl.sqrt(rv0 + eps))
+        rm = tl.where(upd, rm, rm0)
+        rv = tl.where(upd, rv, rv0)
+    tl.store(STATS + cols, mean, mask=ok)
+    tl.store(STATS + C + cols, rstd, mask=ok)
     tl.store(RMX + cols, rm, mask=is_x)
     tl.store(RVX + cols, rv, mask=is_x)
     tl.store(RMY + cy, rm, mask=is_y)
     tl.store(RVY + cy, rv, mask=is_y)
     if pid == 0:
-        tl.store(NBX, tl.load(NBX) + 1)
-        tl.store(NBY, tl.load(NBY) + 1)
+        if DEVICE_TOTAL:
+            inc = upd.to(tl.int64)
+        else:
+            inc = 1
+        tl.store(NBX, tl.load(NBX) + inc)
+        tl.store(NBY, tl.load(NBY) + inc)
 
 
 @triton.jit
@@ -344,14 +364,21 @@ def stats_finalize(part, stats, running, total, n, rows, momentum, eps, cfg: Rou
                    counts=None):
     """Combine the partials (S, 2, C) into stats (2, C) = (mean, rstd) and update the
     running statistics; ``counts`` (S,) float32 gives each split's rows (splits of
-    several processes), else split s has min(rows, total - s*rows)."""
+    several processes), else split s has min(rows, total - s*rows).
+
+    ``total``: the row count, an int (>= 2), or with ``counts`` a float32 tensor of one
+    element on the device (their sum, read by the kernel: no host sync); a tensor total
+    below 2 leaves the running statistics as they are and puts them in ``stats``."""
+    device_total = isinstance(total, torch.Tensor)
+    if device_total and (counts is None or total.dtype != torch.float32 or total.numel() != 1):
+        raise ValueError("total as a tensor must be one float32 element, given with counts")
     C = stats.shape[1]
     fs, fc = cfg.final_tile
     rmx, rvx, nbx, rmy, rvy, nby = running
     _stats_finalize_kernel[(triton.cdiv(C, fc),)](
         part, stats, rmx, rvx, nbx, rmy, rvy, nby, total, n, part.shape[0], rows,
         float(momentum), float(eps), BLOCK_S=fs, BLOCK_C=fc,
-        COUNTS=counts, HAS_COUNTS=counts is not None, num_warps=4)
+        COUNTS=counts, HAS_COUNTS=counts is not None, DEVICE_TOTAL=device_total, num_warps=4)
 
 
 def rows_forward(x, stats, running, out, n, mode: int, eps, cfg: RouterNormConfig):
