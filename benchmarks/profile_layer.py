@@ -12,7 +12,9 @@ Per case (T, H, I, E, k), bf16, silu, BatchNorm router norm, training mode:
     router stage forward, output stage forward, the backward of both, and the dense
     MLP's forward + backward for scale; medians over ``--reps`` steps;
   - GPU µs per kernel family and per kernel name of one step (torch.profiler device
-    events), with the number of launches of each.
+    events), with the number of launches of each, and the largest host operations;
+  - with ``--sparse``, the same for the whole SGD training step with dense and with
+    sparse expert gradients.
 Once per run, the host cost of single calls (empty Triton launches with 1, 8 and 24
 arguments, ``torch.empty``, an aten elementwise op, a small cuBLAS GEMM, a no-op
 ``autograd.Function`` forward and backward) and the omni router's eager forward at
@@ -99,26 +101,44 @@ def stage_host_ms(layer, mlp, x, reps, sync):
         loss.backward()
         return (time.perf_counter() - t0) * 1e3
 
-    layer.zero_grad(set_to_none=True)
-    ts = [backward() for _ in range(reps)]
+    ts = []
+    for _ in range(reps):
+        layer.zero_grad(set_to_none=True)
+        ts.append(backward())
     sync()
     res["backward"] = statistics.median(ts)
-    res["layer_step"] = median_ms(lambda: layer(x).float().square().mean().backward(), reps, sync)
-    res["mlp_step"] = median_ms(lambda: mlp(x).float().square().mean().backward(), reps, sync)
+
+    def step(m):
+        m.zero_grad(set_to_none=True)
+        m(x).float().square().mean().backward()
+
+    res["layer_step"] = median_ms(lambda: step(layer), reps, sync)
+    res["mlp_step"] = median_ms(lambda: step(mlp), reps, sync)
     return res
 
 
-def gpu_breakdown(layer, x):
-    """{family: [µs, launches]} and {kernel name: [µs, launches]} of one fwd + bwd."""
+def gpu_breakdown(layer, x, opt=None):
+    """({family: [µs, launches]}, {kernel name: [µs, launches]}, [host ops]) of one
+    training step (grads set to None, fwd + bwd, and ``opt.step()`` if given); host ops:
+    the 15 largest aten/autograd operations by self CPU time under the profiler (which
+    slows the host down, so read them as shares)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    def step():
+        layer.zero_grad(set_to_none=True)
+        layer(x).float().square().mean().backward()
+        if opt is not None:
+            opt.step()
+
     for _ in range(2):
-        layer(x).float().square().mean().backward()
+        step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        layer(x).float().square().mean().backward()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
         torch.cuda.synchronize()
+    host = sorted(((e.key, e.count, e.self_cpu_time_total) for e in prof.key_averages()
+                   if e.self_cpu_time_total > 0), key=lambda r: -r[2])[:15]
     fams, names = defaultdict(lambda: [0.0, 0]), defaultdict(lambda: [0.0, 0])
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
@@ -129,7 +149,8 @@ def gpu_breakdown(layer, x):
         for d, key in ((fams, fam), (names, e.name[:90])):
             d[key][0] += us
             d[key][1] += 1
-    return dict(fams), dict(sorted(names.items(), key=lambda kv: -kv[1][0]))
+    return (dict(fams), dict(sorted(names.items(), key=lambda kv: -kv[1][0])),
+            [list(r) for r in host])
 
 
 def call_costs(dev, reps):
@@ -233,6 +254,8 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--dry", action="store_true")
     ap.add_argument("--router", default=None, metavar="T,N,k")
+    ap.add_argument("--sparse", action="store_true",
+                    help="also profile the SGD training step with dense and sparse expert gradients")
     args = ap.parse_args(argv)
     if args.router:
         return router_only(*(int(v) for v in args.router.split(",")))
@@ -289,9 +312,19 @@ def main(argv=None):
             row["cuda_kernels"] = counts["cuda"]["kernels"]
         row["host_ms"] = stage_host_ms(layer, mlp, x, reps, sync)
         if not args.dry:
-            row["gpu_families_us"], row["gpu_kernels_us"] = gpu_breakdown(layer, x)
+            row["gpu_families_us"], row["gpu_kernels_us"], row["host_ops_us"] = gpu_breakdown(layer, x)
+            if args.sparse:
+                # the whole training step, SGD, dense then sparse expert gradients
+                for sparse in (False, True):
+                    layer.up_embed.sparse = layer.down_embed.sparse = sparse
+                    opt = torch.optim.SGD(layer.parameters(), lr=1e-4)
+                    row[f"sgd_step_{'sparse' if sparse else 'dense'}"] = dict(zip(
+                        ("families_us", "kernels_us", "host_ops_us"), gpu_breakdown(layer, x, opt)))
+                    del opt
+                layer.up_embed.sparse = layer.down_embed.sparse = False
         result["cases"].append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "gpu_kernels_us"}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k in ("case", "host_ms", "gpu_families_us")}),
+              flush=True)
         del layer, mlp
         if not args.dry:
             torch.cuda.empty_cache()
