@@ -174,7 +174,9 @@ def shard_expert_tables(module: nn.Module, mesh, *, average_grads: bool = True) 
     tables).  The tables must hold the same values on every rank when this is called
     (seed the model identically).  The state_dict then holds DTensors
     (``torch.distributed.checkpoint`` saves and loads them; ``.full_tensor()`` gathers
-    one).  Returns ``module``.
+    one).  Give an optimizer the sharded tables in a group of their own
+    (``omni_moe.param_groups``): a multi-tensor (foreach) step, torch's default on CUDA,
+    cannot mix DTensor and plain parameters in one group.  Returns ``module``.
     """
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -215,13 +217,22 @@ def fully_shard_model(model: nn.Module, mesh=None, *, param_dtype=torch.bfloat16
                       blocks=None) -> nn.Module:
     """FSDP2 (``torch.distributed.fsdp.fully_shard``) on every OmniMoE layer (or on each
     module of ``blocks``) and then on ``model``, with a mixed-precision policy
-    (``param_dtype`` None: no casting).  Parameters are all-gathered into plain tensors
+    (``param_dtype`` None: no casting).  ``mesh`` None: all processes, on the
+    parameters' device type (a CPU model stays on CPU).  Parameters are all-gathered into plain tensors
     around each layer's forward and backward, so the layer's custom ops see plain
     tensors; the router norms' running statistics are buffers, left in float32.
     Returns ``model``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kw = {"reshard_after_forward": reshard_after_forward}
+    if mesh is None:
+        # fully_shard's own default mesh is on CUDA whenever CUDA exists, which would move
+        # a CPU (gloo) model to the GPUs: follow the parameters' device instead.
+        p = next(model.parameters(), None)
+        if p is not None and p.device.type == "cpu":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     if mesh is not None:
         kw["mesh"] = mesh
     if param_dtype is not None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from dist_utils import JOIN_TIMEOUT_S, run_ranks
-from omni_moe import OmniMoE, OmniMoEConfig
+from omni_moe import OmniMoE, OmniMoEConfig, param_groups
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -471,7 +471,9 @@ def _shard_worker(rank, world, device="cpu"):
     shard_expert_tables(layer, mesh)
     assert layer.up_embed.weight.to_local().shape[0] == (25, 24)[rank]
     model = data_parallel(layer)
-    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    # DTensor tables in their own group: CUDA's default foreach step cannot mix them
+    # with plain tensors.
+    opt = torch.optim.SGD(param_groups(layer, lr=0.1), lr=0.1)
     outs = []
     for x, gout, off in batches(SHARD_SIZES):
         sl = slice(off[rank], off[rank + 1])

@@ -159,7 +159,7 @@ class _SyncRouterLogProbs(torch.autograd.Function):
         if T:
             S, rows = rn.split_rows(T, S_max)
             rn.stats_partials(logits, buf[:S * 2 * C].view(S, 2, C), rows, cfg)
-        buf[-1] = float(T)
+        buf[-1:].fill_(float(T))   # a fill kernel; item assignment would copy from the host (a sync)
         gathered = _all_gather_flat(buf, group)
         counts = gathered[:, -1]
         total = counts.sum(0, keepdim=True)
