@@ -141,7 +141,9 @@ def gpu_breakdown(layer, x, opt=None):
                    if e.self_cpu_time_total > 0), key=lambda r: -r[2])[:15]
     fams, names = defaultdict(lambda: [0.0, 0]), defaultdict(lambda: [0.0, 0])
     for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA:
+        # Ranges such as "Optimizer.step#SGD.step" also appear on the GPU timeline; they
+        # span kernels already counted.
+        if e.device_type != torch.autograd.DeviceType.CUDA or "#" in e.name:
             continue
         us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
         fam = "memset / memcpy" if ("memset" in e.name.lower() or "memcpy" in e.name.lower()) \
