@@ -222,3 +222,25 @@ def test_distributed_benchmark_rejects_bad_token_counts():
             mod._token_counts(bad)
     assert mod.parse(["--tiny"]).global_tokens == [256]
     assert mod.parse([]).global_tokens == [16384]
+
+
+def test_profile_layer_dry_run(tmp_path):
+    """benchmarks/profile_layer.py --dry: the host-time part at a tiny size on CPU (kernels
+    through the interpreter), written as JSON with the versions."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = tmp_path / "p.json"
+    env = dict(os.environ, PYTHONPATH=root, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "profile_layer.py"), "--dry",
+                    "--json", str(out)], env=env, check=True, capture_output=True, timeout=600)
+    data = json.loads(out.read_text())
+    assert data["meta"]["device"] == "cpu (dry)" and "torch" in data["meta"]
+    (row,) = data["cases"]
+    assert row["case"] == [48, 32, 48, 64, 4] and row["triton_launches"] > 0
+    assert set(row["host_ms"]) == {"router_forward", "output_forward", "backward", "layer_step",
+                                   "mlp_step"}
+    assert all(v > 0 for v in row["host_ms"].values())
