@@ -20,6 +20,11 @@ comma-separated list runs every phase at every size):
   ddp         2 ranks, DistributedDataParallel, router statistics synchronised
   fsdp        2 ranks, fully_shard on each block and the model, bf16 MixedPrecisionPolicy
   ddp_sharded 2 ranks, expert tables row-sharded (DTensor Shard(0)), DDP on the rest
+  fsdp_keep   (not by default) fsdp, each block keeping its gathered parameters from the
+              forward for its backward (reshard_after_forward=False: one all-gather
+              fewer per block and step, more memory)
+  ddp_bf16    (not by default) ddp with gradients all-reduced in bf16 (DDP's
+              bf16_compress_hook: half the traffic; the averaged gradient is rounded)
   (--big)     fsdp and 1gpu_fsdp again at --big-experts experts, --big-layers blocks
               (out of memory is recorded as such)
 
@@ -95,6 +100,21 @@ def _token_counts(text: str) -> list[int]:
     return sizes
 
 
+PHASES = ("1gpu", "1gpu_fsdp", "ddp", "fsdp", "ddp_sharded", "fsdp_keep", "ddp_bf16")
+# 2-GPU phase -> the 1-GPU phase of the same numerics (scaling efficiency)
+BASELINE = {"ddp": "1gpu", "fsdp": "1gpu_fsdp", "ddp_sharded": "1gpu", "fsdp_keep": "1gpu_fsdp",
+            "ddp_bf16": "1gpu"}
+
+
+def _phase_names(text: str) -> str:
+    """--phases: known names, comma-separated (may be empty: only --big runs)."""
+    bad = [p for p in text.split(",") if p and p not in PHASES]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"--phases: unknown phase(s) {', '.join(bad)}; choose from {', '.join(PHASES)}")
+    return text
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -113,7 +133,8 @@ def parse(argv=None):
     p.add_argument("--big", action="store_true", help="also FSDP2 at --big-experts experts")
     p.add_argument("--big-experts", type=int, default=1 << 20)
     p.add_argument("--big-layers", type=int, default=1, help="blocks of the --big model")
-    p.add_argument("--phases", default="1gpu,1gpu_fsdp,ddp,fsdp,ddp_sharded")
+    p.add_argument("--phases", type=_phase_names, default="1gpu,1gpu_fsdp,ddp,fsdp,ddp_sharded",
+                   help="comma-separated, of: " + ",".join(PHASES))
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
     if a.tiny:
@@ -175,10 +196,15 @@ def run_phase(name, a, tokens, experts, layers, device, rank, world, mesh_all):
 
         mesh = DeviceMesh.from_group(_G0, device.type)
         model = fully_shard_model(model, mesh, blocks=list(model.blocks))
-    elif name == "fsdp":
-        model = fully_shard_model(model, mesh_all, blocks=list(model.blocks))
-    elif name == "ddp":
+    elif name in ("fsdp", "fsdp_keep"):
+        model = fully_shard_model(model, mesh_all, blocks=list(model.blocks),
+                                  reshard_after_forward=name == "fsdp")
+    elif name in ("ddp", "ddp_bf16"):
         model = data_parallel(model)
+        if name == "ddp_bf16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            model.register_comm_hook(None, default_hooks.bf16_compress_hook)
     elif name == "ddp_sharded":
         shard_expert_tables(model, mesh_all)
         model = data_parallel(model)
@@ -297,7 +323,7 @@ def main(argv=None):
         sweep = {}
         for tokens, results in by_tokens.items():
             summary = {}
-            for two, one in (("ddp", "1gpu"), ("fsdp", "1gpu_fsdp"), ("ddp_sharded", "1gpu"),
+            for two, one in (*BASELINE.items(),
                              (f"fsdp_E{a.big_experts}", f"1gpu_fsdp_E{a.big_experts}")):
                 r2, r1 = results.get(two), results.get(one)
                 if r2 and r1 and "error" not in r2 and "error" not in r1:

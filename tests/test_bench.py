@@ -222,6 +222,33 @@ def test_distributed_benchmark_rejects_bad_token_counts():
             mod._token_counts(bad)
     assert mod.parse(["--tiny"]).global_tokens == [256]
     assert mod.parse([]).global_tokens == [16384]
+    with pytest.raises(argparse.ArgumentTypeError, match="--phases: unknown phase"):
+        mod._phase_names("1gpu,fsdp2")
+    assert mod._phase_names("") == "" and set(mod.BASELINE) <= set(mod.PHASES)
+
+
+def test_distributed_benchmark_optional_phases(tmp_path):
+    """The phases outside the default list (FSDP2 keeping gathered parameters for the
+    backward, DDP with bf16 gradient all-reduce) run and compare with their 1-GPU twins."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = tmp_path / "dist.json"
+    env = dict(os.environ, PYTHONPATH=root)
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(root, "benchmarks", "distributed.py"), "--tiny", "--device", "cpu",
+           "--phases", "1gpu,1gpu_fsdp,fsdp_keep,ddp_bf16", "--global-tokens", "64", "--steps", "2",
+           "--warmup", "1", "--json", str(out)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    comp = json.loads(out.read_text())["comparisons"]
+    assert set(comp) == {"fsdp_keep_vs_1gpu_fsdp", "ddp_bf16_vs_1gpu"}
+    assert comp["fsdp_keep_vs_1gpu_fsdp"]["loss_max_abs_diff"] < 1e-3
+    assert comp["ddp_bf16_vs_1gpu"]["loss_max_abs_diff"] < 1e-2
 
 
 def test_profile_layer_dry_run(tmp_path):
