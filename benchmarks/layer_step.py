@@ -41,11 +41,10 @@ def main():
     if args.dry:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
-    import torch.nn as nn
 
     from omni_moe import OmniMoE, OmniMoEConfig
     from omni_moe.bench.launch_count import step_counts
-    from omni_moe.ops import swiglu
+    from omni_moe.bench.common import DenseMLP
 
     dev = "cpu" if args.dry else "cuda"
     dtype = torch.float32 if args.dry else torch.bfloat16
@@ -54,16 +53,6 @@ def main():
         cases = [cases[int(i)] for i in args.cases.split(",")]
     steps = 3 if args.dry else args.steps
     sync = (lambda: None) if args.dry else torch.cuda.synchronize
-
-    class MLP(nn.Module):
-        def __init__(self, H, I):
-            super().__init__()
-            self.gate_proj = nn.Linear(H, I, bias=False)
-            self.up_proj = nn.Linear(H, I, bias=False)
-            self.down_proj = nn.Linear(I, H, bias=False)
-
-        def forward(self, x):
-            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
     def per_step_ms(step, n):
         for _ in range(3):
@@ -131,7 +120,7 @@ def main():
             if not args.dry:
                 row[f"peak_mb_{key}"] = peak_mb(layer, x)
         layer.up_embed.sparse = layer.down_embed.sparse = False
-        mlp = MLP(H, I).to(dev).to(dtype)
+        mlp = DenseMLP(H, I).to(dev).to(dtype)
         row["eager_step_ms_mlp"] = per_step_ms(train_step(mlp, torch.optim.SGD(mlp.parameters(), lr=1e-4), x),
                                                steps)
         if not args.dry:

@@ -159,7 +159,6 @@ def call_costs(dev, reps):
     """Host µs of single calls (medians of ``reps`` back-to-back blocks of 50)."""
     import torch
     import triton
-    import triton.language as tl
 
     @triton.jit
     def _empty1(a):
@@ -264,11 +263,10 @@ def main(argv=None):
     if args.dry:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
-    import torch.nn as nn
 
     from omni_moe import OmniMoE, OmniMoEConfig
     from omni_moe.bench.launch_count import step_counts
-    from omni_moe.ops import swiglu
+    from omni_moe.bench.common import DenseMLP
 
     dev = "cpu" if args.dry else "cuda"
     dtype = torch.float32 if args.dry else torch.bfloat16
@@ -277,16 +275,6 @@ def main(argv=None):
     if args.cases:
         cases = [cases[int(i)] for i in args.cases.split(",")]
     reps = 3 if args.dry else args.reps
-
-    class MLP(nn.Module):
-        def __init__(self, H, I):
-            super().__init__()
-            self.gate_proj = nn.Linear(H, I, bias=False)
-            self.up_proj = nn.Linear(H, I, bias=False)
-            self.down_proj = nn.Linear(I, H, bias=False)
-
-        def forward(self, x):
-            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
     meta = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "device": "cpu (dry)" if args.dry else torch.cuda.get_device_name(), "dtype": str(dtype)}
@@ -304,7 +292,7 @@ def main(argv=None):
     for (T, H, I, E, k) in cases:
         torch.manual_seed(0)
         layer = OmniMoE(OmniMoEConfig(H, I, num_experts=E, num_experts_per_token=k)).to(dev).to(dtype)
-        mlp = MLP(H, I).to(dev).to(dtype)
+        mlp = DenseMLP(H, I).to(dev).to(dtype)
         x = torch.randn(T, H, device=dev, dtype=dtype)
         row = {"case": [T, H, I, E, k]}
         counts = step_counts(layer, x, profile_cuda=not args.dry)

@@ -424,3 +424,20 @@ def load_saved(path: str, benchmark: str, looks_right) -> dict:
         raise UsageError(f"--from-json {path}: not a file written by "
                          f"'omni-moe bench {benchmark} --json'")
     return data
+
+
+class DenseMLP(torch.nn.Module):
+    """The layer's shared SwiGLU MLP alone, as a module (the dense baseline of the
+    training-step benchmarks): down(act(gate(x)) * up(x)) with ``nn.Linear`` weights."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu"):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = torch.nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = torch.nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act = act
+
+    def forward(self, x):
+        from ..ops import swiglu
+
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.act))
