@@ -175,10 +175,9 @@ def test_graph_step_host_time_and_launches_on_cuda():
 
 
 # ----------------------------------------------------------------------------- benchmarks/distributed.py
-def test_distributed_benchmark_sweeps_sizes_with_a_time_breakdown(tmp_path):
-    """``torchrun --nproc-per-node 2 benchmarks/distributed.py --tiny --device cpu`` (gloo)
-    with two global token counts: every phase at every size, each with its forward,
-    backward and optimizer times; the first size also under the old top-level keys."""
+def _distributed_bench(tmp_path, *args):
+    """``torchrun --nproc-per-node 2 benchmarks/distributed.py --tiny --device cpu`` (gloo,
+    one warm-up step) with ``args``: (the finished process, its JSON)."""
     import json
     import os
     import subprocess
@@ -190,11 +189,18 @@ def test_distributed_benchmark_sweeps_sizes_with_a_time_breakdown(tmp_path):
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(root, "benchmarks", "distributed.py"), "--tiny", "--device", "cpu",
-           "--phases", "1gpu,ddp", "--global-tokens", "64,128", "--steps", "3", "--warmup", "1",
-           "--json", str(out)]
+           "--warmup", "1", "--json", str(out), *args]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    got = json.loads(out.read_text())
+    return run, json.loads(out.read_text())
+
+
+def test_distributed_benchmark_sweeps_sizes_with_a_time_breakdown(tmp_path):
+    """``torchrun --nproc-per-node 2 benchmarks/distributed.py --tiny --device cpu`` (gloo)
+    with two global token counts: every phase at every size, each with its forward,
+    backward and optimizer times; the first size also under the old top-level keys."""
+    run, got = _distributed_bench(tmp_path, "--phases", "1gpu,ddp", "--global-tokens", "64,128",
+                                  "--steps", "3")
     assert got["global_tokens"] == [64, 128] and set(got["by_tokens"]) == {"64", "128"}
     assert got["phases"] == got["by_tokens"]["64"]["phases"]
     for size, entry in got["by_tokens"].items():
@@ -230,22 +236,9 @@ def test_distributed_benchmark_rejects_bad_token_counts():
 def test_distributed_benchmark_optional_phases(tmp_path):
     """The phases outside the default list (FSDP2 keeping gathered parameters for the
     backward, DDP with bf16 gradient all-reduce) run and compare with their 1-GPU twins."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.join(os.path.dirname(__file__), "..")
-    out = tmp_path / "dist.json"
-    env = dict(os.environ, PYTHONPATH=root)
-    env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           os.path.join(root, "benchmarks", "distributed.py"), "--tiny", "--device", "cpu",
-           "--phases", "1gpu,1gpu_fsdp,fsdp_keep,ddp_bf16", "--global-tokens", "64", "--steps", "2",
-           "--warmup", "1", "--json", str(out)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    comp = json.loads(out.read_text())["comparisons"]
+    _, got = _distributed_bench(tmp_path, "--phases", "1gpu,1gpu_fsdp,fsdp_keep,ddp_bf16",
+                                "--global-tokens", "64", "--steps", "2")
+    comp = got["comparisons"]
     assert set(comp) == {"fsdp_keep_vs_1gpu_fsdp", "ddp_bf16_vs_1gpu"}
     assert comp["fsdp_keep_vs_1gpu_fsdp"]["loss_max_abs_diff"] < 1e-3
     assert comp["ddp_bf16_vs_1gpu"]["loss_max_abs_diff"] < 1e-2
