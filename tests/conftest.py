@@ -46,3 +46,13 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.fixture(params=["kernels", "torch"])
+def path(request, monkeypatch, device):
+    """The Triton kernels (CUDA / interpreter) or the PyTorch path (CPU, interpreter off):
+    the device to put the test's tensors on."""
+    if request.param == "torch":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        return "cpu"
+    return device

@@ -441,3 +441,18 @@ class DenseMLP(torch.nn.Module):
         from ..ops import swiglu
 
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.act))
+
+
+def report_saved(args, kind: str, looks_like, report) -> bool:
+    """``--from-json``: reprint the saved ``kind`` run ("router"/"layer") with ``report(
+    saved, plot_path)``; False when the option is not given.  Content that does not fit
+    the table is a UsageError naming the file."""
+    if not args.from_json:
+        return False
+    saved = load_saved(args.from_json, kind, looks_like)
+    try:
+        report(saved, args.plot)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UsageError(f"--from-json {args.from_json}: unexpected content "
+                         f"({type(e).__name__}: {e})")
+    return True

@@ -635,13 +635,7 @@ def run(args) -> int:
     from omni_moe.ops._dispatch import interpret_mode
 
     common.check_run_arguments(args)
-    if args.from_json:
-        saved = common.load_saved(args.from_json, "layer", _looks_like_layer_run)
-        try:
-            _report(saved, args.plot)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise common.UsageError(f"--from-json {args.from_json}: unexpected content "
-                                    f"({type(e).__name__}: {e})")
+    if common.report_saved(args, "layer", _looks_like_layer_run, _report):
         return 0
 
     dtype = common.TORCH_DTYPES[args.dtype]

@@ -366,13 +366,7 @@ def run(args) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     common.check_run_arguments(args)
-    if args.from_json:
-        saved = common.load_saved(args.from_json, "router", _looks_like_router_run)
-        try:
-            _report(saved, args.plot)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise common.UsageError(f"--from-json {args.from_json}: unexpected content "
-                                    f"({type(e).__name__}: {e})")
+    if common.report_saved(args, "router", _looks_like_router_run, _report):
         return 0
 
     cuda = common.has_cuda()

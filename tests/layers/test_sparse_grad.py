@@ -32,15 +32,6 @@ def mode(request, monkeypatch):
     yield request.param
 
 
-@pytest.fixture(params=["kernels", "torch"])
-def path(request, monkeypatch, device):
-    """The Triton kernels (CUDA / interpreter) or the PyTorch path (CPU, interpreter off)."""
-    if request.param == "torch":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        return "cpu"
-    return device
-
-
 def run(fn, h, up, down, w, idx, go, act, sparse, need=(True, True, True, True)):
     """(out, grads) with grads from torch.autograd.grad: what the op itself returns."""
     leaves = [x.detach().clone().requires_grad_(n) for x, n in zip((h, up, down, w), need)]

@@ -72,14 +72,6 @@ def test_stage_is_one_node(device):
     assert s2.grad_fn is None and s2.shape == (10, 3)
 
 
-@pytest.fixture(params=["kernels", "torch"])
-def path(request, monkeypatch, device):
-    if request.param == "torch":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        return "cpu"
-    return device
-
-
 @pytest.mark.parametrize("sparse", (False, True), ids=["dense", "sparse"])
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=["fp32", "bf16"])
 def test_output_stage_equals_unfused(path, dtype, sparse, monkeypatch):
