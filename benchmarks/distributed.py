@@ -32,12 +32,15 @@ While rank 0 runs a 1-GPU phase, rank 1 waits on a CPU (gloo) barrier.  Per phas
 step time (median over the steps after --warmup), tokens/s of the global batch, peak
 allocated memory per rank, the global loss per step, and where the step's time goes:
 forward, backward (with DDP's gradient all-reduce or FSDP's reduce-scatter, which end
-inside it) and optimizer step (AdamW and zero_grad), each the median over the same steps
-of the time between CUDA events recorded at those points of rank 0's stream (on CPU,
-the host clock).  Work that scales with the expert tables (dense table gradients, their
-all-reduce, AdamW over the tables) does not shrink with more ranks, token work does:
-the breakdown and a token-count sweep tell them apart.  Scaling efficiency = tokens/s
-on 2 GPUs / (2 x tokens/s on 1 GPU), against the phase with the same numerics and size.
+inside it) and optimizer step (AdamW, fused unless --optimizer foreach, and zero_grad),
+each the median over the same steps of the time between CUDA events recorded at those
+points of rank 0's stream (on CPU, the host clock).  Work that scales with the expert
+tables (dense table gradients, their all-reduce, AdamW over the tables) does not shrink
+with more ranks, token work does: the breakdown and a token-count sweep tell them apart.
+``--trace DIR`` profiles one more step per phase and says how much of it was compute,
+NCCL, NCCL with nothing else running (exposed communication) and idle.  Scaling
+efficiency = tokens/s on 2 GPUs / (2 x tokens/s on 1 GPU), against the phase with the
+same numerics and size.
 """
 
 from __future__ import annotations
@@ -135,6 +138,13 @@ def parse(argv=None):
     p.add_argument("--big-layers", type=int, default=1, help="blocks of the --big model")
     p.add_argument("--phases", type=_phase_names, default="1gpu,1gpu_fsdp,ddp,fsdp,ddp_sharded",
                    help="comma-separated, of: " + ",".join(PHASES))
+    p.add_argument("--optimizer", default="fused", choices=("fused", "foreach"),
+                   help="AdamW implementation: one fused kernel per step (default) or torch's "
+                        "multi-tensor (foreach) steps")
+    p.add_argument("--trace", metavar="DIR",
+                   help="also profile one extra step of every phase (torch.profiler): a Chrome trace "
+                        "per rank, DIR/<tokens>_<phase>_rank<r>.json.gz, and its summary (compute, "
+                        "NCCL, exposed NCCL, idle; omni_moe.bench.trace) in the JSON rows")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
     if a.tiny:
@@ -187,9 +197,36 @@ def build(a, experts, layers, device, single):
         return Net(a.vocab, cfg, layers)
 
 
-def run_phase(name, a, tokens, experts, layers, device, rank, world, mesh_all):
+def _profiled_step(a, train_step, stem):
+    """One more step (after the timed ones, so it changes none of them) under
+    torch.profiler: its Chrome trace under --trace, and the trace's summary."""
+    import gzip
+    import shutil
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from omni_moe.bench.trace import format_summary, load_trace, summarise
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        train_step(a.steps)
+    os.makedirs(a.trace, exist_ok=True)
+    raw = os.path.join(a.trace, stem + ".json")
+    prof.export_chrome_trace(raw)
+    with open(raw, "rb") as f, gzip.open(raw + ".gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    os.remove(raw)
+    summary = summarise(load_trace(raw + ".gz"))
+    summary["path"] = raw + ".gz"
+    if stem.endswith("_rank0"):
+        print(f"trace {stem}: " + format_summary(summary), flush=True)
+    return summary
+
+
+def run_phase(name, a, tokens, experts, layers, device, rank, world, mesh_all, key=None):
     single = name.startswith("1gpu")
     P = 1 if single else world
+    key = key or name
     model = build(a, experts, layers, device, single)
     if name == "1gpu_fsdp":
         from torch.distributed.device_mesh import DeviceMesh
@@ -210,12 +247,13 @@ def run_phase(name, a, tokens, experts, layers, device, rank, world, mesh_all):
         model = data_parallel(model)
     # The expert tables in their own group: sharded, they are DTensors, and one
     # multi-tensor optimizer step cannot mix them with plain tensors.
-    opt = torch.optim.AdamW(param_groups(model, lr=a.lr), betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(param_groups(model, lr=a.lr), betas=(0.9, 0.95), weight_decay=0.0,
+                            **{a.optimizer: True})
     n = tokens // P
     losses, times, parts = [], [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for step in range(a.steps):
+    def train_step(step):
         inp, tgt = batch(step, a, tokens, device)
         inp, tgt = inp[rank * n:(rank + 1) * n], tgt[rank * n:(rank + 1) * n]
         if device.type == "cuda":
@@ -234,9 +272,14 @@ def run_phase(name, a, tokens, experts, layers, device, rank, world, mesh_all):
         if P > 1:
             dist.all_reduce(lv)
         lv = float(lv) / P  # synchronises
-        times.append(time.perf_counter() - t0)
-        parts.append(marks.spans_ms())
+        return time.perf_counter() - t0, marks.spans_ms(), lv
+
+    for step in range(a.steps):
+        t, spans, lv = train_step(step)
+        times.append(t)
+        parts.append(spans)
         losses.append(lv)
+    trace = _profiled_step(a, train_step, f"{tokens}_{key}_rank{rank}") if a.trace else None
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     step_s = statistics.median(times[a.warmup:]) if len(times) > a.warmup else float("nan")
     timed = parts[a.warmup:]
@@ -249,9 +292,13 @@ def run_phase(name, a, tokens, experts, layers, device, rank, world, mesh_all):
     del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"world": P, "experts": experts, "layers": layers, "global_tokens": tokens, "loss": losses,
-            "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s, "peak_mem_gib": peak,
-            "breakdown_ms": breakdown, "step_parts_ms": parts, "params": n_params}
+    out = {"world": P, "experts": experts, "layers": layers, "global_tokens": tokens, "loss": losses,
+           "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s, "peak_mem_gib": peak,
+           "breakdown_ms": breakdown, "step_parts_ms": parts, "params": n_params,
+           "optimizer": a.optimizer}
+    if trace is not None:
+        out["trace"] = trace
+    return out
 
 
 _G0 = None
@@ -299,7 +346,7 @@ def main(argv=None):
             dist.barrier(group=waiter)
             continue
         try:
-            res = run_phase(name, a, tokens, experts, layers, device, rank, world, mesh_all)
+            res = run_phase(name, a, tokens, experts, layers, device, rank, world, mesh_all, key)
         except torch.OutOfMemoryError as e:
             res = {"error": f"out of memory: {str(e).splitlines()[0]}"}
             torch.cuda.empty_cache()

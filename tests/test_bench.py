@@ -235,13 +235,55 @@ def test_distributed_benchmark_rejects_bad_token_counts():
 
 def test_distributed_benchmark_optional_phases(tmp_path):
     """The phases outside the default list (FSDP2 keeping gathered parameters for the
-    backward, DDP with bf16 gradient all-reduce) run and compare with their 1-GPU twins."""
+    backward, DDP with bf16 gradient all-reduce) run and compare with their 1-GPU twins;
+    --trace profiles one more step per phase: a gzipped Chrome trace per rank taking part,
+    its summary in the row (no GPU activity on CPU)."""
+    import gzip
+    import json
+
+    traces = tmp_path / "traces"
     _, got = _distributed_bench(tmp_path, "--phases", "1gpu,1gpu_fsdp,fsdp_keep,ddp_bf16",
-                                "--global-tokens", "64", "--steps", "2")
+                                "--global-tokens", "64", "--steps", "2", "--optimizer", "foreach",
+                                "--trace", str(traces))
     comp = got["comparisons"]
     assert set(comp) == {"fsdp_keep_vs_1gpu_fsdp", "ddp_bf16_vs_1gpu"}
     assert comp["fsdp_keep_vs_1gpu_fsdp"]["loss_max_abs_diff"] < 1e-3
     assert comp["ddp_bf16_vs_1gpu"]["loss_max_abs_diff"] < 1e-2
+    want = {f"64_{p}_rank0.json.gz" for p in ("1gpu", "1gpu_fsdp", "fsdp_keep", "ddp_bf16")}
+    want |= {"64_fsdp_keep_rank1.json.gz", "64_ddp_bf16_rank1.json.gz"}
+    assert {f.name for f in traces.iterdir()} == want
+    for name, res in got["phases"].items():
+        assert res["optimizer"] == "foreach" and res["trace"]["gpu_events"] == 0
+        with gzip.open(res["trace"]["path"], "rt") as f:
+            assert any(e.get("name") == "aten::mm" for e in json.load(f)["traceEvents"])
+
+
+def test_trace_summary_splits_compute_communication_and_idle():
+    """omni_moe.bench.trace.summarise on a hand-made trace: overlapping intervals count once,
+    exposed communication is NCCL time with no other GPU work, host events are ignored."""
+    from omni_moe.bench.trace import format_summary, summarise
+
+    def gpu(name, ts, dur, stream, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+    trace = {"traceEvents": [
+        gpu("gemm", 1000, 10, 7), gpu("gemm", 1020, 10, 7), gpu("add", 1002, 3, 8),
+        gpu("ncclDevKernel_AllReduce_Sum_f32", 1005, 20, 20),
+        gpu("Memcpy DtoD", 1040, 5, 7, cat="gpu_memcpy"),
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5000},
+        {"ph": "i", "cat": "kernel", "name": "marker", "ts": 1100},
+    ]}
+    s = summarise(trace, top=2)
+    got = {k: round(s[k] * 1e3, 6) for k in ("span_ms", "compute_busy_ms", "comm_ms",
+                                            "exposed_comm_ms", "idle_ms")}
+    assert got == {"span_ms": 45, "compute_busy_ms": 25, "comm_ms": 20, "exposed_comm_ms": 10,
+                   "idle_ms": 10}
+    assert s["gpu_events"] == 5
+    assert {k: round(v * 1e3, 6) for k, v in s["streams_busy_ms"].items()} == {"7": 25, "8": 3, "20": 20}
+    assert [(k["name"], k["calls"]) for k in s["top_kernels"]] == [
+        ("gemm", 2), ("ncclDevKernel_AllReduce_Sum_f32", 1)]
+    assert "exposed 0.01" in format_summary(s)
+    assert summarise({"traceEvents": [trace["traceEvents"][5]]}) == {"gpu_events": 0}
 
 
 def test_profile_layer_dry_run(tmp_path):

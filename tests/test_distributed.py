@@ -342,6 +342,48 @@ def _ddp_sync_debug_worker(rank, world):
     return True
 
 
+def _stats_comm_worker(rank, world, interpret):
+    import torch.distributed as dist
+
+    seen = []
+
+    def spy(fn):
+        def wrapped(*args, group=None, **kw):
+            seen.append(group)
+            return fn(*args, group=group, **kw)
+        return wrapped
+
+    names = [n for n in ("all_gather_single", "all_gather_into_tensor", "all_reduce") if hasattr(dist, n)]
+    saved = {n: getattr(dist, n) for n in names}
+    for n in names:
+        setattr(dist, n, spy(saved[n]))
+    try:
+        model = tiny_model()
+        for x, y, off in batches([(5, 4)] * 2, seed=7):
+            sl = slice(off[rank], off[rank + 1])
+            ((model(x[sl]) - y[sl]) ** 2).mean().backward()
+    finally:
+        for n in names:
+            setattr(dist, n, saved[n])
+    groups = {id(g): g for g in seen}
+    (g,) = groups.values()
+    return (len(seen), g is not dist.group.WORLD and g is not None,
+            dist.get_process_group_ranks(g) == list(range(world)))
+
+
+@pytest.mark.parametrize("interpret", [False, True], ids=["torch", "kernels"])
+def test_sync_stats_run_on_their_own_communicator(interpret, monkeypatch):
+    """With the default (world) group, the statistics' collectives run on one copy of the
+    world group, made once for every layer and step: on the world group's communicator
+    they would wait behind the gradient and parameter collectives DDP and FSDP2 issue."""
+    if interpret:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # 2 layers x 2 steps x (one forward all-gather + one backward all-reduce)
+    assert run_ranks(_stats_comm_worker, 2, interpret) == [(8, True, True)] * 2
+
+
 # ----------------------------------------------------------------------------- DDP
 def tiny_model(sync=None):
     torch.manual_seed(3)

@@ -59,6 +59,26 @@ def router_stats_group(layer):
     return group if _world(group) > 1 else None
 
 
+_WORLD_COPY: list = []   # [(default group, its copy for the statistics)]
+
+
+def _stats_comm_group(group):
+    """The group the statistics' collectives run on: ``group`` itself, except that the
+    world group is replaced by a copy of it (same ranks, its own communicator), created
+    once per default group on first use -- every rank calls the layer, so every rank
+    creates it at the same point.  On the world group's communicator the small
+    statistics collectives would queue behind the gradient all-reduces DDP issues during
+    the backward and the parameter all-gathers FSDP2 prefetches during the forward (one
+    communicator runs its collectives in issue order), and the compute stream would wait
+    for those transfers; on their own communicator they overlap them."""
+    world = dist.group.WORLD
+    if group is not world:
+        return group
+    if not _WORLD_COPY or _WORLD_COPY[0][0] is not world:
+        _WORLD_COPY[:] = [(world, dist.new_group(ranks=list(range(dist.get_world_size()))))]
+    return _WORLD_COPY[0][1]
+
+
 def _combine(gathered: torch.Tensor, C: int):
     """(mean, M2, total count) of the concatenated batch from per-rank rows
     [mean (C), M2 (C), count] (P, 2C + 1), combined in rank order; the count is a
@@ -229,6 +249,7 @@ def sync_router_log_probs(layer, h: torch.Tensor, group):
     n = layer.num_expert_sqrt
     running = (nx.running_mean, nx.running_var, nx.num_batches_tracked,
                ny.running_mean, ny.running_var, ny.num_batches_tracked)
+    group = _stats_comm_group(group)
     if _fused_ok(layer, h):
         logits = F.linear(h, torch.cat((layer.router_gate_x.weight, layer.router_gate_y.weight)))
         return _SyncRouterLogProbs.apply(logits, n, running, nx.momentum, nx.eps, group)
