@@ -19,8 +19,9 @@ comma-separated list runs every phase at every size):
               single-GPU twin of ``fsdp``'s numerics
   ddp         2 ranks, DistributedDataParallel, router statistics synchronised
   fsdp        2 ranks, fully_shard on each block and the model, bf16 MixedPrecisionPolicy
+              (fully_shard_model: every block but the last reshards after its forward)
   ddp_sharded 2 ranks, expert tables row-sharded (DTensor Shard(0)), DDP on the rest
-  fsdp_keep   (not by default) fsdp, each block keeping its gathered parameters from the
+  fsdp_keep   (not by default) fsdp, every block keeping its gathered parameters from the
               forward for its backward (reshard_after_forward=False: one all-gather
               fewer per block and step, more memory)
   ddp_bf16    (not by default) ddp with gradients all-reduced in bf16 (DDP's

@@ -202,13 +202,20 @@ def shard_expert_tables(module: nn.Module, mesh, *, average_grads: bool = True) 
 def data_parallel(model: nn.Module, **ddp_kwargs) -> nn.Module:
     """``DistributedDataParallel(model, **ddp_kwargs)`` that leaves out the DTensor
     parameters (expert tables sharded by ``shard_expert_tables``), whose gradients are
-    already complete on their owner rank."""
+    already complete on their owner rank.
+
+    ``gradient_as_bucket_view`` defaults to True here: the gradients live in DDP's
+    all-reduce buckets instead of being copied into them and back, which saves one copy
+    of every gradient in memory and two device copies per step -- noticeable for expert
+    tables of hundreds of millions of parameters (``docs/benchmarks.md``).  Pass False
+    to get DDP's own default."""
     from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     skip = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
     if skip:
         DDP._set_params_and_buffers_to_ignore_for_model(model, skip)
+    ddp_kwargs.setdefault("gradient_as_bucket_view", True)
     return DDP(model, **ddp_kwargs)
 
 
@@ -218,10 +225,16 @@ def fully_shard_model(model: nn.Module, mesh=None, *, param_dtype=torch.bfloat16
     """FSDP2 (``torch.distributed.fsdp.fully_shard``) on every OmniMoE layer (or on each
     module of ``blocks``) and then on ``model``, with a mixed-precision policy
     (``param_dtype`` None: no casting).  ``mesh`` None: all processes, on the
-    parameters' device type (a CPU model stays on CPU).  Parameters are all-gathered into plain tensors
-    around each layer's forward and backward, so the layer's custom ops see plain
-    tensors; the router norms' running statistics are buffers, left in float32.
-    Returns ``model``."""
+    parameters' device type (a CPU model stays on CPU).  Parameters are all-gathered into
+    plain tensors around each layer's forward and backward, so the layer's custom ops see
+    plain tensors; the router norms' running statistics are buffers, left in float32.
+
+    ``reshard_after_forward`` applies to every sharded module but the last (the last of
+    ``blocks``, or the last OmniMoE layer in module order), which keeps its gathered
+    parameters from its forward to its backward whatever the flag: its backward is the
+    first to run, right after the forward, so freeing them would only make FSDP2 gather
+    them again at once (the usual FSDP2 practice; FSDP2 treats the root ``model`` so by
+    itself).  Returns ``model``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kw = {"reshard_after_forward": reshard_after_forward}
@@ -237,8 +250,8 @@ def fully_shard_model(model: nn.Module, mesh=None, *, param_dtype=torch.bfloat16
         kw["mesh"] = mesh
     if param_dtype is not None:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for m in (blocks if blocks is not None else omni_moe_layers(model)):
-        if m is not model:
-            fully_shard(m, **kw)
+    mods = [m for m in (blocks if blocks is not None else omni_moe_layers(model)) if m is not model]
+    for i, m in enumerate(mods):
+        fully_shard(m, **(kw if i < len(mods) - 1 else dict(kw, reshard_after_forward=False)))
     fully_shard(model, **kw)
     return model

@@ -421,23 +421,31 @@ DDP_SIZES = [(10, 10), (10, 10)]
 def _ddp_worker(rank, world):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from omni_moe.distributed import data_parallel
+
     res = {}
     for sync in (None, False):
         model = DDP(tiny_model(sync))
         res[sync] = _train(model, batches(DDP_SIZES, seed=5), rank)
+    model = data_parallel(tiny_model())
+    assert model.gradient_as_bucket_view   # the helper's default: gradients in the buckets
+    res["helper"] = _train(model, batches(DDP_SIZES, seed=5), rank)
     return res
 
 
 def test_ddp_matches_single_process():
+    """Plain DDP and ``data_parallel`` (gradients as bucket views): the gradients and
+    parameters of one process on the concatenated batch, at every step."""
     results = run_ranks(_ddp_worker, 2)
     hist, params = _train(tiny_model(), batches(DDP_SIZES, seed=5))
     for rank, res in enumerate(results):
-        r_hist, r_params = res[None]
-        for step, (rg, g) in enumerate(zip(r_hist, hist)):
-            for name in g:
-                assert rel(rg[name], g[name]) <= 1e-5, f"rank {rank} step {step} {name}"
-        for name in params:
-            assert rel(r_params[name], params[name]) <= 1e-5, f"rank {rank} {name}"
+        for key in (None, "helper"):
+            r_hist, r_params = res[key]
+            for step, (rg, g) in enumerate(zip(r_hist, hist)):
+                for name in g:
+                    assert rel(rg[name], g[name]) <= 1e-5, f"rank {rank} {key} step {step} {name}"
+            for name in params:
+                assert rel(r_params[name], params[name]) <= 1e-5, f"rank {rank} {key} {name}"
         # Per-rank statistics (synchronisation off) give another model: the check above
         # is sensitive to it.
         worst = max(rel(res[False][0][0][n], hist[0][n]) for n in hist[0])
@@ -450,9 +458,18 @@ def _fsdp_worker(rank, world, param_dtype, device="cpu"):
 
     from omni_moe.distributed import fully_shard_model
 
+    from torch.distributed.tensor import DTensor
+
     mesh = init_device_mesh(device, (world,))
     model = fully_shard_model(tiny_model().to(_dev(device, rank)), mesh, param_dtype=param_dtype)
     res = _train(model, batches(DDP_SIZES, seed=5), rank)
+    # Between forward and backward the first layer is resharded (DTensor parameters), the
+    # last keeps its gathered ones (plain tensors) for the backward that follows at once.
+    x, y, off = batches(DDP_SIZES, seed=6)[0]
+    out = model(x[off[rank]:off[rank + 1]].to(_dev(device, rank)))
+    kept = [not isinstance(model[i].up_embed.weight, DTensor) for i in (0, 2)]
+    out.sum().backward()
+    assert kept == [False, True], kept
     # a lone layer as the FSDP root
     layer = fully_shard_model(tiny_model()[0].to(_dev(device, rank)), mesh, param_dtype=param_dtype)
     return res, _train(layer, batches(DDP_SIZES, seed=5), rank, steps=1)
