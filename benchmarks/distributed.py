@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -290,9 +291,6 @@ def run_phase(name, a, tokens, experts, layers, device, rank, world, mesh_all, k
                  for i, k in enumerate(PARTS)}
     breakdown["fwd_bwd"] = statistics.median(p[0] + p[1] for p in timed) if timed else float("nan")
     n_params = sum(p.numel() for p in model.parameters())
-    del model, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     out = {"world": P, "experts": experts, "layers": layers, "global_tokens": tokens, "loss": losses,
            "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s, "peak_mem_gib": peak,
            "breakdown_ms": breakdown, "step_parts_ms": parts, "params": n_params,
@@ -350,6 +348,8 @@ def main(argv=None):
             res = run_phase(name, a, tokens, experts, layers, device, rank, world, mesh_all, key)
         except torch.OutOfMemoryError as e:
             res = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+        if device.type == "cuda":
+            gc.collect()   # the phase's model and optimizer (DDP/FSDP hooks hold cycles)
             torch.cuda.empty_cache()
         if name.startswith("1gpu"):
             dist.barrier(group=waiter)
