@@ -26,8 +26,8 @@ comma-separated list runs every phase at every size):
               fewer per block and step, more memory)
   ddp_bf16    (not by default) ddp with gradients all-reduced in bf16 (DDP's
               bf16_compress_hook: half the traffic; the averaged gradient is rounded)
-  (--big)     fsdp and 1gpu_fsdp again at --big-experts experts, --big-layers blocks
-              (out of memory is recorded as such)
+  (--big)     the --big-phases (default fsdp,1gpu_fsdp) again at --big-experts experts,
+              --big-layers blocks, 2-GPU phases first (out of memory is recorded as such)
 
 While rank 0 runs a 1-GPU phase, rank 1 waits on a CPU (gloo) barrier.  Per phase:
 step time (median over the steps after --warmup), tokens/s of the global batch, peak
@@ -135,7 +135,9 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--big", action="store_true", help="also FSDP2 at --big-experts experts")
+    p.add_argument("--big", action="store_true", help="also the --big-phases at --big-experts experts")
+    p.add_argument("--big-phases", type=_phase_names, default="fsdp,1gpu_fsdp",
+                   help="phases of the --big model, comma-separated")
     p.add_argument("--big-experts", type=int, default=1 << 20)
     p.add_argument("--big-layers", type=int, default=1, help="blocks of the --big model")
     p.add_argument("--phases", type=_phase_names, default="1gpu,1gpu_fsdp,ddp,fsdp,ddp_sharded",
@@ -335,8 +337,8 @@ def main(argv=None):
         plan += [(tokens, p, a.experts, a.layers) for p in phases]
         if a.big:
             # 2 GPUs first: a 1-GPU out-of-memory can leave the allocator fragmented
-            plan += [(tokens, "fsdp", a.big_experts, a.big_layers),
-                     (tokens, "1gpu_fsdp", a.big_experts, a.big_layers)]
+            big = sorted((p for p in a.big_phases.split(",") if p), key=lambda p: p.startswith("1gpu"))
+            plan += [(tokens, p, a.big_experts, a.big_layers) for p in big]
     by_tokens = {t: {} for t in a.global_tokens}
     for tokens, name, experts, layers in plan:
         results = by_tokens[tokens]
@@ -372,7 +374,7 @@ def main(argv=None):
         for tokens, results in by_tokens.items():
             summary = {}
             for two, one in (*BASELINE.items(),
-                             (f"fsdp_E{a.big_experts}", f"1gpu_fsdp_E{a.big_experts}")):
+                             *((f"{t}_E{a.big_experts}", f"{o}_E{a.big_experts}") for t, o in BASELINE.items())):
                 r2, r1 = results.get(two), results.get(one)
                 if r2 and r1 and "error" not in r2 and "error" not in r1:
                     summary[f"{two}_vs_{one}"] = {

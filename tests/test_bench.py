@@ -231,6 +231,9 @@ def test_distributed_benchmark_rejects_bad_token_counts():
     with pytest.raises(argparse.ArgumentTypeError, match="--phases: unknown phase"):
         mod._phase_names("1gpu,fsdp2")
     assert mod._phase_names("") == "" and set(mod.BASELINE) <= set(mod.PHASES)
+    with pytest.raises(SystemExit):
+        mod.parse(["--big-phases", "fsdp,huge"])
+    assert mod.parse([]).big_phases == "fsdp,1gpu_fsdp"
 
 
 def test_distributed_benchmark_optional_phases(tmp_path):
@@ -256,6 +259,17 @@ def test_distributed_benchmark_optional_phases(tmp_path):
         assert res["optimizer"] == "foreach" and res["trace"]["gpu_events"] == 0
         with gzip.open(res["trace"]["path"], "rt") as f:
             assert any(e.get("name") == "aten::mm" for e in json.load(f)["traceEvents"])
+
+
+def test_distributed_benchmark_big_model_phases(tmp_path):
+    """--big runs the --big-phases at --big-experts experts (two-GPU phases first), keyed
+    with the expert count and compared with their one-GPU twins."""
+    run, got = _distributed_bench(tmp_path, "--phases", "", "--big", "--big-phases", "1gpu,ddp_sharded",
+                                  "--global-tokens", "64", "--steps", "2")
+    assert set(got["phases"]) == {"1gpu_E1024", "ddp_sharded_E1024"}
+    assert got["phases"]["ddp_sharded_E1024"]["experts"] == 1024
+    assert set(got["comparisons"]) == {"ddp_sharded_E1024_vs_1gpu_E1024"}
+    assert run.stdout.index("ddp_sharded_E1024 ") < run.stdout.index("1gpu_E1024 ")
 
 
 def test_trace_summary_splits_compute_communication_and_idle():
