@@ -3,9 +3,9 @@
 efficiency and loss curves, with DDP, FSDP2 (bf16 mixed precision) and row-sharded
 expert tables (``omni_moe.distributed``).
 
-    torchrun --nproc-per-node 2 benchmarks/distributed.py --json dist_h100.json
-    torchrun --nproc-per-node 2 benchmarks/distributed.py --big --json dist_1m_h100.json
-    torchrun --nproc-per-node 2 benchmarks/distributed.py --global-tokens 16384,65536 --json sweep.json
+    torchrun --nproc-per-node 2 benchmarks/distributed.py --global-tokens 65536,262144 --json dist.json
+    torchrun --nproc-per-node 2 benchmarks/distributed.py --trace traces --json dist.json  # + profiles
+    torchrun --nproc-per-node 2 benchmarks/distributed.py --big --phases '' --global-tokens 65536 --json dist_1m.json
     torchrun --nproc-per-node 2 benchmarks/distributed.py --tiny --device cpu   # gloo smoke run
 
 Model: token embedding -> L residual blocks x + OmniMoE(LayerNorm(x)) -> LayerNorm ->
@@ -26,8 +26,9 @@ comma-separated list runs every phase at every size):
               fewer per block and step, more memory)
   ddp_bf16    (not by default) ddp with gradients all-reduced in bf16 (DDP's
               bf16_compress_hook: half the traffic; the averaged gradient is rounded)
-  (--big)     the --big-phases (default fsdp,1gpu_fsdp) again at --big-experts experts,
-              --big-layers blocks, 2-GPU phases first (out of memory is recorded as such)
+  (--big)     the --big-phases (default: ddp_sharded, fsdp, ddp, 1gpu, 1gpu_fsdp) again at
+              --big-experts experts and --big-layers blocks, 2-GPU phases first (out of
+              memory is recorded as such)
 
 While rank 0 runs a 1-GPU phase, rank 1 waits on a CPU (gloo) barrier.  Per phase:
 step time (median over the steps after --warmup), tokens/s of the global batch, peak
@@ -136,7 +137,7 @@ def parse(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--big", action="store_true", help="also the --big-phases at --big-experts experts")
-    p.add_argument("--big-phases", type=_phase_names, default="fsdp,1gpu_fsdp",
+    p.add_argument("--big-phases", type=_phase_names, default="ddp_sharded,fsdp,ddp,1gpu,1gpu_fsdp",
                    help="phases of the --big model, comma-separated")
     p.add_argument("--big-experts", type=int, default=1 << 20)
     p.add_argument("--big-layers", type=int, default=1, help="blocks of the --big model")

@@ -233,7 +233,7 @@ def test_distributed_benchmark_rejects_bad_token_counts():
     assert mod._phase_names("") == "" and set(mod.BASELINE) <= set(mod.PHASES)
     with pytest.raises(SystemExit):
         mod.parse(["--big-phases", "fsdp,huge"])
-    assert mod.parse([]).big_phases == "fsdp,1gpu_fsdp"
+    assert mod.parse([]).big_phases == "ddp_sharded,fsdp,ddp,1gpu,1gpu_fsdp"
 
 
 def test_distributed_benchmark_optional_phases(tmp_path):
