@@ -53,6 +53,50 @@ def test_train_hf_lm_tiny(tmp_path, capsys):
     assert mod.main(["--text", str(tmp_path / "missing.txt")]) == 2
 
 
+HF_TINY = ["--steps", "6", "--hidden", "32", "--layers", "2", "--heads", "2", "--experts", "16", "--k", "2",
+           "--seq", "32", "--batch", "4", "--log-every", "2", "--sample", "4", "--aux-coef", "0",
+           "--router-norm", "batchnorm", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_train_hf_lm_under_torchrun_matches_one_process(parallel, tmp_path):
+    """``torchrun --nproc-per-node 2 examples/train_hf_lm.py --parallel ddp|fsdp`` (gloo):
+    the same logged losses as one process on the whole batch (synchronised router
+    statistics, no load-balancing loss), and the saved model (FSDP2: gathered to rank 0)
+    holds the same weights."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    script = os.path.join(REPO, "examples", "train_hf_lm.py")
+    env = dict(os.environ, PYTHONPATH=REPO, TRITON_INTERPRET="0")
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, script, *HF_TINY, "--json", str(one) + ".json", "--save", str(one)],
+                   env=env, check=True, capture_output=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          script, *HF_TINY, "--parallel", parallel, "--json", str(two) + ".json",
+                          "--save", str(two)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("step ") == 3   # rank 0 alone prints
+    a, b = (json.loads(open(str(d) + ".json").read()) for d in (one, two))
+    assert a["step"] == b["step"] == [2, 4, 6]
+    for key in ("train", "val"):
+        assert max(abs(x - y) for x, y in zip(a[key], b[key])) < 1e-5, (key, a[key], b[key])
+    wa, wb = (load_file(str(d / "model.safetensors")) for d in (one, two))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert (wa[name] - wb[name]).abs().max() <= 1e-5 * (1 + wa[name].abs().max()), name
+
+
+def test_train_hf_lm_parallel_needs_torchrun(capsys):
+    mod = _load("train_hf_lm")
+    assert mod.main([*HF_TINY, "--parallel", "ddp"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "torchrun" in err
+
+
 def test_benchmark_script_tiny(tmp_path):
     import json
 
