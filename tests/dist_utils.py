@@ -42,7 +42,8 @@ def _entry(rank, world, port, outdir, fn, args, backend):
         torch.save({"ok": False, "error": traceback.format_exc()}, os.path.join(outdir, f"{rank}.pt"))
         raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():   # the function may have destroyed it itself
+            dist.destroy_process_group()
 
 
 def run_ranks(fn, world, *args, backend="gloo"):

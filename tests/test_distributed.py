@@ -384,6 +384,31 @@ def test_sync_stats_run_on_their_own_communicator(interpret, monkeypatch):
     assert run_ranks(_stats_comm_worker, 2, interpret) == [(8, True, True)] * 2
 
 
+def _stats_comm_lifetime_worker(rank, world):
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    from omni_moe.layers.router_stats import _stats_comm_group
+
+    x, y, off = batches([(5, 4)], seed=7)[0]
+    sl = slice(off[rank], off[rank + 1])
+    ((tiny_model()(x[sl]) - y[sl]) ** 2).mean().backward()
+    copy = weakref.ref(_stats_comm_group(dist.group.WORLD))
+    reused = _stats_comm_group(dist.group.WORLD) is copy()
+    dist.destroy_process_group()
+    gc.collect()
+    return reused, copy() is None
+
+
+def test_sync_stats_communicator_goes_with_the_process_group():
+    """The statistics' copy of the world group is made once and freed by
+    destroy_process_group: the layer keeps no reference that would outlive it (gloo
+    aborted the process at exit when one did)."""
+    assert run_ranks(_stats_comm_lifetime_worker, 2) == [(True, True)] * 2
+
+
 # ----------------------------------------------------------------------------- DDP
 def tiny_model(sync=None):
     torch.manual_seed(3)

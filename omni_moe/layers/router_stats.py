@@ -23,6 +23,8 @@ on one token raises ValueError as BatchNorm does; that path is not synchronised.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -59,7 +61,10 @@ def router_stats_group(layer):
     return group if _world(group) > 1 else None
 
 
-_WORLD_COPY: list = []   # [(default group, its copy for the statistics)]
+# [(weak reference to the default group, weak reference to its copy)]: c10d keeps both
+# alive until destroy_process_group; a strong reference here would outlive that and tear
+# the copy down at interpreter exit, after its backend (gloo aborts the process there).
+_WORLD_COPY: list = []
 
 
 def _stats_comm_group(group):
@@ -74,9 +79,13 @@ def _stats_comm_group(group):
     world = dist.group.WORLD
     if group is not world:
         return group
-    if not _WORLD_COPY or _WORLD_COPY[0][0] is not world:
-        _WORLD_COPY[:] = [(world, dist.new_group(ranks=list(range(dist.get_world_size()))))]
-    return _WORLD_COPY[0][1]
+    if _WORLD_COPY:
+        known, copy = (ref() for ref in _WORLD_COPY[0])
+        if known is world and copy is not None:
+            return copy
+    copy = dist.new_group(ranks=list(range(dist.get_world_size())))
+    _WORLD_COPY[:] = [(weakref.ref(world), weakref.ref(copy))]
+    return copy
 
 
 def _combine(gathered: torch.Tensor, C: int):
