@@ -218,10 +218,10 @@ def _profiled_step(a, train_step, stem):
     os.makedirs(a.trace, exist_ok=True)
     raw = os.path.join(a.trace, stem + ".json")
     prof.export_chrome_trace(raw)
+    summary = summarise(load_trace(raw))
     with open(raw, "rb") as f, gzip.open(raw + ".gz", "wb") as g:
         shutil.copyfileobj(f, g)
     os.remove(raw)
-    summary = summarise(load_trace(raw + ".gz"))
     summary["path"] = raw + ".gz"
     if stem.endswith("_rank0"):
         print(f"trace {stem}: " + format_summary(summary), flush=True)

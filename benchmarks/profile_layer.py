@@ -66,19 +66,9 @@ def family(name: str) -> str:
     return "other"
 
 
-def median_ms(fn, reps, sync):
-    ts = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    sync()
-    return statistics.median(ts)
-
-
 def stage_host_ms(layer, mlp, x, reps, sync):
     """Host ms per stage (see the module docstring)."""
+    from omni_moe.bench.common import host_ms
     from omni_moe.layers.output_stage import output_stage
 
     def route():
@@ -88,9 +78,9 @@ def stage_host_ms(layer, mlp, x, reps, sync):
         return output_stage(layer, x, *si)
 
     res = {}
-    res["router_forward"] = median_ms(route, reps, sync)
+    res["router_forward"] = host_ms(route, samples=reps)
     si = route()
-    res["output_forward"] = median_ms(lambda: fwd_out(si), reps, sync)
+    res["output_forward"] = host_ms(lambda: fwd_out(si), samples=reps)
 
     def backward():
         scores, idx = layer.route(x)
@@ -112,8 +102,8 @@ def stage_host_ms(layer, mlp, x, reps, sync):
         m.zero_grad(set_to_none=True)
         m(x).float().square().mean().backward()
 
-    res["layer_step"] = median_ms(lambda: step(layer), reps, sync)
-    res["mlp_step"] = median_ms(lambda: step(mlp), reps, sync)
+    res["layer_step"] = host_ms(lambda: step(layer), samples=reps)
+    res["mlp_step"] = host_ms(lambda: step(mlp), samples=reps)
     return res
 
 
