@@ -146,9 +146,16 @@ def _partner_int(h, ax: tl.constexpr):
 def _cas(h, p, ax: tl.constexpr, desc, HAS_P: tl.constexpr, DISTINCT: tl.constexpr):
     # One compare-exchange step between partners along size-2 axis `ax`.  `desc`
     # (broadcastable 0/1) says whether the enclosing block is sorted descending.
+    # _pair_side and _partner are written out for integer tensors: the interpreter pays
+    # milliseconds per nested jit call, and sorting networks make thousands of these.
     ND: tl.constexpr = len(h.shape)
-    upper = _pair_side(ND, ax)
-    ph = _partner(h, ax)
+    upper = tl.reshape(tl.arange(0, 2), [1] * ax + [2] + [1] * (ND - 1 - ax))
+    if h.dtype.is_floating():
+        ph = _partner(h, ax)
+    elif SOFT_BF16:
+        ph = tl.sum(h, ax, keep_dims=True) - h
+    else:
+        ph = h ^ tl.xor_sum(h, ax, keep_dims=True)
     want_max = (upper ^ desc) != 0
     if DISTINCT:
         # No ties: one compare decides for both partners.
@@ -158,7 +165,13 @@ def _cas(h, p, ax: tl.constexpr, desc, HAS_P: tl.constexpr, DISTINCT: tl.constex
         take = tl.where(want_max, ph > h, ph < h)
     h = tl.where(take, ph, h)
     if HAS_P:
-        p = tl.where(take, _partner(p, ax), p)
+        if p.dtype.is_floating():
+            pp = _partner(p, ax)
+        elif SOFT_BF16:
+            pp = tl.sum(p, ax, keep_dims=True) - p
+        else:
+            pp = p ^ tl.xor_sum(p, ax, keep_dims=True)
+        p = tl.where(take, pp, p)
     return h, p
 
 
