@@ -35,7 +35,8 @@ ALGORITHMS = ("fullscan", "pruned")
 MAX_NUM_EXPERT_SQRT = 46340
 
 
-def check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token):
+def check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token,
+                      sorted=True):
     """Validate user input; raise TypeError/ValueError naming the offending argument."""
     x, y = router_logits_x, router_logits_y
     check_float_tensor("router_logits_x", x)
@@ -57,15 +58,26 @@ def check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_exp
     k = num_experts_per_token
     if k < 0 or k > n * n:
         raise ValueError(f"num_experts_per_token must be in [0, {n * n}] (N*N), got {k}")
+    if not isinstance(sorted, bool):
+        raise TypeError(f"sorted must be a bool, got {type(sorted).__name__}")
 
 
-_TRITON_FORWARD = {"fullscan": fullscan_router_forward, "pruned": pruned_router_forward}
+def _fullscan_forward(x, y, k, sorted=True):
+    # The full scan's rounds produce descending order anyway.
+    return fullscan_router_forward(x, y, k)
 
 
-def _forward_impl(x, y, k, algorithm):
+def _pruned_forward(x, y, k, sorted=True):
+    return pruned_router_forward(x, y, k, sorted=sorted)
+
+
+_TRITON_FORWARD = {"fullscan": _fullscan_forward, "pruned": _pruned_forward}
+
+
+def _forward_impl(x, y, k, algorithm, sorted=True):
     if use_triton(x):
-        return _TRITON_FORWARD[algorithm](x, y, k)
-    return router_cpu(x, y, k)
+        return _TRITON_FORWARD[algorithm](x, y, k, sorted)
+    return router_cpu(x, y, k, sorted)
 
 
 def _backward_impl(grad, indices, n):
@@ -75,12 +87,13 @@ def _backward_impl(grad, indices, n):
 
 
 @torch.library.custom_op("omni_moe::router_forward", mutates_args=())
-def _router_forward(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(x, y, k, algorithm)
+def _router_forward(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: str,
+                    sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(x, y, k, algorithm, sorted)
 
 
 @_router_forward.register_fake
-def _(x, y, k, algorithm):
+def _(x, y, k, algorithm, sorted=True):
     T = x.shape[0]
     return x.new_empty((T, k)), x.new_empty((T, k), dtype=torch.int32)
 
@@ -97,7 +110,7 @@ def _(grad, indices, n):
 
 
 def _setup_context(ctx, inputs, output):
-    x, _, _, _ = inputs
+    x = inputs[0]
     ctx.save_for_backward(output[1])
     ctx.n = x.shape[1]
 
@@ -105,7 +118,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_scores, grad_indices):
     (indices,) = ctx.saved_tensors
     dx, dy = torch.ops.omni_moe.router_backward(grad_scores, indices, ctx.n)
-    return dx, dy, None, None
+    return dx, dy, None, None, None
 
 
 _router_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -120,8 +133,8 @@ class _RouterFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, y, k, algorithm):
-        scores, indices = _forward_impl(x, y, k, algorithm)
+    def forward(ctx, x, y, k, algorithm, sorted):
+        scores, indices = _forward_impl(x, y, k, algorithm, sorted)
         ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(indices)
         ctx.n = x.shape[1]
@@ -132,23 +145,26 @@ class _RouterFunction(torch.autograd.Function):
     def backward(ctx, grad_scores, grad_indices):
         (indices,) = ctx.saved_tensors
         dx, dy = _backward_impl(grad_scores, indices, ctx.n)
-        return dx, dy, None, None
+        return dx, dy, None, None, None
 
 
-def route(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token, algorithm):
-    """Validate, then run the router with the given Triton algorithm."""
+def route(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token, algorithm,
+          *, sorted=True):
+    """Validate, then run the router with the given Triton algorithm (``sorted``: as in
+    ``omni_router``; the full scan always sorts)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token)
+    check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token, sorted)
     x, y, k = router_logits_x, router_logits_y, num_experts_per_token
     if torch.compiler.is_compiling():
-        return torch.ops.omni_moe.router_forward(x, y, k, algorithm)
+        return torch.ops.omni_moe.router_forward(x, y, k, algorithm, sorted)
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
-        return _RouterFunction.apply(x, y, k, algorithm)
-    return _forward_impl(x, y, k, algorithm)
+        return _RouterFunction.apply(x, y, k, algorithm, sorted)
+    return _forward_impl(x, y, k, algorithm, sorted)
 
 
-def omni_router(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token):
+def omni_router(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token, *,
+                sorted=True):
     """Top-k experts of the N x N Cartesian-product grid; the fastest exact router.
 
     Args:
@@ -156,12 +172,18 @@ def omni_router(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_p
             one device; any strides (e.g. the two column halves of one (T, 2N) tensor).
         num_expert_sqrt: N.
         num_experts_per_token: k, 0 <= k <= N*N.
+        sorted: keyword-only, as ``torch.topk``'s: True (default) returns each row
+            sorted descending; False may skip that sort and return the same pairs in
+            the algorithm's deterministic order (for k past the fast path: grouped by
+            x rank, the largest x logit's pairs first, each group descending).
 
     Returns:
-        scores: (T, k) in the input dtype, sorted descending; scores[t, r] is
-            float32(x[t, i]) + float32(y[t, j]) rounded, for indices[t, r] = i*N + j.
+        scores: (T, k) in the input dtype, sorted descending (with ``sorted=True``);
+            scores[t, r] is float32(x[t, i]) + float32(y[t, j]) rounded, for
+            indices[t, r] = i*N + j.
         indices: (T, k) int32, distinct per row.
 
     Differentiable in both logits (scores only).  See docs/router.md.
     """
-    return route(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token, "pruned")
+    return route(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token, "pruned",
+                 sorted=sorted)

@@ -34,8 +34,12 @@ exactness argument and the launch rules):
 
 Bytes moved per call: reads 2*T*N*b logits (b = bytes per logit) once, writes
 T*k*(b + 4) outputs; the warp kernel's scratch traffic (per token at most 2*(M + k'')
-int32 words, 2x for float32) stays in L2.  Shapes past the fast path (k > 256 or
-next_pow2(N) > 4096) use the PyTorch pruned reference on the same device.
+int32 words, 2x for float32) stays in L2.
+
+``pruned_router_forward`` is the dispatcher of the ``"pruned"`` algorithm: these two
+kernels for k < ``LARGE_K_MIN_K`` on the fast path, the large-k kernel (``large_k.py``)
+past it while next_pow2(N) <= 4096, and beyond that (wider rows) a PyTorch algorithm on
+the same device (``cpu.router_cpu``'s choice: O(T * (N + k)) memory).
 """
 
 from __future__ import annotations
@@ -61,7 +65,10 @@ from .._triton import (
     loop_bound,
     to_dtype,
 )
-from .reference import router_pruned
+from .cpu import router_cpu
+from .large_k import LargeKConfig, large_k_router_forward
+from .large_k import default_config as large_k_config
+from .large_k import kernel_ok as large_k_ok
 
 @triton.jit
 def _keys_of(v, col, N, PACKED: tl.constexpr, EVEN_N: tl.constexpr):
@@ -622,9 +629,12 @@ def _pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
 
-# Fast-path limits; beyond them ``pruned_router_forward`` uses the PyTorch pruned
-# reference on the same device (documented in docs/router.md).
+# Fast-path limits of the two kernels here; beyond them ``pruned_router_forward`` runs
+# the large-k kernel (docs/router.md).
 MAX_FAST_K = 256
+# From this k on the large-k kernel runs even where the fast path applies.  Today the
+# fast path's own limit; lower it where measurements show the large-k kernel ahead.
+LARGE_K_MIN_K = MAX_FAST_K + 1
 MAX_FAST_N = 4096
 _MAX_SORT_WIDTH = 4096
 # From this many tokens the streaming kernel is chosen for k <= 16 (at T = 1024, N = 256
@@ -650,6 +660,11 @@ def fast_path_ok(N: int, k: int) -> bool:
         return False
     kx = min(k, N)
     return min(candidate_width(k, kx), _pow2(kx) ** 2) <= _MAX_SORT_WIDTH
+
+
+def use_large_k(N: int, k: int) -> bool:
+    """Whether the default rule sends (N, k) to the large-k kernel."""
+    return k >= 1 and large_k_ok(N) and (k >= LARGE_K_MIN_K or not fast_path_ok(N, k))
 
 
 def stream_ok(N: int, k: int) -> bool:
@@ -742,17 +757,21 @@ def _warp_rule(T: int, N: int, k: int, sm_major: int) -> WarpConfig:
                       progs_per_sm=8 if sm_major >= 9 else 4)
 
 
-def default_config(T: int, N: int, k: int, sm_major: int = 9,
-                   kernel: str | None = None) -> StreamConfig | WarpConfig | None:
+def default_config(T: int, N: int, k: int, sm_major: int = 9, kernel: str | None = None,
+                   sorted: bool = True) -> StreamConfig | WarpConfig | LargeKConfig | None:
     """The launch configuration ``pruned_router_forward`` uses for a shape.
 
-    The rule, measured on an H100 (sm90; docs/router.md): the streaming kernel for k <= 16
-    from T = ``STREAM_MIN_T`` tokens, else the warp kernel.  ``kernel`` ("stream" or
-    "warp") asks for that kernel's rule instead (e.g. to start a tuning sweep from it).
-    None: the shape is past the fast path and runs the PyTorch pruned reference.
+    The rule, measured on an H100 (sm90; docs/router.md): the large-k kernel from
+    k = ``LARGE_K_MIN_K`` and wherever the fast path ends; below, the streaming kernel
+    for k <= 16 from T = ``STREAM_MIN_T`` tokens, else the warp kernel.  ``kernel``
+    ("stream", "warp" or "large_k") asks for that kernel's rule instead (e.g. to start a
+    tuning sweep from it).  None: no kernel serves the shape (next_pow2(N) > 4096 past
+    the fast path) and a PyTorch algorithm runs on the same device.
     """
-    if kernel not in (None, "stream", "warp"):
-        raise ValueError(f"kernel must be None, 'stream' or 'warp', got {kernel!r}")
+    if kernel not in (None, "stream", "warp", "large_k"):
+        raise ValueError(f"kernel must be None, 'stream', 'warp' or 'large_k', got {kernel!r}")
+    if kernel == "large_k" or (kernel is None and use_large_k(N, k)):
+        return large_k_config(T, N, k, sm_major, sorted)
     if not fast_path_ok(N, k):
         return None
     if kernel == "stream" or (kernel is None and stream_ok(N, k) and T >= STREAM_MIN_T):
@@ -844,11 +863,12 @@ def _device_info(device) -> tuple[int, int]:
 
 def plan(T: int, N: int, k: int, dtype: torch.dtype, device: torch.device,
          config: StreamConfig | WarpConfig | None = None) -> _Launch | None:
-    """The launch ``pruned_router_forward`` makes for this shape and config.  None: the
-    PyTorch pruned reference runs instead.  Raises TypeError/ValueError for a config
-    that is not one or does not apply to the shape."""
+    """The fast-path launch ``pruned_router_forward`` makes for this shape and config.
+    None: no fast-path kernel runs (the large-k kernel or a PyTorch algorithm does).
+    Raises TypeError/ValueError for a config that is not one or does not apply to the
+    shape."""
     if config is not None and not isinstance(config, (StreamConfig, WarpConfig)):
-        raise TypeError(f"config must be a StreamConfig or WarpConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a StreamConfig, WarpConfig or LargeKConfig, got {type(config).__name__}")
     return _plan(T, N, k, dtype, device, config)
 
 
@@ -858,7 +878,7 @@ def _plan(T, N, k, dtype, device, config) -> _Launch | None:
     sms, major = _device_info(device)
     if config is None:
         config = default_config(T, N, k, major)
-        if config is None:
+        if config is None or isinstance(config, LargeKConfig):
             return None
     elif not fast_path_ok(N, k):
         raise ValueError(f"no Triton kernel serves N={N}, k={k} (past the fast path); "
@@ -870,17 +890,23 @@ def _plan(T, N, k, dtype, device, config) -> _Launch | None:
 
 
 def pruned_router_forward(x: torch.Tensor, y: torch.Tensor, k: int, scores=None, indices=None,
-                          *, config: StreamConfig | WarpConfig | None = None):
+                          *, config: StreamConfig | WarpConfig | LargeKConfig | None = None,
+                          sorted: bool = True):
     """Exact top-k of x[t, i] + y[t, j]; returns (scores (T, k) x.dtype, indices (T, k) int32).
 
     x, y: (T, N) float32/float16/bfloat16, any strides, same device (CUDA, or CPU under
     TRITON_INTERPRET=1).  ``scores``/``indices`` may be preallocated (any strides).
-    One kernel launch; extra memory O(programs * tile * (M + k')) int32 words.  Shapes
-    past the fast path (k > 256 or N > 4096) use ``reference.router_pruned``.
-    ``config``: a ``StreamConfig`` or ``WarpConfig`` to use instead of
-    ``default_config``'s choice; one that does not apply raises ValueError.
+    One kernel launch on the fast path (extra memory O(programs * tile * (M + k')) int32
+    words); the large-k kernel past it (``large_k.py``); a PyTorch algorithm beyond
+    next_pow2(N) = 4096 past the fast path.  ``config``: a ``StreamConfig``,
+    ``WarpConfig`` or ``LargeKConfig`` to use instead of ``default_config``'s choice;
+    one that does not apply raises ValueError.  ``sorted=False`` lets the large-k
+    kernel (and the PyTorch large-k algorithm) skip the final sort: the same pairs,
+    grouped by x rank (``large_k.py``); the fast-path kernels sort anyway.
     """
     T, N = x.shape
+    if isinstance(config, LargeKConfig) or (config is None and use_large_k(N, k)):
+        return large_k_router_forward(x, y, k, scores, indices, sorted=sorted, config=config)
     if scores is None:
         scores = torch.empty((T, k), dtype=x.dtype, device=x.device)
     if indices is None:
@@ -889,7 +915,7 @@ def pruned_router_forward(x: torch.Tensor, y: torch.Tensor, k: int, scores=None,
         return scores, indices
     launch = plan(T, N, k, x.dtype, x.device, config)
     if launch is None:
-        s, i = router_pruned(x, y, k)
+        s, i = router_cpu(x, y, k, sorted)
         scores.copy_(s)
         indices.copy_(i)
         return scores, indices
