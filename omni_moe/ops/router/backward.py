@@ -1,4 +1,4 @@
-"""Router backward: gradient rows built in registers, one coalesced store, no atomics.
+"""Router backward: gradient rows built in registers or from sorted pairs, no atomics.
 
 Shared by the full-scan and the pruned router (both return the same (scores, indices)
 contract, so they have the same backward):
@@ -6,21 +6,31 @@ contract, so they have the same backward):
     dx[t, i] = sum_r g[t, r] * [indices[t, r] div N == i]
     dy[t, j] = sum_r g[t, r] * [indices[t, r] mod N == j]
 
-One kernel, one launch, no zero fill: each program owns whole dx and dy rows (or a
-column block of them) of a few tokens, adds the token's k gradients into a float32 tile
-in the order r = 0..k-1 -- the order of the reference's sequential scatter-add, so the
-result equals ``router_backward_reference`` bit for bit and is deterministic -- and
-writes every element exactly once.
+Two kernels, both deterministic (no atomics, fixed summation orders, every output
+element written once, no state between calls); ``default_config`` picks by (N, k):
 
-Layout (why it is fast): the tile is [NG, TILE_T, C] with element (j, t, l) = column
-j*C + l of token t.  C lanes share a token, so each thread holds NG columns of one token
-and the per-pair work (load the pair, split the index) is paid once per NG columns; the
-pair itself is loaded by every lane of the token (a broadcast within the warp) so it
-arrives in the tile's layout with no shuffle.  Per column and pair the compiler emits
-one integer compare and one predicated add.  A plain [TILE_T, N] tile (Triton's default
-layout puts tokens in registers and columns across lanes) paid the per-pair work once
-per 2 columns and ran 2-4x slower (H100 measurements: docs/router.md, "Router
-backward").
+- dense (``_router_bwd_kernel``, small k): O(N * k) compares per token; each program
+  owns whole dx and dy rows (or a column block of them) of a few tokens, adds the
+  token's k gradients into a float32 tile in the order r = 0..k-1 -- the order of the
+  reference's sequential scatter-add, so the result equals
+  ``router_backward_reference`` bit for bit;
+- sort (``_router_bwd_sort_kernel``, large k): O(k log^2 k) per token; per axis, the
+  token's pairs are sorted by (row, r) in registers, each run of equal rows is summed by
+  a segmented scan (a fixed tree, in r order within the run) and the run totals are
+  added into a float32 row in scratch, in blocks of ``block`` pairs.  Deterministic, but
+  the tree order is not the sequential one: each element is within
+  (m - 1) * 2^-24 * sum |g| of the exact sum before its one rounding to the output dtype
+  (m = the terms it sums).
+
+Dense layout (why it is fast): the tile is [NG, TILE_T, C] with element (j, t, l) =
+column j*C + l of token t.  C lanes share a token, so each thread holds NG columns of
+one token and the per-pair work (load the pair, split the index) is paid once per NG
+columns; the pair itself is loaded by every lane of the token (a broadcast within the
+warp) so it arrives in the tile's layout with no shuffle.  Per column and pair the
+compiler emits one integer compare and one predicated add.  A plain [TILE_T, N] tile
+(Triton's default layout puts tokens in registers and columns across lanes) paid the
+per-pair work once per 2 columns and ran 2-4x slower (H100 measurements:
+docs/router.md, "Router backward").
 """
 
 from __future__ import annotations
@@ -31,7 +41,39 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import loop_bound, to_dtype, to_f32
+from .._triton import _pair_side, _partner, bitonic_topk, loop_bound, to_dtype, to_f32
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Launch configuration of the backward kernel.
+
+    bn: columns per program (power of two; columns past it go to grid axis 1); c: lanes
+    per token (power of two <= bn); tile_t: tokens per program (power of two); unroll:
+    (index, grad) pairs per loop step; warps: warps per program.
+    """
+
+    bn: int
+    c: int
+    tile_t: int
+    unroll: int = 4
+    warps: int = 4
+
+
+@dataclass(frozen=True)
+class SortBackwardConfig:
+    """Launch configuration of the sort-based backward kernel.
+
+    block: pairs sorted at once (power of two >= 2; a token with more pairs is done in
+    blocks); tile_t: tokens per program tile (power of two); warps: warps per program;
+    progs_per_sm: persistent programs per multiprocessor (each tile lane owns
+    2 * next_pow2(N) float32 and min(next_pow2(k), block) int32 of scratch).
+    """
+
+    block: int = 4096
+    tile_t: int = 1
+    warps: int = 4
+    progs_per_sm: int = 4
 
 
 @triton.jit
@@ -88,28 +130,124 @@ def _router_bwd_kernel(
     tl.store(DY + rows64 * stride_dyt + col, to_dtype(ay, DY.dtype.element_ty), mask=mask)
 
 
-@dataclass(frozen=True)
-class BackwardConfig:
-    """Launch configuration of the backward kernel.
+@triton.jit
+def _segmented_sum(row, val, L: tl.constexpr):
+    # Inclusive scan along the last axis of [R, 2^L] values whose row labels come in
+    # runs (sorted): out[., p] = sum of val over p's run up to p.  Hypercube form, one
+    # step per bit, so the interpreter runs it as whole-array operations; the tree is
+    # fixed (deterministic).
+    R: tl.constexpr = row.shape[0]
+    h = tl.reshape(row, [R] + [2] * L)
+    s = tl.reshape(val, [R] + [2] * L)
+    tr = h  # aggregate of each element's block: (its last row, that row's run sum)
+    tv = s
+    for b in tl.static_range(L):
+        # Bit b of the position is axis L - b.
+        upper = _pair_side(L + 1, L - b) == 1
+        pr = _partner(tr, L - b)
+        pv = _partner(tv, L - b)
+        # The upper half continues the lower half's trailing run when the rows match.
+        s = tl.where(upper & (pr == h), pv + s, s)
+        lr = tl.where(upper, pr, tr)
+        lv = tl.where(upper, pv, tv)
+        ur = tl.where(upper, tr, pr)
+        uv = tl.where(upper, tv, pv)
+        tv = tl.where(lr == ur, lv + uv, uv)
+        tr = ur
+    return tl.reshape(s, [R, 2**L])
 
-    bn: columns per program (power of two; columns past it go to grid axis 1); c: lanes
-    per token (power of two <= bn); tile_t: tokens per program (power of two); unroll:
-    (index, grad) pairs per loop step; warps: warps per program.
+
+@triton.jit
+def _add_runs(e, ok, local, g_rows, stride_gk, r0, ACC, NXT, KB: tl.constexpr, LKB: tl.constexpr):
+    # ACC[t, e[t, r]] += g[t, r] for the block's pairs (mask ok), per tile lane t: sort
+    # by (e, r), sum each run, add each run's total once.  ACC, NXT: [TILE_T, 1] pointers
+    # to the lanes' scratch rows; g_rows: to the lanes' gradient rows.
+    key = tl.where(ok, e * KB + (KB - 1 - local), -1 - local)  # distinct; padding last
+    srt, _ = bitonic_topk(key, key, LKB, LKB, False, True)
+    real = srt >= 0
+    srow = tl.where(real, srt >> LKB, -1)
+    r = r0 + KB - 1 - (srt & (KB - 1))
+    g = to_f32(tl.load(g_rows + r.to(tl.int64) * stride_gk, mask=real, other=0.0))
+    run = _segmented_sum(srow, g, LKB)
+    # A run ends where the next sorted pair has another row (through scratch: a register
+    # tensor cannot be shifted).
+    tl.debug_barrier()
+    tl.store(NXT + local, srow)
+    tl.debug_barrier()
+    nxt = tl.load(NXT + local + 1, mask=local + 1 < KB, other=-2)
+    end = real & (nxt != srow)
+    acc = tl.load(ACC + srow, mask=end, other=0.0)
+    tl.store(ACC + srow, acc + run, mask=end)
+
+
+@triton.jit
+def _router_bwd_sort_kernel(
+    G, IDX, DX, DY, ACC, NXT,
+    T, K, N, num_tiles,
+    stride_gt, stride_gk, stride_it, stride_ik,
+    stride_dxt, stride_dyt,
+    TILE_T: tl.constexpr, NP: tl.constexpr, KB: tl.constexpr, LKB: tl.constexpr,
+):
+    """dx, dy as ``_router_bwd_kernel`` computes them, from sorted pairs.
+
+    Grid: (P,) persistent programs; program p handles tiles p, p + P, ... of TILE_T
+    tokens; tile lane l has float32 rows ACC[p*TILE_T + l, 0:NP] (dx) and [NP:2NP] (dy)
+    and NXT[p*TILE_T + l, 0:KB].  Per block of KB = 2^LKB pairs, each axis's pairs are
+    sorted by (row, r) and summed run by run (``_add_runs``); the rows are then rounded
+    once and stored whole.  Bytes: reads T*K*(b + 4) (g twice), writes 2*T*N*b.
     """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lane = (pid * TILE_T + tl.arange(0, TILE_T)).to(tl.int64)[:, None]
+    ax_acc = ACC + lane * (2 * NP)
+    ay_acc = ax_acc + NP
+    nxt = NXT + lane * KB
+    cols = tl.arange(0, NP)[None, :]
+    local = tl.arange(0, KB)[None, :]
+    for tile in range(loop_bound(pid), loop_bound(num_tiles), loop_bound(nprog)):
+        rows = tile * TILE_T + tl.arange(0, TILE_T)
+        row_ok = (rows < T)[:, None]
+        rows64 = rows.to(tl.int64)[:, None]
+        g_rows = G + rows64 * stride_gt
+        # The previous tile's rows have been read by every thread.
+        tl.debug_barrier()
+        tl.store(ax_acc + cols, tl.zeros([TILE_T, NP], dtype=tl.float32))
+        tl.store(ay_acc + cols, tl.zeros([TILE_T, NP], dtype=tl.float32))
+        for r0 in range(0, loop_bound(K), KB):
+            r = r0 + local
+            ok = row_ok & (r < K)
+            e = tl.load(IDX + rows64 * stride_it + r.to(tl.int64) * stride_ik, mask=ok, other=0)
+            ex = e // N
+            _add_runs(ex, ok, local, g_rows, stride_gk, r0, ax_acc, nxt, KB, LKB)
+            _add_runs(e - ex * N, ok, local, g_rows, stride_gk, r0, ay_acc, nxt, KB, LKB)
+        tl.debug_barrier()
+        m = row_ok & (cols < N)
+        tl.store(DX + rows64 * stride_dxt + cols, to_dtype(tl.load(ax_acc + cols), DX.dtype.element_ty), mask=m)
+        tl.store(DY + rows64 * stride_dyt + cols, to_dtype(tl.load(ay_acc + cols), DY.dtype.element_ty), mask=m)
 
-    bn: int
-    c: int
-    tile_t: int
-    unroll: int = 4
-    warps: int = 4
+
+# The dense kernel up to this k: its times are measured (docs/router.md) and it is
+# bitwise the sequential reference.
+DENSE_MAX_K = 32
 
 
-def default_config(n: int) -> BackwardConfig:
-    """The rule for N, measured on an H100 (docs/router.md): ~32 columns per thread
-    and axis (C = 8 lanes per token at N = 256, 32 at N = 1024), 4 warps, 4 pairs per
-    loop step; columns past 1024 go to a second grid dimension so that the float32 tiles
-    stay in registers."""
+def default_config(n: int, k: int = 0, sm_major: int = 9) -> BackwardConfig | SortBackwardConfig:
+    """The rule for (N, k).  Dense kernel (measured on an H100, docs/router.md): ~32
+    columns per thread and axis (C = 8 lanes per token at N = 256, 32 at N = 1024), 4
+    warps, 4 pairs per loop step; columns past 1024 go to a second grid dimension so that
+    the float32 tiles stay in registers.  Past ``DENSE_MAX_K`` the sort kernel when its
+    compare count is smaller by the model below (not measured yet): dense ~ next_pow2(N)
+    * k per token and axis, sort ~ k * L (L + 1) / 2 with L = log2 of the sort width."""
     np_ = triton.next_power_of_2(max(1, n))
+    if k > DENSE_MAX_K:
+        kb = min(triton.next_power_of_2(k), SortBackwardConfig.block)
+        lg = kb.bit_length() - 1
+        if lg * (lg + 1) < np_:
+            # Triton's interpreter pays per operation, not per element: wide tiles.  On
+            # GPUs 8 warps from 2048 pairs a block (at 4096 and 4 warps, ptxas spills).
+            if sm_major == 0:
+                return SortBackwardConfig(tile_t=16)
+            return SortBackwardConfig(warps=8 if kb >= 2048 else 4)
     bn = min(np_, 1024)
     c = min(bn, max(8, bn // 32))
     warps = 4
@@ -117,27 +255,53 @@ def default_config(n: int) -> BackwardConfig:
     return BackwardConfig(bn=bn, c=c, tile_t=tile_t, unroll=4, warps=warps)
 
 
-def _check_config(config) -> BackwardConfig:
+def _check_config(config) -> BackwardConfig | SortBackwardConfig:
+    def pow2(name, v, low=1):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low or v & (v - 1):
+            raise ValueError(f"config.{name} must be a power of two >= {low}, got {v!r}")
+
+    if isinstance(config, SortBackwardConfig):
+        pow2("block", config.block, 2)
+        pow2("tile_t", config.tile_t)
+        pow2("warps", config.warps)
+        v = config.progs_per_sm
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"config.progs_per_sm must be an int >= 1, got {v!r}")
+        return config
     if not isinstance(config, BackwardConfig):
-        raise TypeError(f"config must be a BackwardConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a BackwardConfig or SortBackwardConfig, got {type(config).__name__}")
     for name in ("bn", "c", "tile_t", "unroll", "warps"):
-        v = getattr(config, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
-            raise ValueError(f"config.{name} must be a power of two >= 1, got {v!r}")
+        pow2(name, getattr(config, name))
     if config.c > config.bn:
         raise ValueError(f"config.c must be <= config.bn, got c={config.c}, bn={config.bn}")
     return config
 
 
+def _sms(device) -> int:
+    """Multiprocessors (the interpreter: 2, so that programs loop over several tiles)."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _sm_major(device) -> int:
+    """Compute-capability major (0 without CUDA: the interpreter)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).major
+
+
 def router_backward(grad: torch.Tensor, indices: torch.Tensor, n: int, dx=None, dy=None,
-                    *, config: BackwardConfig | None = None):
+                    *, config: BackwardConfig | SortBackwardConfig | None = None):
     """dx, dy (T, n) in grad's dtype from grad (T, k) and int32 indices (T, k).
 
-    One kernel launch, no zero fill, no atomics.  ``dx``/``dy`` may be given (tests
-    poison them first).  ``config`` replaces ``default_config(n)``.
+    One kernel launch, no zero fill, no atomics, deterministic.  ``dx``/``dy`` may be
+    given (tests poison them first).  ``config`` replaces ``default_config(n, k)``: a
+    ``BackwardConfig`` runs the dense kernel (bitwise the sequential reference), a
+    ``SortBackwardConfig`` the sort kernel (a fixed tree order; module docstring).
     """
-    cfg = default_config(n) if config is None else _check_config(config)
     T, K = indices.shape
+    cfg = default_config(n, K, _sm_major(grad.device)) if config is None else _check_config(config)
     if dx is None:
         dx = torch.empty((T, n), dtype=grad.dtype, device=grad.device)
     if dy is None:
@@ -147,11 +311,24 @@ def router_backward(grad: torch.Tensor, indices: torch.Tensor, n: int, dx=None, 
             raise ValueError(f"{name} must be a ({T}, {n}) {grad.dtype} tensor with unit column stride")
     if T == 0 or n == 0:
         return dx, dy
+    strides = (grad.stride(0), grad.stride(1), indices.stride(0), indices.stride(1),
+               dx.stride(0), dy.stride(0))
+    if isinstance(cfg, SortBackwardConfig):
+        np_ = max(2, triton.next_power_of_2(n))
+        kb = max(2, min(triton.next_power_of_2(max(1, K)), cfg.block))
+        tile_t = min(cfg.tile_t, triton.next_power_of_2(T))
+        num_tiles = triton.cdiv(T, tile_t)
+        programs = max(1, min(num_tiles, _sms(grad.device) * cfg.progs_per_sm))
+        acc = torch.empty(programs * tile_t * 2 * np_, dtype=torch.float32, device=grad.device)
+        nxt = torch.empty(programs * tile_t * kb, dtype=torch.int32, device=grad.device)
+        _router_bwd_sort_kernel[(programs,)](
+            grad, indices, dx, dy, acc, nxt, T, K, n, num_tiles, *strides,
+            TILE_T=tile_t, NP=np_, KB=kb, LKB=kb.bit_length() - 1, num_warps=cfg.warps,
+        )
+        return dx, dy
     grid = (triton.cdiv(T, cfg.tile_t), triton.cdiv(n, cfg.bn))
     _router_bwd_kernel[grid](
-        grad, indices, dx, dy, T, K,
-        grad.stride(0), grad.stride(1), indices.stride(0), indices.stride(1),
-        dx.stride(0), dy.stride(0),
+        grad, indices, dx, dy, T, K, *strides,
         N=n, BN=cfg.bn, C=cfg.c, TILE_T=cfg.tile_t, UNROLL=cfg.unroll, num_warps=cfg.warps,
     )
     return dx, dy
