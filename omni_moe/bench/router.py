@@ -30,9 +30,12 @@ For every case and implementation, on the same inputs:
 - graph columns (Triton implementations on CUDA, when the eager forward is under 1 ms):
   'fwd graph' is the forward call and 'bwd kernel graph' the backward kernel alone
   (``router_backward`` on the implementation's indices), each timed by replaying a CUDA
-  graph of 20+ calls over the rotating sets: GPU time without the host.  'autograd
-  engine' is a control: ``torch.autograd.grad`` through a one-node graph whose backward
-  launches nothing, timed like the backward column (what the engine alone costs).
+  graph of 20+ calls over the rotating sets: GPU time without the host.  'atomic bwd
+  graph' times the peer ``atomic_router_backward`` the same way: one float32 atomic add
+  per pair and axis into zeroed rows, then a cast -- what a non-deterministic backward
+  costs (not a library path).  'autograd engine' is a control: ``torch.autograd.grad``
+  through a one-node graph whose backward launches nothing, timed like the backward
+  column (what the engine alone costs).
 - first call (Triton implementations): seconds of the first forward and first backward
   call of this shape in this process, compilation included.  The Triton cache points to
   a fresh directory for the run (unless --reuse-triton-cache), so nothing comes from an
@@ -63,6 +66,9 @@ import shutil
 import sys
 import tempfile
 
+import triton
+import triton.language as tl
+
 from . import common
 
 IMPLS = {
@@ -89,6 +95,41 @@ INTERPRET_MAX_PAIRS = 2**17
 # Brute force is the oracle up to this size; above it, the exact pruned reference is.
 BRUTE_ORACLE_MAX_BYTES = 256 * 2**20
 
+
+
+@triton.jit
+def _atomic_bwd_kernel(G, IDX, DX, DY, total, K, N, stride_gt, stride_gk, stride_it, stride_ik,
+                       BLOCK: tl.constexpr):
+    # One (token, slot) pair per lane: its gradient atomically added to dx[t, idx div N]
+    # and dy[t, idx mod N] (float32 rows, zeroed by the caller).
+    p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = p < total
+    t = p // K
+    r = p - t * K
+    e = tl.load(IDX + t * stride_it + r * stride_ik, mask=ok, other=0)
+    g = tl.load(G + t * stride_gt + r * stride_gk, mask=ok, other=0.0).to(tl.float32)
+    ex = e // N
+    tl.atomic_add(DX + t * N + ex, g, mask=ok, sem="relaxed")
+    tl.atomic_add(DY + t * N + (e - ex * N), g, mask=ok, sem="relaxed")
+
+
+def atomic_router_backward(grad, indices, n: int):
+    """The router backward by atomic scatter: a benchmark peer, not a library path.
+
+    One float32 atomic add per (pair, axis) into zeroed (T, n) rows, then one cast to
+    grad's dtype: three launches (zero fill, scatter, cast).  Float additions in
+    whatever order the atomics land, so not deterministic; within the same error bound
+    as any float32 sum of the pairs."""
+    import torch
+
+    T, K = indices.shape
+    acc = torch.zeros((2, T, n), dtype=torch.float32, device=grad.device)
+    if T * K:
+        block = 1024
+        _atomic_bwd_kernel[(triton.cdiv(T * K, block),)](
+            grad, indices, acc[0], acc[1], T * K, K, n, grad.stride(0), grad.stride(1),
+            indices.stride(0), indices.stride(1), BLOCK=block)
+    return acc[0].to(grad.dtype), acc[1].to(grad.dtype)
 
 
 def check_case(case):
@@ -234,7 +275,7 @@ def _bench_impl(name, fn, case, sets, grads, ref_scores, args, common):
         args.warmup_ms, args.rep_ms)
     del graphs
 
-    fwd_graph = bwd_graph = engine = None
+    fwd_graph = bwd_graph = atomic_graph = engine = None
     if is_triton and torch.cuda.is_available() and fwd_ms < 1.0:
         # GPU time without the host: the forward call, and the backward kernel alone
         # (the same one for both Triton implementations) on the same gradients.
@@ -244,6 +285,7 @@ def _bench_impl(name, fn, case, sets, grads, ref_scores, args, common):
             fwd_graph = common.graph_us(lambda x, y: fn(x, y, k), sets)
             idx_sets = [(g, fn(x, y, k)[1]) for (x, y), g in zip(sets, grads)]
         bwd_graph = common.graph_us(lambda g, i: router_backward(g, i, N), idx_sets)
+        atomic_graph = common.graph_us(lambda g, i: atomic_router_backward(g, i, N), idx_sets)
         del idx_sets
         engine = _engine_floor_us(x0, y0, k, g0, args, common)
 
@@ -255,6 +297,7 @@ def _bench_impl(name, fn, case, sets, grads, ref_scores, args, common):
         "bwd_us": bwd_ms * 1e3,
         "fwd_graph_us": fwd_graph,
         "bwd_kernel_graph_us": bwd_graph,
+        "atomic_bwd_graph_us": atomic_graph,
         "autograd_engine_us": engine,
         "first_fwd_s": first_fwd if is_triton else None,
         "first_bwd_s": first_bwd if is_triton else None,
@@ -266,6 +309,7 @@ COLUMNS = [
     ("ok", "ok", "ok"),
     ("fwd us", "fwd_us", ".1f"), ("bwd us", "bwd_us", ".1f"),
     ("fwd graph us", "fwd_graph_us", ".1f"), ("bwd kernel graph us", "bwd_kernel_graph_us", ".1f"),
+    ("atomic bwd graph us", "atomic_bwd_graph_us", ".1f"),
     ("autograd engine us", "autograd_engine_us", ".1f"),
     ("fwd x orig", "fwd_speedup", ".2f"), ("bwd x orig", "bwd_speedup", ".2f"),
     ("floor us", "floor_us", ".3g"),
@@ -276,7 +320,8 @@ COLUMNS = [
 
 # Columns that mean something only on a GPU: graph replays, first calls (compilation of
 # Triton kernels), the original kernel as baseline (Triton) and the HBM floor.
-GPU_ONLY = {"fwd_graph_us", "bwd_kernel_graph_us", "autograd_engine_us", "fwd_speedup", "bwd_speedup",
+GPU_ONLY = {"fwd_graph_us", "bwd_kernel_graph_us", "atomic_bwd_graph_us", "autograd_engine_us",
+            "fwd_speedup", "bwd_speedup",
             "floor_us", "fwd_floor_frac", "bwd_floor_frac", "first_fwd_s", "first_bwd_s"}
 
 
