@@ -170,3 +170,68 @@ def force_expert_schedule(monkeypatch, schedule=None, **fields):
     monkeypatch.setattr(kernels, "default_config",
                         lambda *a, **kw: replace(rule(*a, **kw), **fields))
 
+
+
+# Raw words of special values per dtype: (word bits, signed integer dtype of that width).
+_WORDS = {torch.float32: (32, torch.int32), torch.float16: (16, torch.int16),
+          torch.bfloat16: (16, torch.int16)}
+
+
+def special_values(dtype) -> torch.Tensor:
+    """NaN of both signs (quiet and signalling), +-inf, +-0, +-smallest and largest
+    subnormal, +-largest finite and a few ordinary values, built from raw words (a float
+    conversion gives bfloat16 only one NaN pattern)."""
+    bits, itype = _WORDS[dtype]
+    m = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}[dtype]
+    inf = ((1 << (bits - 1 - m)) - 1) << m
+    pos = [inf | (1 << (m - 1)), inf | 1, inf, 0, 1, (1 << m) - 1, inf - 1]
+    words = pos + [w | (1 << (bits - 1)) for w in pos]
+    words = [w - (1 << bits) if w >= 1 << (bits - 1) else w for w in words]
+    special = torch.tensor(words, dtype=torch.int64).to(itype).view(dtype)
+    ordinary = torch.tensor([1.0, -1.0, 2.0, -3.0, 0.5]).to(dtype)
+    return torch.cat([special, ordinary])
+
+
+def mixed_logits(N, dtype, device, seed, per_kind=3):
+    """(T, N) x, y whose rows mix every input kind: randn, ties (small integers), -inf
+    masks, NaN, and rows drawn from ``special_values`` (with and without +inf, every
+    sign of NaN, subnormals, overflowing sums)."""
+    xs, ys = [], []
+    for j, kind in enumerate(("randn", "ties", "masked", "nan")):
+        x, y = make_logits(per_kind, N, dtype, "cpu", kind, seed=seed + j)
+        xs.append(x)
+        ys.append(y)
+    g = torch.Generator().manual_seed(seed)
+    vals = special_values(dtype)
+    finite = vals[~torch.isinf(vals.float())]
+    for pool in (vals, finite, vals):
+        xs.append(pool[torch.randint(0, len(pool), (per_kind, N), generator=g)])
+        ys.append(pool[torch.randint(0, len(pool), (per_kind, N), generator=g)])
+    return torch.cat(xs).to(device), torch.cat(ys).to(device)
+
+
+def check_exact_topk(x, y, k, scores, indices, sorted=True):
+    """The contract, exactly, on every row (rows with +inf included, which
+    ``check_router_output`` checks only for validity): indices valid and distinct, each
+    score the rounded sum of its index, and the scores -- sorted descending, or as a
+    multiset when not ``sorted`` -- equal to brute force's top-k (NaN ranking last)."""
+    from omni_moe.ops.router.reference import ordered_key, router_bruteforce
+
+    T, N = x.shape
+    assert scores.shape == (T, k) and indices.shape == (T, k)
+    assert scores.dtype == x.dtype and indices.dtype == torch.int32
+    x, y, scores, indices = x.cpu(), y.cpu(), scores.cpu(), indices.cpu()
+    idx = indices.long()
+    assert bool((idx >= 0).all()) and bool((idx < N * N).all()), "index out of range"
+    if k > 1:
+        srt = idx.sort(dim=1).values
+        assert bool((srt[:, 1:] != srt[:, :-1]).all()), "duplicate index in a row"
+    recomputed = (x.float().gather(1, idx // N) + y.float().gather(1, idx % N)).to(x.dtype)
+    assert _same(scores, recomputed), "a score does not match its index"
+    ref, _ = router_bruteforce(x, y, k)
+    got = scores
+    if not sorted:
+        # Key order of the rounded scores (NaN lowest), as a multiset.
+        got = got.float().gather(1, ordered_key(got.float()).argsort(dim=1, descending=True, stable=True))
+        got = got.to(x.dtype)
+    assert _same(got, ref), "scores differ from the brute-force top-k"

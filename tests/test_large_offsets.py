@@ -72,6 +72,8 @@ ROUTER_PATHS = [
     ("pruned-stream", {"kernel": "stream", "lpt": 2, "gsplit": True}, 64, 8),
     ("pruned-warp", {"kernel": "warp"}, 64, 8),
     ("pruned-warp-thresh", {"kernel": "warp", "thresh": True, "lm": 4}, 64, 8),
+    ("large-k", {"kernel": "large_k", "emit_block": 32}, 64, 80),
+    ("large-k-split-sort", {"kernel": "large_k", "sort": "split"}, 64, 80),
 ]
 
 
@@ -101,15 +103,17 @@ def test_router_forward_far_offsets(name, config, N, k, dev):
     assert _same(s_ref, bs)
 
 
-def test_router_backward_far_offsets(dev):
-    from omni_moe.ops.router.backward import router_backward
+@pytest.mark.parametrize("kernel", ["dense", "sort"])
+def test_router_backward_far_offsets(kernel, dev):
+    from omni_moe.ops.router.backward import SortBackwardConfig, router_backward
 
     T, N, k = 3, 16, 8
+    cfg = SortBackwardConfig(block=4, tile_t=2) if kernel == "sort" else None
     g, = far_views(T, k, 1, BF16, dev, seed=4)  # column stride ~3e8: r * stride passes 2^31
     gen = torch.Generator().manual_seed(5)
     idx = torch.stack([torch.randperm(N * N, generator=gen)[:k] for _ in range(T)]).int().to(dev)
-    dx, dy = router_backward(g, idx, N)
-    rx, ry = router_backward(g.contiguous(), idx, N)
+    dx, dy = router_backward(g, idx, N, config=cfg)
+    rx, ry = router_backward(g.contiguous(), idx, N, config=cfg)
     assert torch.equal(dx.cpu(), rx.cpu()) and torch.equal(dy.cpu(), ry.cpu())
     # float64 oracle of the scatter (each output one rounding of an exact-ish sum).
     ex = torch.zeros(T, N, dtype=torch.float64)

@@ -24,6 +24,8 @@ from omni_moe.ops.router import pruned as opt
 from omni_moe.ops.router.backward import BackwardConfig, router_backward
 from omni_moe.ops.router.fullscan import fullscan_router_forward
 from omni_moe.ops.router.op import route
+from omni_moe.ops.router import large_k
+from omni_moe.ops.router.large_k import LargeKConfig
 from omni_moe.ops.router.pruned import StreamConfig, WarpConfig, pruned_router_forward
 from omni_moe.ops.router.reference import router_backward_reference, router_pruned
 from router_checks import check_router_backward, check_router_output, make_logits
@@ -74,7 +76,7 @@ CASES = [
     (2, 1000, 16, "ties", F16, {}),
     (2, 512, 32, "masked", F32, {"kernel": "warp", "thresh": True}),
     (2, 16, 256, "randn", F32, {}),  # k = N^2 = 256: largest fast-path k
-    (2, 32, 300, "ties", BF16, {}),  # k > 256: PyTorch pruned path on the same device
+    (2, 32, 300, "ties", BF16, {}),  # k > 256: the large-k kernel
 ]
 
 # Larger shapes, CUDA only.
@@ -177,7 +179,7 @@ def test_config_that_does_not_apply_raises(device):
         (replace(warp, tile_t=3), ValueError, "tile_t"),
         (StreamConfig(lpt=8), ValueError, "lpt"),                   # > next_pow2(64) / 16
         (StreamConfig(lpt=1, gsplit=True), ValueError, "gsplit"),
-        ({"kernel": "warp"}, TypeError, "StreamConfig or WarpConfig"),
+        ({"kernel": "warp"}, TypeError, "StreamConfig, WarpConfig or LargeKConfig"),
     ]
     for cfg, exc, match in bad:
         with pytest.raises(exc, match=match):
@@ -343,7 +345,12 @@ def test_config_rules():
             for T in (1, 1024, 65536):
                 cfg = opt.default_config(T, N, k)
                 if cfg is None:
-                    assert not opt.fast_path_ok(N, k)
+                    assert not opt.fast_path_ok(N, k) and opt._pow2(N) > 4096
+                    continue
+                if isinstance(cfg, LargeKConfig):
+                    # past the fast path (or from LARGE_K_MIN_K): the large-k kernel
+                    assert opt.use_large_k(N, k) and (k >= opt.LARGE_K_MIN_K or not opt.fast_path_ok(N, k))
+                    large_k.plan(T, N, k, True, BF16, torch.device("cpu"), cfg)
                     continue
                 # the rule's choice is accepted by the launcher as given
                 opt.plan(T, N, k, BF16, torch.device("cpu"), cfg)

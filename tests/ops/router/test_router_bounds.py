@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from omni_moe.ops.router.pruned import pruned_router_forward
-from omni_moe.ops.router.backward import BackwardConfig, router_backward
+from omni_moe.ops.router.backward import BackwardConfig, SortBackwardConfig, router_backward
+from omni_moe.ops.router.large_k import large_k_router_forward
 from router_checks import check_router_backward, check_router_output, pruned_config
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -74,6 +75,18 @@ def test_warp_on_the_bound(cfg, k, device):
     check_router_output(x, y, k, s, i)
 
 
+def test_large_k_on_the_bound(device):
+    """The large-k kernel on hyperbola rows (every pair of the staircase needed, many
+    near-equal sums) past k = N, and a second call: bitwise the same."""
+    N = 24
+    x, y = bound_logits(N, F32, device, seed=5)
+    for k in (N, 3 * N + 1, N * N // 2):
+        a = large_k_router_forward(x, y, k)
+        b = large_k_router_forward(x, y, k)
+        assert torch.equal(a[1], b[1]) and bool(((a[0] == b[0]) | a[0].isnan()).all())
+        check_router_output(x, y, k, *a)
+
+
 SENTINEL = -12345.0
 
 
@@ -81,7 +94,8 @@ SENTINEL = -12345.0
 @pytest.mark.parametrize("N,cfg", [
     (12, None),
     (20, BackwardConfig(bn=16, c=8, tile_t=4, unroll=4, warps=1)),
-], ids=["default", "bn16"])
+    (20, SortBackwardConfig(block=4, tile_t=2)),
+], ids=["default", "bn16", "sort"])
 def test_backward_stays_inside_its_rows(N, cfg, dtype, device):
     """Outputs are views of a poisoned (T + 3, N + 24) buffer: every element outside the
     (T, N) block must keep its sentinel, every element inside must match the oracle."""

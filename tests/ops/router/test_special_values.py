@@ -182,7 +182,11 @@ PATHS = {
         x, y, k, config=pruned_config(x.shape[0], x.shape[1], k, {"kernel": "warp", "grid": 1})),
     "pruned-warp-grid0": lambda x, y, k: pruned_router_forward(
         x, y, k, config=pruned_config(x.shape[0], x.shape[1], k, {"kernel": "warp", "grid": 0})),
+    "large-k": lambda x, y, k: pruned_router_forward(
+        x, y, k, config=pruned_config(x.shape[0], x.shape[1], k, {"kernel": "large_k"})),
 }
+# Exact also on rows with +inf (the contract asks only validity there).
+EXACT_WITH_PINF = ("fullscan-small", "fullscan-chunk-merge", "large-k")
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16, F32], ids=lambda d: str(d)[6:])
@@ -193,7 +197,30 @@ def test_router_special_values(path, dtype, device):
     x = _tensor(xw, dtype).to(device)
     y = _tensor(yw, dtype).to(device)
     s, i = PATHS[path](x, y, k)
-    _check_forward(xw, yw, dtype, k, s.cpu(), i.cpu(), exact_with_pinf=path.startswith("fullscan"))
+    _check_forward(xw, yw, dtype, k, s.cpu(), i.cpu(), exact_with_pinf=path in EXACT_WITH_PINF)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16, F32], ids=lambda d: str(d)[6:])
+def test_router_special_values_large_k(dtype, device):
+    """The large-k kernel (sorted and unsorted) and its PyTorch twin past k = N, exact on
+    every row, +inf rows included."""
+    from omni_moe.ops.router.cpu import router_large_k
+    from omni_moe.ops.router.large_k import large_k_router_forward
+
+    N = 20
+    xw, yw = _make_rows(dtype, 16, N, seed=5)
+    x = _tensor(xw, dtype).to(device)
+    y = _tensor(yw, dtype).to(device)
+    for k in (N + 1, N * N - 3):
+        for sorted_ in (True, False):
+            s, i = large_k_router_forward(x, y, k, sorted=sorted_)
+            ts, ti = router_large_k(x.cpu(), y.cpu(), k, sorted_)
+            assert torch.equal(i.cpu(), ti)
+            if sorted_:
+                _check_forward(xw, yw, dtype, k, s.cpu(), i.cpu(), exact_with_pinf=True)
+            else:
+                # the unsorted call returns the sorted call's pairs
+                assert torch.equal(i.cpu().sort(1).values, large_k_router_forward(x, y, k)[1].cpu().sort(1).values)
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16, F32], ids=lambda d: str(d)[6:])
