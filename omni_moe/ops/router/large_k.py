@@ -115,7 +115,8 @@ def default_config(T: int, N: int, k: int, sm_major: int = 9, sorted: bool = Tru
         return None
     if sm_major == 0:
         return LargeKConfig(tile_t=16)
-    return LargeKConfig(sort="fused" if _pow2(k) <= 1024 else "split")
+    # Rows of 2048+ logits: 8 warps (at 4096 and 4 warps ptxas spills).
+    return LargeKConfig(sort="fused" if _pow2(k) <= 1024 else "split", warps=8 if _pow2(N) >= 2048 else 4)
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ Traced code (``torch.compiler.is_compiling()``) goes through the custom op.
 
 Dispatch (``omni_moe.ops._dispatch``): CUDA tensors, and CPU tensors under
 ``TRITON_INTERPRET=1``, run the Triton kernels of the chosen algorithm
-(``fullscan.py``, ``pruned.py``, ``backward.py``); other CPU tensors run
-``cpu.router_cpu`` (the faster of two exact PyTorch algorithms for the size).
-docs/router.md states the contract.
+(``fullscan.py``; ``pruned.py``, which hands k past its fast path to ``large_k.py``;
+``backward.py``); other CPU tensors run ``cpu.router_cpu`` (the fastest of three exact
+PyTorch algorithms for the size, in O(T * (N + k)) memory).  ``sorted=False`` lets the
+large-k kernel skip its final sort.  docs/router.md states the contract.
 """
 
 from __future__ import annotations
