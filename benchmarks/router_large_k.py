@@ -1,6 +1,6 @@
 """Check, then time, the router past the fast path (large k) and its backward, on a GPU.
 
-    PYTHONPATH=. python benchmarks/router_large_k.py --json OUT.json [--budget-s 170]
+    PYTHONPATH=. python benchmarks/router_large_k.py --json OUT.json [--budget-s 150]
 
 Every forward variant is first checked at T = 64, N = 320 against brute force (scores
 equal its top-k values; indices in range, distinct and consistent; the unsorted call
@@ -11,7 +11,8 @@ than 2x L2 (median).  "first s" = the first call's seconds at the timed size (th
 compilation is mostly paid by the check before it); "peak MiB" = peak CUDA memory of
 one forward call above what was allocated before it (outputs included).
 
-Groups, in priority order (a group past --budget-s is skipped and listed):
+Groups, in priority order (measurements not started by --budget-s seconds are listed as
+skipped; a rerun reuses Triton's cache, so it spends its budget on timing):
 1. T = 4096, N = 320, k in K_LIST: the launch rule ("rule": the fast path up to k = 256,
    the large-k kernel past it), sorted and unsorted; backward: the rule's, the sort
    kernel, the atomic peer (``omni_moe.bench.router.atomic_router_backward``);
@@ -35,7 +36,7 @@ from dataclasses import asdict, replace
 
 import torch
 
-from omni_moe.bench.common import environment, graph_us, l2_bytes, num_sets
+from omni_moe.bench.common import cycling, environment, graph_us, l2_bytes, median_ms, num_sets
 from omni_moe.bench.router import DEFAULT_CASES, atomic_router_backward
 from omni_moe.ops.router import large_k as lk
 from omni_moe.ops.router import pruned
@@ -48,6 +49,27 @@ K_LIST = [32, 64, 128, 256, 320, 512, 1024, 2048, 4096]
 T_LIST = [4096, 16384]
 VARIANT_KS = [512, 4096]
 CHECK_T = 64
+DEV = "cuda"
+
+
+def dry_run_sizes():
+    """--dry-run: tiny sizes on the CPU through Triton's interpreter, to check the script
+    itself without a GPU (timings meaningless)."""
+    global N, K_LIST, T_LIST, VARIANT_KS, CHECK_T, DEV, DEFAULT_CASES
+    N, K_LIST, T_LIST, VARIANT_KS, CHECK_T, DEV = 12, [8, 40], [16], [40], 8, "cpu"
+    DEFAULT_CASES = [(16, 8, 4)]
+
+
+def sync():
+    if DEV == "cuda":
+        sync()
+
+
+def gpu_us(fn, argsets):
+    """GPU time of one call from CUDA-graph replay; on the CPU (dry run) a plain median."""
+    if DEV == "cuda":
+        return graph_us(fn, argsets)
+    return median_ms(cycling(fn, argsets), 1, 1, 2) * 1e3
 
 
 def variants(T, k, sorted_):
@@ -80,10 +102,10 @@ def path_of(T, k, cfg):
 
 
 def make_sets(T, dtype, count, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=DEV).manual_seed(seed)
     # Log-softmax rows: what the layer's router receives.
-    return [(torch.randn(T, N, device="cuda", generator=g).log_softmax(-1).to(dtype),
-             torch.randn(T, N, device="cuda", generator=g).log_softmax(-1).to(dtype)) for _ in range(count)]
+    return [(torch.randn(T, N, device=DEV, generator=g).log_softmax(-1).to(dtype),
+             torch.randn(T, N, device=DEV, generator=g).log_softmax(-1).to(dtype)) for _ in range(count)]
 
 
 def check_forward(x, y, k, s, i, ref, sorted_, sorted_idx=None):
@@ -100,7 +122,7 @@ def check_forward(x, y, k, s, i, ref, sorted_, sorted_idx=None):
         probs.append("a score does not match its index")
     got = s
     if not sorted_:
-        got = s.float().gather(1, ordered_key(s.float()).argsort(1, descending=True, stable=True)).to(x.dtype)
+        got = s.float().gather(1, ordered_key(s.float()).argsort(dim=1, descending=True, stable=True)).to(x.dtype)
         if sorted_idx is not None and not torch.equal(srt, sorted_idx.long().sort(dim=1).values):
             probs.append("unsorted pairs differ from the sorted call's")
     if not bool(((got == ref) | (got.isnan() & ref.isnan())).all()):
@@ -126,15 +148,19 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", help="write rows and environment here")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    p.add_argument("--budget-s", type=float, default=170.0,
-                   help="start no new group of measurements after this many seconds (default 170)")
+    p.add_argument("--budget-s", type=float, default=150.0,
+                   help="start no new measurement after this many seconds (default 150)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny sizes on the CPU (needs TRITON_INTERPRET=1): checks the script, times nothing")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    if args.dry_run:
+        dry_run_sizes()
+    elif not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --dry-run with TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     b = dtype.itemsize
-    l2 = 2 * l2_bytes()
+    l2 = 2 * l2_bytes() if DEV == "cuda" else 0
     t_start = time.time()
     result = {"benchmark": "router_large_k", "env": environment(), "dtype": args.dtype, "N": N,
               "check": [], "forward": [], "backward": [], "skipped": []}
@@ -155,9 +181,11 @@ def main() -> int:
     refs, checked = {}, set()
 
     def check_fwd(k, name, sorted_, cfg):
-        if (k, name, sorted_) in checked:
+        # The timed configuration itself (the rule's for the timed T), so that the check
+        # compiles exactly the kernels the timing runs.
+        if (k, sorted_, cfg) in checked:
             return
-        checked.add((k, name, sorted_))
+        checked.add((k, sorted_, cfg))
         if k not in refs:
             refs[k] = router_bruteforce(cx, cy, k)[0]
         t0 = time.time()
@@ -168,7 +196,7 @@ def main() -> int:
             else:
                 us, ui = pruned.pruned_router_forward(cx, cy, k, sorted=False, config=cfg)
                 probs = check_forward(cx, cy, k, us, ui, refs[k], False, i)
-        torch.cuda.synchronize()
+        sync()
         result["check"].append({"k": k, "variant": name, "sorted": sorted_, "ok": not probs,
                                 "problems": probs, "first_calls_s": time.time() - t0})
         if probs:
@@ -178,28 +206,31 @@ def main() -> int:
     def time_forward(T, k, sorted_, name, cfg, sets):
         if over_budget(f"forward T={T} k={k} sorted={sorted_} {name}"):
             return
-        check_fwd(k, name, sorted_, cfg)
+        check_fwd(k, name, sorted_, cfg if cfg is not None else pruned.default_config(T, N, k))
         fn = forward_fn(k, sorted_, cfg)
         t0 = time.time()
         with torch.no_grad():
             fn(*sets[0])
-        torch.cuda.synchronize()
+        sync()
         first = time.time() - t0
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        peak = None
+        if DEV == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
         with torch.no_grad():
             out = fn(*sets[0])
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+        sync()
+        if DEV == "cuda":
+            peak = (torch.cuda.max_memory_allocated() - before) / 2**20
         del out
         with torch.no_grad():
-            us = graph_us(fn, sets)
+            us = gpu_us(fn, sets)
         row = {"T": T, "k": k, "sorted": sorted_, "variant": name, "path": path_of(T, k, cfg),
                "config": asdict(cfg) if cfg is not None else None, "fwd_graph_us": us,
                "first_s": first, "peak_mib": peak}
         result["forward"].append(row)
         print(f"fwd T={T:5d} k={k:5d} {'sorted' if sorted_ else 'unsorted':8s} {name:15s} "
-              f"{row['path']:12s} {us:9.1f} us  first {first:5.1f} s  peak {peak:7.1f} MiB", flush=True)
+              f"{row['path']:12s} {us:9.1f} us  first {first:5.1f} s  peak {peak or 0:7.1f} MiB", flush=True)
 
     def backward_fns(k):
         sort_cfg = SortBackwardConfig(warps=8 if k >= 2048 else 4)
@@ -211,7 +242,7 @@ def main() -> int:
 
     def time_backward(T, k, names, idx_sets):
         fns = backward_fns(k)
-        g_sets = [(torch.randn(T, k, device="cuda").to(dtype), i) for i in idx_sets]
+        g_sets = [(torch.randn(T, k, device=DEV).to(dtype), i) for i in idx_sets]
         for name in names:
             if over_budget(f"backward T={T} k={k} {name}"):
                 continue
@@ -219,14 +250,14 @@ def main() -> int:
                 checked.add(("bwd", k, name))
                 with torch.no_grad():
                     ci = pruned.pruned_router_forward(cx, cy, k, sorted=False)[1]
-                cg = torch.randn(CHECK_T, k, device="cuda").to(dtype)
+                cg = torch.randn(CHECK_T, k, device=DEV).to(dtype)
                 probs = check_backward(cg, ci, *fns[name](cg, ci))
                 result["check"].append({"k": k, "backward": name, "ok": not probs, "problems": probs})
                 if probs:
                     failures.append(f"backward k={k} {name}: " + "; ".join(probs))
                     print("CHECK FAILED: " + failures[-1], flush=True)
             rule = type(backward_rule(N, k)).__name__ if name == "rule" else None
-            us = graph_us(fns[name], g_sets)
+            us = gpu_us(fns[name], g_sets)
             result["backward"].append({"T": T, "k": k, "bwd": name, "rule": rule, "graph_us": us})
             print(f"bwd T={T:5d} k={k:5d} {name:10s} {rule or '':20s} {us:9.1f} us", flush=True)
 
@@ -245,22 +276,23 @@ def main() -> int:
                 time_forward(T, k, sorted_, "rule", None, sets)
             time_backward(T, k, ("rule", "sort", "atomic"), unsorted_indices(sets, k))
             del sets
-            torch.cuda.empty_cache()
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
             save()
     # 3: the k <= 32 cases of the router table.
     for T, n, k in DEFAULT_CASES:
         if k > 32 or over_budget(f"table T={T} N={n} k={k}"):
             continue
-        g = torch.Generator(device="cuda").manual_seed(0)
-        sets = [(torch.randn(T, n, device="cuda", generator=g).to(dtype),
-                 torch.randn(T, n, device="cuda", generator=g).to(dtype))
+        g = torch.Generator(device=DEV).manual_seed(0)
+        sets = [(torch.randn(T, n, device=DEV, generator=g).to(dtype),
+                 torch.randn(T, n, device=DEV, generator=g).to(dtype))
                 for _ in range(num_sets(2 * T * n * b, l2))]
         with torch.no_grad():
-            us = graph_us(lambda xx, yy: pruned.pruned_router_forward(xx, yy, k), sets)
-            idx = [(torch.randn(T, k, device="cuda").to(dtype), pruned.pruned_router_forward(xx, yy, k)[1])
+            us = gpu_us(lambda xx, yy: pruned.pruned_router_forward(xx, yy, k), sets)
+            idx = [(torch.randn(T, k, device=DEV).to(dtype), pruned.pruned_router_forward(xx, yy, k)[1])
                    for xx, yy in sets]
-        bus = graph_us(lambda gg, ii: router_backward(gg, ii, n), idx)
-        aus = graph_us(lambda gg, ii: atomic_router_backward(gg, ii, n), idx)
+        bus = gpu_us(lambda gg, ii: router_backward(gg, ii, n), idx)
+        aus = gpu_us(lambda gg, ii: atomic_router_backward(gg, ii, n), idx)
         result["forward"].append({"T": T, "N": n, "k": k, "sorted": True, "variant": "table",
                                   "fwd_graph_us": us, "bwd_graph_us": bus, "atomic_bwd_graph_us": aus})
         print(f"table T={T:5d} N={n:4d} k={k:3d} fwd {us:7.1f} us  bwd {bus:7.1f} us  atomic {aus:7.1f} us",
@@ -277,7 +309,8 @@ def main() -> int:
         if k <= 1024:
             time_backward(T, k, ("dense",), unsorted_indices(sets, k))
         del sets
-        torch.cuda.empty_cache()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
         save()
     # 5: the launch variants.
     for k in VARIANT_KS:
@@ -287,7 +320,8 @@ def main() -> int:
                 time_forward(T, k, sorted_, name, cfg, sets)
         time_backward(T, k, ("sort_b1024",), unsorted_indices(sets, k))
         del sets
-        torch.cuda.empty_cache()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
         save()
 
     # ----------------------------------------------------------------- report
@@ -310,7 +344,7 @@ def main() -> int:
         for k in K_LIST:
             cells = [bb.get((T, k, n)) for n in ("rule", "dense", "sort", "sort_b1024", "atomic")]
             print(f"| {T} | {k} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
-    print("\nvariants (T = 4096): " + "; ".join(
+    print(f"\nvariants (T = {T_LIST[0]}): " + "; ".join(
         f"k={r['k']} {'s' if r['sorted'] else 'u'} {r['variant']} {r['fwd_graph_us']:.1f}"
         for r in result["forward"] if r.get("variant") not in ("rule", "large_k", "table")))
     if result["skipped"]:

@@ -64,13 +64,15 @@ def use_full_product(T: int, N: int, k: int, dtype: torch.dtype = torch.float32)
 
 
 def use_pruned(T: int, N: int, k: int) -> bool:
-    """True when the pruned reference (T x min(k, N)^2 candidates) is faster than the
-    large-k algorithm and within ``buffer_ok``.  Measured on CPU (docs/cpu.md): the
-    pruned reference costs about 0.02-0.045 us per candidate, the large-k algorithm
-    about 6 ms per call plus 0.5-0.8 us per token and (N + k); the rule compares the
-    two (at 0.035 and 6 ms + 0.6 us)."""
+    """True when the pruned reference (T x min(k, N)^2 candidates) is within
+    ``buffer_ok`` and faster than the large-k algorithm, by a cost model fitted to CPU
+    measurements (docs/cpu.md): the pruned reference about 0.025 us per candidate up to
+    2^20 candidates a call and 0.05 us beyond (the buffer leaves the cache), the large-k
+    algorithm about 6 ms a call plus 0.6 us per token and (N + k)."""
     kk = min(k, N)
-    return buffer_ok(T, kk * kk, N, k) and T * kk * kk <= 170_000 + 17 * T * (N + k)
+    cand = T * kk * kk
+    pruned_us = cand * (0.025 if cand <= 2**20 else 0.05)
+    return buffer_ok(T, kk * kk, N, k) and pruned_us <= 6000 + 0.6 * T * (N + k)
 
 
 def router_full_product(x: torch.Tensor, y: torch.Tensor, k: int):
