@@ -74,9 +74,9 @@ def test_router_path_runs_the_pruned_algorithm(monkeypatch, torch_path):
     seen = []
     orig = r._forward_impl
 
-    def spy(x, y, k, algorithm):
+    def spy(x, y, k, algorithm, *rest):
         seen.append(algorithm)
-        return orig(x, y, k, algorithm)
+        return orig(x, y, k, algorithm, *rest)
 
     monkeypatch.setattr(r, "_forward_impl", spy)
     x, y = torch.randn(6, 5), torch.randn(6, 5)

@@ -78,9 +78,9 @@ class LargeKConfig:
         use "torch".
     warps: warps per program of the router kernel (the split sort kernel: 4, 8 from
         2048 slots).
-    progs_per_sm: persistent programs per multiprocessor (each owns a scratch row).
-    first_probe: start the bisection at the rectangle bound (else at the middle of the
-        key range).
+    progs_per_sm: persistent programs per multiprocessor (each owns tile_t scratch rows).
+    first_probe: start the search at the rectangle bound (else in the middle of the key
+        range).
     """
 
     tile_t: int = 1
@@ -90,33 +90,6 @@ class LargeKConfig:
     warps: int = 4
     progs_per_sm: int = 4
     first_probe: bool = True
-
-
-def _pow2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
-
-
-def kernel_ok(N: int) -> bool:
-    """Whether the kernel serves rows of N logits (both axes sorted in registers)."""
-    return _pow2(N) <= MAX_AXIS
-
-
-def default_config(T: int, N: int, k: int, sm_major: int = 9, sorted: bool = True) -> LargeKConfig | None:
-    """The launch configuration for a shape (None: N too wide for the kernel).
-
-    Not measured yet (``benchmarks/router_large_k.py`` compares the variants): one token
-    per program, 4 warps, 4 persistent programs per SM; sorted outputs up to 1024 slots
-    sorted in the router kernel, wider ones by the split sort kernel (compiled for sm90:
-    a fused 4096-slot sort needs 8 warps and ~206 registers a thread, one program per
-    SM, where the unsorted kernel needs ~90 at 4 warps).  ``sm_major`` 0 (no GPU:
-    Triton's interpreter, whose cost is per operation, not per element): 16 tokens per
-    tile."""
-    if not kernel_ok(N):
-        return None
-    if sm_major == 0:
-        return LargeKConfig(tile_t=16)
-    # Rows of 2048+ logits: 8 warps (at 4096 and 4 warps ptxas spills).
-    return LargeKConfig(sort="fused" if _pow2(k) <= 1024 else "split", warps=8 if _pow2(N) >= 2048 else 4)
 
 
 # ---------------------------------------------------------------------------------------
@@ -352,6 +325,33 @@ def _sort_rows_kernel(KEYS, S, I, K, stride_st, stride_sk, stride_it, stride_ik,
 # ---------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def kernel_ok(N: int) -> bool:
+    """Whether the kernel serves rows of N logits (both axes sorted in registers)."""
+    return _pow2(N) <= MAX_AXIS
+
+
+def default_config(T: int, N: int, k: int, sm_major: int = 9, sorted: bool = True) -> LargeKConfig | None:
+    """The launch configuration for a shape (None: N too wide for the kernel).
+
+    Not measured yet (``benchmarks/router_large_k.py`` compares the variants): one token
+    per program, 4 warps, 4 persistent programs per SM; sorted outputs up to 1024 slots
+    sorted in the router kernel, wider ones by the split sort kernel (compiled for sm90:
+    a fused 4096-slot sort needs 8 warps and ~206 registers a thread, one program per
+    SM, where the unsorted kernel needs ~90 at 4 warps).  ``sm_major`` 0 (no GPU:
+    Triton's interpreter, whose cost is per operation, not per element): 16 tokens per
+    tile."""
+    if not kernel_ok(N):
+        return None
+    if sm_major == 0:
+        return LargeKConfig(tile_t=16)
+    # Rows of 2048+ logits: 8 warps (at 4096 and 4 warps ptxas spills).
+    return LargeKConfig(sort="fused" if _pow2(k) <= 1024 else "split", warps=8 if _pow2(N) >= 2048 else 4)
 
 
 class _Launch(NamedTuple):
