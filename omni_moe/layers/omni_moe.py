@@ -41,6 +41,7 @@ from ..ops.router.op import MAX_NUM_EXPERT_SQRT, omni_router
 from ..ops.router_norm.op import router_log_probs as fused_router_log_probs
 from .norms import RouterLayerNorm, RouterNorm, _plain
 from .output_stage import output_stage
+from .precision import autocast_dtype, castable
 from .router_stage import router_stage
 from .router_stats import router_stats_group, sync_router_log_probs
 
@@ -252,7 +253,7 @@ class OmniMoE(nn.Module):
                 or self.num_expert_sqrt > MAX_N):
             return None
         gx, gy, nx, ny = self.router_gate_x, self.router_gate_y, self.router_norm_x, self.router_norm_y
-        if not all(_plain(m) for m in (gx, gy, nx, ny)) or gx.weight.dtype != h.dtype:
+        if not all(_plain(m) for m in (gx, gy, nx, ny)) or not castable(gx.weight, h):
             return None
         if type(nx) is nn.Identity and type(ny) is nn.Identity:
             return "none"
@@ -278,6 +279,11 @@ class OmniMoE(nn.Module):
         ``omni_moe.ops._checks.check_layer_input``.
         """
         check_layer_input(self, hidden_states)
+        amp = autocast_dtype(hidden_states)
+        if amp is not None:
+            # Under torch.autocast the layer computes in its dtype (layers/precision.py):
+            # the input is cast once here, the weights inside each stage.
+            hidden_states = hidden_states.to(amp)
         shape = hidden_states.shape
         # (T, H) input as is: a same-shape reshape/view would add two autograd nodes.
         flat = hidden_states.dim() == 2

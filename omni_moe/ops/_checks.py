@@ -56,8 +56,9 @@ def check_layer_input(layer, hidden_states) -> None:
     Dtype rule: the input must have the dtype of the weights that read it (the gate,
     up and router projections); a mismatch raises TypeError naming both rather than being
     cast silently (a cast would hide a half-converted model and copy the activations).
-    Under ``torch.autocast`` for the input's device the projections cast for themselves,
-    so the rule is not applied there.
+    Under ``torch.autocast`` for the input's device the layer casts the input and weights
+    to the autocast dtype (``omni_moe.layers.precision``), so there any float32, float16
+    or bfloat16 input is accepted (float64, which autocast leaves alone, is not).
     """
     if not isinstance(hidden_states, torch.Tensor):
         raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
@@ -70,7 +71,8 @@ def check_layer_input(layer, hidden_states) -> None:
         raise TypeError(
             f"OmniMoE's parameters are {wdt}; it runs in float32, float16 or bfloat16: "
             f"cast the module with .float(), .half() or .bfloat16()")
-    if hidden_states.dtype != wdt and not torch.is_autocast_enabled(hidden_states.device.type):
+    if hidden_states.dtype != wdt and (hidden_states.dtype not in _KERNEL_DTYPES or
+                                       not torch.is_autocast_enabled(hidden_states.device.type)):
         raise TypeError(
             f"hidden_states has dtype {hidden_states.dtype} but OmniMoE's parameters are "
             f"{wdt}; cast one to the other (e.g. hidden_states.to({wdt}))")
