@@ -20,6 +20,7 @@ import timeit
 import torch
 
 from omni_moe.ops.router.reference import router_bruteforce, router_pruned
+from omni_moe.bench.common import report_threads
 from omni_moe.ops.router.cpu import router_full_product, use_full_product
 
 CASES = [(T, N, k) for T in (64, 1024) for N in (8, 16, 32, 64) for k in (4, 7, 16)]
@@ -49,6 +50,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    report_threads("cpu_router.py")
     dtype = getattr(torch, args.dtype)
     print(f"CPU: {cpu_model()}; torch {torch.__version__}; threads {torch.get_num_threads()}; {args.dtype}; "
           f"{'wall' if args.wall else 'CPU'} time")

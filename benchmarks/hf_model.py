@@ -175,6 +175,9 @@ def main(argv=None) -> int:
         return 2
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    from omni_moe.bench.common import report_threads
+
+    report_threads("hf_model.py")
     import triton
 
     out = {

@@ -157,6 +157,10 @@ def main(argv=None):
     if args.only and len(mutants) != len(args.only):
         known = {m[0] for m in MUTANTS}
         raise SystemExit(f"unknown mutant(s): {sorted(set(args.only) - known)}")
+    # the time column is the test processes' wall time: say what they share the CPU with
+    from omni_moe.bench.common import report_threads
+
+    report_threads("mutation_check.py")
     if not args.skip_baseline:
         with tempfile.TemporaryDirectory(prefix="omni_mut_") as dst:
             _copy_package(dst)
