@@ -36,6 +36,14 @@ class RouterNorm(nn.BatchNorm1d):
             # Batch statistics of an empty batch are NaN and would poison the running
             # statistics; an empty batch is normalised with (and leaves) the running ones.
             return F.batch_norm(x, self.running_mean, self.running_var, None, None, False, 0.0, self.eps)
+        if (not self.training and self.running_var is not None and torch.is_grad_enabled()
+                and x.requires_grad):
+            # Eval-mode batch_norm saves the running statistics themselves for its
+            # backward; a training-mode call before that backward updates them in place
+            # without bumping their version, so the backward would silently use the new
+            # ones.  Copies (N floats each) keep the forward's.
+            return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), None, None,
+                                False, 0.0, self.eps)
         return super().forward(x)
 
 

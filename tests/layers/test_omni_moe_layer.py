@@ -319,6 +319,36 @@ def test_eval_mode_uses_running_stats(device):
     assert rel(one, oracle(x[0, 0].double().unsqueeze(0), indices=idx[0, 0].unsqueeze(0))[0]) <= 1e-5
 
 
+def test_eval_backward_after_a_training_call(path):
+    """An eval-mode forward with grad, then a training-mode forward (which updates the
+    running statistics in place), then the first forward's backward: every gradient is
+    the one of the statistics that forward used -- bitwise what an immediate backward on
+    a copy of the layer gives (fused prologue on the kernel path, BatchNorm modules on
+    the PyTorch path)."""
+    torch.manual_seed(4)
+    layer = OmniMoE(cfg(H=16, I=24, E=64, k=3)).to(path)
+    with torch.no_grad():   # far from a batch variance of ~|W h|^2: the update moves them
+        layer.router_norm_x.running_var.fill_(0.05)
+        layer.router_norm_y.running_var.fill_(5.0)
+    layer.eval()
+    twin = copy.deepcopy(layer)
+    x = torch.randn(12, 16, device=path)
+    gout = torch.randn(12, 16, device=path)
+    xt = x.clone().requires_grad_()
+    twin(xt).backward(gout)
+    xl = x.clone().requires_grad_()
+    out = layer(xl)
+    layer.train()
+    before = layer.router_norm_x.running_var.clone()
+    layer(3.0 * torch.randn(12, 16, device=path))
+    assert not torch.equal(layer.router_norm_x.running_var, before)
+    out.backward(gout)
+    assert torch.equal(xl.grad, xt.grad)
+    for name in PARAMS:
+        got, want = layer.get_parameter(name).grad, twin.get_parameter(name).grad
+        assert torch.equal(got, want), name
+
+
 @pytest.mark.parametrize("shape", [(0, 32), (3, 0, 32)])
 def test_empty_batch(device, shape):
     layer = OmniMoE(cfg()).to(device)
