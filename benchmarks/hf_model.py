@@ -163,10 +163,10 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     names = [s.strip() for s in args.models.split(",") if s.strip()]
     try:
-        omni_moe.hf.configuration.validate_omnimoe_fields(
-            args.experts, args.k, args.converted_norm, None, args.layers, "silu")
-        omni_moe.hf.configuration.validate_omnimoe_fields(
-            args.experts, args.k, args.native_norm, None, args.layers, "silu")
+        for norm, option in ((args.converted_norm, "--converted-norm"), (args.native_norm, "--native-norm")):
+            omni_moe.hf.configuration.validate_omnimoe_fields(
+                args.experts, args.k, norm, None, args.layers, "silu",
+                names={"num_experts": "--experts", "num_experts_per_tok": "--k", "router_norm": option})
         for n in names:
             if n not in ("dense", "converted", "native"):
                 raise ValueError(f"--models: unknown model {n!r} (dense, converted, native)")

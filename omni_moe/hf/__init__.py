@@ -21,9 +21,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration import FAMILIES, OmniMoELMConfig, config_class_for
 from .convert import apply_omnimoe
-from .losses import ExpertUsage, expert_usage, router_aux_loss
-from .modeling import (OmniMoEBlock, OmniMoEForCausalLM, OmniMoEModel, RouterLogitsProbe,
-                       model_classes)
+from .losses import ExpertUsage, expert_usage, router_aux_loss, router_z_loss
+from .modeling import (NormalizedRouterLogitsProbe, OmniMoEBlock, OmniMoEForCausalLM, OmniMoEModel,
+                       RouterLogitsProbe, model_classes)
 
 
 def _register() -> None:
@@ -38,5 +38,6 @@ def _register() -> None:
 _register()
 
 __all__ = ["apply_omnimoe", "OmniMoELMConfig", "OmniMoEModel", "OmniMoEForCausalLM",
-           "OmniMoEBlock", "RouterLogitsProbe", "router_aux_loss", "expert_usage", "ExpertUsage",
+           "OmniMoEBlock", "RouterLogitsProbe", "NormalizedRouterLogitsProbe", "router_aux_loss",
+           "router_z_loss", "expert_usage", "ExpertUsage",
            "model_classes", "config_class_for"]

@@ -6,9 +6,64 @@ Every check raises TypeError/ValueError naming the offending argument, before an
 
 from __future__ import annotations
 
+import dataclasses
+import operator
+
+import numpy as np
 import torch
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def as_int(v) -> int | None:
+    """``v`` as a plain Python int when it is an integer scalar -- an int, a numpy
+    integer, a 0-d integer torch tensor -- else None.  Booleans are not integers here
+    (``True`` as a size or a count is a mistake, not 1)."""
+    if isinstance(v, (bool, np.bool_)):
+        return None
+    if isinstance(v, torch.Tensor) and (v.dim() != 0 or v.dtype == torch.bool
+                                        or v.is_floating_point() or v.is_complex()):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
+def check_int(name: str, v, lo: int | None = None, hi: int | None = None) -> int:
+    """``v`` as a plain Python int (store the result: numpy and torch integer scalars
+    become ints, so configs serialise and compare equal); TypeError naming ``name``
+    unless ``v`` is an integer scalar (``bool`` is not), ValueError unless
+    ``lo <= v <= hi`` (either bound may be None)."""
+    i = v if type(v) is int else as_int(v)
+    if i is None:
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if (lo is not None and i < lo) or (hi is not None and i > hi):
+        rng = (f"in [{lo}, {hi}]" if lo is not None and hi is not None
+               else f">= {lo}" if lo is not None else f"<= {hi}")
+        raise ValueError(f"{name} must be {rng}, got {i}")
+    return i
+
+
+def check_pow2(name: str, v, lo: int = 1) -> int:
+    """``check_int`` for a power of two >= ``lo`` (tile sizes, warp counts)."""
+    i = check_int(name, v)
+    if i < lo or i & (i - 1):
+        raise ValueError(f"{name} must be a power of two >= {lo}, got {i}")
+    return i
+
+
+def with_fields(config, **values):
+    """``config`` (a frozen dataclass) holding ``values``: itself when they are the objects
+    it holds (checked plain ints come back as the same object, so an explicit launch
+    config costs no copy per call), else ``dataclasses.replace`` of it."""
+    def same(a, b):
+        return a is b or (type(a) is tuple and type(b) is tuple and len(a) == len(b)
+                          and all(x is y for x, y in zip(a, b)))
+
+    if all(same(getattr(config, k), v) for k, v in values.items()):
+        return config
+    return dataclasses.replace(config, **values)
 
 
 def check_dense(name: str, t: torch.Tensor) -> None:

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import check_pow2, with_fields
 from .._triton import loop_bound, to_dtype, to_f32
 
 
@@ -120,10 +121,8 @@ def default_config(n: int) -> BackwardConfig:
 def _check_config(config) -> BackwardConfig:
     if not isinstance(config, BackwardConfig):
         raise TypeError(f"config must be a BackwardConfig, got {type(config).__name__}")
-    for name in ("bn", "c", "tile_t", "unroll", "warps"):
-        v = getattr(config, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
-            raise ValueError(f"config.{name} must be a power of two >= 1, got {v!r}")
+    config = with_fields(config, **{name: check_pow2(f"config.{name}", getattr(config, name))
+                                    for name in ("bn", "c", "tile_t", "unroll", "warps")})
     if config.c > config.bn:
         raise ValueError(f"config.c must be <= config.bn, got c={config.c}, bn={config.bn}")
     return config
