@@ -102,7 +102,7 @@ MUTANTS = [
      "omni_moe/hf/losses.py",
      "    return total / count\n",
      "    return total\n",
-     ["tests/hf/test_hf_model.py", "-k", "aux_loss or balanc"]),
+     ["tests/hf/test_losses.py", "tests/hf/test_hf_model.py", "-k", "aux_loss or balanc"]),
 ]
 
 
