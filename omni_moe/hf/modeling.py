@@ -140,7 +140,7 @@ _FP32_MODULES = ["router_norm_x", "router_norm_y"]
 
 def _cache_names(base_model_cls) -> tuple[str, str]:
     """(argument, output field) under which this transformers release passes the KV cache:
-    ``cache`` from 5.2x on, ``past_key_values`` before (5.17 has the old names)."""
+    ``cache`` from 5.24 on, ``past_key_values`` before."""
     arg = "cache" if "cache" in inspect.signature(base_model_cls.forward).parameters else "past_key_values"
     fields = {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)}
     return arg, "cache" if "cache" in fields else "past_key_values"

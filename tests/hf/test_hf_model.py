@@ -229,7 +229,7 @@ def test_one_token_decode_step_matches_full_forward():
         full = model(x).logits
         pre = model(x[:, :-1], use_cache=True)
         # The cache sits in the output field the family's own model uses on this release
-        # ("cache" from 5.2x on, "past_key_values" before).
+        # ("cache" from 5.24 on, "past_key_values" before).
         dense = LlamaForCausalLM(small())(x[:, :1], use_cache=True)
         field = next(k for k in ("cache", "past_key_values") if k in dense)
         assert field in pre and pre[field] is not None
