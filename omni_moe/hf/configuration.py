@@ -259,3 +259,9 @@ def config_class_for(family: str):
             base, model_type, f"{ours}Config",
             f"``{prefix}Config`` plus the OmniMoE fields (see omni_moe.hf.configuration).")
     return _CONFIGS[family]
+
+
+# The converted families' configs under their own names (docs/hf.md's table).
+OmniMoEQwen2Config = config_class_for("qwen2")
+OmniMoEMistralConfig = config_class_for("mistral")
+OmniMoEQwen3Config = config_class_for("qwen3")

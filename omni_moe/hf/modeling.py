@@ -15,7 +15,9 @@ The Llama family is the native model: ``OmniMoEModel`` / ``OmniMoEForCausalLM`` 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -171,6 +173,14 @@ _CLASSES: dict[str, tuple[type, type]] = {}
 _FP32_MODULES = ["router_norm_x", "router_norm_y"]
 
 
+def _cache_names(base_model_cls) -> tuple[str, str]:
+    """(argument, output field) under which this transformers release passes the KV cache:
+    ``cache`` from 5.24 on, ``past_key_values`` before."""
+    arg = "cache" if "cache" in inspect.signature(base_model_cls.forward).parameters else "past_key_values"
+    fields = {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)}
+    return arg, "cache" if "cache" in fields else "past_key_values"
+
+
 def _record_router_logits(base_cls) -> dict:
     return {**base_cls._can_record_outputs, "router_logits": OutputRecorder(RouterLogitsProbe, index=0),
             "normalized_router_logits": OutputRecorder(NormalizedRouterLogitsProbe, index=0)}
@@ -195,6 +205,10 @@ def model_classes(family: str) -> tuple[type, type]:
     BaseModel = getattr(hf, f"{prefix}Model")
     BaseLM = getattr(hf, f"{prefix}ForCausalLM")
     Config = config_class_for(family)
+    cache_arg, cache_field = _cache_names(BaseModel)
+    rename_old_cache_arg = (deprecate_kwarg("past_key_values", "5.40.0", new_name="cache",
+                                            raise_if_both_names=True)
+                            if cache_arg == "cache" else (lambda f: f))
 
     class Model(BaseModel):
         config_class = Config
@@ -229,25 +243,33 @@ def model_classes(family: str) -> tuple[type, type]:
             if isinstance(module, OmniMoEBlock):
                 _init_block_weights(module, self.config)
 
-        # transformers 5 renamed past_key_values to cache; accept both, as the families do.
-        @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+        # Both cache names work on every release (generate() passes the release's own);
+        # where the release renamed past_key_values, it is deprecated as in the families.
+        @rename_old_cache_arg
         @can_return_tuple
         def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                     inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
-                    output_router_logits=None, **kwargs) -> OmniMoECausalLMOutputWithPast:
+                    output_router_logits=None, past_key_values=None,
+                    **kwargs) -> OmniMoECausalLMOutputWithPast:
             """The family's causal-LM forward plus ``output_router_logits`` (per OmniMoE
             layer, (tokens, 2N) log-probabilities) and, with it, ``aux_loss``
             (``router_aux_loss``), added to ``loss`` times ``router_aux_loss_coef``; with
             ``router_z_loss_coef`` > 0, ``z_loss`` (``router_z_loss``), added to ``loss``
-            times that coefficient."""
+            times that coefficient.  The KV cache may be passed as ``cache`` or
+            ``past_key_values``; the output holds it under the field name of the installed
+            transformers release."""
+            if past_key_values is not None:
+                if cache is not None:
+                    raise ValueError("pass the KV cache as cache or as past_key_values, not both")
+                cache = past_key_values
             if output_router_logits is None:
                 output_router_logits = self.config.output_router_logits
             z_coef = self.config.router_z_loss_coef
             record = {"output_normalized_router_logits": True} if z_coef else {}
             out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
+                             position_ids=position_ids, inputs_embeds=inputs_embeds,
                              use_cache=use_cache, output_router_logits=output_router_logits,
-                             **record, **kwargs)
+                             **{cache_arg: cache}, **record, **kwargs)
             hidden = out.last_hidden_state
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep, :])
@@ -267,9 +289,9 @@ def model_classes(family: str) -> tuple[type, type]:
                 if loss is not None:
                     loss = loss + z_coef * z.to(loss.device)
             return OmniMoECausalLMOutputWithPast(
-                loss=loss, aux_loss=aux, logits=logits, cache=out.cache,
-                hidden_states=out.hidden_states, attentions=out.attentions,
-                router_logits=router_logits, z_loss=z)
+                loss=loss, aux_loss=aux, logits=logits, hidden_states=out.hidden_states,
+                attentions=out.attentions, router_logits=router_logits, z_loss=z,
+                **{cache_field: getattr(out, cache_field)})
 
     for cls, kind in ((Model, "Model"), (ForCausalLM, "ForCausalLM")):
         cls.__name__ = cls.__qualname__ = f"{ours}{kind}"
@@ -281,3 +303,7 @@ def model_classes(family: str) -> tuple[type, type]:
 
 
 OmniMoEModel, OmniMoEForCausalLM = model_classes("llama")
+# The converted families' models under their own names (docs/hf.md's table).
+OmniMoEQwen2Model, OmniMoEQwen2ForCausalLM = model_classes("qwen2")
+OmniMoEMistralModel, OmniMoEMistralForCausalLM = model_classes("mistral")
+OmniMoEQwen3Model, OmniMoEQwen3ForCausalLM = model_classes("qwen3")

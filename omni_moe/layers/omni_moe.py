@@ -39,7 +39,7 @@ from ..ops._activations import ACTIVATIONS
 from ..ops.swiglu.op import swiglu
 from ..ops.router.op import MAX_NUM_EXPERT_SQRT, omni_router
 from ..ops.router_norm.op import router_log_probs as fused_router_log_probs
-from .norms import RouterLayerNorm, RouterNorm, _plain
+from .norms import RouterLayerNorm, RouterNorm, _plain, check_expert_tables
 from .output_stage import output_stage
 from .precision import autocast_dtype, castable
 from .router_stage import router_stage
@@ -329,6 +329,7 @@ class OmniMoE(nn.Module):
         ``omni_moe.ops._checks.check_layer_input``.
         """
         check_layer_input(self, hidden_states)
+        check_expert_tables(self)
         amp = autocast_dtype(hidden_states)
         if amp is not None:
             # Under torch.autocast the layer computes in its dtype (layers/precision.py):

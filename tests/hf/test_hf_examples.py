@@ -118,3 +118,12 @@ def test_benchmark_script_tiny(tmp_path, capsys):
         assert mod.main(["--tiny", "--json", str(path), *bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and option in err, err
+
+
+def test_benchmark_script_tiny_prints_without_json(capsys):
+    spec = importlib.util.spec_from_file_location("hf_model", os.path.join(REPO, "benchmarks", "hf_model.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--tiny", "--steps", "1", "--warmup", "0", "--models", "dense"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dense ") and "tok/s" in out and "wrote" not in out

@@ -4,6 +4,7 @@ CPU; no downloads.  All but the last test run the PyTorch paths (fast); the last
 the Triton kernels under TRITON_INTERPRET=1."""
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -253,9 +254,19 @@ def test_one_token_decode_step_matches_full_forward():
     with torch.no_grad():
         full = model(x).logits
         pre = model(x[:, :-1], use_cache=True)
-        step = model(x[:, -1:], cache=pre.cache, use_cache=True).logits
-        again = model(x[:, :-1], use_cache=True)  # the pre-5.x argument name still works
-        old_name = model(x[:, -1:], past_key_values=again.cache, use_cache=True).logits
+        # The cache sits in the output field the family's own model uses on this release
+        # ("cache" from 5.24 on, "past_key_values" before).
+        dense = LlamaForCausalLM(small())(x[:, :1], use_cache=True)
+        field = next(k for k in ("cache", "past_key_values") if k in dense)
+        assert field in pre and pre[field] is not None
+        assert set(pre.keys()) - {"aux_loss", "router_logits"} <= set(dense.keys()) | {"loss"}
+        step = model(x[:, -1:], cache=pre[field], use_cache=True).logits
+        again = model(x[:, :-1], use_cache=True)  # the other argument name works too
+        with warnings.catch_warnings():  # deprecated where the release renamed it
+            warnings.simplefilter("ignore", FutureWarning)
+            old_name = model(x[:, -1:], past_key_values=again[field], use_cache=True).logits
+        with pytest.raises(ValueError, match="past_key_values"):
+            model(x[:, -1:], cache=again[field], past_key_values=again[field])
     torch.testing.assert_close(step[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(old_name, step, rtol=0, atol=0)
 
