@@ -35,7 +35,8 @@ def autocast_dtype(h: torch.Tensor) -> torch.dtype | None:
     """The dtype ``torch.autocast`` computes in on ``h``'s device, or None when autocast
     is off there (or ``h`` is float64, which autocast does not cast)."""
     dev = h.device.type
-    if h.dtype == torch.float64 or not torch.is_autocast_enabled(dev):
+    if (h.dtype == torch.float64 or not torch.amp.is_autocast_available(dev)
+            or not torch.is_autocast_enabled(dev)):
         return None
     return torch.get_autocast_dtype(dev)
 
