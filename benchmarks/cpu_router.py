@@ -24,6 +24,7 @@ import timeit
 import torch
 
 from omni_moe.ops.router.reference import router_bruteforce, router_pruned
+from omni_moe.bench.common import report_threads
 from omni_moe.ops.router.cpu import (
     router_full_product,
     router_large_k,
@@ -60,6 +61,7 @@ def main() -> None:
     p.add_argument("--large-k", action="store_true", help="the large-k table (see above)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    report_threads("cpu_router.py")
     dtype = getattr(torch, args.dtype)
     print(f"CPU: {cpu_model()}; torch {torch.__version__}; threads {torch.get_num_threads()}; {args.dtype}; "
           f"{'wall' if args.wall else 'CPU'} time")

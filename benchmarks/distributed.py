@@ -329,6 +329,10 @@ def main(argv=None):
     rank, world = dist.get_rank(), dist.get_world_size()
     waiter = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=30))
     _G0 = dist.new_group([0])
+    if rank == 0:
+        from omni_moe.bench.common import report_threads
+
+        report_threads("distributed.py", processes=world)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh_all = init_device_mesh(device.type, (world,))

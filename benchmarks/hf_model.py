@@ -6,8 +6,8 @@ Default sizes (GPU): 12 layers, width 768, 12 heads, shared/dense MLP width 2048
 vocabulary 32000, batch 8 x 1024 tokens, bf16 weights and AdamW, SDPA attention;
 OmniMoE layers in every decoder layer with E = 16384 (128^2) experts, k = 16.
 
-    python benchmarks/hf_model.py --json hf_model.json                # CUDA, ~2 min on an H100
-    python benchmarks/hf_model.py --tiny --json /tmp/hf_tiny.json     # CPU smoke run
+    python benchmarks/hf_model.py --json hf_model.json    # CUDA, ~2 min on an H100
+    python benchmarks/hf_model.py --tiny                  # CPU smoke run (prints only)
 
 Each model is built, warmed up (``--warmup`` steps: Triton compiles and autotunes
 there), then timed over ``--steps`` optimizer steps (forward, backward, AdamW) with the
@@ -35,7 +35,7 @@ sys.path.insert(0, ROOT)  # import this checkout's omni_moe, installed or not
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", required=True, help="write the results here")
+    p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--tiny", action="store_true", help="tiny sizes for a CPU smoke run")
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=768)
@@ -163,10 +163,10 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     names = [s.strip() for s in args.models.split(",") if s.strip()]
     try:
-        omni_moe.hf.configuration.validate_omnimoe_fields(
-            args.experts, args.k, args.converted_norm, None, args.layers, "silu")
-        omni_moe.hf.configuration.validate_omnimoe_fields(
-            args.experts, args.k, args.native_norm, None, args.layers, "silu")
+        for norm, option in ((args.converted_norm, "--converted-norm"), (args.native_norm, "--native-norm")):
+            omni_moe.hf.configuration.validate_omnimoe_fields(
+                args.experts, args.k, norm, None, args.layers, "silu",
+                names={"num_experts": "--experts", "num_experts_per_tok": "--k", "router_norm": option})
         for n in names:
             if n not in ("dense", "converted", "native"):
                 raise ValueError(f"--models: unknown model {n!r} (dense, converted, native)")
@@ -175,6 +175,9 @@ def main(argv=None) -> int:
         return 2
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    from omni_moe.bench.common import report_threads
+
+    report_threads("hf_model.py")
     import triton
 
     out = {
@@ -192,9 +195,10 @@ def main(argv=None) -> int:
         print(f"{n:10s} {r['params'] / 1e6:8.1f}M params  {r['tokens_per_s']:12,.0f} tok/s  "
               f"{r['step_ms']:9.1f} ms/step  peak {mem}  loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}  "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {args.json}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -44,8 +44,9 @@ def main():
 
     from omni_moe import OmniMoE, OmniMoEConfig
     from omni_moe.bench.launch_count import step_counts
-    from omni_moe.bench.common import DenseMLP
+    from omni_moe.bench.common import DenseMLP, report_threads
 
+    report_threads("layer_step.py")
     dev = "cpu" if args.dry else "cuda"
     dtype = torch.float32 if args.dry else torch.bfloat16
     cases = DRY_CASES if args.dry else CASES

@@ -88,6 +88,21 @@ MUTANTS = [
      "c.to(tl.int64)[None, :] * stride_xc, mask=m, other=0.0))\n    if MODE != 0:",
      "c[None, :] * stride_xc, mask=m, other=0.0))\n    if MODE != 0:",
      ["tests/test_large_offsets.py::test_router_norm_far_offsets", "-k", "cpu-none"]),
+    ("router-norm-finalize-store-mask",
+     OPS + "router_norm/kernels.py",
+     "tl.store(STATS + cols, mean, mask=ok)",
+     "tl.store(STATS + cols, mean)",
+     ["tests/ops/router_norm/test_router_norm.py::test_finalize_stays_inside_its_columns"]),
+    ("router-norm-stats-not-copied",
+     OPS + "router_norm/op.py",
+     "ctx.save_for_backward(logits, p, stats, running[1].clone(), running[4].clone())",
+     "ctx.save_for_backward(logits, p, stats, running[1], running[4])",
+     ["tests/ops/router_norm/test_router_norm.py::test_running_mode_backward_after_a_training_call"]),
+    ("aux-loss-summed-over-layers",
+     "omni_moe/hf/losses.py",
+     "    return total / count\n",
+     "    return total\n",
+     ["tests/hf/test_losses.py", "tests/hf/test_hf_model.py", "-k", "aux_loss or balanc"]),
 ]
 
 
@@ -157,6 +172,10 @@ def main(argv=None):
     if args.only and len(mutants) != len(args.only):
         known = {m[0] for m in MUTANTS}
         raise SystemExit(f"unknown mutant(s): {sorted(set(args.only) - known)}")
+    # the time column is the test processes' wall time: say what they share the CPU with
+    from omni_moe.bench.common import report_threads
+
+    report_threads("mutation_check.py")
     if not args.skip_baseline:
         with tempfile.TemporaryDirectory(prefix="omni_mut_") as dst:
             _copy_package(dst)

@@ -256,8 +256,9 @@ def main(argv=None):
 
     from omni_moe import OmniMoE, OmniMoEConfig
     from omni_moe.bench.launch_count import step_counts
-    from omni_moe.bench.common import DenseMLP
+    from omni_moe.bench.common import DenseMLP, report_threads
 
+    report_threads("profile_layer.py")
     dev = "cpu" if args.dry else "cuda"
     dtype = torch.float32 if args.dry else torch.bfloat16
     sync = (lambda: None) if args.dry else torch.cuda.synchronize

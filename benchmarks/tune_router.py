@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 
 import torch
 
-from omni_moe.bench.common import environment
+from omni_moe.bench.common import environment, report_threads
 from omni_moe.ops.router import backward, pruned
 from omni_moe.ops.router.reference import router_bruteforce
 
@@ -118,6 +118,7 @@ def main(argv=None) -> int:
         assert all(len(c) == 3 for c in cases)
     except (ValueError, AssertionError):
         p.error(f'--cases must look like "T,N,k;T,N,k", got {args.cases!r}')
+    report_threads("tune_router.py")
     dtype = getattr(torch, args.dtype)
     rows = []
     for T, N, k in cases:

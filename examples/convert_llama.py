@@ -72,6 +72,9 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    from omni_moe.bench.common import report_threads
+
+    report_threads("convert_llama.py")
     with torch.no_grad():
         after = model(ids).logits
     diff = (after.float() - before.float()).abs().max().item()

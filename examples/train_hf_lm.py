@@ -8,7 +8,7 @@ file works.  Bytes are the tokens (vocabulary 256), so no tokenizer is needed.  
 validation loss and how many of the E experts the batch used (layer 0).
 
     python examples/train_hf_lm.py --steps 300 --device cuda --plot hf_loss.png --save out/
-    python examples/train_hf_lm.py --steps 40 --hidden 64 --layers 2   # a quick CPU run
+    OMP_NUM_THREADS=1 python examples/train_hf_lm.py --steps 40 --hidden 64 --layers 2   # a small CPU run
     torchrun --nproc-per-node 2 examples/train_hf_lm.py --parallel ddp   # or fsdp
 
 With ``--parallel`` (under torchrun, one process per GPU, or gloo on CPU) every process
@@ -151,6 +151,10 @@ def main(argv=None) -> int:
 
 def train(args, ohf, config, data, device, rank, world) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
+    if rank == 0:
+        from omni_moe.bench.common import report_threads
+
+        report_threads("train_hf_lm.py", processes=world)
 
     torch.manual_seed(args.seed)
     split = int(data.numel() * 0.9)

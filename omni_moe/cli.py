@@ -5,7 +5,8 @@
     omni-moe --version
 
 Bad arguments and unreadable or unwritable files are reported in one line on stderr,
-exit status 2.
+exit status 2, before any work.  A benchmark run first prints the CPU threads it uses
+and warns (stderr) when they oversubscribe the machine (``bench.common.cpu_threads``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import sys
 
 from . import __version__
+from .bench import common
 from .bench.common import ArgumentParser, UsageError
 
 
@@ -31,16 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
         q = what.add_parser(name, help=text, description=module.__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(q)
-        q.set_defaults(run=module.run)
+        q.set_defaults(run=module.run, check=getattr(module, "check_arguments", common.check_run_arguments))
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    prog = f"omni-moe {args.command} {args.bench}"
     try:
+        args.check(args)  # every usage error before any output
+        if not args.from_json:
+            common.report_threads(prog)
         return int(args.run(args) or 0)
     except UsageError as e:
-        print(f"omni-moe {args.command} {args.bench}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
 
 

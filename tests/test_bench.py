@@ -320,3 +320,248 @@ def test_profile_layer_dry_run(tmp_path):
     assert set(row["host_ms"]) == {"router_forward", "output_forward", "backward", "layer_step",
                                    "mlp_step"}
     assert all(v > 0 for v in row["host_ms"].values())
+
+
+# --------------------------------------------------------------------------- CPU threads
+def _machine(monkeypatch, threads, cores, cpus, load):
+    """Pretend this process has ``threads`` torch threads, may run on ``cores`` of
+    ``cpus`` CPUs, and the machine's 1-minute load is ``load`` (None: not reported)."""
+    import os
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    if load is None:
+        def no_load():
+            raise OSError("no load average here")
+        monkeypatch.setattr(os, "getloadavg", no_load, raising=False)
+    else:
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load), raising=False)
+
+
+@pytest.mark.parametrize("threads, cores, cpus, load, processes, over, suggested", [
+    (2, 2, 2, 0.0, 1, False, 2),    # an idle machine: the default fits
+    (2, 2, 2, 0.5, 1, False, 2),    # half a core busy: within the slack
+    (2, 2, 2, 0.6, 1, True, 1),     # just past it
+    (3, 2, 2, 0.0, 1, True, 2),     # more threads than cores, idle or not
+    (2, 2, 2, 4.0, 1, True, 1),     # a shared machine: both cores busy
+    (1, 2, 2, 4.0, 1, True, 1),     # even one thread waits
+    (2, 2, 8, 2.0, 1, False, 2),    # 2 of 8 CPUs: a quarter of the host's load is ours
+    (2, 2, 8, 6.0, 1, True, 1),     # ... 1.5 cores of it
+    (1, 2, 2, 0.0, 2, False, 1),    # two processes of one thread each
+    (1, 2, 2, 0.0, 3, True, 1),     # three
+    (4, 4, 4, None, 1, False, 4),   # no load average: only the core count
+    (5, 4, 4, None, 1, True, 4),
+])
+def test_cpu_threads_rule(monkeypatch, threads, cores, cpus, load, processes, over, suggested):
+    _machine(monkeypatch, threads, cores, cpus, load)
+    info = common.cpu_threads(processes)
+    assert info["torch_threads"] == threads and info["cores_available"] == cores
+    assert info["cpus_total"] == cpus and info["processes"] == processes
+    assert info["oversubscribed"] is over
+    assert info["suggested_threads"] == suggested
+    if load is None:
+        assert info["load_1min"] is None and info["busy_cores"] is None
+    else:
+        assert info["busy_cores"] == pytest.approx(load * cores / cpus)
+
+
+def test_report_threads_prints_one_line_and_warns_only_when_oversubscribed(monkeypatch, capsys):
+    _machine(monkeypatch, 2, 2, 2, 0.1)
+    info = common.report_threads("prog")
+    out, err = capsys.readouterr()
+    assert not info["oversubscribed"] and err == ""
+    assert out == ("prog: CPU threads: 2 torch threads on 2 cores available to this process (of 2), "
+                   "1-minute load 0.10 (~0.1 of these cores busy)\n")
+
+    _machine(monkeypatch, 2, 2, 2, 1.3)
+    common.report_threads("prog")
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1 and "2 torch threads" in out
+    assert err.count("\n") == 1 and err.startswith("prog: warning: CPU oversubscribed")
+    assert "OMP_NUM_THREADS=1" in err  # fewer threads would fit
+
+    _machine(monkeypatch, 1, 2, 2, 3.0)
+    common.report_threads("prog")
+    err = capsys.readouterr().err
+    assert "1 torch thread on 2 cores" in err and "other processes hold the cores" in err
+    assert "OMP_NUM_THREADS" not in err  # one thread is already the least
+
+
+def test_environment_records_the_threads(monkeypatch):
+    _machine(monkeypatch, 3, 2, 2, 0.0)
+    env = common.environment()
+    assert env["cpu_threads"]["torch_threads"] == 3 and env["cpu_threads"]["oversubscribed"] is True
+
+
+# --------------------------------------------------------------------------- contradictory rows
+def _row(times, graphs=None, **extra):
+    return {"T": 64, "hidden": 32, "intermediate": 32, "experts": 400, "k": 16, "distinct_experts": 300,
+            "variants": sorted({k.rsplit(" ", 1)[0] for k in times}), "times_ms": times,
+            "graph_ms": graphs or {}, "errors": {}, "active_params": 6000, **extra}
+
+
+@pytest.mark.parametrize("paper_table", [False, True])
+def test_a_forward_slower_than_its_training_step_is_flagged(paper_table):
+    from omni_moe.bench import paper
+
+    fmt = paper.format_table if paper_table else bench_layer.format_table
+    # the rows of the CPU run that made the contradiction visible: fwd 47.976, fwd+bwd 11.336
+    bad = _row({"expert fwd": 47.976, "expert fwd+bwd": 11.336, "layer fwd": 1.0, "layer fwd+bwd": 3.0})
+    text = fmt([bad], gpu=False)
+    assert "47.976!" in text and "1.000!" not in text and "1.000 |" in text
+    assert bench_layer.FWD_FLAG_NOTE in text and text.count(bench_layer.FWD_FLAG_NOTE) == 1
+    # equal medians do not contradict each other; neither does a missing one
+    fine = _row({"expert fwd": 2.0, "expert fwd+bwd": 2.0, "layer fwd": 5.0})
+    text = fmt([fine], gpu=False)
+    assert "!" not in text
+    # CUDA-graph medians are held to the same rule, separately from the eager ones
+    g = _row({"layer fwd": 1.0, "layer fwd+bwd": 3.0}, {"layer fwd": 4.0, "layer fwd+bwd": 2.0})
+    text = fmt([g], gpu=True)
+    assert "4.000!" in text and "1.000!" not in text and bench_layer.FWD_FLAG_NOTE in text
+    assert "!" not in fmt([g], gpu=False)  # the graph column is not shown on CPU
+
+
+# --------------------------------------------------------------------------- --preset paper
+def test_paper_preset_rows():
+    from omni_moe.bench import paper
+
+    gpu = paper.PRESETS["paper"]["cuda"]
+    assert (gpu.hidden, gpu.intermediate, gpu.experts) == (1024, 1024, 320 * 320)
+    both, peer = ("layer", "peer_layer"), ("peer_layer",)
+    assert list(gpu.rows) == [
+        (1024, 512, both), (2048, 512, both), (4096, 512, both), (8192, 512, both), (16384, 512, both),
+        (1024, 1024, both), (1024, 2048, both), (1024, 4096, both), (4096, 4096, both),
+        (1024, 1250, peer), (1024, 12500, peer)]
+    cpu = paper.PRESETS["paper"]["cpu"]
+    assert (cpu.hidden, cpu.intermediate, cpu.experts) == (32, 32, 20 * 20)
+    assert len(cpu.rows) == len(gpu.rows)
+    for (t, k, v), (T, K, V) in zip(cpu.rows, gpu.rows):  # the same sweep, T and K / 32
+        assert (t, k, v) == (T // 32, round(K / 32), V)
+    for p in (gpu, cpu):
+        assert all(bench_layer.check_case(c) is None for c, _ in p.cases())
+    assert paper.resolve("paper", True) is gpu and paper.resolve("paper", False) is cpu
+
+
+def test_active_params_counts_what_one_token_touches():
+    from omni_moe import OmniMoE, OmniMoEConfig
+
+    H, I, E, K = 8, 12, 25, 3
+    layer = OmniMoE(OmniMoEConfig(hidden_size=H, intermediate_size=I, hidden_act="silu", num_experts=E,
+                                  num_experts_per_token=K))
+    dense = sum(p.numel() for n, p in layer.named_parameters() if "embed" not in n)  # MLP + gates
+    assert bench_layer.active_params(H, I, E, K) == dense + 2 * K * H == 3 * H * I + 2 * 5 * H + 2 * K * H
+
+
+def _paper_result(gpu=True):
+    """A made-up run of the preset at its CUDA sizes: one OOM variant, one set-up OOM."""
+    from omni_moe.bench import paper
+
+    rows = []
+    for (T, H, I, E, K), variants in paper.PRESETS["paper"]["cuda"].cases()[:3]:
+        r = _row({}, T=T, hidden=H, intermediate=I, experts=E, k=K, variants=list(variants),
+                 active_params=bench_layer.active_params(H, I, E, K), peak_mem_MiB={}, row_s=2.5,
+                 check={"pass": True}, peer_check={"peer_layer": {"pass": True}})
+        for v in variants:
+            for mode, ms in (("fwd", 2.0), ("fwd+bwd", 5.0)):
+                oom = v == "peer_layer" and T == 4096 and mode == "fwd+bwd"
+                r["times_ms"][f"{v} {mode}"] = None if oom else ms * T / 1024 * (10 if v == "peer_layer" else 1)
+                r["graph_ms"][f"{v} {mode}"] = None if oom else r["times_ms"][f"{v} {mode}"] * 0.8
+                r["peak_mem_MiB"][f"{v} {mode}"] = None if oom else T / 8
+                if oom:
+                    r["errors"][f"{v} {mode}"] = "out of memory"
+        rows.append(r)
+    rows.append({"T": 16384, "hidden": 1024, "intermediate": 1024, "experts": 102400, "k": 512,
+                 "variants": ["layer", "peer_layer"], "errors": {"setup": "out of memory"}})
+    return {"benchmark": "layer", "mode": "cuda" if gpu else "cpu", "preset": "paper",
+            "environment": {"gpu": "NVIDIA H100 80GB HBM3" if gpu else None, "torch": "2.11.0",
+                            "triton": "3.6.0", "date": "2026-12-07T00:00:00+00:00"},
+            "settings": {}, "copy_bandwidth_Bps": None, "rows": rows}
+
+
+def test_paper_table_marks_out_of_memory_and_prints_the_published_figures(capsys):
+    from omni_moe.bench import paper
+
+    result = _paper_result()
+    text = paper.format_table(result["rows"], gpu=True)
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    assert lines[0] == ("| T | K | active M | variant | ok | fwd ms | fwd graph ms | f+b ms | f+b graph ms | "
+                        "fwd peak MiB | f+b peak MiB | fwd / layer | row s |")
+    assert lines[1] == "| 1024 | 512 | 4.85 | layer | yes | 2.000 | 1.600 | 5.000 | 4.000 | 128 | 128 | - | 2.5 |"
+    assert lines[2] == ("| 1024 | 512 | 4.85 | peer_layer | yes | 20.000 | 16.000 | 50.000 | 40.000 | 128 | 128 "
+                        "| 10.00 | 2.5 |")
+    # the training step ran out of memory: its time, graph and peak say so; the forward ran
+    assert lines[6] == ("| 4096 | 512 | 4.85 | peer_layer | yes | 80.000 | 64.000 | OOM | OOM | 512 | OOM "
+                        "| 10.00 | 2.5 |")
+    assert len(lines) == 1 + 6  # the set-up OOM row has no measured line ...
+    bench_layer._report(result)
+    out = capsys.readouterr().out
+    assert "T=16384 H=1024 E=102400 k=512: skipped (setup: out of memory)" in out  # ... but a note
+    (pub,) = [ln for ln in out.splitlines() if ln.startswith("published")]
+    assert "not measured here" in pub and "A100" in pub
+    assert "OmniMoE 6.7 ms, PEER 73 ms, DeepSeekMoE 102 ms" in pub and "2-3 GiB" in pub
+    # published figures belong to the paper's sizes only
+    small = _paper_result(gpu=False)
+    for r in small["rows"]:
+        r["hidden"] = 32
+    bench_layer._report(small)
+    out = capsys.readouterr().out
+    assert "published" not in out and "graph" not in out.splitlines()[1]
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_paper_plot_is_written(tmp_path, gpu, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    from omni_moe.bench import paper
+
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+    def plot(self, *a, **k):
+        drawn.append((self.get_ylabel(), k.get("label")))
+        return real_plot(self, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    png = tmp_path / "fig4.png"
+    result = _paper_result(gpu)
+    if not gpu:
+        for r in result["rows"]:
+            r.pop("graph_ms", None)
+            r.pop("peak_mem_MiB", None)
+    paper.plot(result["rows"], png, "t", gpu)
+    assert png.exists() and png.stat().st_size > 1000
+    labels = {lab for _, lab in drawn if lab}
+    assert {"OmniMoE, fwd eager", "PEER-style, fwd eager"} <= labels
+    assert ("OmniMoE, fwd CUDA graph" in labels) == gpu
+    assert ("PEER-style: out of memory" in labels) == gpu  # the T=4096 training step
+    assert ("OmniMoE, training step" in labels) == gpu
+
+
+# --------------------------------------------------------------------------- peer_layer
+def test_peer_layer_is_the_layer_computed_token_by_token(monkeypatch):
+    from omni_moe import OmniMoE, OmniMoEConfig
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the PyTorch paths
+    torch.manual_seed(3)
+    layer = OmniMoE(OmniMoEConfig(hidden_size=12, intermediate_size=20, hidden_act="gelu", num_experts=49,
+                                  num_experts_per_token=5))
+    h = torch.randn(9, 12)
+    torch.testing.assert_close(peers.peer_layer(layer, h), layer(h), rtol=1e-5, atol=1e-6)
+    res = bench_layer.check_peer_layer(layer, h, torch.float32)
+    assert res["pass"] and max(v for k, v in res.items() if k != "pass") < 1e-6, res
+
+    def no_mlp(layer, h):  # the expert sum alone
+        scores, idx = layer.route(h)
+        return peers.peer_gather(h, layer.up_embed.weight, layer.down_embed.weight, scores.exp(), idx,
+                                 layer.act)
+
+    def unweighted(h, up, down, w, idx, act="silu"):  # routing weights dropped
+        return peers.PEERS["peer_gather"](h, up, down, torch.ones_like(w), idx, act)
+
+    monkeypatch.setattr(peers, "peer_layer", no_mlp)
+    assert bench_layer.check_peer_layer(layer, h, torch.float32)["pass"] is False
+    monkeypatch.undo()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(peers, "peer_gather", unweighted)
+    assert bench_layer.check_peer_layer(layer, h, torch.float32)["pass"] is False

@@ -386,7 +386,7 @@ def test_bench_layer_tiny_case_on_this_device(tmp_path, capsys):
     (row,) = data["rows"]
     assert (row["T"], row["hidden"], row["intermediate"], row["experts"], row["k"]) == case
     assert row["check"]["pass"] is True
-    assert set(row["peer_check"]) == {"peer_gather", "peer_bag"}
+    assert set(row["peer_check"]) == {"peer_gather", "peer_bag"} | ({"peer_layer"} & set(variants))
     assert all(r["pass"] for r in row["peer_check"].values())
     assert row["variants"] == variants
     for v in variants:
@@ -395,8 +395,9 @@ def test_bench_layer_tiny_case_on_this_device(tmp_path, capsys):
     for v in variants:
         key = f"{v} fwd+bwd"
         if HAS_CUDA:
-            # a graph time, or '-' with the reason capture failed
-            assert (row["graph_ms"][key] or 0) > 0 or f"{key} graph" in row["errors"], key
+            # a graph time, or '-' with the reason capture failed; forward and training step
+            for k in (key, f"{v} fwd"):
+                assert (row["graph_ms"][k] or 0) > 0 or f"{k} graph" in row["errors"], k
             assert row["host_ms"][key] > 0 and row["launches"][key] >= 1 and row["peak_mem_MiB"][key] >= 0
         else:
             assert not row["graph_ms"] and not row["host_ms"] and not row["launches"]
@@ -425,14 +426,14 @@ def test_layer_table_columns_by_device():
            "variants": ["layer", "expert", "dense_mlp"],
            "times_ms": {"layer fwd": 1.0, "layer fwd+bwd": 3.0, "expert fwd": 0.5, "expert fwd+bwd": 1.5,
                         "dense_mlp fwd": 1.0, "dense_mlp fwd+bwd": 2.0},
-           "graph_ms": {"layer fwd+bwd": 2.5, "dense_mlp fwd+bwd": None},
+           "graph_ms": {"layer fwd": 0.9, "layer fwd+bwd": 2.5, "dense_mlp fwd+bwd": None},
            "host_ms": {"layer fwd+bwd": 0.4}, "launches": {"layer fwd+bwd": 48},
            "peak_mem_MiB": {"layer fwd+bwd": 10.0, "dense_mlp fwd+bwd": 4.0}, "expert_floor_ms": {"fwd+bwd": 0.5},
            "errors": {"dense_mlp fwd+bwd graph": "RuntimeError: capture failed"},
            "check": {"pass": True}}
     gpu = bench_layer.format_table([row], gpu=True)
-    assert "| 8 | 4 | 8 | 16 | 2 | 9 | layer | - | 1.000 | 3.000 | 2.500 | 0.400 | 48 | 10 | 6 | 1.50 | - | - | - | - |" in gpu
-    assert "| expert | yes | 0.500 | 1.500 | - | - | - | - | - | 0.75 | - | 1.00 | 3.0 |" in gpu
+    assert "| 8 | 4 | 8 | 16 | 2 | 9 | layer | - | 1.000 | 3.000 | 0.900 | 2.500 | 0.400 | 48 | 10 | 6 | 1.50 | - | - | - | - |" in gpu
+    assert "| expert | yes | 0.500 | 1.500 | - | - | - | - | - | - | 0.75 | - | 1.00 | 3.0 |" in gpu
     assert "dense_mlp fwd+bwd graph: RuntimeError: capture failed" in gpu  # the footnote of '-'
     cpu = bench_layer.format_table([row], gpu=False)
     assert cpu.splitlines()[0] == "| T | H | I | E | k | D | variant | ok | fwd ms | f+b ms | f+b / mlp | f+b / expert |"
@@ -480,3 +481,174 @@ def test_bench_layer_a_failing_variant_is_reported_not_raised(monkeypatch, capsy
     assert "| peer_bag | NO | - | - |" in captured.out
     assert "peer_bag fwd+bwd: RuntimeError: peer exploded" in captured.out
     assert "| peer_gather | yes |" in captured.out
+
+
+# --------------------------------------------------------------------------- bench layer --preset paper
+def _table(text):
+    return [line for line in text.splitlines() if line.startswith("| ")]
+
+
+@pytest.fixture
+def torch_paths(monkeypatch):
+    """CPU tensors take the PyTorch paths (under the interpreter too: the preset's CPU
+    form is timed there, and the interpreter would take minutes)."""
+    if HAS_CUDA:
+        pytest.skip("the CPU form of the preset")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def test_bench_layer_preset_paper_on_cpu(tmp_path, capsys, torch_paths):
+    """The whole preset at its CPU size: its rows in order, checked and timed, every row
+    with the versions and its wall time; the JSON reprints the same table; the plot."""
+    from omni_moe.bench import paper
+
+    out = tmp_path / "paper.json"
+    png = tmp_path / "paper.png"
+    plot = importlib.util.find_spec("matplotlib") is not None
+    rc = cli.main(["bench", "layer", "--preset", "paper", "--warmup-ms", "0", "--rep-ms", "0",
+                   "--dtype", "fp32", "--json", str(out)] + (["--plot", str(png)] if plot else []))
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    data = json.loads(out.read_text())
+    sizes = paper.PRESETS["paper"]["cpu"]
+    assert data["preset"] == "paper" and data["mode"] == "cpu"
+    assert data["preset_sizes"]["hidden"] == sizes.hidden == 32 and data["published"] == paper.PUBLISHED
+    rows = data["rows"]
+    assert [(r["T"], r["hidden"], r["intermediate"], r["experts"], r["k"], tuple(r["variants"])) for r in rows] \
+        == [(*c, v) for c, v in sizes.cases()]
+    for r in rows:
+        assert r["torch"] == torch.__version__ and r["gpu"] is None and r["triton"] and r["date"]
+        assert r["row_s"] > 0 and r["check"]["pass"] is True
+        assert r["peer_check"]["peer_layer"]["pass"] is True
+        for v in r["variants"]:
+            assert r["times_ms"][f"{v} fwd"] > 0 and r["times_ms"][f"{v} fwd+bwd"] > 0
+    assert data["environment"]["cpu_threads"]["torch_threads"] == torch.get_num_threads()
+    assert "CPU threads:" in printed and "row done in" in printed
+    table = _table(printed)
+    assert table[0] == "| T | K | active M | variant | ok | fwd ms | f+b ms | fwd / layer | row s |"
+    assert len(table) == 1 + sum(len(r["variants"]) for r in rows)
+    assert [line.split(" | ")[3] for line in table[1:5]] == ["layer", "peer_layer", "layer", "peer_layer"]
+    assert "published" not in printed  # the paper's figures are for its sizes, not these
+    if plot:
+        assert png.exists() and png.stat().st_size > 1000
+
+    assert cli.main(["bench", "layer", "--from-json", str(out)]) == 0
+    assert _table(capsys.readouterr().out) == table
+
+
+def test_preset_cases_pick_rows_with_the_presets_sizes(tmp_path, capsys, torch_paths):
+    out = tmp_path / "p.json"
+    rc = cli.main(["bench", "layer", "--preset", "paper", "--cases", "48,5;16,12", "--variants", "peer_layer",
+                   "--warmup-ms", "0", "--rep-ms", "0", "--dtype", "fp32", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["T"], r["hidden"], r["intermediate"], r["experts"], r["k"], r["variants"]) for r in rows] == [
+        (48, 32, 32, 400, 5, ["peer_layer"]), (16, 32, 32, 400, 12, ["peer_layer"])]
+
+
+def _oom(what="CUDA out of memory. Tried to allocate 20.00 GiB"):
+    return torch.OutOfMemoryError(what)
+
+
+def test_preset_out_of_memory_is_a_result_and_the_sweep_goes_on(tmp_path, capsys, monkeypatch, torch_paths):
+    """A fake allocation failure: in one variant of one row (reported 'OOM', the other
+    measurements of the row and the next rows run) and while setting a row up (the row is
+    skipped with a note); the run still exits 0."""
+    from omni_moe.bench import peers
+
+    real_gather, real_layer = peers.peer_gather, omni_moe.OmniMoE
+
+    def gather(h, up, down, w, idx, act="silu"):
+        if idx.shape == (48, 5) and torch.is_grad_enabled():  # the training step of the first row
+            raise _oom()
+        return real_gather(h, up, down, w, idx, act)
+
+    def layer(config):
+        if config.num_experts_per_token == 7:
+            raise _oom()
+        return real_layer(config)
+
+    monkeypatch.setattr(peers, "peer_gather", gather)
+    monkeypatch.setattr(omni_moe, "OmniMoE", layer)
+    out = tmp_path / "p.json"
+    try:
+        rc = cli.main(["bench", "layer", "--preset", "paper", "--cases", "48,5;16,7;16,3", "--no-check",
+                       "--warmup-ms", "0", "--rep-ms", "0", "--dtype", "fp32", "--json", str(out)])
+    except Exception as e:  # noqa: BLE001 -- the bug this test is about
+        raise AssertionError(f"the sweep stopped on {e!r}") from e
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    first, skipped, last = json.loads(out.read_text())["rows"]
+    assert first["errors"] == {"peer_layer fwd+bwd": "out of memory"}
+    assert first["times_ms"]["peer_layer fwd+bwd"] is None and first["times_ms"]["peer_layer fwd"] > 0
+    assert first["times_ms"]["layer fwd+bwd"] > 0
+    assert skipped["errors"] == {"setup": "out of memory"} and "times_ms" not in skipped and skipped["row_s"] >= 0
+    assert last["times_ms"]["peer_layer fwd+bwd"] > 0 and not last["errors"]
+    table = _table(printed)
+    peer_first = [line for line in table if line.startswith("| 48 | 5 |") and "peer_layer" in line]
+    assert len(peer_first) == 1 and " | OOM | " in peer_first[0]
+    assert "T=16 H=32 E=400 k=7: skipped (setup: out of memory)" in printed
+
+
+def test_bench_reports_threads_and_warns_when_oversubscribed(tmp_path, capsys, monkeypatch, torch_paths):
+    busy = dict(bench_common.cpu_threads(), torch_threads=2, cores_available=2, cpus_total=2, load_1min=3.0,
+                busy_cores=3.0, oversubscribed=True, suggested_threads=1)
+    monkeypatch.setattr(bench_common, "cpu_threads", lambda processes=1: dict(busy, processes=processes))
+    out = tmp_path / "l.json"
+    rc, err = run_main(["bench", "layer", "--cases", "16,8,16,16,2", "--variants", "peer_gather", "--no-check",
+                        "--warmup-ms", "0", "--rep-ms", "0", "--json", str(out)], capsys)
+    assert rc == 0
+    assert err.count("\n") == 1 and err.startswith("omni-moe bench layer: warning: CPU oversubscribed")
+    assert "OMP_NUM_THREADS=1" in err
+    assert json.loads(out.read_text())["environment"]["cpu_threads"]["oversubscribed"] is True
+    assert cli.main(["bench", "layer", "--from-json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "OVERSUBSCRIBED" in captured.out and captured.err == ""  # a reprint measures nothing
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["bench", "layer", "--preset", "nope"], ["invalid choice: 'nope'"]),
+    (["bench", "layer", "--cases", "16,4"], ["--cases 'T,k' needs --preset"]),
+    (["bench", "layer", "--preset", "paper", "--cases", "16,0"], ["need two positive integers"]),
+    (["bench", "layer", "--preset", "paper", "--cases", "16,4;8,2,3"], ["expected T,H,I,E,k"]),
+    (["bench", "layer", "--preset", "paper", "--cases", "16,100000000"], ["k=100000000 > E=", "preset"]),
+    (["bench", "layer", "--preset", "paper", "--variants", "layer,nope"], ["unknown variant"]),
+])
+def test_preset_bad_arguments_are_one_line(argv, words, capsys, no_work):
+    rc, err = run_main(argv, capsys)
+    assert_one_line_error(rc, err, *words)
+
+
+def test_preset_with_from_json_is_an_error(tmp_path, capsys, no_work):
+    path = tmp_path / "x.json"
+    path.write_text("{}")
+    rc, err = run_main(["bench", "layer", "--preset", "paper", "--from-json", str(path)], capsys)
+    assert_one_line_error(rc, err, "--preset cannot be combined with --from-json")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_bench_layer_preset_paper_on_cuda(tmp_path, capsys):
+    """Two small rows at the paper's sizes (E = 102,400): both variants checked, forward
+    and training step timed eagerly and from CUDA graphs, peak memory of each; the
+    published figures under the table; the Figure 4 plot."""
+    out, png = tmp_path / "paper.json", tmp_path / "paper.png"
+    plot = importlib.util.find_spec("matplotlib") is not None
+    rc = cli.main(["bench", "layer", "--preset", "paper", "--cases", "256,512;128,1250", "--warmup-ms", "1",
+                   "--rep-ms", "5", "--json", str(out)] + (["--plot", str(png)] if plot else []))
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["T"], r["hidden"], r["intermediate"], r["experts"], r["k"]) for r in rows] == [
+        (256, 1024, 1024, 102400, 512), (128, 1024, 1024, 102400, 1250)]
+    for r in rows:
+        assert r["gpu"] == torch.cuda.get_device_name() and r["check"]["pass"] is True
+        assert r["peer_check"]["peer_layer"]["pass"] is True
+        for v in r["variants"]:
+            for mode in ("fwd", "fwd+bwd"):
+                key = f"{v} {mode}"
+                assert r["times_ms"][key] > 0 and r["peak_mem_MiB"][key] > 0, key
+                assert (r["graph_ms"][key] or 0) > 0 or f"{key} graph" in r["errors"], key
+    assert any(line.startswith("published, not measured here") for line in printed.splitlines())
+    if plot:
+        assert png.exists()

@@ -133,6 +133,45 @@ def test_sync_router_stats_kernels(monkeypatch):
     _check_against_single(results)
 
 
+def _run_normalized(layer, data, rank=None):
+    """Per step the layer's normalised router logits of this rank's rows, after a
+    backward of a z-loss summed over them (summed over ranks: the one-process sum)."""
+    outs = []
+    for x, _, off in data:
+        sl = slice(off[rank], off[rank + 1]) if rank is not None else slice(None)
+        lx, ly = layer.normalized_router_logits(x[sl])
+        torch.logsumexp(torch.stack((lx, ly)), -1).square().sum().backward()
+        outs.append(torch.cat((lx, ly), -1).detach())
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return outs, grads, {n: b.clone() for n, b in layer.named_buffers()}
+
+
+def _normalized_worker(rank, world, sizes):
+    torch.manual_seed(0)
+    return _run_normalized(OmniMoE(make_cfg()), batches(sizes), rank)
+
+
+@pytest.mark.parametrize("sizes", [[(7, 12), (5, 9)], SIZES], ids=["plain", "few_tokens"])
+def test_sync_normalized_router_logits(sizes, monkeypatch):
+    """normalized_router_logits (what a router z-loss reads) with synchronised statistics:
+    each rank's rows, the gate gradients (summed over ranks) and the running statistics
+    are those of one process on the concatenated batch."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    results = run_ranks(_normalized_worker, 2, sizes)
+    torch.manual_seed(0)
+    outs, grads, bufs = _run_normalized(OmniMoE(make_cfg()), batches(sizes))
+    data = batches(sizes)
+    assert set(grads) == {"router_gate_x.weight", "router_gate_y.weight"}
+    for rank, (r_outs, r_grads, r_bufs) in enumerate(results):
+        for step, (o, so) in enumerate(zip(r_outs, outs)):
+            sl = slice(data[step][2][rank], data[step][2][rank + 1])
+            assert rel(o, so[sl]) <= 1e-5, f"rank {rank} step {step}"
+        for name, b in bufs.items():
+            assert rel(r_bufs[name], b) <= 1e-6, f"rank {rank}: {name}"
+    for name, g in grads.items():
+        assert rel(sum(r[1][name] for r in results), g) <= 1e-5, name
+
+
 def test_sync_requires_group():
     layer = OmniMoE(make_cfg(sync=True))
     with pytest.raises(ValueError, match="sync_router_stats"):

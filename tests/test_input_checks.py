@@ -1,13 +1,20 @@
-"""Clear errors for bad input: OmniMoE.forward's checks, and unsupported tensor layouts
-(sparse, nested) in every public function.  PyTorch paths only (no kernel runs)."""
+"""Clear errors for bad input: OmniMoE.forward's checks, unsupported tensor layouts
+(sparse, nested) in every public function, integer arguments (numpy and torch integer
+scalars accepted, bool rejected) and the layer config's two names of k.  PyTorch paths
+only (no kernel runs)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
+import numpy as np
 import pytest
 import torch
 
 from omni_moe import OmniMoE, OmniMoEConfig, omni_expert, omni_router, swiglu
 from omni_moe.ops import swiglu_mlp
+from omni_moe.ops._checks import check_int, check_pow2
 
 
 @pytest.fixture(autouse=True)
@@ -124,3 +131,128 @@ def test_meta_tensors_give_shapes():
     assert out.shape == (5, 8)
     assert swiglu(x, x).shape == (5, 4)
     assert layer().to("meta")(torch.randn(2, 3, 16, device="meta")).shape == (2, 3, 16)
+
+
+# ------------------------------------------------------------------- integer scalars
+INTS = [3, np.int8(3), np.int64(3), np.uint16(3), torch.tensor(3), torch.tensor(3, dtype=torch.int32),
+        torch.tensor(3, dtype=torch.uint8)]
+NOT_INTS = [True, np.bool_(False), torch.tensor(True), 3.0, np.float32(3.0), torch.tensor(3.0),
+            torch.tensor([3]), "3", None]
+
+
+@pytest.mark.parametrize("v", INTS, ids=repr)
+def test_check_int_accepts_integer_scalars(v):
+    got = check_int("count", v, 1, 5)
+    assert got == 3 and type(got) is int
+
+
+@pytest.mark.parametrize("v", NOT_INTS, ids=repr)
+def test_check_int_rejects_the_rest(v):
+    with pytest.raises(TypeError, match=rf"^count must be an int, got {type(v).__name__}$"):
+        check_int("count", v)
+
+
+def test_check_int_ranges():
+    with pytest.raises(ValueError, match=r"^n must be in \[1, 5\], got 6$"):
+        check_int("n", np.int64(6), 1, 5)
+    with pytest.raises(ValueError, match=r"^n must be >= 1, got 0$"):
+        check_int("n", 0, 1)
+    with pytest.raises(ValueError, match=r"^n must be <= 5, got 6$"):
+        check_int("n", 6, hi=5)
+    assert check_int("n", -7) == -7
+    with pytest.raises(ValueError, match=r"^t must be a power of two >= 16, got 24$"):
+        check_pow2("t", np.int64(24), 16)
+    assert type(check_pow2("t", torch.tensor(32), 16)) is int
+
+
+def test_router_takes_integer_scalars():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    want = omni_router(x, y, 5, 4)
+    for n, k in ((np.int64(5), np.int32(4)), (torch.tensor(5), torch.tensor(4))):
+        got = omni_router(x, y, n, k)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(TypeError, match="^num_experts_per_token must be an int, got bool$"):
+        omni_router(x, y, 5, True)
+    with pytest.raises(TypeError, match="^num_expert_sqrt must be an int, got float$"):
+        omni_router(x, y, 5.0, 4)
+
+
+# ------------------------------------------------------------------- OmniMoEConfig names
+def test_layer_config_from_integer_scalars():
+    plain = OmniMoEConfig(16, 24, "silu", 16, 3)
+    scalars = OmniMoEConfig(np.int64(16), torch.tensor(24), "silu", np.uint8(16), np.int32(3))
+    assert scalars == plain and repr(scalars) == repr(plain)
+    d = dataclasses.asdict(scalars)
+    assert all(type(d[k]) is int for k in ("hidden_size", "intermediate_size", "num_experts",
+                                           "num_experts_per_token"))
+    assert json.loads(json.dumps(d)) == dataclasses.asdict(plain)
+    OmniMoE(scalars)
+
+
+def test_layer_config_k_alias():
+    """num_experts_per_tok (transformers' name) is a keyword alias of the 5th field: the
+    positional order, asdict, ==, repr and replace see only the canonical field."""
+    canon = OmniMoEConfig(16, 24, "silu", 16, 3, "none")
+    alias = OmniMoEConfig(16, 24, "silu", 16, router_norm="none", num_experts_per_tok=3)
+    both = OmniMoEConfig(16, 24, "silu", 16, 3, "none", num_experts_per_tok=np.int64(3))
+    assert canon == alias == both and repr(canon) == repr(alias)
+    assert [f.name for f in dataclasses.fields(alias)][:5] == [
+        "hidden_size", "intermediate_size", "hidden_act", "num_experts", "num_experts_per_token"]
+    assert dataclasses.asdict(alias) == dataclasses.asdict(canon)
+    assert "num_experts_per_tok" not in dataclasses.asdict(alias)
+    assert OmniMoEConfig(**dataclasses.asdict(alias)) == canon
+    assert alias.num_experts_per_tok == 3 and type(both.num_experts_per_token) is int
+    assert dataclasses.replace(alias, num_experts_per_token=5).num_experts_per_tok == 5
+    with pytest.raises(ValueError, match="pass one"):     # replace copies the canonical k too
+        dataclasses.replace(alias, num_experts_per_tok=5)
+    alias.num_experts_per_tok = 4
+    assert alias.num_experts_per_token == 4
+    with pytest.raises(ValueError, match=r"num_experts_per_tok=4 and num_experts_per_token=3 .*pass one"):
+        OmniMoEConfig(16, 24, "silu", 16, 3, num_experts_per_tok=4)
+    with pytest.raises(ValueError, match=r"^num_experts_per_tok must be in \[1, 16\], got 17$"):
+        OmniMoEConfig(16, 24, "silu", 16, num_experts_per_tok=17)
+    with pytest.raises(ValueError, match=r"^num_experts_per_token must be in \[1, 16\], got 17$"):
+        OmniMoEConfig(16, 24, "silu", 16, 17)
+    with pytest.raises(TypeError, match=r"^num_experts_per_token \(or num_experts_per_tok\) is required$"):
+        OmniMoEConfig(16, 24, "silu", 16)
+    with pytest.raises(TypeError, match="positional"):
+        OmniMoEConfig(16, 24, "silu", 16, 3, "none", None, False, 3)   # the alias is keyword-only
+
+
+# ------------------------------------------------------------------- launch configs
+def test_launch_configs_take_integer_scalars():
+    """A launch config built from numpy/torch integers is checked like one of ints and
+    comes back holding ints (what the kernels' constexprs get); bools are rejected."""
+    from omni_moe.ops.expert import kernels as ek
+    from omni_moe.ops.router import backward as rb, fullscan as fs
+    from omni_moe.ops.router_norm import kernels as rn
+    from omni_moe.ops.swiglu import kernels as sk
+
+    i = np.int64
+    cases = [
+        (sk._check_config, sk.SwigluConfig(block_m=i(4), block_i=torch.tensor(32), warps=i(2)), "warps"),
+        (fs._check_config, fs.FullscanConfig(split=True, chunk=i(64), merge_block=i(16)), "chunk"),
+        (rb._check_config, rb.BackwardConfig(bn=i(32), c=i(8), tile_t=i(4), unroll=i(4), warps=i(4)), "c"),
+        (rn._check_config, rn.RouterNormConfig(splits=i(3), stats_tile=(i(64), i(32)), row_block=i(2)), "splits"),
+    ]
+    tile = ek.Tile(rows=i(2), cols=i(32), unroll=i(2), warps=i(4), per_program=i(0))
+    cases.append((ek._check_config, ek.ExpertConfig("token", tile, tile, tile, tile), "token"))
+    for check, cfg, field in cases:
+        got = check(cfg)
+        assert got == cfg and type(got) is type(cfg) and got is not cfg
+        assert check(got) is got       # a config of ints is used as is (no copy per call)
+        values = [v for f in dataclasses.fields(got) for v in _leaves(getattr(got, f.name))]
+        assert all(type(v) in (int, bool, str) for v in values), got
+        with pytest.raises(TypeError, match=rf"^config\.{field}.* must be an int, got bool$"):
+            bad = dataclasses.replace(cfg, **{field: True}) if field != "token" else \
+                dataclasses.replace(cfg, token=dataclasses.replace(tile, rows=True))
+            check(bad)
+
+
+def _leaves(v):
+    if dataclasses.is_dataclass(v):
+        return [x for f in dataclasses.fields(v) for x in _leaves(getattr(v, f.name))]
+    if isinstance(v, tuple):
+        return [x for e in v for x in _leaves(e)]
+    return [v]

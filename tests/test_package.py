@@ -70,3 +70,23 @@ def test_readme_states_the_declared_versions():
     readme = _read("README.md")
     for b in bounds:
         assert f"`{b}`" in readme, f"README must state {b}"
+
+
+def test_transformers_bound_is_stated_and_ci_tests_it():
+    """The hf and test extras share one transformers bound; README and docs/hf.md state
+    it, and CI's oldest-versions step installs its lower end."""
+    py = _read("pyproject.toml")
+    hf = re.search(r'^hf = \["(transformers>=([\d.]+),<\d+)"\]', py, re.M)
+    assert hf, "pyproject.toml: hf = [\"transformers>=X,<Y\"]"
+    bound, low = hf.groups()
+    test = re.search(r"^test = \[(.*)\]", py, re.M).group(1)
+    assert f'"{bound}"' in test, "the test extra must use the hf extra's transformers bound"
+    assert f"`{bound}`" in _read("README.md")
+    assert bound in _read(os.path.join("docs", "hf.md"))
+    ci = re.search(r"old_transformers=\$\{CI_OLD_TRANSFORMERS:-([\d.]+)\}", _read(".ci/run"))
+    assert ci, ".ci/run must install the oldest supported transformers"
+
+    def parts(v):
+        return (tuple(int(x) for x in v.split(".")) + (0, 0))[:3]
+
+    assert parts(ci.group(1)) == parts(low), (ci.group(1), low)

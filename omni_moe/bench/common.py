@@ -259,6 +259,80 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def utc_now() -> str:
+    """The current time, ISO 8601 in UTC, to the second (the date of a row or a run)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- CPU threads
+# Slack before a busy machine counts as oversubscribed: the load average is a one-minute
+# mean that a process which just ended or a short job keeps above zero for a while.
+LOAD_SLACK_CORES = 0.5
+
+
+def cpu_threads(processes: int = 1) -> dict:
+    """The torch CPU threads of this process and what the machine offers them.
+
+    ``cores`` are the CPUs this process may run on (``os.sched_getaffinity``, else
+    ``os.cpu_count``).  ``busy`` is the 1-minute load average (``os.getloadavg``), a
+    machine-wide count, scaled by cores / all CPUs, so a container pinned to a few
+    cores of a loaded host is not charged the whole host's load.  The run is
+    ``oversubscribed`` when ``processes`` x torch threads exceed the cores, or exceed
+    the cores left idle (cores - busy) by more than ``LOAD_SLACK_CORES``: threads then
+    wait for each other at every parallel region and CPU timings become slow and noisy.
+    ``suggested_threads`` is what would fit the idle cores (at least 1).
+    """
+    threads = torch.get_num_threads()
+    total_cpus = os.cpu_count() or 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = total_cpus
+    cores = max(1, cores)
+    try:
+        load = float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        load = None
+    busy = None if load is None else load * cores / max(cores, total_cpus)
+    want = processes * threads
+    idle = cores - (busy or 0.0)
+    return {
+        "torch_threads": threads,
+        "interop_threads": torch.get_num_interop_threads(),
+        "processes": processes,
+        "cores_available": cores,
+        "cpus_total": total_cpus,
+        "load_1min": load,
+        "busy_cores": busy,
+        "oversubscribed": want > cores or want > idle + LOAD_SLACK_CORES,
+        "suggested_threads": max(1, int(max(0.0, idle) + 0.5) // processes),
+    }
+
+
+def describe_threads(info: dict) -> str:
+    """One line: the threads, the cores and the load of ``cpu_threads()``."""
+    procs = f" x {info['processes']} processes" if info.get("processes", 1) > 1 else ""
+    load = ("" if info.get("load_1min") is None else
+            f", 1-minute load {info['load_1min']:.2f} (~{info['busy_cores']:.1f} of these cores busy)")
+    n, cores = info["torch_threads"], info["cores_available"]
+    return (f"{n} torch thread{'s' * (n != 1)}{procs} on {cores} core{'s' * (cores != 1)} available "
+            f"to this process (of {info['cpus_total']}){load}")
+
+
+def report_threads(prog: str, processes: int = 1) -> dict:
+    """Print the thread line of ``cpu_threads(processes)`` on stdout and, when the run is
+    oversubscribed, a one-line warning on stderr; returns the dict (for a --json file)."""
+    info = cpu_threads(processes)
+    print(f"{prog}: CPU threads: {describe_threads(info)}", flush=True)
+    if info["oversubscribed"]:
+        n = info["suggested_threads"]
+        fix = (f"set OMP_NUM_THREADS={n} or torch.set_num_threads({n})" if n < info["torch_threads"]
+               else "other processes hold the cores: run when the machine is quieter")
+        print(f"{prog}: warning: CPU oversubscribed ({describe_threads(info)}): CPU timings will be "
+              f"slow and noisy; {fix}", file=sys.stderr, flush=True)
+    return info
+
+
 def environment() -> dict:
     """What a benchmark result needs to be reproduced and compared."""
     import omni_moe
@@ -271,7 +345,7 @@ def environment() -> dict:
         triton_version = None
     cuda = has_cuda()
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "gpu": torch.cuda.get_device_name() if cuda else None,
         "l2_bytes": l2_bytes() if cuda else None,
         "torch": torch.__version__,
@@ -282,6 +356,7 @@ def environment() -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+        "cpu_threads": cpu_threads(),
         "argv": sys.argv,
     }
 
@@ -354,11 +429,15 @@ def cases_type(fields, check):
     return cases
 
 
-def add_common_arguments(p: argparse.ArgumentParser, fields, check, default_cases: str) -> None:
-    """The options every ``omni-moe bench`` benchmark has, with the same names and defaults."""
+def add_common_arguments(p: argparse.ArgumentParser, fields, check, default_cases: str,
+                         parse_cases=None) -> None:
+    """The options every ``omni-moe bench`` benchmark has, with the same names and defaults.
+
+    ``parse_cases``: the type of ``--cases`` when a benchmark reads more than one form
+    (default ``cases_type(fields, check)``)."""
     spec = ",".join(fields)
-    p.add_argument("--cases", type=cases_type(fields, check), default=None, metavar=f"'{spec};...'",
-                   help=f"cases to run, separated by ';' (default: {default_cases})")
+    p.add_argument("--cases", type=parse_cases or cases_type(fields, check), default=None,
+                   metavar=f"'{spec};...'", help=f"cases to run, separated by ';' (default: {default_cases})")
     p.add_argument("--dtype", type=parse_dtype, default="bf16", metavar="DTYPE",
                    help="bf16 (bfloat16), fp16 (float16) or fp32 (float32); default bf16")
     p.add_argument("--warmup-ms", type=_budget_ms, default=25.0, metavar="MS",

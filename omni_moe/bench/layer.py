@@ -15,6 +15,9 @@ timed with CUDA events after an L2 flush, as ``triton.testing.do_bench`` does) o
     reference    the token-centric expert path the checks use (gathers plus batched matmuls;
                  omni_moe.layers.reference.expert_reference)
     dense_mlp    the shared SwiGLU MLP alone (3 GEMMs + fused activation)
+    peer_layer   the whole layer run PEER-style: the layer's router and shared MLP, its
+                 expert sum through peer_gather (not in the default set; the
+                 token-centric twin that ``--preset paper`` sets beside the layer)
 
 Every expert-path variant gets the same inputs: the layer's own routing indices and
 weights.  "forward" runs under ``torch.no_grad()``; "fwd+bwd" is a training step of the
@@ -23,17 +26,27 @@ input and of every weight, reset to None before each call as a training step fin
 
 Checks before timing: the expert path against a float32 token-centric oracle (output and
 all four gradients, on the rows of the experts used); each peer against the expert path
-(output, gradients of h and w and of the used rows of both tables), within twice the
-oracle tolerance since both round.  'ok' says whether a variant passed its check.
+(output, gradients of h and w and of the used rows of both tables), and peer_layer
+against the layer (output, gradients of h and of the used table rows), within twice the
+oracle tolerance since both round.  'ok' says whether a variant passed its check.  Where
+T*k exceeds CHECK_PAIRS the checks take the first CHECK_PAIRS // k tokens (the oracle
+holds (T, k, H) float32 tensors).
 
-On CUDA, per variant and training step, also:
-  f+b graph   the step captured once in a CUDA graph with static inputs and replayed
-              ('-' with a footnote where capture fails)
+A forward median above the forward+backward median of the same variant contradicts
+itself (the step contains the forward); the table marks it '!' with a footnote rather
+than hiding it behind a re-measure: something else slowed that measurement (on CPU most
+often more torch threads than idle cores -- the thread line at the start says).
+
+On CUDA, per variant, also:
+  fwd graph / f+b graph
+              the forward / training step captured once in a CUDA graph with static
+              inputs and replayed ('-' with a footnote where capture fails)
   host ms     CPU time of issuing one eager step: the device idle before (synchronised),
               the clock stopped when the call returns, before the GPU finishes
   launches    kernels, memsets and copies of one step, counted with torch.profiler
               (with --launches; it costs a profiler start per variant)
-  peak MiB    peak extra memory of one step
+  peak MiB    peak extra memory of one step (torch.cuda.max_memory_allocated above what
+              was allocated before it, statistics reset first; the JSON has the forward's too)
 and the expert path's HBM floor -- bytes that must move at the copy bandwidth measured
 on this device:
     forward   D*2*H*b (u, v rows of the D distinct experts touched, counted from the
@@ -48,6 +61,9 @@ path's (what a user gains by switching); expert-path time / floor.
 
 Without CUDA it times small cases on CPU (PyTorch paths) and says so; the table keeps the
 columns that mean something there (no graph, host, launch, memory or floor columns).
+
+--preset paper runs the OmniMoE paper's efficiency sweep instead (see
+``omni_moe.bench.paper``); with it, --cases may give 'T,k' pairs (H, I, E from the preset).
 
 --json saves the rows and the environment after every case; --from-json reprints (and
 --plot redraws) a saved run without running anything.  Exit status 1 if a check fails,
@@ -77,10 +93,13 @@ CPU_CASES = [
     (256, 64, 128, 256, 4),
     (512, 64, 128, 1024, 8),
 ]
-VARIANTS = ("layer", "router", "expert", *PEERS, "reference", "dense_mlp")
+DEFAULT_VARIANTS = ("layer", "router", "expert", *PEERS, "reference", "dense_mlp")
+VARIANTS = (*DEFAULT_VARIANTS, "peer_layer")
 # Variants that compute the expert sum on the layer's routing (share its floor).
 EXPERT_PATHS = ("expert", *PEERS, "reference")
 CHECK_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# (token, expert) pairs the checks take at most: 1 GiB of (T, k, H) float32 at H = 1024.
+CHECK_PAIRS = 2**18
 
 
 def check_case(case):
@@ -94,24 +113,80 @@ def check_case(case):
     return None
 
 
+def _check_pair(case):
+    return "need two positive integers" if min(case) < 1 else None
+
+
+_FULL_CASES = common.cases_type(("T", "H", "I", "E", "k"), check_case)
+_PAIR_CASES = common.cases_type(("T", "k"), _check_pair)
+
+
+def parse_cases(text: str):
+    """--cases: 'T,H,I,E,k;...', or 'T,k;...' (every case) for a preset to complete:
+    (T, None, None, None, k) until ``check_arguments`` fills in the preset's sizes."""
+    parts = [p for p in text.split(";") if p.strip()]
+    if parts and all(len(p.split(",")) == 2 for p in parts):
+        return [(T, None, None, None, k) for T, k in _PAIR_CASES(text)]
+    return _FULL_CASES(text)
+
+
 def parse_variants(text: str):
     return common.parse_names(text, VARIANTS, "variant(s)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``omni-moe bench layer``."""
+    from . import paper
+
     common.add_common_arguments(
         parser, ("T", "H", "I", "E", "k"), check_case,
-        "'" + ";".join(",".join(map(str, c)) for c in DEFAULT_CASES) + "' on CUDA, small cases on CPU")
+        "'" + ";".join(",".join(map(str, c)) for c in DEFAULT_CASES) + "' on CUDA, small cases on CPU; "
+        "with --preset also 'T,k;...', H, I and E from the preset", parse_cases=parse_cases)
+    parser.add_argument("--preset", choices=sorted(paper.PRESETS), default=None,
+                        help="run a fixed sweep instead of --cases' defaults: 'paper' = the OmniMoE "
+                        "paper's efficiency experiment (H = I = 1024, E = 102,400, K 512-4096, "
+                        "1k-16k tokens, beside its PEER-style twin; a CPU-sized form without CUDA), "
+                        "with its own table and --plot")
     parser.add_argument("--act", choices=("silu", "gelu", "relu"), default="silu",
                         help="activation of the experts and the MLP (default silu)")
-    parser.add_argument("--variants", type=parse_variants, default=list(VARIANTS), metavar="A,B",
-                        help=f"comma-separated subset of {','.join(VARIANTS)} (default all)")
+    parser.add_argument("--variants", type=parse_variants, default=None, metavar="A,B",
+                        help=f"comma-separated subset of {','.join(VARIANTS)} (default: all but "
+                        "peer_layer; with --preset, the preset's)")
     parser.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     parser.add_argument("--no-graphs", action="store_true",
-                        help="skip the CUDA-graph column (CUDA only)")
+                        help="skip the CUDA-graph replays (CUDA only)")
     parser.add_argument("--launches", action="store_true",
                         help="count the launches of each training step with torch.profiler (CUDA only)")
+
+
+def check_arguments(args) -> None:
+    """Everything wrong that is knowable before any work or output (UsageError): the
+    shared checks, --preset with --from-json, 'T,k' cases without a preset, and the
+    preset's cases (completed here with its H, I and E for this device)."""
+    from . import paper
+
+    common.check_run_arguments(args)
+    preset = getattr(args, "preset", None)
+    if args.from_json:
+        if preset:
+            raise common.UsageError("--preset cannot be combined with --from-json "
+                                    "(a saved run is reprinted as it was)")
+        return
+    if not args.cases:
+        return
+    if any(c[1] is None for c in args.cases) and not preset:
+        raise common.UsageError("--cases 'T,k' needs --preset (which sets H, I and E); "
+                                "without one give 'T,H,I,E,k'")
+    if preset:
+        sizes = paper.resolve(preset, torch.cuda.is_available())
+        full = [c if c[1] is not None else (c[0], sizes.hidden, sizes.intermediate, sizes.experts, c[4])
+                for c in args.cases]
+        for c in full:
+            why = check_case(c)
+            if why:
+                raise common.UsageError(f"--cases: bad case {c[0]},{c[4]} with the {preset} preset's "
+                                        f"sizes ({sizes.where}: H={c[1]}, I={c[2]}, E={c[3]}): {why}")
+        args.cases = full
 
 
 def _say(msg: str) -> None:
@@ -126,8 +201,10 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def _free():
-    gc.collect()
+    # Only CUDA measures memory and has a cache to return: on CPU a full collection per
+    # measurement costs more than the small cases' timing (0.1-0.4 s each).
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -255,6 +332,35 @@ def check_peers(h, up, down, w, idx, act, dtype, names):
     return results
 
 
+def check_peer_layer(layer, h, dtype):
+    """``peer_layer`` against the layer itself on ``h``: output, gradient of h and of the
+    used rows of both tables (rel L2); passes within twice the oracle tolerance."""
+    from .peers import peer_layer
+
+    with torch.no_grad():
+        uniq = torch.unique(layer.route(h)[1].long())
+    gout = torch.randn(h.shape, device=h.device, dtype=h.dtype)
+    U, V = layer.up_embed.weight, layer.down_embed.weight
+
+    def run(fn):
+        layer.zero_grad(set_to_none=True)
+        x = h.detach().clone().requires_grad_()
+        out = fn(x)
+        out.backward(gout)
+        res = {"out": out.detach(), "d_hidden": x.grad, "d_up_used_rows": U.grad[uniq],
+               "d_down_used_rows": V.grad[uniq]}
+        layer.zero_grad(set_to_none=True)
+        return res
+
+    ours = run(layer)
+    theirs = run(lambda x: peer_layer(layer, x))
+    res = {key: _rel(theirs[key], ours[key]) for key in ours}
+    res["pass"] = max(res.values()) <= 2 * CHECK_TOL[dtype]
+    del ours, theirs
+    _free()
+    return res
+
+
 def _measure(fn, device, warmup_ms, rep_ms, grad_to_none):
     """(median ms, peak extra bytes of one call or None)."""
     peak = None
@@ -310,17 +416,28 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:160] if text else ''}"
 
 
-def run_case(case, dtype, act, variants, device, args, bw, label):
+def active_params(H, I, E, K) -> int:
+    """Parameters one token uses: the shared MLP (3*H*I), the two router gates (2*N*H)
+    and its K atomic experts (a u and a v row each, 2*K*H)."""
+    return 3 * H * I + 2 * math.isqrt(E) * H + 2 * K * H
+
+
+def run_case(case, dtype, act, variants, device, args, bw, label, env=None):
+    """Check and time ``variants`` at ``case``; the row of the JSON file (``env``: the
+    run's environment, whose GPU and versions every row repeats)."""
     from omni_moe import OmniMoE, OmniMoEConfig, omni_expert
     from omni_moe.ops import swiglu_mlp
     from omni_moe.layers.reference import expert_reference
+    from .peers import peer_layer
 
     T, H, I, E, K = case
     b = torch.finfo(dtype).bits // 8
     cuda = device.type == "cuda"
+    env = env or {}
     row = {"T": T, "hidden": H, "intermediate": I, "experts": E, "k": K, "dtype": str(dtype).replace("torch.", ""),
-           "act": act, "variants": list(variants), "times_ms": {}, "peak_mem_MiB": {}, "graph_ms": {},
-           "host_ms": {}, "launches": {}, "errors": {}}
+           "act": act, "variants": list(variants), "active_params": active_params(H, I, E, K),
+           "gpu": env.get("gpu"), "torch": env.get("torch"), "triton": env.get("triton"),
+           "times_ms": {}, "peak_mem_MiB": {}, "graph_ms": {}, "host_ms": {}, "launches": {}, "errors": {}}
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     cfg = OmniMoEConfig(hidden_size=H, intermediate_size=I, hidden_act=act, num_experts=E,
@@ -348,7 +465,11 @@ def run_case(case, dtype, act, variants, device, args, bw, label):
          f"({D / E:.1%}), {T * K} (token, expert) pairs")
 
     if not args.no_check:
-        res = check_expert(h, layer.up_embed.weight, layer.down_embed.weight, w, idx, act, dtype)
+        n = min(T, max(2, CHECK_PAIRS // K))
+        row["checked_tokens"] = n
+        if n < T:
+            _say(f"{label} checks on the first {n} tokens (T*k above {CHECK_PAIRS:,} pairs)")
+        res = check_expert(h[:n], layer.up_embed.weight, layer.down_embed.weight, w[:n], idx[:n], act, dtype)
         row["check"] = res
         _say(f"{label} check expert path vs float32 oracle: "
              + ", ".join(f"{k} {v:.2e}" for k, v in res.items() if k.startswith(("out", "d_")))
@@ -357,10 +478,13 @@ def run_case(case, dtype, act, variants, device, args, bw, label):
         _free()
         peers = [v for v in variants if v in PEERS]
         if peers:
-            row["peer_check"] = check_peers(h, layer.up_embed.weight, layer.down_embed.weight, w, idx,
-                                            act, dtype, peers)
+            row["peer_check"] = check_peers(h[:n], layer.up_embed.weight, layer.down_embed.weight, w[:n],
+                                            idx[:n], act, dtype, peers)
+        if "peer_layer" in variants:
+            row.setdefault("peer_check", {})["peer_layer"] = check_peer_layer(layer, h[:n], dtype)
+        if row.get("peer_check"):
             for name, res in row["peer_check"].items():
-                _say(f"{label} check {name} vs expert path: "
+                _say(f"{label} check {name} vs {'the layer' if name == 'peer_layer' else 'expert path'}: "
                      + ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}"
                                  for k, v in res.items() if k != "pass")
                      + ": " + {True: "PASS", False: "FAIL", None: "not run"}[res["pass"]])
@@ -388,6 +512,7 @@ def run_case(case, dtype, act, variants, device, args, bw, label):
 
     plans = {
         "layer": (lambda: layer(h), *fb(lambda: layer(h_req), [h_req] + params)),
+        "peer_layer": (lambda: peer_layer(layer, h), *fb(lambda: peer_layer(layer, h_req), [h_req] + params)),
         "router": (lambda: layer.route(h), router_step, router_leaves),
         "expert": expert_like(omni_expert),
         **{name: expert_like(fn) for name, fn in PEERS.items()},
@@ -417,18 +542,18 @@ def run_case(case, dtype, act, variants, device, args, bw, label):
                     if args.launches:
                         row["launches"][key] = common.cuda_launches(lambda: (_reset(leaves), step()))
                         extra += f", {row['launches'][key]} launches"
-                    if not args.no_graphs:
+                if cuda and not args.no_graphs:
+                    try:
+                        row["graph_ms"][key] = graph_step_ms(fn, grads, args.warmup_ms, args.rep_ms)
+                        extra += f", graph {row['graph_ms'][key]:.3f} ms"
+                    except Exception as e:  # noqa: BLE001 -- a capture failure is a result
+                        row["graph_ms"][key] = None
+                        row["errors"][f"{key} graph"] = "out of memory" if _is_oom(e) else _first_line(e)
+                        extra += f", graph capture failed ({_first_line(e)})"
                         try:
-                            row["graph_ms"][key] = graph_step_ms(step, leaves, args.warmup_ms, args.rep_ms)
-                            extra += f", graph {row['graph_ms'][key]:.3f} ms"
-                        except Exception as e:  # noqa: BLE001 -- a capture failure is a result
-                            row["graph_ms"][key] = None
-                            row["errors"][f"{key} graph"] = _first_line(e)
-                            extra += f", graph capture failed ({_first_line(e)})"
-                            try:
-                                _sync()
-                            except Exception:  # noqa: BLE001 -- the error was recorded above
-                                pass
+                            _sync()
+                        except Exception:  # noqa: BLE001 -- the error was recorded above
+                            pass
                 _say(f"{label} {key:22s} {ms:9.3f} ms{extra}")
             except Exception as e:  # noqa: BLE001 -- a variant that fails is a result, not a crash
                 row["times_ms"][key] = None
@@ -463,6 +588,11 @@ def run_case(case, dtype, act, variants, device, args, bw, label):
                 dense_ms = dense_bytes / bw * 1e3
                 row["expert_floor_ms"]["fwd+bwd dense grads"] = dense_ms
                 ratios["expert x-floor fwd+bwd dense grads"] = e / dense_ms
+    for d, tag in (("times_ms", ""), ("graph_ms", " graph")):
+        for mode in ("fwd", "fwd+bwd"):
+            lt, pt = row[d].get(f"layer {mode}"), row[d].get(f"peer_layer {mode}")
+            if lt and pt:
+                ratios[f"peer_layer / layer {mode}{tag}"] = pt / lt
     lf, mf = tm.get("layer fwd+bwd"), tm.get("dense_mlp fwd+bwd")
     if lf and mf:
         ratios["layer / dense_mlp fwd+bwd"] = lf / mf
@@ -472,6 +602,9 @@ def run_case(case, dtype, act, variants, device, args, bw, label):
     row["ratios"] = ratios
     del layer, params, U, V, Wg, Wu, Wd, plans, h, gout, h_req, w_req, scores, idx, w, gs, router_leaves
     _free()
+    row["date"] = common.utc_now()
+    row["row_s"] = time.perf_counter() - t0
+    _say(f"{label} row done in {row['row_s']:.1f} s")
     return row
 
 
@@ -507,13 +640,31 @@ def _x_floor(key):
     return get
 
 
+def fwd_over_step(r, v, d="times_ms") -> bool:
+    """True when variant ``v``'s forward median in ``r[d]`` exceeds its forward+backward
+    median: a contradiction (the step contains the forward), marked '!' in the tables."""
+    f, fb = (r.get(d) or {}).get(f"{v} fwd"), (r.get(d) or {}).get(f"{v} fwd+bwd")
+    return f is not None and fb is not None and f > fb
+
+
+FWD_FLAG = "!"
+FWD_FLAG_NOTE = (f"{FWD_FLAG} forward median above the forward+backward median of the same variant: "
+                 "the two contradict each other (the step contains the forward), so something else "
+                 "slowed one of them -- on CPU most often more torch threads than idle cores (see the "
+                 "thread line); rerun before reading either number")
+
+
+def _fwd(d):
+    return lambda r, v: ((r.get(d) or {}).get(f"{v} fwd"), fwd_over_step(r, v, d))
+
+
 COLUMNS = [
     ("T", lambda r, v: r["T"], "d", False), ("H", lambda r, v: r["hidden"], "d", False),
     ("I", lambda r, v: r["intermediate"], "d", False), ("E", lambda r, v: r["experts"], "d", False),
     ("k", lambda r, v: r["k"], "d", False), ("D", lambda r, v: r.get("distinct_experts"), "d", False),
     ("variant", lambda r, v: v, "s", False), ("ok", _ok, "ok", False),
-    ("fwd ms", _t("times_ms", "fwd"), ".3f", False), ("f+b ms", _t("times_ms", "fwd+bwd"), ".3f", False),
-    ("f+b graph ms", _t("graph_ms", "fwd+bwd"), ".3f", True),
+    ("fwd ms", _fwd("times_ms"), "fwd", False), ("f+b ms", _t("times_ms", "fwd+bwd"), ".3f", False),
+    ("fwd graph ms", _fwd("graph_ms"), "fwd", True), ("f+b graph ms", _t("graph_ms", "fwd+bwd"), ".3f", True),
     ("host ms", _t("host_ms", "fwd+bwd"), ".3f", True), ("launches", _t("launches", "fwd+bwd"), "d", True),
     ("peak MiB", _t("peak_mem_MiB", "fwd+bwd"), ",.0f", True),
     ("peak - mlp MiB", _minus("peak_mem_MiB", "fwd+bwd", "dense_mlp"), ",.0f", True),
@@ -527,6 +678,9 @@ COLUMNS = [
 
 
 def _cell(v, fmt):
+    if fmt == "fwd":  # (ms, flagged): a forward slower than its step carries the flag
+        ms, flagged = v
+        return "-" if ms is None else format(ms, ".3f") + (FWD_FLAG if flagged else "")
     if fmt == "ok":
         return "-" if v is None else ("yes" if v else "NO")
     if v is None:
@@ -545,44 +699,58 @@ def format_table(rows, gpu: bool) -> str:
     lines = ["| " + " | ".join(c[0] for c in cols) + " |",
              "|" + "|".join("---" if c[2] in ("s", "ok") else "---:" for c in cols) + "|"]
     notes = []
+    flagged = False
     for r in rows:
         if "times_ms" not in r:
             continue
         for v in _variants_of(r):
             lines.append("| " + " | ".join(_cell(get(r, v), fmt) for _, get, fmt, _ in cols) + " |")
+            flagged = flagged or fwd_over_step(r, v) or (gpu and fwd_over_step(r, v, "graph_ms"))
         for key, why in (r.get("errors") or {}).items():
             notes.append(f"T={r['T']} H={r['hidden']} E={r['experts']} k={r['k']} {key}: {why}")
-    return "\n".join(lines + [f"  {n}" for n in notes])
+    return "\n".join(lines + [f"  {n}" for n in notes + ([FWD_FLAG_NOTE] if flagged else [])])
 
 
 def _report(result, plot_path=None) -> None:
     """Print the table of a result (fresh or loaded from --json); draw it if asked."""
+    from . import paper
+
     env = result.get("environment") or {}
     gpu = result["mode"] == "cuda" if "mode" in result else bool(env.get("gpu"))
     bw = result.get("copy_bandwidth_Bps")
     rows = result["rows"]
+    preset = result.get("preset")
     where = env.get("gpu") or f"CPU ({result.get('mode', 'cpu')})"
-    lines = [f"omni-moe layer, {where}, torch {env.get('torch')}, triton {env.get('triton')}, "
-             f"{env.get('date')}; times in ms, medians",
-             format_table(rows, gpu)]
-    if gpu:
-        lines.append("f+b graph: one training step replayed from a CUDA graph; host: CPU time of "
+    lines = [f"omni-moe layer{f' --preset {preset}' if preset else ''}, {where}, torch {env.get('torch')}, "
+             f"triton {env.get('triton')}, {env.get('date')}; times in ms, medians",
+             paper.format_table(rows, gpu) if preset else format_table(rows, gpu)]
+    if preset:
+        lines.append(paper.legend(gpu, [r for r in rows if "times_ms" in r] or rows))
+    elif gpu:
+        lines.append("fwd / f+b graph: the forward / one training step replayed from a CUDA graph; host: CPU time of "
                      "issuing one eager step; peak: extra memory of one step (- mlp: minus the dense MLP's); x floor: f+b / the "
                      "expert path's HBM bytes at the measured copy bandwidth"
                      + (f" {bw / 1e12:.2f} TB/s" if bw else "")
                      + "; x dense-grad floor: the same with the zero rows of dense (E, H) gradients")
-    else:
+    if not gpu:
         lines.append("CPU wall times (no CUDA device)" + (
             "; Triton kernels through the interpreter: their times mean nothing"
             if result.get("mode") == "cpu-interpret" else ", PyTorch paths"))
+    threads = env.get("cpu_threads")
+    if threads:
+        lines.append("CPU threads: " + common.describe_threads(threads)
+                     + (" -- OVERSUBSCRIBED: CPU-side times are slow and noisy" if threads["oversubscribed"] else ""))
     for r in rows:
         if "errors" in r and "times_ms" not in r:
             lines.append(f"T={r['T']} H={r['hidden']} E={r['experts']} k={r['k']}: skipped "
                          f"({', '.join(f'{k}: {v}' for k, v in r['errors'].items())})")
+    if preset:
+        lines += paper.published_lines(rows)
     # Built whole before printing: a malformed saved file fails before any output.
     print("\n".join(lines), flush=True)
     if plot_path:
-        plot(rows, plot_path, f"omni-moe layer, {where}, {str(env.get('date'))[:10]}", gpu)
+        title = f"omni-moe layer{f' --preset {preset}' if preset else ''}, {where}, {str(env.get('date'))[:10]}"
+        (paper.plot if preset else plot)(rows, plot_path, title, gpu)
         print(f"wrote {plot_path}")
 
 
@@ -634,35 +802,51 @@ def run(args) -> int:
     """Run the benchmark; returns a process exit code (1 if a correctness check failed)."""
     from omni_moe.ops._dispatch import interpret_mode
 
-    common.check_run_arguments(args)
+    from . import paper
+
+    check_arguments(args)
     if common.report_saved(args, "layer", _looks_like_layer_run, _report):
         return 0
 
     dtype = common.TORCH_DTYPES[args.dtype]
-    variants = args.variants
     cuda = torch.cuda.is_available()
     mode = "cuda" if cuda else ("cpu-interpret" if interpret_mode() else "cpu")
+    preset = paper.resolve(args.preset, cuda) if args.preset else None
+    if preset:
+        plan = ([(c, tuple(args.variants or paper.BOTH)) for c in args.cases] if args.cases
+                else [(c, tuple(args.variants or v)) for c, v in preset.cases()])
+    else:
+        plan = [(c, tuple(args.variants or DEFAULT_VARIANTS))
+                for c in args.cases or (DEFAULT_CASES if cuda else CPU_CASES)]
     if cuda:
         device = torch.device("cuda")
-        cases = args.cases or DEFAULT_CASES
-        _say(f"device: {torch.cuda.get_device_name()}; dtype {args.dtype}; {len(cases)} case(s)")
+        _say(f"device: {torch.cuda.get_device_name()}; dtype {args.dtype}; {len(plan)} case(s)")
         common.warm_up_triton()
     else:
         device = torch.device("cpu")
-        cases = args.cases or CPU_CASES
         _say("CUDA is not available: timing small cases on CPU "
              + ("through the Triton interpreter (meaningless as kernel timings)" if mode == "cpu-interpret"
                 else "(PyTorch paths, not the Triton kernels)")
              + f"; dtype {args.dtype}")
+    if preset:
+        _say(f"--preset {args.preset} ({preset.where}): H={preset.hidden}, I={preset.intermediate}, "
+             f"E={preset.experts:,}; {len(plan)} row(s), (T, K): "
+             + " ".join(f"({c[0]}, {c[4]})" for c, _ in plan))
     bw = copy_bandwidth(device)
     if bw:
         _say(f"measured device-to-device copy bandwidth: {bw / 1e12:.2f} TB/s")
     rows = []
-    result = {"benchmark": "layer", "mode": mode, "environment": common.environment(),
+    env = common.environment()
+    result = {"benchmark": "layer", "mode": mode, "environment": env,
               "settings": {"dtype": args.dtype, "act": args.act, "warmup_ms": args.warmup_ms,
                            "rep_ms": args.rep_ms, "min_samples": common.MIN_SAMPLES, "seed": args.seed,
                            "graphs": cuda and not args.no_graphs, "launches": cuda and args.launches},
               "copy_bandwidth_Bps": bw, "rows": rows}
+    if preset:
+        result["preset"] = args.preset
+        result["preset_sizes"] = {"where": preset.where, "hidden": preset.hidden,
+                                  "intermediate": preset.intermediate, "experts": preset.experts}
+        result["published"] = paper.PUBLISHED
 
     def save():
         if args.json:
@@ -670,17 +854,22 @@ def run(args) -> int:
                 json.dump(result, f, indent=1)
 
     ok = True
-    for i, case in enumerate(cases):
-        label = f"[{i + 1}/{len(cases)} T={case[0]} H={case[1]} I={case[2]} E={case[3]} k={case[4]}]"
+    for i, (case, variants) in enumerate(plan):
+        label = f"[{i + 1}/{len(plan)} T={case[0]} H={case[1]} I={case[2]} E={case[3]} k={case[4]}]"
+        t0 = time.perf_counter()
         try:
-            row = run_case(case, dtype, args.act, variants, device, args, bw, label)
+            row = run_case(case, dtype, args.act, variants, device, args, bw, label, env)
         except Exception as e:  # noqa: BLE001
             if not _is_oom(e):
                 raise
+            row = None
+        if row is None:  # outside the except block: its traceback no longer holds the case's tensors
+            _free()
             _say(f"{label} out of memory while setting up the case; skipped")
             rows.append({"T": case[0], "hidden": case[1], "intermediate": case[2], "experts": case[3],
-                         "k": case[4], "errors": {"setup": "out of memory"}})
-            _free()
+                         "k": case[4], "variants": list(variants), "errors": {"setup": "out of memory"},
+                         "gpu": env.get("gpu"), "torch": env.get("torch"), "triton": env.get("triton"),
+                         "date": common.utc_now(), "row_s": time.perf_counter() - t0})
             save()
             continue
         ok = ok and row.get("check", {}).get("pass", True)

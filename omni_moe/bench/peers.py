@@ -15,6 +15,10 @@ two tables and w:
             never materialises the (T, k, H) rows of the down table
 
 Math in the inputs' dtype, as such code runs under autocast-free bf16 training.
+
+``peer_layer(layer, h)`` is a whole OmniMoE layer run token-centrically: the layer's own
+router and shared MLP, its expert sum through ``peer_gather`` -- the PEER-style execution of
+the same model, which ``bench layer --preset paper`` sets beside the layer.
 """
 
 from __future__ import annotations
@@ -45,3 +49,15 @@ def peer_bag(h, up, down, w, idx, act: str = "silu"):
 
 
 PEERS = {"peer_gather": peer_gather, "peer_bag": peer_bag}
+
+
+def peer_layer(layer, h):
+    """``layer(h)`` for 2-D ``h`` (an ``omni_moe.OmniMoE``) with the expert sum gathered
+    token by token: the layer's routing (scores are log-probabilities, so the weights are
+    their exp), its shared SwiGLU MLP and its weights; (T, k, H) rows of both tables."""
+    from ..ops import swiglu_mlp
+
+    scores, idx = layer.route(h)
+    experts = peer_gather(h, layer.up_embed.weight, layer.down_embed.weight, scores.exp(), idx, layer.act)
+    return swiglu_mlp(h, layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight,
+                      layer.act) + experts

@@ -19,11 +19,15 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration import FAMILIES, OmniMoELMConfig, config_class_for
+from .configuration import (FAMILIES, OmniMoELMConfig, OmniMoEMistralConfig, OmniMoEQwen2Config,
+                            OmniMoEQwen3Config, config_class_for)
 from .convert import apply_omnimoe
-from .losses import ExpertUsage, expert_usage, router_aux_loss
-from .modeling import (OmniMoEBlock, OmniMoEForCausalLM, OmniMoEModel, RouterLogitsProbe,
-                       model_classes)
+from .losses import ExpertUsage, expert_usage, router_aux_loss, router_z_loss
+from .modeling import (NormalizedRouterLogitsProbe, OmniMoEBlock, OmniMoEForCausalLM,
+                       OmniMoEMistralForCausalLM, OmniMoEMistralModel, OmniMoEModel,
+                       OmniMoEQwen2ForCausalLM, OmniMoEQwen2Model, OmniMoEQwen3ForCausalLM,
+                       OmniMoEQwen3Model,
+                       RouterLogitsProbe, model_classes)
 
 
 def _register() -> None:
@@ -38,5 +42,9 @@ def _register() -> None:
 _register()
 
 __all__ = ["apply_omnimoe", "OmniMoELMConfig", "OmniMoEModel", "OmniMoEForCausalLM",
-           "OmniMoEBlock", "RouterLogitsProbe", "router_aux_loss", "expert_usage", "ExpertUsage",
+           "OmniMoEQwen2Config", "OmniMoEQwen2Model", "OmniMoEQwen2ForCausalLM",
+           "OmniMoEMistralConfig", "OmniMoEMistralModel", "OmniMoEMistralForCausalLM",
+           "OmniMoEQwen3Config", "OmniMoEQwen3Model", "OmniMoEQwen3ForCausalLM",
+           "OmniMoEBlock", "RouterLogitsProbe", "NormalizedRouterLogitsProbe", "router_aux_loss",
+           "router_z_loss", "expert_usage", "ExpertUsage",
            "model_classes", "config_class_for"]

@@ -15,10 +15,20 @@ Added fields:
     output_router_logits: return each OmniMoE layer's router log-probabilities.
     router_aux_loss_coef: weight of the load-balancing loss added to the LM loss when
         router logits are returned (``omni_moe.hf.router_aux_loss``).
+    router_z_loss_coef: weight of the router z-loss added to the LM loss (0: off, and
+        no extra work; ``omni_moe.hf.router_z_loss``).
+
+Other names: ``num_experts_per_token`` (``omni_moe.OmniMoEConfig``'s) is accepted for
+``num_experts_per_tok`` (and reads it back); the keys other MoE configs use either map to
+these fields (``num_local_experts``, ``decoder_sparse_step``, ...) or are rejected with
+what to use instead (``moe_intermediate_size``, ...): ``ALIASES``, ``LAYER_KEYS``,
+``FIXED``, ``REJECTED`` below, and docs/hf.md.  Integer fields accept numpy and torch
+integer scalars and store Python ints.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 
@@ -26,6 +36,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
 from ..layers.omni_moe import ROUTER_NORMS
+from ..ops._checks import as_int, check_int
 
 HF_ROUTER_NORMS = ROUTER_NORMS
 # The activations both the HF MLPs and the OmniMoE kernels implement identically
@@ -34,39 +45,118 @@ SUPPORTED_ACTS = ("silu", "gelu", "relu")
 
 
 def validate_omnimoe_fields(num_experts, num_experts_per_tok, router_norm, moe_layers,
-                            num_hidden_layers, hidden_act, router_aux_loss_coef=0.0):
-    """Raise TypeError/ValueError naming the first bad field."""
+                            num_hidden_layers, hidden_act, router_aux_loss_coef=0.0,
+                            router_z_loss_coef=0.0, *, names=None):
+    """Raise TypeError/ValueError naming the first bad field, by the name the caller typed
+    (``names``: field -> that name, where it differs); return ``(num_experts,
+    num_experts_per_tok, moe_layers)`` with Python ints (numpy and torch integer scalars
+    are accepted)."""
     from ..ops.router.op import MAX_NUM_EXPERT_SQRT
 
-    for name, v in (("num_experts", num_experts), ("num_experts_per_tok", num_experts_per_tok)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if not 1 <= num_experts <= MAX_NUM_EXPERT_SQRT**2:
-        raise ValueError(f"num_experts must be in [1, {MAX_NUM_EXPERT_SQRT**2}], got {num_experts}")
+    names = names or {}
+    e_name = names.get("num_experts", "num_experts")
+    k_name = names.get("num_experts_per_tok", "num_experts_per_tok")
+    l_name = names.get("moe_layers", "moe_layers")
+    r_name = names.get("router_norm", "router_norm")
+    num_experts = check_int(e_name, num_experts, 1, MAX_NUM_EXPERT_SQRT**2)
     n = math.isqrt(num_experts)
     if n * n != num_experts:
-        raise ValueError(f"num_experts must be a perfect square (the router's N x N grid), got "
+        raise ValueError(f"{e_name} must be a perfect square (the router's N x N grid), got "
                          f"{num_experts}; nearest: {n * n} or {(n + 1) ** 2}")
-    if not 1 <= num_experts_per_tok <= num_experts:
-        raise ValueError(f"num_experts_per_tok must be in [1, {num_experts}], got {num_experts_per_tok}")
+    num_experts_per_tok = check_int(k_name, num_experts_per_tok, 1, num_experts)
     if not isinstance(router_norm, str):
-        raise TypeError(f"router_norm must be a str, one of {HF_ROUTER_NORMS}, got {type(router_norm).__name__}")
+        raise TypeError(f"{r_name} must be a str, one of {HF_ROUTER_NORMS}, got {type(router_norm).__name__}")
     if router_norm not in HF_ROUTER_NORMS:
-        raise ValueError(f"router_norm must be one of {HF_ROUTER_NORMS}, got {router_norm!r}")
+        raise ValueError(f"{r_name} must be one of {HF_ROUTER_NORMS}, got {router_norm!r}")
     if hidden_act not in SUPPORTED_ACTS:
         raise ValueError(f"hidden_act must be one of {SUPPORTED_ACTS} for OmniMoE layers, got {hidden_act!r}")
     if isinstance(router_aux_loss_coef, bool) or not isinstance(router_aux_loss_coef, (int, float)):
         raise TypeError(f"router_aux_loss_coef must be a float, got {type(router_aux_loss_coef).__name__}")
+    if isinstance(router_z_loss_coef, bool) or not isinstance(router_z_loss_coef, (int, float)):
+        raise TypeError(f"router_z_loss_coef must be a float, got {type(router_z_loss_coef).__name__}")
+    if not (math.isfinite(router_z_loss_coef) and router_z_loss_coef >= 0):
+        raise ValueError(f"router_z_loss_coef must be a finite number >= 0, got {router_z_loss_coef}")
     if moe_layers is not None:
         if not isinstance(moe_layers, (list, tuple)):
-            raise TypeError(f"moe_layers must be a list of layer indices or None, got {type(moe_layers).__name__}")
+            raise TypeError(f"{l_name} must be a list of layer indices or None, got {type(moe_layers).__name__}")
+        layers = []
         for i in moe_layers:
-            if isinstance(i, bool) or not isinstance(i, int):
-                raise TypeError(f"moe_layers must hold ints, got {type(i).__name__}")
-            if not 0 <= i < num_hidden_layers:
-                raise ValueError(f"moe_layers: layer {i} is out of range [0, {num_hidden_layers})")
-        if len(set(moe_layers)) != len(moe_layers):
-            raise ValueError(f"moe_layers has duplicates: {list(moe_layers)}")
+            j = as_int(i)
+            if j is None:
+                raise TypeError(f"{l_name} must hold ints, got {type(i).__name__}")
+            if not 0 <= j < num_hidden_layers:
+                raise ValueError(f"{l_name}: layer {j} is out of range [0, {num_hidden_layers})")
+            layers.append(j)
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"{l_name} has duplicates: {layers}")
+        moe_layers = layers
+    return num_experts, num_experts_per_tok, moe_layers
+
+
+# Keys of other MoE configs (Mixtral, Qwen2/Qwen3-MoE, DeepSeek, OLMoE, PhiMoE) that people
+# pass out of habit.  transformers keeps an unknown key as a plain attribute that nothing
+# reads, so each of these either maps to an OmniMoE field or is rejected with what to use
+# instead.  None is ever stored, so a saved config holds OmniMoE's names only.
+ALIASES = {  # other name -> our field of the same meaning
+    "num_experts_per_token": "num_experts_per_tok",     # omni_moe.OmniMoEConfig's name
+    "num_local_experts": "num_experts",                 # Mixtral, PhiMoE, GraniteMoE
+    "n_routed_experts": "num_experts",                  # DeepSeek
+    "shared_expert_intermediate_size": "intermediate_size",   # Qwen2-MoE's shared expert
+}
+# Qwen-MoE / DeepSeek ways of choosing the sparse layers; they become moe_layers.
+LAYER_KEYS = ("decoder_sparse_step", "mlp_only_layers", "first_k_dense_replace")
+# Accepted only with the value that describes what OmniMoE does (and then not stored).
+FIXED = {
+    "norm_topk_prob": (False, "the omni router weights expert (i, j) by p_x(i) * p_y(j), "
+                              "not renormalised over the k chosen"),
+    "router_jitter_noise": (0, "the omni router adds no noise to its logits"),
+    "input_jitter_noise": (0, "OmniMoE layers add no noise to their input"),
+}
+REJECTED = {
+    "moe_intermediate_size":
+        "OmniMoE's experts are single neurons (one input and one output vector each) and have "
+        "no width: size the expert pool with num_experts (E = N*N) and num_experts_per_tok, "
+        "and the shared SwiGLU branch with intermediate_size",
+    "n_shared_experts": "an OmniMoE layer has one shared SwiGLU branch: set its width with intermediate_size",
+    "moe_layer_freq": "list the OmniMoE layers in moe_layers",
+    "routed_scaling_factor": "the omni router has no output scale: its weights are p_x(i) * p_y(j)",
+    "n_group": "the omni router takes the exact top-k over all N*N experts (no expert groups)",
+    "topk_group": "the omni router takes the exact top-k over all N*N experts (no expert groups)",
+    "topk_method": "the omni router takes the exact top-k over all N*N experts",
+    "scoring_func": "the omni router scores expert (i, j) by log p_x(i) + log p_y(j) (softmax per axis)",
+    "aux_loss_alpha": "use router_aux_loss_coef (omni_moe.hf.router_aux_loss, per axis)",
+}
+
+
+def _layers_from(keys: dict, num_hidden_layers: int, given: dict):
+    """moe_layers from Qwen-MoE's decoder_sparse_step / mlp_only_layers and DeepSeek's
+    first_k_dense_replace (their rules: layer i is sparse when i is not in mlp_only_layers,
+    (i + 1) % decoder_sparse_step == 0 and i >= first_k_dense_replace); None = all."""
+    L = num_hidden_layers
+    step = keys.get("decoder_sparse_step")
+    step = 1 if step is None else check_int("decoder_sparse_step", step, 1)
+    first = keys.get("first_k_dense_replace")
+    first = 0 if first is None else check_int("first_k_dense_replace", first, 0, L)
+    dense = keys.get("mlp_only_layers") or []
+    if not isinstance(dense, (list, tuple)):
+        raise TypeError(f"mlp_only_layers must be a list of layer indices, got {type(dense).__name__}")
+    dense = {check_int("mlp_only_layers", i, 0, L - 1) for i in dense}
+    layers = [i for i in range(L) if i not in dense and (i + 1) % step == 0 and i >= first]
+    if "moe_layers" in given:
+        ours = given["moe_layers"]
+        if (list(range(L)) if ours is None else sorted(ours)) != layers:
+            typed = ", ".join(f"{k}={keys[k]!r}" for k in LAYER_KEYS if k in keys)
+            raise ValueError(f"moe_layers={ours!r} and {typed} choose different layers ({layers}); pass one")
+    return None if len(layers) == L else layers
+
+
+def _int_scalars_to_ints(v):
+    """numpy / torch integer scalars (also inside a list or tuple) as Python ints; anything
+    else unchanged (the field checks judge it)."""
+    if isinstance(v, (list, tuple)):
+        return type(v)(_int_scalars_to_ints(x) for x in v)
+    i = as_int(v)
+    return v if i is None or type(v) is int else i
 
 
 def _config_class(base, model_type: str, name: str, doc: str):
@@ -78,15 +168,49 @@ def _config_class(base, model_type: str, name: str, doc: str):
         moe_layers: list[int] | None = None
         output_router_logits: bool = False
         router_aux_loss_coef: float = 0.0
+        router_z_loss_coef: float = 0.0
 
         def __post_init__(self, **kwargs):
-            validate_omnimoe_fields(self.num_experts, self.num_experts_per_tok, self.router_norm,
-                                    self.moe_layers, self.num_hidden_layers, self.hidden_act,
-                                    self.router_aux_loss_coef)
+            # _given: the keyword arguments of the call (see _accept_other_names), so that
+            # a name typed twice, under two spellings, can be told from a default.
+            given = kwargs.pop("_given", {})
+            names = {}
+            for other, ours in ALIASES.items():
+                if other not in kwargs:
+                    continue
+                v = kwargs.pop(other)
+                if ours in given and given[ours] != v:
+                    raise ValueError(f"{other}={v!r} and {ours}={given[ours]!r} name the same "
+                                     f"setting ({ours}); pass one")
+                if ours in names:
+                    raise ValueError(f"{names[ours]} and {other} name the same setting ({ours}); "
+                                     f"pass one")
+                if ours == "intermediate_size":
+                    v = check_int(other, v, 1)
+                setattr(self, ours, v)
+                names[ours] = other
+            keys = {k: kwargs.pop(k) for k in LAYER_KEYS if k in kwargs}
+            if keys:
+                self.moe_layers = _layers_from(keys, self.num_hidden_layers, given)
+                names["moe_layers"] = "/".join(keys)
+            for key, (value, why) in FIXED.items():
+                if key in kwargs and kwargs.pop(key) != value:
+                    raise ValueError(f"{key}: only {value!r} is supported ({why})")
+            for key, why in REJECTED.items():
+                if key in kwargs:
+                    raise ValueError(f"{key} has no OmniMoE equivalent: {why}")
+            self.num_experts, self.num_experts_per_tok, self.moe_layers = validate_omnimoe_fields(
+                self.num_experts, self.num_experts_per_tok, self.router_norm, self.moe_layers,
+                self.num_hidden_layers, self.hidden_act, self.router_aux_loss_coef,
+                self.router_z_loss_coef, names=names)
             if self.moe_layers is not None:
                 self.moe_layers = sorted(self.moe_layers)
             super().__post_init__(**kwargs)
 
+    _accept_other_names(Config)
+    # num_experts_per_token reads and writes num_experts_per_tok (transformers' own
+    # mechanism for a config's alternative attribute names; never serialised).
+    Config.attribute_map = {**base.attribute_map, "num_experts_per_token": "num_experts_per_tok"}
     Config.model_type = model_type
     Config.__name__ = Config.__qualname__ = name
     Config.__doc__ = doc
@@ -94,11 +218,25 @@ def _config_class(base, model_type: str, name: str, doc: str):
     return Config
 
 
+def _accept_other_names(cls) -> None:
+    """Wrap ``cls.__init__`` (transformers' keyword-only one) so that integer scalars of
+    numpy or torch arrive as ints (transformers' strict field checks reject them) and
+    ``__post_init__`` learns which keywords were passed."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        kwargs = {k: _int_scalars_to_ints(v) for k, v in kwargs.items()}
+        init(self, *args, **kwargs, _given=dict(kwargs))
+
+    cls.__init__ = __init__
+
+
 OmniMoELMConfig = _config_class(
     LlamaConfig, "omni_moe", "OmniMoELMConfig",
     """Config of ``OmniMoEForCausalLM``: ``LlamaConfig``'s fields plus num_experts,
     num_experts_per_tok, router_norm, moe_layers, output_router_logits,
-    router_aux_loss_coef (see the module docstring).  ``intermediate_size`` is the width
+    router_aux_loss_coef, router_z_loss_coef (see the module docstring).  ``intermediate_size`` is the width
     of each layer's shared SwiGLU branch.""")
 
 # family model_type -> (transformers module, class prefix, our model_type, our prefix)
@@ -121,3 +259,9 @@ def config_class_for(family: str):
             base, model_type, f"{ours}Config",
             f"``{prefix}Config`` plus the OmniMoE fields (see omni_moe.hf.configuration).")
     return _CONFIGS[family]
+
+
+# The converted families' configs under their own names (docs/hf.md's table).
+OmniMoEQwen2Config = config_class_for("qwen2")
+OmniMoEMistralConfig = config_class_for("mistral")
+OmniMoEQwen3Config = config_class_for("qwen3")

@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn as nn
 
+from ..ops._checks import as_int, check_int
 from .configuration import FAMILIES, config_class_for, validate_omnimoe_fields
 from .modeling import _FP32_MODULES, check_dense_mlp, install_blocks, model_classes
 
@@ -58,9 +59,10 @@ def _retag(module: nn.Module, cls: type) -> None:
     module._keep_in_fp32_modules = set(getattr(module, "_keep_in_fp32_modules", None) or ()) | set(_FP32_MODULES)
 
 
-def apply_omnimoe(model, *, layers=None, num_experts: int, num_experts_per_tok: int,
+def apply_omnimoe(model, *, layers=None, num_experts: int, num_experts_per_tok: int | None = None,
                   router_norm: str = "layernorm", output_router_logits: bool = False,
-                  router_aux_loss_coef: float = 0.0, up_embed_std: float | None = None):
+                  router_aux_loss_coef: float = 0.0, router_z_loss_coef: float = 0.0,
+                  up_embed_std: float | None = None, num_experts_per_token: int | None = None):
     """Replace the MLP of decoder layers ``layers`` (default: all) of a Llama-, Qwen2-,
     Mistral- or Qwen3-style ``...ForCausalLM`` or ``...Model`` by OmniMoE layers, in place;
     returns the model.
@@ -74,9 +76,12 @@ def apply_omnimoe(model, *, layers=None, num_experts: int, num_experts_per_tok: 
 
     Args:
         layers: decoder-layer indices to convert, or None for all.
-        num_experts: E, a perfect square N*N.  num_experts_per_tok: k.
+        num_experts: E, a perfect square N*N.
+        num_experts_per_tok: k (required); ``num_experts_per_token``, the layer config's
+            name, is accepted instead.
         router_norm: "layernorm" (per token; default), "batchnorm" (the paper's) or "none".
-        output_router_logits, router_aux_loss_coef: stored in the config (docs/hf.md).
+        output_router_logits, router_aux_loss_coef, router_z_loss_coef: stored in the
+            config (docs/hf.md).
 
     The config records all of it, so ``save_pretrained`` and, after ``import omni_moe.hf``,
     ``AutoModelForCausalLM.from_pretrained`` / ``AutoModel.from_pretrained`` rebuild the
@@ -88,14 +93,14 @@ def apply_omnimoe(model, *, layers=None, num_experts: int, num_experts_per_tok: 
     if layers is None:
         layer_ids = None
     else:
-        if isinstance(layers, int) and not isinstance(layers, bool):
+        if as_int(layers) is not None:
             layers = [layers]
         if not isinstance(layers, (list, tuple, range)):
             raise TypeError(f"layers must be a list of layer indices or None, got {type(layers).__name__}")
-        layer_ids = [int(i) if isinstance(i, int) and not isinstance(i, bool) else i for i in layers]
-        for i in layer_ids:
-            if not isinstance(i, int):
-                raise TypeError(f"layers must hold ints, got {type(i).__name__}")
+        layer_ids = [as_int(i) for i in layers]
+        for i, typed in zip(layer_ids, layers):
+            if i is None:
+                raise TypeError(f"layers must hold ints, got {type(typed).__name__}")
             if not -n_layers <= i < n_layers:
                 raise ValueError(f"layers: layer {i} is out of range for {n_layers} decoder layers")
         layer_ids = sorted({i % n_layers for i in layer_ids})
@@ -105,8 +110,18 @@ def apply_omnimoe(model, *, layers=None, num_experts: int, num_experts_per_tok: 
             raise ValueError("layers must name at least one decoder layer")
     if getattr(config, "mlp_bias", False):
         raise ValueError("model: mlp_bias=True is not supported (OmniMoE's shared branch has no bias)")
-    validate_omnimoe_fields(num_experts, num_experts_per_tok, router_norm, layer_ids, n_layers,
-                            config.hidden_act, router_aux_loss_coef)
+    k_name, k = "num_experts_per_tok", num_experts_per_tok
+    if num_experts_per_token is not None:
+        alias = check_int("num_experts_per_token", num_experts_per_token)
+        if k is not None and check_int("num_experts_per_tok", k) != alias:
+            raise ValueError(f"num_experts_per_token={alias} and num_experts_per_tok={k} name the "
+                             f"same setting (k, experts per token); pass one")
+        k_name, k = "num_experts_per_token", alias
+    if k is None:
+        raise TypeError("apply_omnimoe needs num_experts_per_tok (k, experts per token)")
+    num_experts, k, _ = validate_omnimoe_fields(
+        num_experts, k, router_norm, layer_ids, n_layers, config.hidden_act,
+        router_aux_loss_coef, router_z_loss_coef, names={"num_experts_per_tok": k_name})
     if not isinstance(output_router_logits, bool):
         raise TypeError(f"output_router_logits must be a bool, got {type(output_router_logits).__name__}")
     if up_embed_std is not None and not (isinstance(up_embed_std, (int, float)) and up_embed_std >= 0):
@@ -123,11 +138,12 @@ def apply_omnimoe(model, *, layers=None, num_experts: int, num_experts_per_tok: 
     # in place rather than replacing it, so all of them see the recorded conversion.
     config.__class__ = Config
     config.num_experts = num_experts
-    config.num_experts_per_tok = num_experts_per_tok
+    config.num_experts_per_tok = k
     config.router_norm = router_norm
     config.moe_layers = layer_ids
     config.output_router_logits = output_router_logits
     config.router_aux_loss_coef = float(router_aux_loss_coef)
+    config.router_z_loss_coef = float(router_z_loss_coef)
 
     blocks = install_blocks(base, config, ids)
     std = 1.0 / math.sqrt(config.hidden_size) if up_embed_std is None else float(up_embed_std)
@@ -146,4 +162,5 @@ def apply_omnimoe(model, *, layers=None, num_experts: int, num_experts_per_tok: 
 
         for block in blocks:
             install_output_capuring_hook(block.router_probe, "router_logits", 0)
+            install_output_capuring_hook(block.normalized_logits_probe, "normalized_router_logits", 0)
     return model

@@ -1,8 +1,11 @@
-"""Load balancing and expert-usage statistics for the factorised (N x N) omni router.
+"""Router losses and expert-usage statistics for the factorised (N x N) omni router.
 
-Both read the router logits a model returns with ``output_router_logits=True``: per
-OmniMoE layer a (T, 2N) float32 tensor ``[log p_x | log p_y]`` over the T tokens of
-the call (batch-major, i.e. token b*S + s).
+``router_aux_loss`` and ``expert_usage`` read the router logits a model returns with
+``output_router_logits=True``: per OmniMoE layer a (T, 2N) float32 tensor
+``[log p_x | log p_y]`` over the T tokens of the call (batch-major, i.e. token b*S + s).
+``router_z_loss`` reads the logits before the log_softmax, ``[l_x | l_y]`` with
+l_a = norm(W_a h), in the same layout: the log-probabilities' logsumexp is 0, so the
+z-loss cannot be computed from them.
 """
 
 from __future__ import annotations
@@ -11,7 +14,17 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops._checks import check_int
 from ..ops.router.op import omni_router
+
+
+def _layer_shape(t) -> tuple[int, int]:
+    """(T, N) of one layer's (T, 2N) router tensor; TypeError/ValueError otherwise."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"router_logits must hold tensors, got {type(t).__name__}")
+    if t.dim() != 2 or t.shape[1] % 2:
+        raise ValueError(f"router_logits must hold (T, 2N) tensors, got {tuple(t.shape)}")
+    return t.shape[0], t.shape[1] // 2
 
 
 def _token_mask(attention_mask, T: int, device):
@@ -41,13 +54,10 @@ def router_aux_loss(router_logits, top_k: int, attention_mask: torch.Tensor | No
     """
     if isinstance(router_logits, torch.Tensor):
         router_logits = (router_logits,)
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    top_k = check_int("top_k", top_k, 1)
     total, count = None, 0
     for lp in router_logits:
-        if lp.dim() != 2 or lp.shape[1] % 2:
-            raise ValueError(f"router_logits must hold (T, 2N) tensors, got {tuple(lp.shape)}")
-        T, n = lp.shape[0], lp.shape[1] // 2
+        T, n = _layer_shape(lp)
         mask = _token_mask(attention_mask, T, lp.device)
         weight = torch.ones(T, device=lp.device) if mask is None else mask
         denom = weight.sum().clamp_min(1.0)
@@ -65,6 +75,35 @@ def router_aux_loss(router_logits, top_k: int, attention_mask: torch.Tensor | No
     if count == 0:
         return torch.zeros(())
     return total / count
+
+
+def router_z_loss(router_logits, attention_mask: torch.Tensor | None = None):
+    """Router z-loss (ST-MoE) of the omni router, per axis, averaged over axes and layers.
+
+    ``router_logits``: per OmniMoE layer a (T, 2N) tensor ``[l_x | l_y]`` of the router's
+    normalised logits before the log_softmax, l_a = norm(W_a h) (what the models record
+    as ``normalized_router_logits`` when ``router_z_loss_coef`` > 0; not the
+    log-probabilities of ``output_router_logits``).  For each axis a in {x, y}:
+
+        z_a = mean over tokens t of logsumexp_i(l_a[t, i])^2
+
+    and the loss is (z_x + z_y) / 2, averaged over layers: the scale of one softmax
+    router's z-loss, whatever the number of layers.  It pulls the logits' log-partition
+    towards 0, keeping them small (numerically safe in low precision); through the norm,
+    its gradient reaches the router gates.  ``attention_mask`` (B, S) excludes padding
+    tokens when it matches the tokens of the call, as in ``router_aux_loss``.  Returns a
+    float32 scalar (0 for no layers or no tokens).
+    """
+    if isinstance(router_logits, torch.Tensor):
+        router_logits = (router_logits,)
+    layers = []
+    for lg in router_logits:
+        T, n = _layer_shape(lg)
+        mask = _token_mask(attention_mask, T, lg.device)
+        weight = torch.ones(T, device=lg.device) if mask is None else mask
+        lse = torch.logsumexp(lg.float().reshape(T, 2, n), dim=-1)       # (T, 2)
+        layers.append((lse.square().sum(1) * weight).sum() / (2 * weight.sum().clamp_min(1.0)))
+    return torch.stack(layers).mean() if layers else torch.zeros(())
 
 
 @dataclass
@@ -91,10 +130,13 @@ def expert_usage(router_logits, top_k: int, attention_mask: torch.Tensor | None 
     Padding tokens (``attention_mask`` == 0, when it matches the tokens) are skipped."""
     if isinstance(router_logits, torch.Tensor):
         router_logits = (router_logits,)
+    top_k = check_int("top_k", top_k, 1)
     counts, touched, E = [], [], None
     for lp in router_logits:
-        T, n = lp.shape[0], lp.shape[1] // 2
+        T, n = _layer_shape(lp)
         E = n * n
+        if top_k > E:
+            raise ValueError(f"top_k must be in [1, {E}] (the layer's N*N experts), got {top_k}")
         _, idx = omni_router(lp[:, :n].float().contiguous(), lp[:, n:].float().contiguous(), n, top_k)
         mask = _token_mask(attention_mask, T, lp.device)
         idx = idx.long()
@@ -106,4 +148,4 @@ def expert_usage(router_logits, top_k: int, attention_mask: torch.Tensor | None 
     return ExpertUsage(num_experts=E if E is not None else 0, counts=counts, touched=touched)
 
 
-__all__ = ["router_aux_loss", "expert_usage", "ExpertUsage"]
+__all__ = ["router_aux_loss", "router_z_loss", "expert_usage", "ExpertUsage"]

@@ -14,11 +14,16 @@ The Llama family is the native model: ``OmniMoEModel`` / ``OmniMoEForCausalLM`` 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
+import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from transformers import initialization as hf_init
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.utils import can_return_tuple
@@ -28,7 +33,7 @@ from transformers.utils.output_capturing import OutputRecorder
 from ..layers.omni_moe import OmniMoE, OmniMoEConfig, RouterNorm
 from ..ops.router.op import omni_router
 from .configuration import FAMILIES, config_class_for
-from .losses import router_aux_loss
+from .losses import router_aux_loss, router_z_loss
 
 
 def _in_backward() -> bool:
@@ -48,32 +53,64 @@ class RouterLogitsProbe(nn.Module):
         return torch.cat((px, py), dim=-1)
 
 
+class NormalizedRouterLogitsProbe(nn.Module):
+    """Where a model with ``router_z_loss_coef`` > 0 records a layer's normalised router
+    logits for the z-loss: (T, 2N) float32 ``[l_x | l_y]``, l_a = norm(W_a h), the
+    input of the log_softmax (recorded as ``normalized_router_logits``).  No
+    parameters."""
+
+    def forward(self, lx: torch.Tensor, ly: torch.Tensor) -> torch.Tensor:
+        return torch.cat((lx, ly), dim=-1)
+
+
 class OmniMoEBlock(OmniMoE):
     """``OmniMoE`` used as a decoder layer's ``mlp``; exposes its router output to
-    transformers' output recording (``RouterLogitsProbe``)."""
+    transformers' output recording (``RouterLogitsProbe``, and
+    ``NormalizedRouterLogitsProbe`` when the model's config asks for a z-loss).
 
-    def __init__(self, config: OmniMoEConfig):
+    ``lm_config``: the model's config, read at every call for ``router_z_loss_coef``
+    (so a coefficient set after the model was built applies); None: no z-loss."""
+
+    def __init__(self, config: OmniMoEConfig, lm_config=None):
         super().__init__(config)
         self.router_probe = RouterLogitsProbe()
+        self.normalized_logits_probe = NormalizedRouterLogitsProbe()
+        self.lm_config = lm_config
 
-    def router_log_probs(self, h: torch.Tensor):
+    def wants_z_loss(self) -> bool:
+        """True when the model's config has ``router_z_loss_coef`` != 0.  A property of the
+        config, not of the call, so a checkpointed layer recomputed in backward takes the
+        same path as its forward did."""
+        return bool(getattr(self.lm_config, "router_z_loss_coef", 0.0))
+
+    @contextlib.contextmanager
+    def _running_stats_kept(self):
         norms = (self.router_norm_x, self.router_norm_y)
         if not (self.training and _in_backward() and all(isinstance(m, RouterNorm) for m in norms)):
-            return super().router_log_probs(h)
+            yield
+            return
         # Activation checkpointing recomputes this forward inside backward; BatchNorm's
         # running statistics were already updated by the first forward, so keep them.
         saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
                  for m in norms]
-        out = super().router_log_probs(h)
+        yield
         with torch.no_grad():
             for m, mean, var, nbt in saved:
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(nbt)
-        return out
 
     def route(self, h: torch.Tensor):
-        px, py = self.router_log_probs(h)
+        with self._running_stats_kept():
+            if self.wants_z_loss():
+                # The z-loss needs the logits before the log_softmax, which the fused router
+                # prologue keeps to itself: PyTorch ops here (the same values).
+                lx, ly = self.normalized_router_logits(h)
+                if self.normalized_logits_probe._forward_hooks:
+                    self.normalized_logits_probe(lx, ly)
+                px, py = F.log_softmax(lx, dim=-1), F.log_softmax(ly, dim=-1)
+            else:
+                px, py = self.router_log_probs(h)
         if self.router_probe._forward_hooks:
             self.router_probe(px, py)
         return omni_router(px, py, self.num_expert_sqrt, self.top_k)
@@ -111,7 +148,7 @@ def install_blocks(base_model: nn.Module, config, layer_ids) -> list[OmniMoEBloc
         check_dense_mlp(dense, i)
         w = dense.gate_proj.weight
         with torch.device(w.device):
-            block = OmniMoEBlock(lc)
+            block = OmniMoEBlock(lc, config)
         block.to(dtype=w.dtype)
         block.gate_proj, block.up_proj, block.down_proj = dense.gate_proj, dense.up_proj, dense.down_proj
         layer.mlp = block
@@ -136,8 +173,27 @@ _CLASSES: dict[str, tuple[type, type]] = {}
 _FP32_MODULES = ["router_norm_x", "router_norm_y"]
 
 
+def _cache_names(base_model_cls) -> tuple[str, str]:
+    """(argument, output field) under which this transformers release passes the KV cache:
+    ``cache`` from 5.24 on, ``past_key_values`` before."""
+    arg = "cache" if "cache" in inspect.signature(base_model_cls.forward).parameters else "past_key_values"
+    fields = {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)}
+    return arg, "cache" if "cache" in fields else "past_key_values"
+
+
 def _record_router_logits(base_cls) -> dict:
-    return {**base_cls._can_record_outputs, "router_logits": OutputRecorder(RouterLogitsProbe, index=0)}
+    return {**base_cls._can_record_outputs, "router_logits": OutputRecorder(RouterLogitsProbe, index=0),
+            "normalized_router_logits": OutputRecorder(NormalizedRouterLogitsProbe, index=0)}
+
+
+@dataclass
+class OmniMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """``MoeCausalLMOutputWithPast`` plus ``z_loss``: the router z-loss
+    (``omni_moe.hf.router_z_loss``, float32 scalar) when ``config.router_z_loss_coef`` > 0,
+    else None.  Named as transformers' Switch/NLLB-MoE outputs name theirs
+    (``encoder_z_loss``, ``decoder_z_loss``)."""
+
+    z_loss: torch.Tensor | None = None
 
 
 def model_classes(family: str) -> tuple[type, type]:
@@ -149,6 +205,10 @@ def model_classes(family: str) -> tuple[type, type]:
     BaseModel = getattr(hf, f"{prefix}Model")
     BaseLM = getattr(hf, f"{prefix}ForCausalLM")
     Config = config_class_for(family)
+    cache_arg, cache_field = _cache_names(BaseModel)
+    rename_old_cache_arg = (deprecate_kwarg("past_key_values", "5.40.0", new_name="cache",
+                                            raise_if_both_names=True)
+                            if cache_arg == "cache" else (lambda f: f))
 
     class Model(BaseModel):
         config_class = Config
@@ -183,20 +243,33 @@ def model_classes(family: str) -> tuple[type, type]:
             if isinstance(module, OmniMoEBlock):
                 _init_block_weights(module, self.config)
 
-        # transformers 5 renamed past_key_values to cache; accept both, as the families do.
-        @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+        # Both cache names work on every release (generate() passes the release's own);
+        # where the release renamed past_key_values, it is deprecated as in the families.
+        @rename_old_cache_arg
         @can_return_tuple
         def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                     inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
-                    output_router_logits=None, **kwargs) -> MoeCausalLMOutputWithPast:
+                    output_router_logits=None, past_key_values=None,
+                    **kwargs) -> OmniMoECausalLMOutputWithPast:
             """The family's causal-LM forward plus ``output_router_logits`` (per OmniMoE
             layer, (tokens, 2N) log-probabilities) and, with it, ``aux_loss``
-            (``router_aux_loss``), added to ``loss`` times ``router_aux_loss_coef``."""
+            (``router_aux_loss``), added to ``loss`` times ``router_aux_loss_coef``; with
+            ``router_z_loss_coef`` > 0, ``z_loss`` (``router_z_loss``), added to ``loss``
+            times that coefficient.  The KV cache may be passed as ``cache`` or
+            ``past_key_values``; the output holds it under the field name of the installed
+            transformers release."""
+            if past_key_values is not None:
+                if cache is not None:
+                    raise ValueError("pass the KV cache as cache or as past_key_values, not both")
+                cache = past_key_values
             if output_router_logits is None:
                 output_router_logits = self.config.output_router_logits
+            z_coef = self.config.router_z_loss_coef
+            record = {"output_normalized_router_logits": True} if z_coef else {}
             out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
-                             use_cache=use_cache, output_router_logits=output_router_logits, **kwargs)
+                             position_ids=position_ids, inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, output_router_logits=output_router_logits,
+                             **{cache_arg: cache}, **record, **kwargs)
             hidden = out.last_hidden_state
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep, :])
@@ -210,10 +283,15 @@ def model_classes(family: str) -> tuple[type, type]:
                 aux = router_aux_loss(router_logits, self.config.num_experts_per_tok, attention_mask)
                 if loss is not None and self.config.router_aux_loss_coef:
                     loss = loss + self.config.router_aux_loss_coef * aux.to(loss.device)
-            return MoeCausalLMOutputWithPast(
-                loss=loss, aux_loss=aux, logits=logits, cache=out.cache,
-                hidden_states=out.hidden_states, attentions=out.attentions,
-                router_logits=router_logits)
+            z = None
+            if z_coef:
+                z = router_z_loss(getattr(out, "normalized_router_logits", ()), attention_mask)
+                if loss is not None:
+                    loss = loss + z_coef * z.to(loss.device)
+            return OmniMoECausalLMOutputWithPast(
+                loss=loss, aux_loss=aux, logits=logits, hidden_states=out.hidden_states,
+                attentions=out.attentions, router_logits=router_logits, z_loss=z,
+                **{cache_field: getattr(out, cache_field)})
 
     for cls, kind in ((Model, "Model"), (ForCausalLM, "ForCausalLM")):
         cls.__name__ = cls.__qualname__ = f"{ours}{kind}"
@@ -225,3 +303,7 @@ def model_classes(family: str) -> tuple[type, type]:
 
 
 OmniMoEModel, OmniMoEForCausalLM = model_classes("llama")
+# The converted families' models under their own names (docs/hf.md's table).
+OmniMoEQwen2Model, OmniMoEQwen2ForCausalLM = model_classes("qwen2")
+OmniMoEMistralModel, OmniMoEMistralForCausalLM = model_classes("mistral")
+OmniMoEQwen3Model, OmniMoEQwen3ForCausalLM = model_classes("qwen3")

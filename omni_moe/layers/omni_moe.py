@@ -26,33 +26,26 @@ loads unchanged.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, InitVar, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops._checks import check_layer_input
+from ..ops._checks import check_int, check_layer_input
 from ..ops._dispatch import use_triton
 from ..ops.expert.op import omni_expert_from_scores
 from ..ops._activations import ACTIVATIONS
 from ..ops.swiglu.op import swiglu
 from ..ops.router.op import MAX_NUM_EXPERT_SQRT, omni_router
 from ..ops.router_norm.op import router_log_probs as fused_router_log_probs
-from .norms import RouterLayerNorm, RouterNorm, _plain
+from .norms import RouterLayerNorm, RouterNorm, _plain, check_expert_tables
 from .output_stage import output_stage
+from .precision import autocast_dtype, castable
 from .router_stage import router_stage
-from .router_stats import router_stats_group, sync_router_log_probs
+from .router_stats import router_stats_group, sync_router_log_probs, sync_router_logits
 
 ROUTER_NORMS = ("batchnorm", "layernorm", "none")
-
-
-def _check_int(name, v, lo, hi=None):
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < lo or (hi is not None and v > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be {rng}, got {v}")
 
 
 def _check_choice(name, v, choices):
@@ -77,7 +70,9 @@ class OmniMoEConfig:
             the shared MLP and the atomic experts.
         num_experts: E, a perfect square N^2 (the router's grid), 1 <= N <= 46340.
             Required.
-        num_experts_per_token: k, 1 <= k <= E.  Required.
+        num_experts_per_token: k, 1 <= k <= E.  Required.  Also accepted as the keyword
+            ``num_experts_per_tok`` (transformers' MoE configs' name; read back as the
+            property of that name); both given and different is a ValueError.
         router_norm: "batchnorm" (BatchNorm1d without affine on each router axis, as the
             paper and the public reference), "layernorm" (per-token LayerNorm without
             affine over each axis's N logits: no statistics shared across tokens, so
@@ -94,6 +89,18 @@ class OmniMoEConfig:
             rows (``nn.Embedding(sparse=True)``'s convention; for SparseAdam, SGD,
             Adagrad; one device sync per backward; not CUDA-graph capturable or
             compilable).  See docs/layer.md, "Sparse expert gradients".
+
+    Integer fields accept numpy and torch integer scalars and store Python ints (the
+    config then serialises to JSON and compares equal to one built from ints).
+
+    The alias is an ``InitVar`` (keyword-only, after every field), not a field: positional
+    calls, ``dataclasses.asdict``/``fields``, ``==`` and ``repr`` see only the canonical
+    ``num_experts_per_token``, so a config reads and compares the same whichever name
+    built it.  ``dataclasses.replace`` reads every init argument back off the instance,
+    the alias included, so what the alias reads back is marked (``_ReadBack``, an int)
+    and yields to a canonical value passed beside it: ``replace(cfg,
+    num_experts_per_token=k)`` works; ``replace`` under the alias name conflicts with the
+    canonical field it copies (ValueError).
     """
 
     hidden_size: int
@@ -104,23 +111,37 @@ class OmniMoEConfig:
     router_norm: str = "batchnorm"
     sync_router_stats: bool | None = None
     sparse_expert_grad: bool = False
+    _: KW_ONLY
+    num_experts_per_tok: InitVar[int | None] = None
 
-    def __post_init__(self):
-        _check_int("hidden_size", self.hidden_size, 1)
-        _check_int("intermediate_size", self.intermediate_size, 1)
+    def __post_init__(self, num_experts_per_tok):
+        self.hidden_size = check_int("hidden_size", self.hidden_size, 1)
+        self.intermediate_size = check_int("intermediate_size", self.intermediate_size, 1)
         _check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
         if self.num_experts is None:
             raise TypeError("num_experts is required (a perfect square N*N)")
-        _check_int("num_experts", self.num_experts, 1, MAX_NUM_EXPERT_SQRT**2)
+        self.num_experts = check_int("num_experts", self.num_experts, 1, MAX_NUM_EXPERT_SQRT**2)
         n = math.isqrt(self.num_experts)
         if n * n != self.num_experts:
             raise ValueError(
                 f"num_experts must be a perfect square (the router's N x N grid), got "
                 f"{self.num_experts}; nearest: {n * n} or {(n + 1) ** 2}"
             )
-        if self.num_experts_per_token is None:
-            raise TypeError("num_experts_per_token is required")
-        _check_int("num_experts_per_token", self.num_experts_per_token, 1, self.num_experts)
+        E, k = self.num_experts, self.num_experts_per_token
+        if k is not None:
+            k = check_int("num_experts_per_token", k, 1, E)
+        if isinstance(num_experts_per_tok, _ReadBack) and k is not None:
+            num_experts_per_tok = None      # dataclasses.replace's copy of the old k
+        if num_experts_per_tok is not None:
+            alias = check_int("num_experts_per_tok", num_experts_per_tok, 1, E)
+            if k is not None and k != alias:
+                raise ValueError(
+                    f"num_experts_per_tok={alias} and num_experts_per_token={k} name the same "
+                    f"setting (k, experts per token); pass one")
+            k = alias
+        if k is None:
+            raise TypeError("num_experts_per_token (or num_experts_per_tok) is required")
+        self.num_experts_per_token = k
         _check_choice("router_norm", self.router_norm, ROUTER_NORMS)
         if self.sync_router_stats is not None and not isinstance(self.sync_router_stats, bool):
             raise TypeError(f"sync_router_stats must be a bool or None, got {type(self.sync_router_stats).__name__}")
@@ -131,6 +152,21 @@ class OmniMoEConfig:
     def num_expert_sqrt(self) -> int:
         """N = sqrt(num_experts)."""
         return math.isqrt(self.num_experts)
+
+
+class _ReadBack(int):
+    """``OmniMoEConfig.num_experts_per_tok`` as read: an int equal to k, marked so that
+    ``__post_init__`` can tell ``dataclasses.replace``'s copy of it from a value given."""
+
+    __slots__ = ()
+
+
+# The alias reads and writes the field.  Set after the class is built: the dataclass
+# machinery takes the InitVar's default from the class body, where this name must hold it.
+OmniMoEConfig.num_experts_per_tok = property(
+    lambda self: None if self.num_experts_per_token is None else _ReadBack(self.num_experts_per_token),
+    lambda self, v: setattr(self, "num_experts_per_token", v),
+    doc="k under transformers' name: an alias of ``num_experts_per_token``.")
 
 
 class OmniMoE(nn.Module):
@@ -228,9 +264,8 @@ class OmniMoE(nn.Module):
             return sync_router_log_probs(self, h, group)
         mode = self._fused_router_mode(h)
         if mode is None:
-            lx = self.router_norm_x(self.router_gate_x(h).float())
-            ly = self.router_norm_y(self.router_gate_y(h).float())
-            return F.log_softmax(lx.float(), dim=-1), F.log_softmax(ly.float(), dim=-1)
+            lx, ly = self._plain_router_logits(h)
+            return F.log_softmax(lx, dim=-1), F.log_softmax(ly, dim=-1)
         logits = F.linear(h, torch.cat((self.router_gate_x.weight, self.router_gate_y.weight)))
         if mode == "none":
             return fused_router_log_probs(logits, self.num_expert_sqrt, mode, None, 0.0, 0.0)
@@ -238,6 +273,22 @@ class OmniMoE(nn.Module):
         running = (nx.running_mean, nx.running_var, nx.num_batches_tracked,
                    ny.running_mean, ny.running_var, ny.num_batches_tracked)
         return fused_router_log_probs(logits, self.num_expert_sqrt, mode, running, nx.momentum, nx.eps)
+
+    def normalized_router_logits(self, h: torch.Tensor):
+        """(lx, ly): float32 (T, N) norm(W_x h), norm(W_y h), the logits ``router_log_probs``
+        takes the log_softmax of (what a router z-loss reads), through PyTorch ops on
+        every device.  In training it normalises with batch statistics (synchronised
+        ones where ``router_log_probs`` would) and updates the running statistics, as one
+        ``router_log_probs`` call does: call one of the two per step, not both."""
+        group = self._router_stats_group()
+        if group is not None:
+            return sync_router_logits(self, h, group)
+        return self._plain_router_logits(h)
+
+    def _plain_router_logits(self, h: torch.Tensor):
+        lx = self.router_norm_x(self.router_gate_x(h).float())
+        ly = self.router_norm_y(self.router_gate_y(h).float())
+        return lx.float(), ly.float()
 
     def _router_stats_group(self):
         """The process group the router norms' batch statistics are synchronised over,
@@ -252,7 +303,7 @@ class OmniMoE(nn.Module):
                 or self.num_expert_sqrt > MAX_N):
             return None
         gx, gy, nx, ny = self.router_gate_x, self.router_gate_y, self.router_norm_x, self.router_norm_y
-        if not all(_plain(m) for m in (gx, gy, nx, ny)) or gx.weight.dtype != h.dtype:
+        if not all(_plain(m) for m in (gx, gy, nx, ny)) or not castable(gx.weight, h):
             return None
         if type(nx) is nn.Identity and type(ny) is nn.Identity:
             return "none"
@@ -278,6 +329,12 @@ class OmniMoE(nn.Module):
         ``omni_moe.ops._checks.check_layer_input``.
         """
         check_layer_input(self, hidden_states)
+        check_expert_tables(self)
+        amp = autocast_dtype(hidden_states)
+        if amp is not None:
+            # Under torch.autocast the layer computes in its dtype (layers/precision.py):
+            # the input is cast once here, the weights inside each stage.
+            hidden_states = hidden_states.to(amp)
         shape = hidden_states.shape
         # (T, H) input as is: a same-shape reshape/view would add two autograd nodes.
         flat = hidden_states.dim() == 2

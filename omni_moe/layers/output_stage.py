@@ -29,6 +29,10 @@ class _OutputStage(torch.autograd.Function):
         from ..ops.expert.op import _forward_impl as expert_forward
         from ..ops.swiglu.op import _forward_impl as swiglu_forward
 
+        # Under autocast the MLP weights arrive in their own dtype and are cast to h's
+        # here (layers/precision.py); the expert tables are read as they are.
+        ctx.w_dtype = wg.dtype
+        wg, wu, wd = wg.to(h.dtype), wu.to(h.dtype), wd.to(h.dtype)
         experts, a, sorted_e, perm = expert_forward(h, up, down, scores, idx, act, True)
         gate = F.linear(h, wg)
         upp = F.linear(h, wu)
@@ -58,14 +62,15 @@ class _OutputStage(torch.autograd.Function):
                 fn = expert_backward
             dh, dup, ddown, ds = fn(dout, h, up, down, scores, idx, a, sorted_e, perm, act,
                                     bool(need_h), bool(need_up), bool(need_down), True)
+        wdt = ctx.w_dtype
         if need_wd:
-            dwd = dout.t().mm(inner)
+            dwd = dout.t().mm(inner).to(wdt)
         if need_h or need_wg or need_wu:
             dgate, dupp = swiglu_backward(dout.mm(wd), gate, upp, act)
             if need_wg:
-                dwg = dgate.t().mm(h)
+                dwg = dgate.t().mm(h).to(wdt)
             if need_wu:
-                dwu = dupp.t().mm(h)
+                dwu = dupp.t().mm(h).to(wdt)
             if need_h:
                 # The input gradient's MLP terms added in the GEMMs' epilogues (beta = 1),
                 # in place on the experts' fresh dh: no elementwise add launches.
@@ -76,15 +81,18 @@ class _OutputStage(torch.autograd.Function):
 
 def output_stage(layer, h, scores, indices):
     """``layer``'s experts + shared MLP for 2-D ``h`` through one autograd node, or None
-    when the unfused path must run (compiling, hooks, mixed dtypes)."""
+    when the unfused path must run (compiling, hooks, MLP weights of another dtype
+    outside autocast).  The expert tables may have any dtype (the kernels read them as
+    they are)."""
     from ..ops.expert.op import check_expert_args
     from .norms import _plain
+    from .precision import castable
 
     mods = (layer.gate_proj, layer.up_proj, layer.down_proj)
     if torch.compiler.is_compiling() or not all(_plain(m) for m in mods):
         return None
     ws = (layer.up_embed.weight, layer.down_embed.weight) + tuple(m.weight for m in mods)
-    if any(w.dtype != h.dtype for w in ws):
+    if not all(castable(w, h) and w.dtype == ws[2].dtype for w in ws[2:]):
         return None
     check_expert_args(h, ws[0], ws[1], scores, indices, layer.act)
     return _OutputStage.apply(h, ws[0], ws[1], scores, indices, ws[2], ws[3], ws[4], layer.act,

@@ -30,12 +30,14 @@ class _RouterStage(torch.autograd.Function):
         from ..ops.router.op import _forward_impl as router_forward
         from ..ops.router_norm.kernels import norm_log_softmax_forward
 
-        w = torch.cat((wx, wy))
+        # Under autocast the weights arrive in their own dtype: one cast of the stacked
+        # copy (layers/precision.py); its gradient is cast back in backward.
+        w = torch.cat((wx, wy)).to(h.dtype)
         logits = F.linear(h, w)
         p, stats = norm_log_softmax_forward(logits, n, mode, running, momentum, eps)
         scores, indices = router_forward(p[:, :n], p[:, n:], k, "pruned")
         ctx.mark_non_differentiable(indices)
-        ctx.n, ctx.mode, ctx.eps = n, mode, eps
+        ctx.n, ctx.mode, ctx.eps, ctx.w_dtype = n, mode, eps, wx.dtype
         if mode == "running" and any(ctx.needs_input_grad[:3]):
             # Copies: a training-mode call before this backward updates the running
             # statistics in place (in a kernel, which autograd's version counters miss).
@@ -59,7 +61,7 @@ class _RouterStage(torch.autograd.Function):
         need_h, need_wx, need_wy = ctx.needs_input_grad[:3]
         # The operand layouts of aten's linear backward (mm of the transposed weight).
         dh = dlogits.mm(w) if need_h else None
-        dw = dlogits.t().mm(h) if (need_wx or need_wy) else None
+        dw = dlogits.t().mm(h).to(ctx.w_dtype) if (need_wx or need_wy) else None
         return (dh, dw[:n] if need_wx else None, dw[n:] if need_wy else None,
                 None, None, None, None, None, None)
 

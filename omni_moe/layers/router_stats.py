@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..ops._dispatch import use_triton
 from .norms import RouterNorm, _plain
+from .precision import castable
 
 
 def _world(group) -> int:
@@ -242,26 +243,41 @@ def _fused_ok(layer, h) -> bool:
     nx, ny = layer.router_norm_x, layer.router_norm_y
     gx, gy = layer.router_gate_x, layer.router_gate_y
     return (use_triton(h) and not torch.compiler.is_compiling() and layer.num_expert_sqrt <= MAX_N
-            and all(_plain(m) for m in (gx, gy, nx, ny)) and gx.weight.dtype == h.dtype
+            and all(_plain(m) for m in (gx, gy, nx, ny)) and castable(gx.weight, h)
             and nx.momentum is not None and nx.momentum == ny.momentum and nx.eps == ny.eps)
+
+
+def _sync_norms(layer):
+    """(norm_x, norm_y, running statistics) of ``layer``; ValueError unless they can be
+    synchronised."""
+    nx, ny = layer.router_norm_x, layer.router_norm_y
+    if not (type(nx) is RouterNorm and type(ny) is RouterNorm and nx.track_running_stats
+            and ny.track_running_stats and nx.eps == ny.eps and nx.momentum == ny.momentum):
+        raise ValueError("sync_router_stats needs the layer's own RouterNorm modules with "
+                         "running statistics and equal eps/momentum on both axes")
+    return nx, ny, (nx.running_mean, nx.running_var, nx.num_batches_tracked,
+                    ny.running_mean, ny.running_var, ny.num_batches_tracked)
+
+
+def sync_router_logits(layer, h: torch.Tensor, group):
+    """``layer.normalized_router_logits(h)`` (lx, ly) in training with the router norms'
+    batch statistics taken over all ranks of ``group``, through PyTorch ops.  Every rank
+    of the group must call it, whatever its number of tokens."""
+    nx, _, running = _sync_norms(layer)
+    n = layer.num_expert_sqrt
+    x = torch.cat((layer.router_gate_x(h).float(), layer.router_gate_y(h).float()), dim=1)
+    xhat = _SyncNormTorch.apply(x, n, running, nx.momentum, nx.eps, _stats_comm_group(group))
+    return xhat[:, :n], xhat[:, n:]
 
 
 def sync_router_log_probs(layer, h: torch.Tensor, group):
     """``layer.router_log_probs(h)`` in training with the router norms' batch statistics
     taken over all ranks of ``group`` (see the module docstring).  Every rank of the
     group must call it, whatever its number of tokens."""
-    nx, ny = layer.router_norm_x, layer.router_norm_y
-    if not (type(nx) is RouterNorm and type(ny) is RouterNorm and nx.track_running_stats
-            and ny.track_running_stats and nx.eps == ny.eps and nx.momentum == ny.momentum):
-        raise ValueError("sync_router_stats needs the layer's own RouterNorm modules with "
-                         "running statistics and equal eps/momentum on both axes")
-    n = layer.num_expert_sqrt
-    running = (nx.running_mean, nx.running_var, nx.num_batches_tracked,
-               ny.running_mean, ny.running_var, ny.num_batches_tracked)
-    group = _stats_comm_group(group)
+    nx, _, running = _sync_norms(layer)
     if _fused_ok(layer, h):
         logits = F.linear(h, torch.cat((layer.router_gate_x.weight, layer.router_gate_y.weight)))
-        return _SyncRouterLogProbs.apply(logits, n, running, nx.momentum, nx.eps, group)
-    x = torch.cat((layer.router_gate_x(h).float(), layer.router_gate_y(h).float()), dim=1)
-    xhat = _SyncNormTorch.apply(x, n, running, nx.momentum, nx.eps, group)
-    return F.log_softmax(xhat[:, :n], dim=-1), F.log_softmax(xhat[:, n:], dim=-1)
+        return _SyncRouterLogProbs.apply(logits, layer.num_expert_sqrt, running, nx.momentum,
+                                         nx.eps, _stats_comm_group(group))
+    lx, ly = sync_router_logits(layer, h, group)
+    return F.log_softmax(lx, dim=-1), F.log_softmax(ly, dim=-1)

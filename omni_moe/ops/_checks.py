@@ -6,9 +6,64 @@ Every check raises TypeError/ValueError naming the offending argument, before an
 
 from __future__ import annotations
 
+import dataclasses
+import operator
+
+import numpy as np
 import torch
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def as_int(v) -> int | None:
+    """``v`` as a plain Python int when it is an integer scalar -- an int, a numpy
+    integer, a 0-d integer torch tensor -- else None.  Booleans are not integers here
+    (``True`` as a size or a count is a mistake, not 1)."""
+    if isinstance(v, (bool, np.bool_)):
+        return None
+    if isinstance(v, torch.Tensor) and (v.dim() != 0 or v.dtype == torch.bool
+                                        or v.is_floating_point() or v.is_complex()):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
+def check_int(name: str, v, lo: int | None = None, hi: int | None = None) -> int:
+    """``v`` as a plain Python int (store the result: numpy and torch integer scalars
+    become ints, so configs serialise and compare equal); TypeError naming ``name``
+    unless ``v`` is an integer scalar (``bool`` is not), ValueError unless
+    ``lo <= v <= hi`` (either bound may be None)."""
+    i = v if type(v) is int else as_int(v)
+    if i is None:
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if (lo is not None and i < lo) or (hi is not None and i > hi):
+        rng = (f"in [{lo}, {hi}]" if lo is not None and hi is not None
+               else f">= {lo}" if lo is not None else f"<= {hi}")
+        raise ValueError(f"{name} must be {rng}, got {i}")
+    return i
+
+
+def check_pow2(name: str, v, lo: int = 1) -> int:
+    """``check_int`` for a power of two >= ``lo`` (tile sizes, warp counts)."""
+    i = check_int(name, v)
+    if i < lo or i & (i - 1):
+        raise ValueError(f"{name} must be a power of two >= {lo}, got {i}")
+    return i
+
+
+def with_fields(config, **values):
+    """``config`` (a frozen dataclass) holding ``values``: itself when they are the objects
+    it holds (checked plain ints come back as the same object, so an explicit launch
+    config costs no copy per call), else ``dataclasses.replace`` of it."""
+    def same(a, b):
+        return a is b or (type(a) is tuple and type(b) is tuple and len(a) == len(b)
+                          and all(x is y for x, y in zip(a, b)))
+
+    if all(same(getattr(config, k), v) for k, v in values.items()):
+        return config
+    return dataclasses.replace(config, **values)
 
 
 def check_dense(name: str, t: torch.Tensor) -> None:
@@ -56,8 +111,9 @@ def check_layer_input(layer, hidden_states) -> None:
     Dtype rule: the input must have the dtype of the weights that read it (the gate,
     up and router projections); a mismatch raises TypeError naming both rather than being
     cast silently (a cast would hide a half-converted model and copy the activations).
-    Under ``torch.autocast`` for the input's device the projections cast for themselves,
-    so the rule is not applied there.
+    Under ``torch.autocast`` for the input's device the layer casts the input and weights
+    to the autocast dtype (``omni_moe.layers.precision``), so there any float32, float16
+    or bfloat16 input is accepted (float64, which autocast leaves alone, is not).
     """
     if not isinstance(hidden_states, torch.Tensor):
         raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
@@ -70,7 +126,8 @@ def check_layer_input(layer, hidden_states) -> None:
         raise TypeError(
             f"OmniMoE's parameters are {wdt}; it runs in float32, float16 or bfloat16: "
             f"cast the module with .float(), .half() or .bfloat16()")
-    if hidden_states.dtype != wdt and not torch.is_autocast_enabled(hidden_states.device.type):
+    if hidden_states.dtype != wdt and (hidden_states.dtype not in _KERNEL_DTYPES or
+                                       not torch.is_autocast_enabled(hidden_states.device.type)):
         raise TypeError(
             f"hidden_states has dtype {hidden_states.dtype} but OmniMoE's parameters are "
             f"{wdt}; cast one to the other (e.g. hidden_states.to({wdt}))")

@@ -97,7 +97,7 @@ def test_train_hf_lm_parallel_needs_torchrun(capsys):
     assert err.count("\n") == 1 and "torchrun" in err
 
 
-def test_benchmark_script_tiny(tmp_path):
+def test_benchmark_script_tiny(tmp_path, capsys):
     import json
 
     spec = importlib.util.spec_from_file_location("hf_model", os.path.join(REPO, "benchmarks", "hf_model.py"))
@@ -111,3 +111,20 @@ def test_benchmark_script_tiny(tmp_path):
     # the converted model starts as the dense one
     assert abs(res["converted"]["first_loss"] - res["dense"]["first_loss"]) < 1e-5
     assert mod.main(["--tiny", "--json", str(path), "--models", "sparse"]) == 2
+    # errors name the option typed
+    capsys.readouterr()
+    for bad, option in ((["--k", "99999"], "--k must be in"), (["--experts", "20"], "--experts must be"),
+                        (["--native-norm", "rms"], "--native-norm must be one of")):
+        assert mod.main(["--tiny", "--json", str(path), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and option in err, err
+
+
+def test_benchmark_script_tiny_prints_without_json(capsys):
+    spec = importlib.util.spec_from_file_location("hf_model", os.path.join(REPO, "benchmarks", "hf_model.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--tiny", "--steps", "1", "--warmup", "0", "--models", "dense"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("dense ")]
+    assert len(rows) == 1 and "tok/s" in rows[0] and "wrote" not in out

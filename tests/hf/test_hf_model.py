@@ -4,7 +4,9 @@ CPU; no downloads.  All but the last test run the PyTorch paths (fast); the last
 the Triton kernels under TRITON_INTERPRET=1."""
 
 import os
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -140,6 +142,31 @@ def test_conversion_errors():
         small(OmniMoELMConfig, num_experts=16, moe_layers=[5])
 
 
+def test_conversion_names_and_integer_scalars():
+    """apply_omnimoe takes k under either name, numpy/torch integers anywhere an int goes,
+    and records Python ints; errors name the argument as typed."""
+    model = LlamaForCausalLM(small())
+    apply_omnimoe(model, layers=[np.int64(0), torch.tensor(2)], num_experts=np.int32(16),
+                  num_experts_per_token=torch.tensor(3), router_z_loss_coef=0.1)
+    cfg = model.config
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_layers, cfg.router_z_loss_coef) == (16, 3, [0, 2], 0.1)
+    assert type(cfg.num_experts) is type(cfg.num_experts_per_tok) is int
+    assert all(type(i) is int for i in cfg.moe_layers)
+    assert model.model.layers[0].mlp.top_k == 3
+    fresh = lambda: LlamaForCausalLM(small())  # noqa: E731
+    with pytest.raises(ValueError, match=r"^num_experts_per_token must be in \[1, 16\], got 17$"):
+        apply_omnimoe(fresh(), num_experts=16, num_experts_per_token=17)
+    with pytest.raises(ValueError, match=r"num_experts_per_token=3 and num_experts_per_tok=2 .*pass one"):
+        apply_omnimoe(fresh(), num_experts=16, num_experts_per_tok=2, num_experts_per_token=3)
+    apply_omnimoe(fresh(), num_experts=16, num_experts_per_tok=2, num_experts_per_token=2)
+    with pytest.raises(TypeError, match="needs num_experts_per_tok"):
+        apply_omnimoe(fresh(), num_experts=16)
+    with pytest.raises(TypeError, match=r"^layers must hold ints, got bool$"):
+        apply_omnimoe(fresh(), layers=[True], num_experts=16, num_experts_per_tok=2)
+    with pytest.raises(ValueError, match=r"^router_z_loss_coef must be a finite number >= 0"):
+        apply_omnimoe(fresh(), num_experts=16, num_experts_per_tok=2, router_z_loss_coef=-1.0)
+
+
 # ------------------------------------------------------------------ save / load
 @pytest.mark.parametrize("norm", ["batchnorm", "layernorm"])
 def test_roundtrip_converted(tmp_path, norm):
@@ -167,7 +194,7 @@ def test_roundtrip_converted(tmp_path, norm):
 
 def test_roundtrip_native_and_auto(tmp_path):
     torch.manual_seed(0)
-    model = native(router_norm="batchnorm", moe_layers=[0, 2])
+    model = native(router_norm="batchnorm", moe_layers=[0, 2], router_z_loss_coef=0.01)
     assert type(model.model.layers[1].mlp).__name__ == "LlamaMLP"
     train_steps(model, steps=2)
     model.eval()
@@ -176,7 +203,7 @@ def test_roundtrip_native_and_auto(tmp_path):
         want = model(x).logits
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert isinstance(loaded, OmniMoEForCausalLM)
+    assert isinstance(loaded, OmniMoEForCausalLM) and loaded.config.router_z_loss_coef == 0.01
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, want, rtol=0, atol=0)
     rn = loaded.model.layers[0].mlp.router_norm_x
@@ -227,9 +254,19 @@ def test_one_token_decode_step_matches_full_forward():
     with torch.no_grad():
         full = model(x).logits
         pre = model(x[:, :-1], use_cache=True)
-        step = model(x[:, -1:], cache=pre.cache, use_cache=True).logits
-        again = model(x[:, :-1], use_cache=True)  # the pre-5.x argument name still works
-        old_name = model(x[:, -1:], past_key_values=again.cache, use_cache=True).logits
+        # The cache sits in the output field the family's own model uses on this release
+        # ("cache" from 5.24 on, "past_key_values" before).
+        dense = LlamaForCausalLM(small())(x[:, :1], use_cache=True)
+        field = next(k for k in ("cache", "past_key_values") if k in dense)
+        assert field in pre and pre[field] is not None
+        assert set(pre.keys()) - {"aux_loss", "router_logits"} <= set(dense.keys()) | {"loss"}
+        step = model(x[:, -1:], cache=pre[field], use_cache=True).logits
+        again = model(x[:, :-1], use_cache=True)  # the other argument name works too
+        with warnings.catch_warnings():  # deprecated where the release renamed it
+            warnings.simplefilter("ignore", FutureWarning)
+            old_name = model(x[:, -1:], past_key_values=again[field], use_cache=True).logits
+        with pytest.raises(ValueError, match="past_key_values"):
+            model(x[:, -1:], cache=again[field], past_key_values=again[field])
     torch.testing.assert_close(step[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(old_name, step, rtol=0, atol=0)
 
@@ -285,13 +322,147 @@ def test_router_logits_after_conversion_of_a_used_model():
     assert len(out.router_logits) == 3 and len(out.hidden_states) == 4
 
 
-# ------------------------------------------------------------------ training features
-@pytest.mark.parametrize("norm", ["layernorm", "batchnorm"])
-def test_gradient_checkpointing_same_gradients(norm):
+def test_aux_loss_of_a_model_is_the_mean_over_its_layers():
+    """Three OmniMoE layers: the returned aux_loss is the mean of the per-layer losses,
+    each from the log-probabilities that layer's router computed (recomputed here from
+    the layer's input)."""
     torch.manual_seed(0)
-    a = native(router_norm=norm)
+    model = native(num_hidden_layers=4, moe_layers=[0, 2, 3], router_aux_loss_coef=0.5).eval()
+    randomize_experts(model)
+    blocks = [model.model.layers[i].mlp for i in (0, 2, 3)]
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, 32)))
+             for b in blocks]
+    x = tokens(2, 9, seed=12)
+    out = model(x, labels=x, output_router_logits=True)
+    for h in hooks:
+        h.remove()
+    per_layer = []
+    with torch.no_grad():
+        for b, h in zip(blocks, seen):
+            per_layer.append(ohf.router_aux_loss(torch.cat(b.router_log_probs(h), -1), 3))
+    want = torch.stack(per_layer).mean()
+    torch.testing.assert_close(out.aux_loss, want, rtol=1e-6, atol=0)
+    assert min(per_layer) < out.aux_loss < max(per_layer)
+
+
+# ------------------------------------------------------------------ router z-loss
+def _direct_normalised_logits(h, weights, norms, norm):
+    """float64 [l_x | l_y] for input rows ``h`` and gate weights ``weights`` (training
+    mode): the gates, then BatchNorm with the batch's biased variance, a per-row
+    LayerNorm, or nothing (``norms``: the modules, for their eps)."""
+    h = h.double()
+    out = []
+    for W, nm in zip(weights, norms):
+        z = h @ W.double().t()
+        if norm == "batchnorm":
+            z = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + nm.eps)
+        elif norm == "layernorm":
+            z = (z - z.mean(1, keepdim=True)) / torch.sqrt(z.var(1, unbiased=False, keepdim=True) + nm.eps)
+        out.append(z)
+    return torch.cat(out, -1)
+
+
+def _gates_and_norms(block):
+    return ((block.router_gate_x.weight.detach(), block.router_gate_y.weight.detach()),
+            (block.router_norm_x, block.router_norm_y))
+
+
+def _direct_z(logits, weight):
+    """Mean over axes of the token-weighted mean of logsumexp^2, for one layer."""
+    T, n = logits.shape[0], logits.shape[1] // 2
+    lse = torch.logsumexp(logits.view(T, 2, n), -1)
+    return (lse.square().sum(1) * weight).sum() / (2 * weight.sum())
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "layernorm", "none"])
+def test_z_loss_matches_direct_formula_and_reaches_the_gates(norm):
+    """z_loss of a two-OmniMoE-layer model with padding: the formula applied to the
+    normalised logits each router computed (recomputed here in float64 from the layer's
+    input); loss = LM loss + coef * z_loss; its gradient reaches the router gates (the
+    last OmniMoE layer's, whose inputs do not depend on them: checked exactly)."""
+    torch.manual_seed(0)
+    model = native(router_norm=norm, moe_layers=[0, 2], router_z_loss_coef=0.25).train()
+    randomize_experts(model)
+    blocks = [model.model.layers[i].mlp for i in (0, 2)]
+    x = tokens(2, 7, seed=1)
+    mask = torch.ones_like(x)
+    mask[1, 4:] = 0
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, 32)))
+             for b in blocks]
+    out = model(x, attention_mask=mask, labels=x)
+    for h in hooks:
+        h.remove()
+    w = mask.reshape(-1).double()
+    direct = [_direct_normalised_logits(h, *_gates_and_norms(b), norm) for b, h in zip(blocks, seen)]
+    want = torch.stack([_direct_z(lg, w) for lg in direct]).mean()
+    assert out.z_loss.dtype == torch.float32
+    torch.testing.assert_close(out.z_loss.double(), want, rtol=1e-5, atol=0)
+
+    last = blocks[1]
+    assert out.z_loss.requires_grad
+    got = torch.autograd.grad(out.z_loss, (last.router_gate_x.weight, last.router_gate_y.weight),
+                              retain_graph=True, allow_unused=True)
+    assert all(g is not None for g in got)
+    weights, norms = _gates_and_norms(last)
+    weights = [W.double().requires_grad_() for W in weights]
+    # two layers: this one's share of the mean
+    (_direct_z(_direct_normalised_logits(seen[1], weights, norms, norm), w) / 2).backward()
+    for g, W in zip(got, weights):
+        assert g.abs().max() > 0
+        torch.testing.assert_close(g.double(), W.grad, rtol=1e-4, atol=1e-5 * float(W.grad.abs().max()))
+
+    model.config.router_z_loss_coef = 0.0
+    plain = model(x, attention_mask=mask, labels=x)
+    assert plain.z_loss is None
+    torch.testing.assert_close(out.loss, plain.loss + 0.25 * out.z_loss)
+
+
+def test_z_loss_off_adds_no_work(monkeypatch):
+    """With router_z_loss_coef 0 every router takes its usual path (``router_log_probs``:
+    the fused prologue on CUDA) and records nothing for a z-loss; with a coefficient,
+    read at call time, each OmniMoE layer computes and records its normalised logits
+    once per forward instead."""
+    usual = []
+    orig = ohf.OmniMoEBlock.router_log_probs
+
+    def spy(self, h):
+        usual.append(self)
+        return orig(self, h)
+
+    monkeypatch.setattr(ohf.OmniMoEBlock, "router_log_probs", spy)
+    torch.manual_seed(0)
+    model = native(router_norm="batchnorm", moe_layers=[0, 2]).train()
+    x = tokens(2, 5)
+    recorded = []
+    for i in (0, 2):
+        model.model.layers[i].mlp.normalized_logits_probe.register_forward_hook(
+            lambda *a: recorded.append(1))
+    out = model(x, labels=x, output_router_logits=True)
+    assert out.z_loss is None and len(usual) == 2 and recorded == []
+    model.config.router_z_loss_coef = 0.1
+    usual.clear()
+    out = model(x, labels=x)
+    assert out.z_loss is not None and usual == [] and len(recorded) == 2
+    assert out.aux_loss is None  # the two losses are independent
+
+
+def test_z_loss_and_aux_loss_together_train():
+    torch.manual_seed(0)
+    model = native(router_norm="batchnorm", router_aux_loss_coef=0.01, router_z_loss_coef=0.01)
+    losses = train_steps(model, steps=6, output_router_logits=True)
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+# ------------------------------------------------------------------ training features
+@pytest.mark.parametrize("z_coef", [0.0, 0.1])
+@pytest.mark.parametrize("norm", ["layernorm", "batchnorm"])
+def test_gradient_checkpointing_same_gradients(norm, z_coef):
+    torch.manual_seed(0)
+    a = native(router_norm=norm, router_z_loss_coef=z_coef)
     randomize_experts(a)
-    b = native(router_norm=norm)
+    b = native(router_norm=norm, router_z_loss_coef=z_coef)
     b.load_state_dict(a.state_dict())
     if hasattr(b, "activation_checkpointing_enable"):
         b.activation_checkpointing_enable({"use_reentrant": False})
@@ -355,13 +526,16 @@ def test_torch_compile_forward():
 
 # ------------------------------------------------------------------ Triton kernels
 @pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs TRITON_INTERPRET=1 or CUDA")
-def test_kernels_converted_model_matches_torch_path(monkeypatch):
+@pytest.mark.parametrize("z_coef", [0.0, 0.1])
+def test_kernels_converted_model_matches_torch_path(monkeypatch, z_coef):
     """The Triton kernels (interpreter on CPU) give the PyTorch path's logits and
-    gradients on a converted model (batchnorm, training mode: the fused prologue)."""
+    gradients on a converted model (batchnorm, training mode: the fused prologue; with a
+    z-loss, the router's PyTorch ops beside the router and expert kernels)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model = LlamaForCausalLM(small(num_hidden_layers=1))
-    apply_omnimoe(model, num_experts=16, num_experts_per_tok=3, router_norm="batchnorm")
+    apply_omnimoe(model, num_experts=16, num_experts_per_tok=3, router_norm="batchnorm",
+                  router_z_loss_coef=z_coef)
     randomize_experts(model)
     model = model.to(dev).train()
     x = tokens(2, 6).to(dev)
@@ -376,6 +550,8 @@ def test_kernels_converted_model_matches_torch_path(monkeypatch):
     ref = model(x, labels=x)
     ref.loss.backward()
     torch.testing.assert_close(out.logits.cpu(), ref.logits, rtol=1e-4, atol=1e-5)
+    if z_coef:
+        torch.testing.assert_close(out.z_loss.cpu(), ref.z_loss, rtol=1e-5, atol=0)
     for n, p in model.named_parameters():
         torch.testing.assert_close(kern[n].cpu(), p.grad, rtol=1e-4, atol=1e-5, msg=n)
 

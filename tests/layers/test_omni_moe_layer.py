@@ -9,6 +9,7 @@ forward and every gradient must match on every call, not only the first.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -49,8 +50,15 @@ def cfg(H=32, I=48, E=64, k=4, act="silu", norm="batchnorm"):
                          num_experts=E, num_experts_per_token=k, router_norm=norm)
 
 
-def train_and_compare(config, shape, device, dtype, steps=3, seed=0, make_optimizer=None):
+def train_and_compare(config, shape, device, dtype, steps=3, seed=0, make_optimizer=None,
+                      amp=None):
     """Three Adam steps; per step returns {name: (err_ours, err_naive_or_None)} vs float64.
+
+    ``amp`` (bf16 or fp16): float32 parameters and inputs, the forward under
+    ``torch.autocast(device, amp)`` -- the mixed-precision recipe; ``dtype`` must be
+    float32.  The naive baseline is then the float32 PyTorch formula under the same
+    autocast, and the router bounds add the rounding of h and W to ``amp`` before the
+    router GEMM.
 
     float32: the float64 oracle routes by itself too, and the experts it picks must score
     the same as ours up to float32 rounding (an exact router may differ only among sums
@@ -67,40 +75,46 @@ def train_and_compare(config, shape, device, dtype, steps=3, seed=0, make_optimi
     running statistics are held to per-element bounds derived from the bf16 rounding of
     the router logits (``bf16_router_bounds``).
     """
+    assert amp is None or dtype == torch.float32
     torch.manual_seed(seed)
     layer = OmniMoE(config).to(device)
     if dtype != torch.float32:
         layer = layer.to(dtype)
     opt = (make_optimizer or (lambda m: torch.optim.Adam(m.parameters(), lr=3e-3)))(layer)
     gen = torch.Generator().manual_seed(seed + 1)
+    low = amp or dtype  # the dtype the layer computes in
+    dev_type = torch.device(device).type
+    autocast = (lambda: torch.autocast(dev_type, dtype=amp)) if amp else contextlib.nullcontext
     results = []
     for step in range(steps):
         x = torch.randn(shape, generator=gen).to(dtype).to(device).requires_grad_()
-        gout = torch.randn(shape, generator=gen).to(dtype).to(device)
+        gout = torch.randn(shape, generator=gen).to(low).to(device)
         oracle = OmniMoEReference.from_module(layer, torch.float64)
         free = OmniMoEReference.from_module(layer, torch.float64)
-        naive = OmniMoEReference.from_module(layer, dtype) if dtype != torch.float32 else None
+        naive = OmniMoEReference.from_module(layer, dtype) if low != torch.float32 else None
 
         twin = copy.deepcopy(layer)  # the router's inputs, before this step's statistics update
-        out, (scores, idx) = layer(x, return_routing=True)
-        assert out.shape == shape and out.dtype == dtype
+        with autocast():
+            out, (scores, idx) = layer(x, return_routing=True)
+        assert out.shape == shape and out.dtype == low
         assert idx.shape == (*shape[:-1], config.num_experts_per_token) and idx.dtype == torch.int32
         out.backward(gout)
+        assert x.grad.dtype == dtype
 
         xd = x.detach().double().requires_grad_()
         ref, (ref_scores, _) = oracle(xd, indices=idx, return_routing=True)
         ref.backward(gout.double())
         res = {}
-        with torch.no_grad():
-            px, py = twin.router_log_probs(x.detach().reshape(-1, shape[-1]))
+        with torch.no_grad(), autocast():
+            px, py = twin.router_log_probs(x.detach().reshape(-1, shape[-1]).to(low))
         check_routing(px, py, idx.reshape(-1, idx.shape[-1]), config.num_experts_per_token)
-        if dtype == torch.float32:
+        if low == torch.float32:
             # Our scores are float32 log-probabilities at our indices.
             res["scores"] = (rel(scores, ref_scores), None)
         else:
-            bounds = bf16_router_bounds(oracle, xd.detach(), idx, config)
+            bounds = bf16_router_bounds(oracle, xd.detach(), idx, config, amp=amp)
             assert_within(scores, ref_scores, bounds["scores"], f"step {step} scores")
-        if dtype == torch.float32:
+        if low == torch.float32:
             with torch.no_grad():
                 _, (free_scores, _) = free(xd.detach(), return_routing=True)
             ours_sorted = ref_scores.sort(dim=-1, descending=True).values
@@ -109,8 +123,9 @@ def train_and_compare(config, shape, device, dtype, steps=3, seed=0, make_optimi
                 f"step {step}: our experts score {gap} below the float64 top-k"
         if naive is not None:
             xn = x.detach().clone().requires_grad_()
-            nout = naive(xn, indices=idx)
-            nout.backward(gout)
+            with autocast():
+                nout = naive(xn, indices=idx)
+            nout.backward(gout.to(nout.dtype))
             nparams = dict(naive.named_parameters())
         res["out"] = (rel(out, ref), rel(nout, ref) if naive is not None else None)
         res["d_input"] = (rel(x.grad, xd.grad), rel(xn.grad, xd.grad) if naive is not None else None)
@@ -118,6 +133,7 @@ def train_and_compare(config, shape, device, dtype, steps=3, seed=0, make_optimi
         for name, p in layer.named_parameters():
             assert name in PARAMS
             g = p.grad if p.grad is not None else torch.zeros_like(p)
+            assert g.dtype == p.dtype, f"{name}: gradient {g.dtype} for a {p.dtype} parameter"
             g = g.to_dense() if g.is_sparse else g
             res["d_" + name] = (
                 rel(g, oparams[name].grad),
@@ -128,7 +144,7 @@ def train_and_compare(config, shape, device, dtype, steps=3, seed=0, make_optimi
                 ours_n = getattr(layer, "router_norm_" + ax)
                 ref_n = getattr(oracle, "router_norm_" + ax)
                 assert ours_n.running_mean.dtype == torch.float32
-                if dtype == torch.float32:
+                if low == torch.float32:
                     res[f"running_mean_{ax}"] = (rel(ours_n.running_mean, ref_n.running_mean), None)
                     res[f"running_var_{ax}"] = (rel(ours_n.running_var, ref_n.running_var), None)
                 else:
@@ -166,22 +182,28 @@ def check_routing(px, py, idx, k):
                              f"below the float64 k-th best {kth[t, 0].item():.9g} by more than rounding")
 
 
-def bf16_router_bounds(oracle, xd, idx, config):
+def bf16_router_bounds(oracle, xd, idx, config, amp=None):
     """Per-element error bounds of the bf16 layer's router outputs against the float64
     oracle, from the arithmetic: the router GEMM rounds each logit l once to bf16
     (<= 2^-9 |l|) after a float32 sum of H products (<= H 2^-24 sum|W h|); the rest is
     float32.  A logit error d (per column, its batch maximum D) moves the batch mean by
     <= D and the std by <= D, so xhat = (l - mean) / std moves by <= (d + D (1 + |xhat|))
-    / std; log_softmax adds the largest such move of its row; a score adds both axes'."""
+    / std; log_softmax adds the largest such move of its row; a score adds both axes'.
+
+    Under autocast (``amp``) h and W are float32 and rounded to ``amp`` before the GEMM
+    (each product then off by <= 2 u |W h|, u = the unit roundoff: 2^-8 for bf16, 2^-11
+    for fp16), and the logit is rounded to ``amp`` (<= u |l|)."""
     H = xd.shape[-1]
     h = xd.reshape(-1, H)
     N = config.num_expert_sqrt
+    u = {None: 2.0**-9, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[amp]
+    u_in = 0.0 if amp is None else u
     out = {}
     moves = []
     for ax in ("x", "y"):
         W = getattr(oracle, "router_gate_" + ax).weight.detach()
         l = h @ W.t()
-        d = 2.0**-9 * l.abs() + (H + 2) * 2.0**-24 * (h.abs() @ W.abs().t())
+        d = u * l.abs() + (2 * u_in + (H + 2) * 2.0**-24) * (h.abs() @ W.abs().t())
         if config.router_norm == "batchnorm":
             norm = getattr(oracle, "router_norm_" + ax)
             D = d.max(dim=0).values
@@ -295,6 +317,36 @@ def test_eval_mode_uses_running_stats(device):
     one = layer(x[0, 0])
     assert one.shape == (32,)
     assert rel(one, oracle(x[0, 0].double().unsqueeze(0), indices=idx[0, 0].unsqueeze(0))[0]) <= 1e-5
+
+
+def test_eval_backward_after_a_training_call(path):
+    """An eval-mode forward with grad, then a training-mode forward (which updates the
+    running statistics in place), then the first forward's backward: every gradient is
+    the one of the statistics that forward used -- bitwise what an immediate backward on
+    a copy of the layer gives (fused prologue on the kernel path, BatchNorm modules on
+    the PyTorch path)."""
+    torch.manual_seed(4)
+    layer = OmniMoE(cfg(H=16, I=24, E=64, k=3)).to(path)
+    with torch.no_grad():   # far from a batch variance of ~|W h|^2: the update moves them
+        layer.router_norm_x.running_var.fill_(0.05)
+        layer.router_norm_y.running_var.fill_(5.0)
+    layer.eval()
+    twin = copy.deepcopy(layer)
+    x = torch.randn(12, 16, device=path)
+    gout = torch.randn(12, 16, device=path)
+    xt = x.clone().requires_grad_()
+    twin(xt).backward(gout)
+    xl = x.clone().requires_grad_()
+    out = layer(xl)
+    layer.train()
+    before = layer.router_norm_x.running_var.clone()
+    layer(3.0 * torch.randn(12, 16, device=path))
+    assert not torch.equal(layer.router_norm_x.running_var, before)
+    out.backward(gout)
+    assert torch.equal(xl.grad, xt.grad)
+    for name in PARAMS:
+        got, want = layer.get_parameter(name).grad, twin.get_parameter(name).grad
+        assert torch.equal(got, want), name
 
 
 @pytest.mark.parametrize("shape", [(0, 32), (3, 0, 32)])

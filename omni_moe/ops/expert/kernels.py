@@ -66,6 +66,7 @@ import triton
 import triton.language as tl
 
 from .._activations import ACT_ID, act_fwd, act_fwd_bwd
+from .._checks import check_int, check_pow2, with_fields
 from .._triton import loop_bound, to_dtype, to_f32
 
 
@@ -556,19 +557,19 @@ def _check_config(config) -> ExpertConfig:
         raise TypeError(f"config must be an ExpertConfig, got {type(config).__name__}")
     if config.schedule not in SCHEDULES:
         raise ValueError(f"config.schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+    tiles = {}
     for name in ("token", "pair_dot", "gather", "expert_grad"):
         tile = getattr(config, name)
         if not isinstance(tile, Tile):
             raise TypeError(f"config.{name} must be a Tile, got {type(tile).__name__}")
-        for field in ("rows", "cols", "warps"):
-            v = getattr(tile, field)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
-                raise ValueError(f"config.{name}.{field} must be a power of two >= 1, got {v!r}")
+        tile = with_fields(tile, **{f: check_pow2(f"config.{name}.{f}", getattr(tile, f))
+                                    for f in ("rows", "cols", "warps")},
+                           unroll=check_int(f"config.{name}.unroll", tile.unroll, 1),
+                           per_program=check_int(f"config.{name}.per_program", tile.per_program, 0))
         if tile.cols < 16:
             raise ValueError(f"config.{name}.cols must be >= 16, got {tile.cols}")
-        if not isinstance(tile.unroll, int) or tile.unroll < 1 or tile.per_program < 0:
-            raise ValueError(f"config.{name}: unroll must be >= 1 and per_program >= 0")
-    return config
+        tiles[name] = tile
+    return with_fields(config, **tiles)
 
 
 # --------------------------------------------------------------------------- launchers

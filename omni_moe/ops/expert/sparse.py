@@ -30,9 +30,15 @@ from .._activations import activation_and_grad
 
 
 def _coo(rows: torch.Tensor, values: torch.Tensor, num_experts: int) -> torch.Tensor:
-    # Sorted, distinct rows by construction: flag the tensor coalesced (no sort later).
-    return torch.sparse_coo_tensor(rows.reshape(1, -1), values, (num_experts, values.shape[1]),
-                                   check_invariants=False, is_coalesced=True)
+    # Sorted, distinct rows by construction: flag the tensor coalesced (no sort later)
+    # and skip the invariant checks.  Built with the aten constructor that
+    # torch.sparse_coo_tensor ends in: the Python constructor of torch < 2.13 reads the
+    # global invariant-check flag even when check_invariants is passed, and so warns
+    # "Sparse invariant checks are implicitly disabled" from this backward while the
+    # user never set that flag.  This op reads no flag and validates nothing.
+    return torch.ops.aten._sparse_coo_tensor_with_dims_and_tensors(
+        1, 1, [num_experts, values.shape[1]], rows.reshape(1, -1), values, dtype=values.dtype,
+        layout=torch.sparse_coo, device=values.device, is_coalesced=True)
 
 
 def _check_not_capturing(device: torch.device) -> None:

@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import check_int, check_pow2, with_fields
 from .._triton import _pair_side, _partner, bitonic_topk, loop_bound, to_dtype, to_f32
 
 
@@ -256,22 +257,15 @@ def default_config(n: int, k: int = 0, sm_major: int = 9) -> BackwardConfig | So
 
 
 def _check_config(config) -> BackwardConfig | SortBackwardConfig:
-    def pow2(name, v, low=1):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low or v & (v - 1):
-            raise ValueError(f"config.{name} must be a power of two >= {low}, got {v!r}")
-
     if isinstance(config, SortBackwardConfig):
-        pow2("block", config.block, 2)
-        pow2("tile_t", config.tile_t)
-        pow2("warps", config.warps)
-        v = config.progs_per_sm
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"config.progs_per_sm must be an int >= 1, got {v!r}")
-        return config
+        return with_fields(config, block=check_pow2("config.block", config.block, 2),
+                           tile_t=check_pow2("config.tile_t", config.tile_t),
+                           warps=check_pow2("config.warps", config.warps),
+                           progs_per_sm=check_int("config.progs_per_sm", config.progs_per_sm, 1))
     if not isinstance(config, BackwardConfig):
         raise TypeError(f"config must be a BackwardConfig or SortBackwardConfig, got {type(config).__name__}")
-    for name in ("bn", "c", "tile_t", "unroll", "warps"):
-        pow2(name, getattr(config, name))
+    config = with_fields(config, **{name: check_pow2(f"config.{name}", getattr(config, name))
+                                    for name in ("bn", "c", "tile_t", "unroll", "warps")})
     if config.c > config.bn:
         raise ValueError(f"config.c must be <= config.bn, got c={config.c}, bn={config.bn}")
     return config

@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import check_pow2, with_fields
 from .._triton import loop_bound, to_dtype, to_f32
 
 # Below every real key (see module docstring); used for padding and knocked-out picks.
@@ -251,11 +252,8 @@ def _token_tile(T: int, block: int) -> int:
 def _check_config(config) -> FullscanConfig:
     if not isinstance(config, FullscanConfig):
         raise TypeError(f"config must be a FullscanConfig, got {type(config).__name__}")
-    for name, lo in (("chunk", 1), ("merge_block", 16)):
-        v = getattr(config, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo or v & (v - 1):
-            raise ValueError(f"config.{name} must be a power of two >= {lo}, got {v!r}")
-    return config
+    return with_fields(config, chunk=check_pow2("config.chunk", config.chunk, 1),
+                       merge_block=check_pow2("config.merge_block", config.merge_block, 16))
 
 
 def fullscan_router_forward(x, y, k, scores=None, indices=None, *,

@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import check_int, check_pow2, with_fields
 from .._triton import (
     KEY_NONE,
     bitonic_topk,
@@ -367,21 +368,15 @@ class _Launch(NamedTuple):
 def _check_config(config) -> LargeKConfig:
     if not isinstance(config, LargeKConfig):
         raise TypeError(f"config must be a LargeKConfig, got {type(config).__name__}")
-    for name in ("tile_t", "emit_block", "warps"):
-        v = getattr(config, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
-            raise ValueError(f"config.{name} must be a power of two >= 1, got {v!r}")
-    v = config.sort_block
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
-        raise ValueError(f"config.sort_block must be a power of two >= 1, got {v!r}")
     if config.sort not in ("fused", "split", "torch"):
         raise ValueError(f"config.sort must be 'fused', 'split' or 'torch', got {config.sort!r}")
-    v = config.progs_per_sm
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"config.progs_per_sm must be an int >= 1, got {v!r}")
     if not isinstance(config.first_probe, bool):
-        raise ValueError(f"config.first_probe must be a bool, got {config.first_probe!r}")
-    return config
+        raise TypeError(f"config.first_probe must be a bool, got {type(config.first_probe).__name__}")
+    return with_fields(config, tile_t=check_pow2("config.tile_t", config.tile_t),
+                       emit_block=check_pow2("config.emit_block", config.emit_block),
+                       sort_block=check_pow2("config.sort_block", config.sort_block),
+                       warps=check_pow2("config.warps", config.warps),
+                       progs_per_sm=check_int("config.progs_per_sm", config.progs_per_sm, 1))
 
 
 def _device_info(device) -> tuple[int, int]:
@@ -401,7 +396,7 @@ def plan(T: int, N: int, k: int, sorted: bool, dtype: torch.dtype, device: torch
     if config is None:
         config = default_config(T, N, k, major, sorted)
     else:
-        _check_config(config)
+        config = _check_config(config)
     if config is None or not kernel_ok(N):
         raise ValueError(f"the large-k kernel sorts axes of at most {MAX_AXIS} logits, got N={N}")
     NP = max(2, _pow2(N))
@@ -448,7 +443,7 @@ def large_k_router_forward(x: torch.Tensor, y: torch.Tensor, k: int, scores=None
     if indices is None:
         indices = torch.empty((T, k), dtype=torch.int32, device=x.device)
     if config is not None:
-        _check_config(config)
+        config = _check_config(config)
     if T == 0 or k == 0:
         return scores, indices
     launch = plan(T, N, k, bool(sorted), x.dtype, x.device, config)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_float_tensor, check_same
+from .._checks import check_float_tensor, check_int, check_same
 from .._dispatch import use_triton
 from .backward import router_backward
 from .fullscan import fullscan_router_forward
@@ -38,7 +38,8 @@ MAX_NUM_EXPERT_SQRT = 46340
 
 def check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token,
                       sorted=True):
-    """Validate user input; raise TypeError/ValueError naming the offending argument."""
+    """Validate user input; raise TypeError/ValueError naming the offending argument.
+    Returns (N, k) as Python ints (numpy and torch integer scalars are accepted)."""
     x, y = router_logits_x, router_logits_y
     check_float_tensor("router_logits_x", x)
     check_float_tensor("router_logits_y", y)
@@ -46,21 +47,17 @@ def check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_exp
         if t.dim() != 2:
             raise ValueError(f"{name} must have shape (T, N), got {tuple(t.shape)}")
     check_same("router_logits_y", y, "router_logits_x", x)
-    for name, v in (("num_expert_sqrt", num_expert_sqrt), ("num_experts_per_token", num_experts_per_token)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    n = num_expert_sqrt
-    if n < 1 or n > MAX_NUM_EXPERT_SQRT:
-        raise ValueError(f"num_expert_sqrt must be in [1, {MAX_NUM_EXPERT_SQRT}], got {n}")
+    n = check_int("num_expert_sqrt", num_expert_sqrt, 1, MAX_NUM_EXPERT_SQRT)
+    k = check_int("num_experts_per_token", num_experts_per_token)
     if x.shape[1] != n:
         raise ValueError(
             f"num_expert_sqrt={n} does not match router_logits_x.shape[1]={x.shape[1]}"
         )
-    k = num_experts_per_token
     if k < 0 or k > n * n:
         raise ValueError(f"num_experts_per_token must be in [0, {n * n}] (N*N), got {k}")
     if not isinstance(sorted, bool):
         raise TypeError(f"sorted must be a bool, got {type(sorted).__name__}")
+    return n, k
 
 
 def _fullscan_forward(x, y, k, sorted=True):
@@ -155,8 +152,9 @@ def route(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_tok
     ``omni_router``; the full scan always sorts)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token, sorted)
-    x, y, k = router_logits_x, router_logits_y, num_experts_per_token
+    _, k = check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token,
+                             sorted)
+    x, y = router_logits_x, router_logits_y
     if torch.compiler.is_compiling():
         return torch.ops.omni_moe.router_forward(x, y, k, algorithm, sorted)
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):

@@ -52,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import check_int, check_pow2
 from .._triton import (
     KEY_NONE,
     _cas,
@@ -793,21 +794,15 @@ class _Launch(NamedTuple):
     constants: dict
 
 
-def _check_power_of_two(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
-        raise ValueError(f"config.{name} must be a power of two >= 1, got {v!r}")
-    return v
-
-
 def _stream_launch(T, N, k, packed, cfg: StreamConfig) -> _Launch:
     if not stream_ok(N, k):
         raise ValueError(f"StreamConfig needs 1 <= k <= 16 <= next_pow2(N), got N={N}, k={k}")
     NP = _pow2(N)
-    lpt = _check_power_of_two("lpt", cfg.lpt)
+    lpt = check_pow2("config.lpt", cfg.lpt)
     if lpt > min(32, NP // 16):
         raise ValueError(f"config.lpt must be <= min(32, next_pow2(N) / 16) = "
                          f"{min(32, NP // 16)} at N={N}, got {lpt}")
-    warps = _check_power_of_two("warps", cfg.warps)
+    warps = check_pow2("config.warps", cfg.warps)
     if cfg.gsplit and lpt == 1:
         raise ValueError("config.gsplit needs lpt > 1")
     R = 32 * warps
@@ -824,17 +819,15 @@ def _warp_launch(T, N, k, packed, cfg: WarpConfig, sms: int, device) -> _Launch:
     NP = _pow2(N)
     kx = min(k, N)
     kxp = _pow2(kx)
-    if cfg.thresh and not threshold_ok(N, k, cfg.lm):
+    lm = check_int("config.lm", cfg.lm, 0) if cfg.thresh else 0
+    if cfg.thresh and not threshold_ok(N, k, lm):
         raise ValueError(f"config.thresh: the threshold stage does not apply at N={N}, k={k}, "
-                         f"lm={cfg.lm} (see threshold_ok)")
-    if cfg.grid not in (0, 1):
-        raise ValueError(f"config.grid must be 0 or 1, got {cfg.grid!r}")
-    tile_t = _check_power_of_two("tile_t", cfg.tile_t)
-    warps = _check_power_of_two("warps", cfg.warps)
-    if isinstance(cfg.progs_per_sm, bool) or not isinstance(cfg.progs_per_sm, int) or cfg.progs_per_sm < 1:
-        raise ValueError(f"config.progs_per_sm must be an int >= 1, got {cfg.progs_per_sm!r}")
-    lm = cfg.lm if cfg.thresh else 0
-    if cfg.grid:
+                         f"lm={lm} (see threshold_ok)")
+    grid = check_int("config.grid", cfg.grid, 0, 1)
+    tile_t = check_pow2("config.tile_t", cfg.tile_t)
+    warps = check_pow2("config.warps", cfg.warps)
+    progs_per_sm = check_int("config.progs_per_sm", cfg.progs_per_sm, 1)
+    if grid:
         width = candidate_width(k, kx)
         pairs = candidate_pairs(k, kx)
         cand = torch.tensor([(a << 16) | b for a, b in pairs] + [-1] * (width - len(pairs)),
@@ -843,11 +836,11 @@ def _warp_launch(T, N, k, packed, cfg: WarpConfig, sms: int, device) -> _Launch:
         width = kxp * kxp
         cand = None
     num_tiles = triton.cdiv(T, tile_t)
-    nprog = max(1, min(num_tiles, sms * cfg.progs_per_sm))
+    nprog = max(1, min(num_tiles, sms * progs_per_sm))
     npay = 1 if packed else 2
-    words = (2 * (1 << lm) * npay if cfg.thresh else 0) + (2 * kxp * npay if cfg.grid else 0)
+    words = (2 * (1 << lm) * npay if cfg.thresh else 0) + (2 * kxp * npay if grid else 0)
     consts = dict(TILE_T=tile_t, LNP=_log2(NP), LKX=_log2(kxp), LKO=_log2(_pow2(k)),
-                  LC=_log2(width), LM=lm, AXIS_THRESH=bool(cfg.thresh), GRID=cfg.grid,
+                  LC=_log2(width), LM=lm, AXIS_THRESH=bool(cfg.thresh), GRID=grid,
                   PACKED=packed, EVEN_N=(N == NP), num_warps=warps)
     return _Launch("warp", nprog, kx, num_tiles, max(1, nprog * tile_t * words), cand, consts)
 

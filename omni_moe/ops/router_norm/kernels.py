@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import check_int, with_fields
 from .._triton import loop_bound, to_dtype, to_f32
 
 MAX_N = 4096
@@ -330,12 +331,13 @@ def default_config(T: int, N: int) -> RouterNormConfig:
 def _check_config(config) -> RouterNormConfig:
     if not isinstance(config, RouterNormConfig):
         raise TypeError(f"config must be a RouterNormConfig, got {type(config).__name__}")
-    values = (config.splits, *config.stats_tile, *config.final_tile, config.row_block)
-    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-        raise ValueError(f"config fields must be ints >= 1, got {config}")
-    if any(v & (v - 1) for v in (*config.stats_tile, *config.final_tile, config.row_block)):
+    tiles = {name: tuple(check_int(f"config.{name}", v, 1) for v in getattr(config, name))
+             for name in ("stats_tile", "final_tile")}
+    row_block = check_int("config.row_block", config.row_block, 1)
+    if any(v & (v - 1) for v in (*tiles["stats_tile"], *tiles["final_tile"], row_block)):
         raise ValueError(f"config tiles and row_block must be powers of two, got {config}")
-    return config
+    return with_fields(config, splits=check_int("config.splits", config.splits, 1),
+                       row_block=row_block, **tiles)
 
 
 def split_rows(T: int, splits: int) -> tuple[int, int]:

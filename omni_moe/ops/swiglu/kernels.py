@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .._activations import ACT_ID, act_fwd, act_fwd_bwd
+from .._checks import check_pow2, with_fields
 from .._triton import to_dtype, to_f32
 
 @triton.jit
@@ -118,11 +119,8 @@ def default_config(M: int, I: int) -> SwigluConfig:
 def _check_config(config) -> SwigluConfig:
     if not isinstance(config, SwigluConfig):
         raise TypeError(f"config must be a SwigluConfig, got {type(config).__name__}")
-    for name in ("block_m", "block_i", "warps"):
-        v = getattr(config, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
-            raise ValueError(f"config.{name} must be a power of two >= 1, got {v!r}")
-    return config
+    return with_fields(config, **{name: check_pow2(f"config.{name}", getattr(config, name))
+                                  for name in ("block_m", "block_i", "warps")})
 
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, act: str, out: torch.Tensor | None = None,

@@ -274,7 +274,8 @@ def test_kernel_empty_and_config_errors(device):
         (LargeKConfig(sort="radix"), ValueError, "sort"),
         (LargeKConfig(sort_block=6), ValueError, "sort_block"),
         (LargeKConfig(progs_per_sm=0), ValueError, "progs_per_sm"),
-        (LargeKConfig(first_probe=1), ValueError, "first_probe"),
+        (LargeKConfig(warps=2.0), TypeError, "warps"),
+        (LargeKConfig(first_probe=1), TypeError, "first_probe"),
         ({"tile_t": 1}, TypeError, "LargeKConfig"),
     ]
     for cfg, exc, match in bad:

@@ -111,3 +111,173 @@ def test_config_checked():
         rn.norm_log_softmax_forward(x, 3, "none", config={"splits": 2})
     with pytest.raises(ValueError, match="powers of two"):
         rn.norm_log_softmax_forward(x, 3, "none", config=rn.RouterNormConfig(splits=2, row_block=3))
+
+
+# ---------------------------------------------------------------- column programs, guards
+# The finalize kernels cover the 2N columns with programs of BLOCK_C columns.  With 2N
+# at most one block (every case above), a store without its column mask writes past the
+# buffer and only the interpreter's abort shows it.  Here 2N spans several blocks, the
+# last one partial, and every output lives inside a NaN-poisoned guard region: a store
+# outside its columns either overwrites a neighbour's value (the comparison fails) or
+# lands in the guard (the guard check fails).
+
+GUARD = 128   # elements on each side: more than an unmasked tile can reach past either end
+
+
+def guarded(shape, device):
+    """(buffer, view): a contiguous ``view`` of ``shape`` inside ``buffer``, between two
+    NaN guards of GUARD elements (the y-axis running statistics are addressed at column
+    - N, so a stray store can land before the view as well as after it)."""
+    n = 1
+    for s in shape:
+        n *= s
+    buf = torch.full((n + 2 * GUARD,), float("nan"), dtype=torch.float32, device=device)
+    return buf, buf[GUARD:GUARD + n].view(shape)
+
+
+def assert_guard(buf, name):
+    guard = torch.cat((buf[:GUARD], buf[-GUARD:])).cpu()
+    assert torch.isnan(guard).all(), f"{name}: {int((~torch.isnan(guard)).sum())} guard elements written"
+
+
+FINALIZE_CASES = [
+    # (T, N, stats_tile, final_tile): 2N columns in several finalize programs
+    (23, 13, (8, 16), (4, 16)),      # 26 columns: programs of 16, the second partial
+    (41, 37, (16, 32), (8, 32)),     # 74 columns: 3 programs, the last one of 10
+    (19, 45, (64, 32), (32, 64)),    # the default tiles, 90 columns: 2 programs
+]
+
+
+@pytest.mark.parametrize("T,N,stats_tile,final_tile", FINALIZE_CASES,
+                         ids=[f"T{c[0]}_N{c[1]}_fc{c[3][1]}" for c in FINALIZE_CASES])
+def test_finalize_stays_inside_its_columns(device, T, N, stats_tile, final_tile):
+    """The statistics and sums finalize kernels, launched on their own, write exactly the
+    2N columns of their outputs and of the running statistics (float64 oracle)."""
+    g = torch.Generator().manual_seed(7 * T + N)
+    C = 2 * N
+    x = (torch.randn(T, C, generator=g) * 2.0 + 0.5).to(device)
+    cfg = rn.RouterNormConfig(splits=3, stats_tile=stats_tile, final_tile=final_tile)
+    S, rows = rn.split_rows(T, cfg.splits)
+    part_buf, part = guarded((S, 2, C), device)
+    rn.stats_partials(x, part, rows, cfg)
+    assert_guard(part_buf, "partial statistics")
+
+    rm0 = [torch.randn(N, generator=g) * 0.1 for _ in range(2)]
+    rv0 = [torch.rand(N, generator=g) + 0.5 for _ in range(2)]
+    bufs, running = [], []
+    for ax in range(2):
+        for init in (rm0[ax], rv0[ax]):
+            buf, view = guarded((N,), device)
+            view.copy_(init)
+            bufs.append(buf)
+            running.append(view)
+    nbt = [torch.tensor(3, device=device) for _ in range(2)]
+    running = (running[0], running[1], nbt[0], running[2], running[3], nbt[1])
+    stats_buf, stats = guarded((2, C), device)
+    mom, eps = 0.1, 1e-5
+    rn.stats_finalize(part, stats, running, T, N, rows, mom, eps, cfg)
+
+    xd = x.double().cpu()
+    mean, var = xd.mean(0), xd.var(0, unbiased=False)
+    assert rel(stats[0], mean) <= 1e-6
+    assert rel(stats[1], 1.0 / torch.sqrt(var + eps)) <= 1e-6
+    for ax in range(2):
+        cols = slice(ax * N, (ax + 1) * N)
+        assert rel(running[3 * ax], (1 - mom) * rm0[ax].double() + mom * mean[cols]) <= 1e-6
+        assert rel(running[3 * ax + 1], (1 - mom) * rv0[ax].double()
+                   + mom * xd[:, cols].var(0, unbiased=True)) <= 1e-6
+    assert int(nbt[0]) == 4 and int(nbt[1]) == 4
+    assert_guard(stats_buf, "stats")
+    for buf, name in zip(bufs, ("running_mean x", "running_var x", "running_mean y", "running_var y")):
+        assert_guard(buf, name)
+
+    B = 5
+    sums_part = torch.randn(B, 2, C, generator=g).to(device)
+    sums_buf, sums = guarded((2, C), device)
+    rn.sums_finalize(sums_part, sums, cfg)
+    assert rel(sums, sums_part.double().cpu().sum(0)) <= 1e-6
+    assert_guard(sums_buf, "column sums")
+
+
+@pytest.mark.parametrize("mode", ["batch", "running", "none"])
+@pytest.mark.parametrize("T,N,stats_tile,final_tile", FINALIZE_CASES,
+                         ids=[f"T{c[0]}_N{c[1]}_fc{c[3][1]}" for c in FINALIZE_CASES])
+def test_several_column_programs(device, mode, T, N, stats_tile, final_tile):
+    """Forward and backward through the launchers when 2N spans several column programs
+    of every kernel; outputs written into strided, NaN-poisoned buffers whose extra
+    columns must stay NaN."""
+    g = torch.Generator().manual_seed(11 * T + N)
+    C = 2 * N
+    x = (torch.randn(T, C, generator=g) * 3.0 + 1.0).to(device)
+    dpx = torch.randn(T, N, generator=g).to(device)
+    dpy = torch.randn(T, N, generator=g).to(device)
+    rm = [torch.randn(N, generator=g) * 0.1 for _ in range(2)]
+    rv = [torch.rand(N, generator=g) + 0.5 for _ in range(2)]
+    running = (rm[0].clone().to(device), rv[0].clone().to(device), torch.tensor(0, device=device),
+               rm[1].clone().to(device), rv[1].clone().to(device), torch.tensor(0, device=device))
+    eps = 1e-5
+    cfg = rn.RouterNormConfig(splits=3, stats_tile=stats_tile, final_tile=final_tile)
+    out_big = torch.full((T, C + 7), float("nan"), device=device)
+    dx_big = torch.full((T, C + 7), float("nan"), device=device)
+    run = running if mode != "none" else None
+    p, stats = rn.norm_log_softmax_forward(x, N, mode, run, 0.1, eps, out=out_big[:, :C], config=cfg)
+    dx = rn.norm_log_softmax_backward(dpx, dpy, p, x, stats, N, mode, run, eps, dx=dx_big[:, :C],
+                                      config=cfg)
+
+    xa = x.double().cpu().requires_grad_()
+    if mode == "batch":
+        xh = (xa - xa.mean(0)) / torch.sqrt(xa.var(0, unbiased=False) + eps)
+    elif mode == "running":
+        rmd, rvd = torch.cat(rm).double(), torch.cat(rv).double()
+        xh = (xa - rmd) / torch.sqrt(rvd + eps)
+    else:
+        xh = xa
+    ref = torch.cat((F.log_softmax(xh[:, :N], -1), F.log_softmax(xh[:, N:], -1)), 1)
+    ref.backward(torch.cat((dpx, dpy), 1).double().cpu())
+    assert rel(p, ref.detach()) <= 1e-6
+    assert rel(dx, xa.grad) <= 1e-5
+    assert torch.isnan(out_big[:, C:]).all() and torch.isnan(dx_big[:, C:]).all()
+
+
+# ---------------------------------------------------------------- saved running statistics
+@pytest.mark.parametrize("N", [5, 40])
+def test_running_mode_backward_after_a_training_call(device, N):
+    """An eval-mode ("running") forward with grad, then a training-mode forward (which
+    updates the running statistics in place, inside a kernel), then the first call's
+    backward: its input gradient must be the one of the statistics it was computed with
+    -- bitwise what an immediate backward gives, and the float64 value."""
+    from omni_moe.ops.router_norm.op import router_log_probs
+
+    g = torch.Generator().manual_seed(N)
+    T, eps, mom = 16, 1e-5, 0.5
+    running = (torch.zeros(N, device=device), torch.full((N,), 0.25, device=device),
+               torch.tensor(0, device=device),
+               torch.full((N,), 0.3, device=device), torch.full((N,), 4.0, device=device),
+               torch.tensor(0, device=device))
+    snapshot = tuple(t.clone() for t in running)
+    x = (torch.randn(T, 2 * N, generator=g) * 3.0).to(device)
+    dpx = torch.randn(T, N, generator=g).to(device)
+    dpy = torch.randn(T, N, generator=g).to(device)
+
+    def grad_of(stats, backward_later):
+        xe = x.clone().requires_grad_()
+        px, py = router_log_probs(xe, N, "running", stats, mom, eps)
+        if backward_later:
+            # A training call between the forward and its backward (batch variance ~9:
+            # with momentum 0.5 it moves every running variance far from 0.25 and 4).
+            xt = (torch.randn(T, 2 * N, generator=g) * 3.0).to(device)
+            router_log_probs(xt, N, "batch", stats, mom, eps)
+            assert not torch.equal(stats[1], snapshot[1]) and not torch.equal(stats[4], snapshot[4])
+        torch.autograd.backward((px, py), (dpx, dpy))
+        return xe.grad
+
+    later = grad_of(running, True)
+    now = grad_of(tuple(t.clone() for t in snapshot), False)
+    assert torch.equal(later, now)
+    xa = x.double().cpu().requires_grad_()
+    rmd = torch.cat((snapshot[0], snapshot[3])).double().cpu()
+    rvd = torch.cat((snapshot[1], snapshot[4])).double().cpu()
+    xh = (xa - rmd) / torch.sqrt(rvd + eps)
+    torch.autograd.backward((F.log_softmax(xh[:, :N], -1), F.log_softmax(xh[:, N:], -1)),
+                            (dpx.double().cpu(), dpy.double().cpu()))
+    assert rel(later, xa.grad) <= 1e-5
