@@ -113,7 +113,7 @@ class OmniMoEBlock(OmniMoE):
                 px, py = self.router_log_probs(h)
         if self.router_probe._forward_hooks:
             self.router_probe(px, py)
-        return omni_router(px, py, self.num_expert_sqrt, self.top_k)
+        return omni_router(px, py, self.num_expert_sqrt, self.top_k, sorted=False)
 
 
 def layer_config(config) -> OmniMoEConfig:

@@ -241,13 +241,17 @@ class OmniMoE(nn.Module):
 
     def route(self, h: torch.Tensor):
         """(scores, indices) of the k experts of each row of 2-D ``h``: scores are the
-        float32 log-probabilities log p_x(i) + log p_y(j), indices int32 i*N + j."""
+        float32 log-probabilities log p_x(i) + log p_y(j), indices int32 i*N + j.
+
+        The k entries of a row come in no promised order (``omni_router(...,
+        sorted=False)``): the expert sum does not depend on it, and past the router's
+        fast path (k > 256) the final sort would cost more than the rest of the router."""
         mode = self._fused_router_mode(h)
         if mode is not None and self._router_stats_group() is None:
             # gate GEMM, norm, log_softmax and router: one autograd node
             return router_stage(self, h, mode)
         px, py = self.router_log_probs(h)
-        return omni_router(px, py, self.num_expert_sqrt, self.top_k)
+        return omni_router(px, py, self.num_expert_sqrt, self.top_k, sorted=False)
 
     def router_log_probs(self, h: torch.Tensor):
         """(px, py): float32 (T, N) log_softmax(norm(W_x h)), log_softmax(norm(W_y h)).
@@ -320,7 +324,8 @@ class OmniMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor, return_routing: bool = False):
         """``hidden_states`` (..., H) -> (..., H), same dtype.
 
-        With ``return_routing=True`` returns ``(out, (scores, indices))``, scores float32
+        With ``return_routing=True`` returns ``(out, (scores, indices))`` (the k entries
+        of a token in no promised order: see ``route``), scores float32
         log-probabilities and indices int32, both of shape (..., k).
 
         ``hidden_states`` must be a dense floating tensor of the parameters' dtype (no

@@ -35,7 +35,7 @@ class _RouterStage(torch.autograd.Function):
         w = torch.cat((wx, wy)).to(h.dtype)
         logits = F.linear(h, w)
         p, stats = norm_log_softmax_forward(logits, n, mode, running, momentum, eps)
-        scores, indices = router_forward(p[:, :n], p[:, n:], k, "pruned")
+        scores, indices = router_forward(p[:, :n], p[:, n:], k, "pruned", sorted=False)
         ctx.mark_non_differentiable(indices)
         ctx.n, ctx.mode, ctx.eps, ctx.w_dtype = n, mode, eps, wx.dtype
         if mode == "running" and any(ctx.needs_input_grad[:3]):

@@ -64,16 +64,25 @@ def test_compiled_training_steps_cpu(backend, norm, amp):
                 assert out.dtype == (amp or torch.float32)
                 _loss(out, target).backward()
                 outs.append(out.detach())
-            torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+            if amp is None:
+                torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+            else:
+                # bf16 GEMMs and roundings on both sides, in different fusions (inductor's
+                # prologue vs the fused stages): equal to bf16 rounding, not bitwise.
+                assert _rel(outs[0], outs[1]) <= 1e-2, _rel(outs[0], outs[1])
             for (n, p), (_, q) in zip(layer.named_parameters(), twin.named_parameters()):
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
+                if amp is None:
+                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
+                else:
+                    assert p.grad.dtype == p.dtype and _rel(p.grad, q.grad) <= 2e-2, (n, _rel(p.grad, q.grad))
             for opt in opts:
                 opt.step()
                 opt.zero_grad()
+            tol = dict(rtol=1e-5, atol=1e-6) if amp is None else dict(rtol=1e-3, atol=1e-3)
             for (n, p), (_, q) in zip(layer.named_parameters(), twin.named_parameters()):
-                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+                torch.testing.assert_close(p, q, **tol, msg=n)
             for (n, b), (_, c) in zip(layer.named_buffers(), twin.named_buffers()):
-                torch.testing.assert_close(b, c, msg=n)
+                torch.testing.assert_close(b, c, **(tol if b.is_floating_point() else {}), msg=n)
     if norm == "batchnorm":
         assert int(layer.router_norm_x.num_batches_tracked) == 3
 
