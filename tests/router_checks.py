@@ -80,6 +80,23 @@ def oracle_topk(x, y, k, rows=None):
 _ORACLE_ELEMS = 1 << 21
 
 
+def _check_consistent(x, y, k, scores, indices):
+    """Shapes and dtypes, indices in range and distinct per row, every score the rounded
+    sum its index addresses; returns the CPU tensors and the int64 indices."""
+    T, N = x.shape
+    assert scores.shape == (T, k) and indices.shape == (T, k)
+    assert scores.dtype == x.dtype and indices.dtype == torch.int32
+    x, y, scores, indices = x.cpu(), y.cpu(), scores.cpu(), indices.cpu()
+    idx = indices.long()
+    assert bool((idx >= 0).all()) and bool((idx < N * N).all()), "index out of range"
+    if k > 1:
+        srt = idx.sort(dim=1).values
+        assert bool((srt[:, 1:] != srt[:, :-1]).all()), "duplicate index in a row"
+    recomputed = (x.float().gather(1, idx // N) + y.float().gather(1, idx % N)).to(x.dtype)
+    assert _same(scores, recomputed), "a score does not match its index"
+    return x, y, scores, indices, idx
+
+
 def check_router_output(x, y, k, scores, indices, rows=None):
     """Assert (scores, indices) meet the contract for inputs (x, y).
 
@@ -91,17 +108,7 @@ def check_router_output(x, y, k, scores, indices, rows=None):
       the oracle's except among equal scores.  Large cases check sampled rows.
     """
     T, N = x.shape
-    assert scores.shape == (T, k) and indices.shape == (T, k)
-    assert scores.dtype == x.dtype and indices.dtype == torch.int32
-    x, y = x.cpu(), y.cpu()
-    scores, indices = scores.cpu(), indices.cpu()
-    idx = indices.long()
-    assert bool((idx >= 0).all()) and bool((idx < N * N).all()), "index out of range"
-    if k > 1:
-        srt = idx.sort(dim=1).values
-        assert bool((srt[:, 1:] != srt[:, :-1]).all()), "duplicate index in a row"
-    recomputed = (x.float().gather(1, idx // N) + y.float().gather(1, idx % N)).to(x.dtype)
-    assert _same(scores, recomputed), "a score does not match its index"
+    x, y, scores, indices, idx = _check_consistent(x, y, k, scores, indices)
     if rows is None:
         if T * N * N > _ORACLE_ELEMS:
             g = torch.Generator().manual_seed(T * 7 + N + k)
@@ -217,17 +224,7 @@ def check_exact_topk(x, y, k, scores, indices, sorted=True):
     multiset when not ``sorted`` -- equal to brute force's top-k (NaN ranking last)."""
     from omni_moe.ops.router.reference import ordered_key, router_bruteforce
 
-    T, N = x.shape
-    assert scores.shape == (T, k) and indices.shape == (T, k)
-    assert scores.dtype == x.dtype and indices.dtype == torch.int32
-    x, y, scores, indices = x.cpu(), y.cpu(), scores.cpu(), indices.cpu()
-    idx = indices.long()
-    assert bool((idx >= 0).all()) and bool((idx < N * N).all()), "index out of range"
-    if k > 1:
-        srt = idx.sort(dim=1).values
-        assert bool((srt[:, 1:] != srt[:, :-1]).all()), "duplicate index in a row"
-    recomputed = (x.float().gather(1, idx // N) + y.float().gather(1, idx % N)).to(x.dtype)
-    assert _same(scores, recomputed), "a score does not match its index"
+    x, y, scores, indices, _ = _check_consistent(x, y, k, scores, indices)
     ref, _ = router_bruteforce(x, y, k)
     got = scores
     if not sorted:
