@@ -62,7 +62,7 @@ def dry_run_sizes():
 
 def sync():
     if DEV == "cuda":
-        sync()
+        torch.cuda.synchronize()
 
 
 def gpu_us(fn, argsets):

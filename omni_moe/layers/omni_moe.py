@@ -335,18 +335,19 @@ class OmniMoE(nn.Module):
         """
         check_layer_input(self, hidden_states)
         check_expert_tables(self)
-        amp = autocast_dtype(hidden_states)
-        if amp is not None:
-            # Under torch.autocast the layer computes in its dtype (layers/precision.py):
-            # the input is cast once here, the weights inside each stage.
-            hidden_states = hidden_states.to(amp)
         shape = hidden_states.shape
         # (T, H) input as is: a same-shape reshape/view would add two autograd nodes.
         flat = hidden_states.dim() == 2
         h = hidden_states if flat else hidden_states.reshape(-1, self.hidden_size)
+        # Under torch.autocast the layer computes in the autocast dtype
+        # (layers/precision.py).  The router and the output stage take the input as it is
+        # and cast it inside, as autocast casts per op: a float32 input then gets its
+        # gradient terms summed in float32.  The unfused ops below take the cast copy.
         scores, indices = self.route(h)
+        amp = autocast_dtype(h)
         if getattr(self, "expert_sharding", None) is not None:
             # Expert tables sharded across processes (omni_moe.distributed.shard_expert_tables).
+            h = h if amp is None else h.to(amp)
             experts = self.expert_sharding(self, h, scores, indices)
         else:
             out = output_stage(self, h, scores, indices)   # one autograd node (eager)
@@ -356,6 +357,7 @@ class OmniMoE(nn.Module):
                     lead = shape[:-1]
                     return out, (scores.view(*lead, self.top_k), indices.view(*lead, self.top_k))
                 return out
+            h = h if amp is None else h.to(amp)
             # w = exp(scores) is fused into the expert kernels (no launch, no autograd node).
             experts = omni_expert_from_scores(h, self.up_embed.weight, self.down_embed.weight,
                                               scores, indices, act=self.act,

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .precision import autocast_dtype
+
 
 class _OutputStage(torch.autograd.Function):
     @staticmethod
@@ -29,10 +31,13 @@ class _OutputStage(torch.autograd.Function):
         from ..ops.expert.op import _forward_impl as expert_forward
         from ..ops.swiglu.op import _forward_impl as swiglu_forward
 
-        # Under autocast the MLP weights arrive in their own dtype and are cast to h's
-        # here (layers/precision.py); the expert tables are read as they are.
-        ctx.w_dtype = wg.dtype
-        wg, wu, wd = wg.to(h.dtype), wu.to(h.dtype), wd.to(h.dtype)
+        # Under autocast h and the MLP weights arrive in their own dtypes and are cast to
+        # the autocast dtype here (layers/precision.py); the expert tables are read as
+        # they are.
+        ctx.w_dtype, ctx.h_dtype = wg.dtype, h.dtype
+        c = autocast_dtype(h) or h.dtype
+        h = h.to(c)
+        wg, wu, wd = wg.to(c), wu.to(c), wd.to(c)
         experts, a, sorted_e, perm = expert_forward(h, up, down, scores, idx, act, True)
         gate = F.linear(h, wg)
         upp = F.linear(h, wu)
@@ -71,7 +76,12 @@ class _OutputStage(torch.autograd.Function):
                 dwg = dgate.t().mm(h).to(wdt)
             if need_wu:
                 dwu = dupp.t().mm(h).to(wdt)
-            if need_h:
+            if need_h and ctx.h_dtype != h.dtype:
+                # A float32 input under autocast: its three gradient terms, each rounded
+                # to the autocast dtype by its kernel or GEMM, summed in float32 (as
+                # autograd sums the terms of an input that autocast cast per op).
+                dh = dh.to(ctx.h_dtype).add_(dgate.mm(wg)).add_(dupp.mm(wu))
+            elif need_h:
                 # The input gradient's MLP terms added in the GEMMs' epilogues (beta = 1),
                 # in place on the experts' fresh dh: no elementwise add launches.
                 dh = dh.addmm_(dgate, wg).addmm_(dupp, wu)

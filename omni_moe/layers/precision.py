@@ -7,8 +7,10 @@ AMP loop).  torch.amp casts the inputs of the ops on its lower-precision list (`
 The layer follows the same split, op by op, with the autocast dtype ``c``:
 
 ======================================  =================================================
-the layer's input h                     cast to ``c`` once (as autocast casts a Linear's
-                                        input); the input gradient comes back in h's dtype
+the layer's input h                     cast to ``c`` by the router stage and by the
+                                        output stage (as autocast casts each op's input);
+                                        the input gradient comes back in h's dtype, a
+                                        float32 input's terms summed in float32
 router gate GEMM  h [W_x; W_y]^T        in ``c`` (weights cast to ``c``, as ``linear``)
 router norm, log_softmax, top-k         float32 (statistics, running buffers and scores);
                                         the running statistics stay float32

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .precision import autocast_dtype
+
 
 class _RouterStage(torch.autograd.Function):
     @staticmethod
@@ -30,9 +32,12 @@ class _RouterStage(torch.autograd.Function):
         from ..ops.router.op import _forward_impl as router_forward
         from ..ops.router_norm.kernels import norm_log_softmax_forward
 
-        # Under autocast the weights arrive in their own dtype: one cast of the stacked
-        # copy (layers/precision.py); its gradient is cast back in backward.
-        w = torch.cat((wx, wy)).to(h.dtype)
+        # Under autocast h and the weights arrive in their own dtypes: one cast of each
+        # (layers/precision.py); their gradients are cast back in backward.
+        ctx.h_dtype = h.dtype
+        c = autocast_dtype(h) or h.dtype
+        h = h.to(c)
+        w = torch.cat((wx, wy)).to(c)
         logits = F.linear(h, w)
         p, stats = norm_log_softmax_forward(logits, n, mode, running, momentum, eps)
         scores, indices = router_forward(p[:, :n], p[:, n:], k, "pruned", sorted=False)
@@ -60,7 +65,7 @@ class _RouterStage(torch.autograd.Function):
         dlogits = norm_log_softmax_backward(dpx, dpy, p, logits, stats, n, ctx.mode, running, ctx.eps)
         need_h, need_wx, need_wy = ctx.needs_input_grad[:3]
         # The operand layouts of aten's linear backward (mm of the transposed weight).
-        dh = dlogits.mm(w) if need_h else None
+        dh = dlogits.mm(w).to(ctx.h_dtype) if need_h else None
         dw = dlogits.t().mm(h).to(ctx.w_dtype) if (need_wx or need_wy) else None
         return (dh, dw[:n] if need_wx else None, dw[n:] if need_wy else None,
                 None, None, None, None, None, None)
