@@ -18,6 +18,14 @@ for _m in pkgutil.walk_packages(omni_moe.__path__, "omni_moe."):
     if not (_m.name.startswith("omni_moe.hf") or _m.name.endswith("__main__")):
         importlib.import_module(_m.name)
 
+# Under pytest-xdist (``-n``) each worker is a process: torch's default of one thread per
+# core would put workers x cores threads on the cores, and each parallel region then waits
+# for threads that another worker holds off its core (docs/benchmarks.md, "CPU runs").
+# The workers share the cores instead.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 # Kernel tests run on CUDA when present, else on CPU through Triton's interpreter.
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

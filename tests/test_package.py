@@ -10,7 +10,7 @@ import torch
 import omni_moe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEST_COMMAND = "TRITON_INTERPRET=1 python -m pytest -q -p no:cacheprovider --durations=15 tests"
+TEST_COMMAND = "TRITON_INTERPRET=1 python -m pytest -q -p no:cacheprovider -n auto --durations=15 tests"
 
 
 def _read(name):
