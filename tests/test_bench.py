@@ -244,16 +244,21 @@ def test_distributed_benchmark_optional_phases(tmp_path):
     import gzip
     import json
 
+    # DDP's bf16 all-reduce hook needs a torch build with NCCL (the CUDA build has it
+    # without a GPU; the CPU build does not).
+    bf16_hook = torch.version.cuda is not None and torch.distributed.is_nccl_available()
+    phases = ("1gpu", "1gpu_fsdp", "fsdp_keep") + (("ddp_bf16",) if bf16_hook else ())
     traces = tmp_path / "traces"
-    _, got = _distributed_bench(tmp_path, "--phases", "1gpu,1gpu_fsdp,fsdp_keep,ddp_bf16",
+    _, got = _distributed_bench(tmp_path, "--phases", ",".join(phases),
                                 "--global-tokens", "64", "--steps", "2", "--optimizer", "foreach",
                                 "--trace", str(traces))
     comp = got["comparisons"]
-    assert set(comp) == {"fsdp_keep_vs_1gpu_fsdp", "ddp_bf16_vs_1gpu"}
+    assert set(comp) == {"fsdp_keep_vs_1gpu_fsdp"} | ({"ddp_bf16_vs_1gpu"} if bf16_hook else set())
     assert comp["fsdp_keep_vs_1gpu_fsdp"]["loss_max_abs_diff"] < 1e-3
-    assert comp["ddp_bf16_vs_1gpu"]["loss_max_abs_diff"] < 1e-2
-    want = {f"64_{p}_rank0.json.gz" for p in ("1gpu", "1gpu_fsdp", "fsdp_keep", "ddp_bf16")}
-    want |= {"64_fsdp_keep_rank1.json.gz", "64_ddp_bf16_rank1.json.gz"}
+    if bf16_hook:
+        assert comp["ddp_bf16_vs_1gpu"]["loss_max_abs_diff"] < 1e-2
+    want = {f"64_{p}_rank0.json.gz" for p in phases}
+    want |= {f"64_{p}_rank1.json.gz" for p in phases if p in ("fsdp_keep", "ddp_bf16")}
     assert {f.name for f in traces.iterdir()} == want
     for name, res in got["phases"].items():
         assert res["optimizer"] == "foreach" and res["trace"]["gpu_events"] == 0
