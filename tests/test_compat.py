@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import warnings
 
 import pytest
@@ -390,22 +391,26 @@ def _check_twins(layer, twin, x):
     return a, b
 
 
-def _state_like_upstream(layer, seed, unrouted_nan=False):
-    """A state_dict for ``layer`` as upstream's module holds one (its embeddings N(0, 1),
-    the rest small, running variances > 0); with ``unrouted_nan`` the expert rows past
-    N*N are NaN, so any use of them shows in the outputs or gradients."""
+def _state_like_upstream(H, I, E, seed, router_norm="batchnorm", unrouted_nan=False):
+    """A state_dict in the layout upstream's module gives these sizes, by its rules
+    (N = floor(sqrt(E)) router rows, E table rows): embeddings N(0, 1), the rest small,
+    running variances > 0; BatchNorm buffers only with ``router_norm="batchnorm"`` (the
+    other norms are this package's and hold none).  With ``unrouted_nan`` the table rows
+    past N*N are NaN, so any use of them shows in the outputs or gradients."""
+    N = math.floor(math.sqrt(E))
     g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, t in layer.state_dict().items():
-        if not t.is_floating_point():
-            sd[name] = t
-            continue
-        v = torch.randn(t.shape, generator=g) * (1.0 if "embed" in name else 0.1)
-        if name.endswith("running_var"):
-            v = v.abs() + 0.5
-        if unrouted_nan and "embed" in name:
-            v[layer.num_expert_sqrt ** 2:] = float("nan")
-        sd[name] = v
+    shapes = {"gate_proj.weight": (I, H), "up_proj.weight": (I, H), "down_proj.weight": (H, I),
+              "router_gate_x.weight": (N, H), "router_gate_y.weight": (N, H)}
+    sd = {name: torch.randn(shape, generator=g) * 0.1 for name, shape in shapes.items()}
+    if router_norm == "batchnorm":
+        for ax in "xy":
+            sd[f"router_norm_{ax}.running_mean"] = torch.randn(N, generator=g) * 0.1
+            sd[f"router_norm_{ax}.running_var"] = torch.rand(N, generator=g) + 0.5
+            sd[f"router_norm_{ax}.num_batches_tracked"] = torch.tensor(7)
+    for name in ("up_embed.weight", "down_embed.weight"):
+        sd[name] = torch.randn(E, H, generator=g)
+        if unrouted_nan:
+            sd[name][N * N:] = float("nan")
     return sd
 
 
@@ -425,7 +430,7 @@ def test_torch_twin_matches_layer(path, norm):
     twin = OmniMoE_Torch(config)
     a, b = layer.state_dict(), twin.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[n], b[n]) for n in a)
-    layer.load_state_dict(_state_like_upstream(layer, seed=4))
+    layer.load_state_dict(_state_like_upstream(16, 24, 36, seed=4, router_norm=norm))
     twin.load_state_dict(layer.state_dict())
     layer, twin = layer.to(path), twin.to(path)
     x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(5)).to(path)
@@ -463,7 +468,7 @@ def test_non_square_checkpoint(path):
         warnings.simplefilter("always")
         config = OmniMoEConfig(16, 24, "silu", 14, 5)
         layer, twin = OmniMoE(config), OmniMoE_Torch(config)
-        sd = _state_like_upstream(layer, seed=6, unrouted_nan=True)
+        sd = _state_like_upstream(16, 24, 14, seed=6, unrouted_nan=True)
         layer.load_state_dict(sd)
         twin.load_state_dict(sd)
         layer, twin = layer.to(path), twin.to(path)
