@@ -418,6 +418,7 @@ def _unrouted(rec):
     return [w for w in rec if issubclass(w.category, UnroutedExpertsWarning)]
 
 
+@pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize("norm", ("batchnorm", "layernorm", "none"))
 def test_torch_twin_matches_layer(path, norm):
     """``OmniMoE_Torch`` is built like ``OmniMoE`` (same seed: same state), loads its
@@ -458,6 +459,7 @@ def test_torch_twin_argument_errors():
 
 
 # --------------------------------------------------- checkpoints of a non-square count
+@pytest.mark.usefixtures("no_tf32")
 def test_non_square_checkpoint(path):
     """An upstream checkpoint with num_experts = 14 (upstream's router: N = 3, rows 0..8 of
     its 14-row tables) loads into ``OmniMoE`` and ``OmniMoE_Torch`` with one warning in
