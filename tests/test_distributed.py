@@ -580,6 +580,9 @@ def _train_bf16_reference(model, data, steps=2, lr=0.05):
 
 # ----------------------------------------------------------------------------- sharded expert tables
 SHARD_SIZES = [(9, 5), (0, 7)]
+# Table rows and each rank's share: E = 49; E = 51, a checkpoint count that is not a
+# square (the 7 x 7 grid routes to rows 0..48 only, so rank 1 holds two unrouted rows).
+SHARD_ROWS = {49: (25, 24), 51: (26, 25)}
 
 
 def _shard_worker(rank, world, device="cpu"):
@@ -587,56 +590,62 @@ def _shard_worker(rank, world, device="cpu"):
 
     from omni_moe.distributed import data_parallel, shard_expert_tables
 
-    torch.manual_seed(0)
-    dev = _dev(device, rank)
-    layer = OmniMoE(make_cfg()).to(dev)     # E = 49: ranks hold 25 and 24 rows
     mesh = init_device_mesh(device, (world,))
-    shard_expert_tables(layer, mesh)
-    assert layer.up_embed.weight.to_local().shape[0] == (25, 24)[rank]
-    model = data_parallel(layer)
-    # DTensor tables in their own group: CUDA's default foreach step cannot mix them
-    # with plain tensors.
-    opt = torch.optim.SGD(param_groups(layer, lr=0.1), lr=0.1)
-    outs = []
-    for x, gout, off in batches(SHARD_SIZES):
-        sl = slice(off[rank], off[rank + 1])
-        xr = x[sl].to(dev).requires_grad_()
-        out = model(xr)
-        out.backward(gout[sl].to(dev))
-        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).cpu()
-                 for n, p in layer.named_parameters()}
-        outs.append((out.detach().cpu(), xr.grad.cpu(), grads))
-        opt.step()
-        opt.zero_grad()
-    return outs
+    dev = _dev(device, rank)
+    runs = {}
+    for E, rows in SHARD_ROWS.items():
+        torch.manual_seed(0)
+        layer = OmniMoE(make_cfg(E=E)).to(dev)
+        shard_expert_tables(layer, mesh)
+        assert layer.up_embed.weight.to_local().shape[0] == rows[rank]
+        model = data_parallel(layer)
+        # DTensor tables in their own group: CUDA's default foreach step cannot mix them
+        # with plain tensors.
+        opt = torch.optim.SGD(param_groups(layer, lr=0.1), lr=0.1)
+        outs = []
+        for x, gout, off in batches(SHARD_SIZES):
+            sl = slice(off[rank], off[rank + 1])
+            xr = x[sl].to(dev).requires_grad_()
+            out = model(xr)
+            out.backward(gout[sl].to(dev))
+            grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).cpu()
+                     for n, p in layer.named_parameters()}
+            outs.append((out.detach().cpu(), xr.grad.cpu(), grads))
+            opt.step()
+            opt.zero_grad()
+        runs[E] = outs
+    return runs
 
 
 def test_sharded_expert_tables_match_single_process():
     """Row-sharded tables + DDP on the rest, unequal token counts (one rank empty): the
     outputs, input gradients and (averaged) parameter gradients of one process on the
-    concatenated batch, over two SGD steps."""
+    concatenated batch, over two SGD steps; a square and a non-square table."""
     _check_shard(run_ranks(_shard_worker, 2))
 
 
 def _check_shard(results, device="cpu"):
-    torch.manual_seed(0)
-    single = OmniMoE(make_cfg()).to(device)
-    opt = torch.optim.SGD(single.parameters(), lr=0.1)
-    P = 2
-    for step, (x, gout, off) in enumerate(batches(SHARD_SIZES)):
-        xs = x.to(device).requires_grad_()
-        out = single(xs)
-        # DDP averages over ranks: the ranks' update equals one process's on loss / P
-        (out * gout.to(device)).sum().div(P).backward()
-        for rank, r in enumerate(results):
-            o, gx, grads = r[step]
-            sl = slice(off[rank], off[rank + 1])
-            assert rel(o, out[sl]) <= 1e-5, f"rank {rank} step {step}: output"
-            assert rel(gx, xs.grad[sl] * P) <= 1e-5, f"rank {rank} step {step}: input gradient"
-            for n, p in single.named_parameters():
-                assert rel(grads[n], p.grad) <= 1e-5, f"rank {rank} step {step}: {n}"
-        opt.step()
-        opt.zero_grad()
+    for E in SHARD_ROWS:
+        torch.manual_seed(0)
+        single = OmniMoE(make_cfg(E=E)).to(device)
+        opt = torch.optim.SGD(single.parameters(), lr=0.1)
+        P = 2
+        for step, (x, gout, off) in enumerate(batches(SHARD_SIZES)):
+            xs = x.to(device).requires_grad_()
+            out = single(xs)
+            # DDP averages over ranks: the ranks' update equals one process's on loss / P
+            (out * gout.to(device)).sum().div(P).backward()
+            for rank, r in enumerate(results):
+                o, gx, grads = r[E][step]
+                sl = slice(off[rank], off[rank + 1])
+                where = f"E={E} rank {rank} step {step}"
+                assert rel(o, out[sl]) <= 1e-5, f"{where}: output"
+                assert rel(gx, xs.grad[sl] * P) <= 1e-5, f"{where}: input gradient"
+                for n, p in single.named_parameters():
+                    assert rel(grads[n], p.grad) <= 1e-5, f"{where}: {n}"
+            assert not single.up_embed.weight.grad[49:].any(), f"E={E}: an unrouted row's gradient"
+            opt.step()
+            opt.zero_grad()
 
 
 def test_shard_rejects_sparse_grad_and_bad_mesh():

@@ -7,8 +7,9 @@ the others are what ``apply_omnimoe`` turns a converted model's config into
 (``model_type="omni_moe_<family>"``).
 
 Added fields:
-    num_experts: E, a perfect square N*N (the router's grid).
-    num_experts_per_tok: k, experts per token (1 <= k <= E).
+    num_experts: E, a perfect square N*N (the router's grid); another count warns and
+        routes over isqrt(E)**2 of its rows (``omni_moe.OmniMoEConfig``).
+    num_experts_per_tok: k, experts per token (1 <= k <= N*N).
     router_norm: "layernorm" (default: per-token, causal), "batchnorm" (the paper's;
         batch statistics in training) or "none".  See docs/hf.md.
     moe_layers: indices of the decoder layers whose MLP is an OmniMoE layer; None = all.
@@ -36,7 +37,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
 from ..layers.omni_moe import ROUTER_NORMS
-from ..ops._checks import as_int, check_int
+from ..ops._checks import as_int, check_int, check_num_experts
 
 HF_ROUTER_NORMS = ROUTER_NORMS
 # The activations both the HF MLPs and the OmniMoE kernels implement identically
@@ -46,11 +47,13 @@ SUPPORTED_ACTS = ("silu", "gelu", "relu")
 
 def validate_omnimoe_fields(num_experts, num_experts_per_tok, router_norm, moe_layers,
                             num_hidden_layers, hidden_act, router_aux_loss_coef=0.0,
-                            router_z_loss_coef=0.0, *, names=None):
+                            router_z_loss_coef=0.0, *, names=None, stacklevel=2):
     """Raise TypeError/ValueError naming the first bad field, by the name the caller typed
     (``names``: field -> that name, where it differs); return ``(num_experts,
     num_experts_per_tok, moe_layers)`` with Python ints (numpy and torch integer scalars
-    are accepted)."""
+    are accepted).  A ``num_experts`` that is not a perfect square warns
+    (``UnroutedExpertsWarning``; ``stacklevel`` as ``warnings.warn``'s, 1 being the
+    caller of this function)."""
     from ..ops.router.op import MAX_NUM_EXPERT_SQRT
 
     names = names or {}
@@ -58,12 +61,9 @@ def validate_omnimoe_fields(num_experts, num_experts_per_tok, router_norm, moe_l
     k_name = names.get("num_experts_per_tok", "num_experts_per_tok")
     l_name = names.get("moe_layers", "moe_layers")
     r_name = names.get("router_norm", "router_norm")
-    num_experts = check_int(e_name, num_experts, 1, MAX_NUM_EXPERT_SQRT**2)
-    n = math.isqrt(num_experts)
-    if n * n != num_experts:
-        raise ValueError(f"{e_name} must be a perfect square (the router's N x N grid), got "
-                         f"{num_experts}; nearest: {n * n} or {(n + 1) ** 2}")
-    num_experts_per_tok = check_int(k_name, num_experts_per_tok, 1, num_experts)
+    num_experts, n = check_num_experts(e_name, num_experts, MAX_NUM_EXPERT_SQRT,
+                                       stacklevel=stacklevel + 1)
+    num_experts_per_tok = check_int(k_name, num_experts_per_tok, 1, n * n)
     if not isinstance(router_norm, str):
         raise TypeError(f"{r_name} must be a str, one of {HF_ROUTER_NORMS}, got {type(router_norm).__name__}")
     if router_norm not in HF_ROUTER_NORMS:
@@ -199,10 +199,12 @@ def _config_class(base, model_type: str, name: str, doc: str):
             for key, why in REJECTED.items():
                 if key in kwargs:
                     raise ValueError(f"{key} has no OmniMoE equivalent: {why}")
+            # stacklevel 1: the frames between here and the caller depend on the
+            # transformers version, so a warning points at this line.
             self.num_experts, self.num_experts_per_tok, self.moe_layers = validate_omnimoe_fields(
                 self.num_experts, self.num_experts_per_tok, self.router_norm, self.moe_layers,
                 self.num_hidden_layers, self.hidden_act, self.router_aux_loss_coef,
-                self.router_z_loss_coef, names=names)
+                self.router_z_loss_coef, names=names, stacklevel=1)
             if self.moe_layers is not None:
                 self.moe_layers = sorted(self.moe_layers)
             super().__post_init__(**kwargs)

@@ -76,7 +76,7 @@ def apply_omnimoe(model, *, layers=None, num_experts: int, num_experts_per_tok: 
 
     Args:
         layers: decoder-layer indices to convert, or None for all.
-        num_experts: E, a perfect square N*N.
+        num_experts: E, a perfect square N*N (another count warns: ``OmniMoEConfig``).
         num_experts_per_tok: k (required); ``num_experts_per_token``, the layer config's
             name, is accepted instead.
         router_norm: "layernorm" (per token; default), "batchnorm" (the paper's) or "none".

@@ -19,6 +19,7 @@ import dataclasses
 import importlib
 import inspect
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder
 
 from ..layers.omni_moe import OmniMoE, OmniMoEConfig, RouterNorm
+from ..ops._checks import UnroutedExpertsWarning
 from ..ops.router.op import omni_router
 from .configuration import FAMILIES, config_class_for
 from .losses import router_aux_loss, router_z_loss
@@ -118,10 +120,14 @@ class OmniMoEBlock(OmniMoE):
 
 def layer_config(config) -> OmniMoEConfig:
     """The ``OmniMoEConfig`` of every OmniMoE layer of a model with this HF config."""
-    return OmniMoEConfig(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-                         hidden_act=config.hidden_act, num_experts=config.num_experts,
-                         num_experts_per_token=config.num_experts_per_tok,
-                         router_norm=config.router_norm)
+    with warnings.catch_warnings():
+        # The model's config gave its UnroutedExpertsWarning when it was built.
+        warnings.simplefilter("ignore", UnroutedExpertsWarning)
+        return OmniMoEConfig(hidden_size=config.hidden_size,
+                             intermediate_size=config.intermediate_size,
+                             hidden_act=config.hidden_act, num_experts=config.num_experts,
+                             num_experts_per_token=config.num_experts_per_tok,
+                             router_norm=config.router_norm)
 
 
 def check_dense_mlp(mlp: nn.Module, idx: int) -> None:

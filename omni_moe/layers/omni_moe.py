@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops._checks import check_int, check_layer_input
+from ..ops._checks import check_int, check_layer_input, check_num_experts
 from ..ops._dispatch import use_triton
 from ..ops.expert.op import omni_expert_from_scores
 from ..ops._activations import ACTIVATIONS
@@ -68,9 +68,12 @@ class OmniMoEConfig:
         intermediate_size: I, width of the shared dense MLP (>= 1).
         hidden_act: "silu" (default), "gelu" (exact erf GELU) or "relu"; used by both
             the shared MLP and the atomic experts.
-        num_experts: E, a perfect square N^2 (the router's grid), 1 <= N <= 46340.
-            Required.
-        num_experts_per_token: k, 1 <= k <= E.  Required.  Also accepted as the keyword
+        num_experts: E, the rows of the expert tables; the router's grid is N x N with
+            N = isqrt(E), 1 <= N <= 46340.  Required.  A perfect square N^2 for a new
+            model; any other count is accepted as the public upstream module runs it
+            (checkpoints it wrote load), with an ``UnroutedExpertsWarning``: rows N^2..E-1
+            are never routed.
+        num_experts_per_token: k, 1 <= k <= N^2.  Required.  Also accepted as the keyword
             ``num_experts_per_tok`` (transformers' MoE configs' name; read back as the
             property of that name); both given and different is a ValueError.
         router_norm: "batchnorm" (BatchNorm1d without affine on each router axis, as the
@@ -120,20 +123,16 @@ class OmniMoEConfig:
         _check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
         if self.num_experts is None:
             raise TypeError("num_experts is required (a perfect square N*N)")
-        self.num_experts = check_int("num_experts", self.num_experts, 1, MAX_NUM_EXPERT_SQRT**2)
-        n = math.isqrt(self.num_experts)
-        if n * n != self.num_experts:
-            raise ValueError(
-                f"num_experts must be a perfect square (the router's N x N grid), got "
-                f"{self.num_experts}; nearest: {n * n} or {(n + 1) ** 2}"
-            )
-        E, k = self.num_experts, self.num_experts_per_token
+        # stacklevel 3: the warning points at the line that built the config.
+        self.num_experts, n = check_num_experts("num_experts", self.num_experts,
+                                                MAX_NUM_EXPERT_SQRT, stacklevel=3)
+        k = self.num_experts_per_token
         if k is not None:
-            k = check_int("num_experts_per_token", k, 1, E)
+            k = check_int("num_experts_per_token", k, 1, n * n)
         if isinstance(num_experts_per_tok, _ReadBack) and k is not None:
             num_experts_per_tok = None      # dataclasses.replace's copy of the old k
         if num_experts_per_tok is not None:
-            alias = check_int("num_experts_per_tok", num_experts_per_tok, 1, E)
+            alias = check_int("num_experts_per_tok", num_experts_per_tok, 1, n * n)
             if k is not None and k != alias:
                 raise ValueError(
                     f"num_experts_per_tok={alias} and num_experts_per_token={k} name the same "
@@ -150,7 +149,7 @@ class OmniMoEConfig:
 
     @property
     def num_expert_sqrt(self) -> int:
-        """N = sqrt(num_experts)."""
+        """N = isqrt(num_experts), the side of the router's grid."""
         return math.isqrt(self.num_experts)
 
 
@@ -184,7 +183,8 @@ class OmniMoE(nn.Module):
             buffers running_mean, running_var, num_batches_tracked; ``nn.Identity`` (no
             keys) when ``config.router_norm == "none"``, ``RouterLayerNorm`` (no keys)
             when "layernorm"
-        up_embed, down_embed: nn.Embedding(E, H)  (the atomic experts' u and v rows)
+        up_embed, down_embed: nn.Embedding(E, H)  (the atomic experts' u and v rows; the
+            router reaches rows 0..N^2-1, all of them unless E is not a perfect square)
 
     Initialisation: Linear layers as nn.Linear; the expert embeddings normal with std
     1/sqrt(H) (nn.Embedding's default std 1 makes u . h grow like sqrt(H)).
@@ -235,8 +235,10 @@ class OmniMoE(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
+        N = self.num_expert_sqrt
+        grid = f"{N}^2" if N * N == c.num_experts else f"{N}^2 routed"
         return (f"hidden_size={c.hidden_size}, intermediate_size={c.intermediate_size}, "
-                f"num_experts={c.num_experts} ({self.num_expert_sqrt}^2), top_k={self.top_k}, "
+                f"num_experts={c.num_experts} ({grid}), top_k={self.top_k}, "
                 f"act={c.hidden_act!r}, router_norm={c.router_norm!r}")
 
     def route(self, h: torch.Tensor):

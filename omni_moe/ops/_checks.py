@@ -7,7 +7,9 @@ Every check raises TypeError/ValueError naming the offending argument, before an
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
+import warnings
 
 import numpy as np
 import torch
@@ -51,6 +53,32 @@ def check_pow2(name: str, v, lo: int = 1) -> int:
     if i < lo or i & (i - 1):
         raise ValueError(f"{name} must be a power of two >= {lo}, got {i}")
     return i
+
+
+class UnroutedExpertsWarning(UserWarning):
+    """``num_experts`` is not a perfect square: the router's N x N grid (N = isqrt(E))
+    addresses the expert tables' first N*N rows only; the others are never routed and
+    never get a gradient."""
+
+
+def check_num_experts(name: str, v, max_sqrt: int, *, stacklevel: int = 2) -> tuple[int, int]:
+    """``(E, N)``: ``v`` as a Python int in [1, max_sqrt**2] (``check_int``) and the router
+    grid's side N = isqrt(E).
+
+    A count that is not a perfect square is accepted, as the public upstream module runs
+    it (its checkpoints hold E rows and route over floor(sqrt(E))**2 of them), with one
+    ``UnroutedExpertsWarning`` that names the rows no token will reach; ``stacklevel``
+    is ``warnings.warn``'s, counted as if this function were it (1: its caller)."""
+    e = check_int(name, v, 1, max_sqrt**2)
+    n = math.isqrt(e)
+    if n * n != e:
+        unrouted = f"row {e - 1} is" if e - n * n == 1 else f"rows {n * n}..{e - 1} are"
+        warnings.warn(
+            f"{name}={e} is not a perfect square: the router's N x N grid (N = {n}) addresses "
+            f"experts 0..{n * n - 1}; the expert tables keep {e} rows and {unrouted} never "
+            f"routed (for a new model use a square, e.g. {n * n} or {(n + 1) ** 2})",
+            UnroutedExpertsWarning, stacklevel=stacklevel + 1)
+    return e, n
 
 
 def with_fields(config, **values):

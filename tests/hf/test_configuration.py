@@ -10,6 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from omni_moe import UnroutedExpertsWarning  # noqa: E402
 from omni_moe.hf import OmniMoELMConfig, config_class_for  # noqa: E402
 from omni_moe.hf.configuration import ALIASES, FIXED, LAYER_KEYS, REJECTED  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
@@ -57,10 +58,17 @@ def test_messages_use_the_name_typed():
         make(num_experts_per_tok=26)
     with pytest.raises(TypeError, match=r"^num_experts_per_token must be an int, got float$"):
         make(num_experts_per_token=2.0)
-    with pytest.raises(ValueError, match=r"^num_local_experts must be a perfect square"):
-        make(num_experts=DROP, num_local_experts=8)
-    with pytest.raises(ValueError, match=r"^num_experts must be a perfect square"):
-        make(num_experts=8)
+    # A count that is not a perfect square warns once, by the name typed, and bounds k by
+    # the N*N routed experts.
+    for name in ("num_local_experts", "num_experts"):
+        with pytest.warns(UnroutedExpertsWarning) as rec:
+            cfg = make(**{"num_experts": DROP, "num_experts_per_tok": 4, name: 8})
+        assert len(rec) == 1 and str(rec[0].message).startswith(
+            f"{name}=8 is not a perfect square: the router's N x N grid (N = 2)"), rec[0].message
+        assert (cfg.num_experts, cfg.num_experts_per_tok) == (8, 4)
+    with pytest.warns(UnroutedExpertsWarning), \
+            pytest.raises(ValueError, match=r"^num_experts_per_tok must be in \[1, 4\], got 5$"):
+        make(num_experts=8, num_experts_per_tok=5)
 
 
 # ------------------------------------------------------------------ other MoE configs' keys

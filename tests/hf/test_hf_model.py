@@ -13,6 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import omni_moe.hf as ohf  # noqa: E402
+from omni_moe import UnroutedExpertsWarning  # noqa: E402
 from omni_moe.hf import OmniMoEForCausalLM, OmniMoELMConfig, apply_omnimoe  # noqa: E402
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig,  # noqa: E402
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
@@ -110,7 +111,7 @@ def test_conversion_keeps_dense_parameters_and_trains():
 def test_conversion_errors():
     model = LlamaForCausalLM(small())
     with pytest.raises(ValueError, match="num_experts"):
-        apply_omnimoe(model, num_experts=20, num_experts_per_tok=2)
+        apply_omnimoe(model, num_experts=0, num_experts_per_tok=2)
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         apply_omnimoe(model, num_experts=16, num_experts_per_tok=17)
     with pytest.raises(ValueError, match="layers"):
@@ -137,9 +138,47 @@ def test_conversion_errors():
     with pytest.raises(ValueError, match="already"):
         apply_omnimoe(model, num_experts=16, num_experts_per_tok=2)
     with pytest.raises(ValueError, match="num_experts"):
-        small(OmniMoELMConfig, num_experts=10)
+        small(OmniMoELMConfig, num_experts=0)
     with pytest.raises(ValueError, match="moe_layers"):
         small(OmniMoELMConfig, num_experts=16, moe_layers=[5])
+
+
+def _unrouted_warnings(rec):
+    return [w for w in rec if issubclass(w.category, UnroutedExpertsWarning)]
+
+
+def test_non_square_expert_count():
+    """num_experts = 12 (not a square): the native model and a converted one build tables
+    of 12 rows over the 3 x 3 grid with one warning each (the config's; the layers built
+    from it stay quiet), and no token reaches rows 9..11 (NaN there would reach the
+    logits)."""
+    def poisoned_logits(model):
+        blocks = [m for m in model.modules() if isinstance(m, ohf.OmniMoEBlock)]
+        assert blocks and all(b.up_embed.weight.shape == (12, 32) and b.num_expert_sqrt == 3
+                              for b in blocks)
+        with torch.no_grad():
+            for b in blocks:
+                b.up_embed.weight[9:] = float("nan")
+                b.down_embed.weight[9:] = float("nan")
+        out = model(tokens(), output_router_logits=True)
+        assert all(lp.shape[-1] == 6 for lp in out.router_logits)   # (.., 2N) per layer
+        return out.logits
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        native_model = OmniMoEForCausalLM(small(OmniMoELMConfig, num_hidden_layers=2, num_experts=12,
+                                                num_experts_per_tok=9))
+    assert len(_unrouted_warnings(rec)) == 1
+    assert torch.isfinite(poisoned_logits(native_model)).all()
+    model = LlamaForCausalLM(small(num_hidden_layers=2))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        apply_omnimoe(model, num_experts=12, num_experts_per_tok=5)
+    (w,) = _unrouted_warnings(rec)
+    assert w.filename == __file__ and str(w.message).startswith("num_experts=12 is not a perfect square")
+    assert torch.isfinite(poisoned_logits(model)).all()
+    with pytest.warns(UnroutedExpertsWarning), pytest.raises(ValueError, match=r"\[1, 9\], got 10"):
+        apply_omnimoe(LlamaForCausalLM(small()), num_experts=12, num_experts_per_tok=10)
 
 
 def test_conversion_names_and_integer_scalars():
