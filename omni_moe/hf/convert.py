@@ -121,7 +121,8 @@ def apply_omnimoe(model, *, layers=None, num_experts: int, num_experts_per_tok: 
         raise TypeError("apply_omnimoe needs num_experts_per_tok (k, experts per token)")
     num_experts, k, _ = validate_omnimoe_fields(
         num_experts, k, router_norm, layer_ids, n_layers, config.hidden_act,
-        router_aux_loss_coef, router_z_loss_coef, names={"num_experts_per_tok": k_name})
+        router_aux_loss_coef, router_z_loss_coef, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, names={"num_experts_per_tok": k_name})
     if not isinstance(output_router_logits, bool):
         raise TypeError(f"output_router_logits must be a bool, got {type(output_router_logits).__name__}")
     if up_embed_std is not None and not (isinstance(up_embed_std, (int, float)) and up_embed_std >= 0):

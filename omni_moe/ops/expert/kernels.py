@@ -66,7 +66,7 @@ import triton
 import triton.language as tl
 
 from .._activations import ACT_ID, act_fwd, act_fwd_bwd
-from .._checks import check_int, check_pow2, with_fields
+from .._checks import check_choice, check_int, check_pow2, with_fields
 from .._triton import loop_bound, to_dtype, to_f32
 
 
@@ -555,8 +555,7 @@ def default_config(T: int, H: int, E: int, K: int, itemsize: int) -> ExpertConfi
 def _check_config(config) -> ExpertConfig:
     if not isinstance(config, ExpertConfig):
         raise TypeError(f"config must be an ExpertConfig, got {type(config).__name__}")
-    if config.schedule not in SCHEDULES:
-        raise ValueError(f"config.schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+    check_choice("config.schedule", config.schedule, SCHEDULES)
     tiles = {}
     for name in ("token", "pair_dot", "gather", "expert_grad"):
         tile = getattr(config, name)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_float_tensor, check_int, check_same
+from .._checks import check_choice, check_float_tensor, check_int, check_same
 from .._dispatch import use_triton
 from .backward import router_backward
 from .fullscan import fullscan_router_forward
@@ -150,8 +150,7 @@ def route(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_tok
           *, sorted=True):
     """Validate, then run the router with the given Triton algorithm (``sorted``: as in
     ``omni_router``; the full scan always sorts)."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    check_choice("algorithm", algorithm, ALGORITHMS)
     _, k = check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token,
                              sorted)
     x, y = router_logits_x, router_logits_y
