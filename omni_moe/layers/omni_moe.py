@@ -39,7 +39,7 @@ from ..ops._activations import ACTIVATIONS
 from ..ops.swiglu.op import swiglu
 from ..ops.router.op import MAX_NUM_EXPERT_SQRT, omni_router
 from ..ops.router_norm.op import router_log_probs as fused_router_log_probs
-from .norms import RouterLayerNorm, RouterNorm, _plain, check_expert_tables
+from .norms import RouterLayerNorm, RouterNorm, check_expert_tables, is_plain
 from .output_stage import output_stage
 from .precision import autocast_dtype, castable
 from .router_stage import router_stage
@@ -320,7 +320,7 @@ class OmniMoE(nn.Module):
                 or self.num_expert_sqrt > MAX_N):
             return None
         gx, gy, nx, ny = self.router_gate_x, self.router_gate_y, self.router_norm_x, self.router_norm_y
-        if not all(_plain(m) for m in (gx, gy, nx, ny)) or not castable(gx.weight, h):
+        if not all(is_plain(m) for m in (gx, gy, nx, ny)) or not castable(gx.weight, h):
             return None
         if type(nx) is nn.Identity and type(ny) is nn.Identity:
             return "none"
@@ -376,7 +376,7 @@ class OmniMoE(nn.Module):
                                               scores, indices, act=self.act,
                                               sparse_grad=self.up_embed.sparse)
         inner = swiglu(self.gate_proj(h), self.up_proj(h), self.act)
-        if _plain(self.down_proj) and self.down_proj.weight.dtype == experts.dtype:
+        if is_plain(self.down_proj) and self.down_proj.weight.dtype == experts.dtype:
             # experts + inner @ W_down^T in one cuBLAS call (the add in its epilogue).
             out = torch.addmm(experts, inner, self.down_proj.weight.t())
         else:

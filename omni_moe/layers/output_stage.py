@@ -28,8 +28,8 @@ from .precision import autocast_dtype
 class _OutputStage(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, up, down, scores, idx, wg, wu, wd, act, sparse_grad):
-        from ..ops.expert.op import _forward_impl as expert_forward
-        from ..ops.swiglu.op import _forward_impl as swiglu_forward
+        from ..ops.expert.op import expert_forward_impl as expert_forward
+        from ..ops.swiglu.op import swiglu_forward_impl as swiglu_forward
 
         # Under autocast h and the MLP weights arrive in their own dtypes and are cast to
         # the autocast dtype here (layers/precision.py); the expert tables are read as
@@ -51,8 +51,8 @@ class _OutputStage(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        from ..ops.expert.op import _backward_impl as expert_backward
-        from ..ops.swiglu.op import _backward_impl as swiglu_backward
+        from ..ops.expert.op import expert_backward_impl as expert_backward
+        from ..ops.swiglu.op import swiglu_backward_impl as swiglu_backward
 
         h, up, down, scores, idx, a, sorted_e, perm, wg, wu, wd, gate, upp, inner = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -95,11 +95,11 @@ def output_stage(layer, h, scores, indices):
     outside autocast).  The expert tables may have any dtype (the kernels read them as
     they are)."""
     from ..ops.expert.op import check_expert_args
-    from .norms import _plain
+    from .norms import is_plain
     from .precision import castable
 
     mods = (layer.gate_proj, layer.up_proj, layer.down_proj)
-    if torch.compiler.is_compiling() or not all(_plain(m) for m in mods):
+    if torch.compiler.is_compiling() or not all(is_plain(m) for m in mods):
         return None
     ws = (layer.up_embed.weight, layer.down_embed.weight) + tuple(m.weight for m in mods)
     if not all(castable(w, h) and w.dtype == ws[2].dtype for w in ws[2:]):

@@ -29,7 +29,7 @@ from .precision import autocast_dtype
 class _RouterStage(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, wx, wy, n, k, mode, running, momentum, eps):
-        from ..ops.router.op import _forward_impl as router_forward
+        from ..ops.router.op import router_forward_impl as router_forward
         from ..ops.router_norm.kernels import norm_log_softmax_forward
 
         # Under autocast h and the weights arrive in their own dtypes: one cast of each
@@ -55,7 +55,7 @@ class _RouterStage(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dscores, _dindices):
-        from ..ops.router.op import _backward_impl as router_backward
+        from ..ops.router.op import router_backward_impl as router_backward
         from ..ops.router_norm.kernels import norm_log_softmax_backward
 
         h, w, logits, p, stats, indices, *rv = ctx.saved_tensors
