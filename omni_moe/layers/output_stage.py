@@ -2,19 +2,20 @@
 
     out = addmm(experts(h, u, v, exp(scores), idx), act(h W_g^T) * (h W_u^T), W_d^T)
 
-``OmniMoE.forward`` built it from eight autograd nodes (the expert Function, two
-``F.linear`` (Mm + T each), the SwiGLU Function, ``addmm`` and its weight's T) and two
-``Function.apply`` calls.  Here the same calls run inside one ``autograd.Function``:
-every kernel and GEMM, in the operand layouts of aten's ``mm`` backward
-(``g.t().mm(x)`` for the weight W of ``x W^T``, whose transposed view is column-major;
-``g.mm(W)`` for the input), so each gradient is bitwise what the
-unfused path computed, except the input gradient: its three terms (experts, gate, up)
-are summed here in a fixed order, the MLP terms in the GEMMs' epilogues (``addmm_``,
-one rounding fewer), where autograd summed them with two elementwise adds in its own
-order (within rounding; the layer tests' float64 bounds are unchanged).
+The expert op, both MLP projections, the SwiGLU activation and the down projection run
+inside one ``autograd.Function``: one autograd node and one ``Function.apply`` instead of
+eight nodes (the expert Function, two ``F.linear`` (Mm + T each), the SwiGLU Function,
+``addmm`` and its weight's T) and two applies.  Every kernel and GEMM uses the operand
+layouts of aten's ``mm`` backward (``g.t().mm(x)`` for the weight W of ``x W^T``, whose
+transposed view is column-major; ``g.mm(W)`` for the input), so each gradient is bitwise
+what the same pieces composed under autograd give, except the input gradient: its three
+terms (experts, gate, up) are summed in a fixed order, the MLP terms in the GEMMs'
+epilogues (``addmm_``, one rounding fewer), where autograd would add them with two
+elementwise adds in its own order (within rounding; the layer tests' float64 bounds
+hold for both).
 
-Launches: the same Triton kernels and GEMMs, and two elementwise adds fewer.  Used by ``OmniMoE.forward`` outside ``torch.compile`` when the
-MLP modules are plain (no hooks) and every weight has h's dtype.
+Used by ``OmniMoE.forward`` outside ``torch.compile`` when the MLP modules are plain
+(no hooks) and every weight has h's dtype.
 """
 
 from __future__ import annotations

@@ -3,19 +3,17 @@
     logits = h [W_x; W_y]^T -> BatchNorm / none -> log_softmax (both axes)
            -> omni_router top-k -> (scores float32, indices int32)
 
-``OmniMoE.route`` used to build it from four autograd-visible pieces (``torch.cat`` of
-the gate weights, ``F.linear``, the fused norm + log_softmax Function, the router
-Function): five autograd nodes (Cat, T, Mm and two Functions) and two
-``Function.apply`` calls per step.  Here the same calls run inside one
-``autograd.Function``: one node, one apply.  Every kernel, GEMM and its operand layout
-are the ones autograd ran before (``dlogits.t().mm(h)`` for the stacked weight
-gradient: aten's ``mm`` backward for a column-major second operand; ``dlogits.mm(W)``
-for the input's), so results are bitwise those of the
-unfused path (tested).  Launches are unchanged: 1 cat + 1 GEMM + 1-3 norm + 1 router
-forward; 1 router + 1-3 norm + 2 GEMMs backward.
+The whole prologue of the route runs inside one ``autograd.Function``: one autograd
+node and one ``Function.apply`` per step, instead of one node per piece (the
+concatenated gate weights, the GEMM, the fused norm + log_softmax, the router).  Its
+GEMMs use aten's ``mm`` backward operand layouts (``dlogits.t().mm(h)`` for the stacked
+weight gradient, as for a column-major second operand; ``dlogits.mm(W)`` for the
+input's), so the results are bitwise those of the same pieces composed under autograd
+(tested).  Launches: 1 cat + 1 GEMM + 1-3 norm + 1 router forward; 1 router + 1-3 norm +
+2 GEMMs backward.
 
 Used only where ``OmniMoE._fused_router_mode`` allows the fused prologue (eager, Triton
-tensors, plain modules); everything else keeps the unfused path.
+tensors, plain modules); everything else runs the pieces under autograd.
 """
 
 from __future__ import annotations

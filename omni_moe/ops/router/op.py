@@ -1,15 +1,16 @@
 """The omni router op: argument checks, ``torch.library`` custom ops, autograd, and the
 public ``omni_router``.
 
-``omni_router`` (the pruned algorithm) and the full scan kept for comparison
-(``route(..., "fullscan")``, exposed as the seed's ``triton_omni_router_func``) go
-through the ops registered here, so every entry point validates its arguments the same
-way, has the same backward, and is traceable by ``torch.compile(fullgraph=True)``.
+``omni_router`` (the pruned algorithm) and the full scan (``route(..., "fullscan")``,
+behind ``omni_moe.triton.omni_router.triton_omni_router_func``) go through the ops
+registered here, so every entry point validates its arguments the same way, has the
+same backward, and is traceable by ``torch.compile(fullgraph=True)``.
 
-Eager calls run the same implementation functions through a plain
-``torch.autograd.Function`` (or directly, without autograd, when no gradient is needed):
-a custom-op call costs about 0.1 ms of host time, more than the kernels at small T.
-Traced code (``torch.compiler.is_compiling()``) goes through the custom op.
+Eager calls run the same implementation functions (``router_forward_impl``,
+``router_backward_impl``) through a plain ``torch.autograd.Function``, or directly
+when no gradient is needed: a custom-op call costs about 0.1 ms of host time, more than
+the kernels at small T.  Traced code (``torch.compiler.is_compiling()``) goes through
+the custom op.
 
 Dispatch (``omni_moe.ops._dispatch``): CUDA tensors, and CPU tensors under
 ``TRITON_INTERPRET=1``, run the Triton kernels of the chosen algorithm
