@@ -171,8 +171,6 @@ def _config_class(base, model_type: str, name: str, doc: str):
                 if ours in names:
                     raise ValueError(f"{names[ours]} and {other} name the same setting ({ours}); "
                                      f"pass one")
-                if ours == "intermediate_size":
-                    v = check_int(other, v, 1)
                 setattr(self, ours, v)
                 names[ours] = other
             keys = {k: kwargs.pop(k) for k in LAYER_KEYS if k in kwargs}
