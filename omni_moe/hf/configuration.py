@@ -35,10 +35,8 @@ import importlib
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-from ..layers.omni_moe import ROUTER_NORMS, OmniMoEConfig
+from ..layers.omni_moe import OmniMoEConfig
 from ..ops._checks import as_int, check_float, check_int
-
-HF_ROUTER_NORMS = ROUTER_NORMS
 
 
 def validate_omnimoe_fields(num_experts, num_experts_per_tok, router_norm, moe_layers,
@@ -51,7 +49,9 @@ def validate_omnimoe_fields(num_experts, num_experts_per_tok, router_norm, moe_l
     are accepted).  The layer fields are checked by building the ``OmniMoEConfig`` of
     the decoder's OmniMoE layers, so both accept and reject the same values (the HF MLPs
     and the OmniMoE kernels implement its activations identically: transformers' "gelu"
-    is the exact erf GELU, as ours).  A ``num_experts`` that is not a perfect square warns
+    is the exact erf GELU, as ours); ``hidden_size`` and ``intermediate_size`` are the
+    decoder's (their defaults stand in where only the routing fields are checked, e.g. a
+    command line).  A ``num_experts`` that is not a perfect square warns
     (``UnroutedExpertsWarning``; ``stacklevel`` as ``warnings.warn``'s, 1 being the
     caller of this function)."""
     names = names or {}
