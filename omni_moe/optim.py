@@ -13,17 +13,10 @@ which would shrink a row on every step while its gradient arrives rarely.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
-
-def _check_number(name, v, lo=0.0):
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    if not math.isfinite(v) or v < lo:
-        raise ValueError(f"{name} must be a finite number >= {lo}, got {v}")
+from .ops._checks import check_float
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -65,12 +58,12 @@ def param_groups(model: nn.Module, *, lr: float, expert_lr: float | None = None,
     parameters).  Only parameters with ``requires_grad`` are included, each once.
     For SparseAdam, drop ``weight_decay`` from the expert group (it has no such option).
     """
-    _check_number("lr", lr)
+    check_float("lr", lr, 0.0)
     if expert_lr is None:
         expert_lr = lr
-    _check_number("expert_lr", expert_lr)
-    _check_number("weight_decay", weight_decay)
-    _check_number("expert_weight_decay", expert_weight_decay)
+    check_float("expert_lr", expert_lr, 0.0)
+    check_float("weight_decay", weight_decay, 0.0)
+    check_float("expert_weight_decay", expert_weight_decay, 0.0)
     experts = [p for p in expert_parameters(model) if p.requires_grad]
     ids = {id(p) for p in experts}
     seen, rest = set(), []
@@ -95,8 +88,8 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torc
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     grads = [p.grad for p in parameters if p.grad is not None]
-    _check_number("max_norm", max_norm)
-    if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or norm_type <= 0:
+    check_float("max_norm", max_norm, 0.0)
+    if check_float("norm_type", norm_type) <= 0:
         raise ValueError(f"norm_type must be a positive number or inf, got {norm_type!r}")
     if not grads:
         return torch.tensor(0.0)

@@ -105,13 +105,13 @@ def test_router_path_runs_the_pruned_algorithm(monkeypatch, torch_path):
     from omni_moe.triton.omni_router import triton_omni_router_func as seed_fullscan
 
     seen = []
-    orig = r._forward_impl
+    orig = r.router_forward_impl
 
     def spy(x, y, k, algorithm, *rest):
         seen.append(algorithm)
         return orig(x, y, k, algorithm, *rest)
 
-    monkeypatch.setattr(r, "_forward_impl", spy)
+    monkeypatch.setattr(r, "router_forward_impl", spy)
     x, y = torch.randn(6, 5), torch.randn(6, 5)
     triton_omni_router_func(x, y, 5, 3)
     triton_omni_router_func(x.requires_grad_(), y, 5, 3)

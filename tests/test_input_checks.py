@@ -14,7 +14,7 @@ import torch
 
 from omni_moe import OmniMoE, OmniMoEConfig, omni_expert, omni_router, swiglu
 from omni_moe.ops import swiglu_mlp
-from omni_moe.ops._checks import check_int, check_pow2
+from omni_moe.ops._checks import UnroutedExpertsWarning, check_choice, check_float, check_int, check_pow2
 
 
 @pytest.fixture(autouse=True)
@@ -218,6 +218,50 @@ def test_layer_config_k_alias():
         OmniMoEConfig(16, 24, "silu", 16)
     with pytest.raises(TypeError, match="positional"):
         OmniMoEConfig(16, 24, "silu", 16, 3, "none", None, False, 3)   # the alias is keyword-only
+
+
+def test_layer_config_typed_names():
+    """``OmniMoEConfig.typed`` checks what the constructor checks, calling each field by
+    the caller's name for it, and its warning points at the caller's line."""
+    names = {"num_experts": "--experts", "num_experts_per_tok": "--k", "router_norm": "--norm",
+             "hidden_act": "act"}
+    good = dict(hidden_size=16, intermediate_size=24, hidden_act="silu", num_experts=16,
+                num_experts_per_tok=3, router_norm="none")
+    assert OmniMoEConfig.typed(names, **good) == OmniMoEConfig(16, 24, "silu", 16, 3, "none")
+    for field, value, exc, msg in [
+        ("num_experts", 0, ValueError, r"^--experts must be in \[1, \d+\], got 0$"),
+        ("num_experts", None, TypeError, r"^--experts is required"),
+        ("num_experts_per_tok", 17, ValueError, r"^--k must be in \[1, 16\], got 17$"),
+        ("num_experts_per_tok", 2.0, TypeError, r"^--k must be an int, got float$"),
+        ("router_norm", "rms", ValueError, r"^--norm must be one of .*, got 'rms'$"),
+        ("hidden_act", 1, TypeError, r"^act must be a str"),
+        ("hidden_size", 0, ValueError, r"^hidden_size must be >= 1, got 0$"),
+    ]:
+        with pytest.raises(exc, match=msg):
+            OmniMoEConfig.typed(names, **dict(good, **{field: value}))
+    with pytest.warns(UnroutedExpertsWarning) as rec:
+        OmniMoEConfig.typed(names, **dict(good, num_experts=17))
+    assert len(rec) == 1 and rec[0].filename == __file__
+    assert str(rec[0].message).startswith("--experts=17 is not a perfect square")
+    # The names do not outlive the call: the next plain construction uses the fields'.
+    with pytest.raises(ValueError, match=r"^num_experts_per_tok must be in"):
+        OmniMoEConfig(16, 24, "silu", 16, num_experts_per_tok=17)
+
+
+def test_choice_and_float_checks():
+    assert check_choice("mode", "b", ("a", "b")) == "b"
+    with pytest.raises(ValueError, match=r"^mode must be one of \('a', 'b'\), got 'c'$"):
+        check_choice("mode", "c", ("a", "b"))
+    with pytest.raises(TypeError, match=r"^mode must be a str, one of \('a', 'b'\), got int$"):
+        check_choice("mode", 1, ("a", "b"))
+    assert check_float("coef", 0) == 0 and check_float("coef", -2.5) == -2.5
+    assert check_float("coef", 0.0, 0.0) == 0.0
+    for bad in (True, "1", None, torch.tensor(1.0)):
+        with pytest.raises(TypeError, match=r"^coef must be a float, got "):
+            check_float("coef", bad)
+    for bad in (-1e-9, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"^coef must be a finite number >= 0, got "):
+            check_float("coef", bad, 0)
 
 
 # ------------------------------------------------------------------- launch configs

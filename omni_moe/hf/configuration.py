@@ -31,51 +31,37 @@ from __future__ import annotations
 
 import functools
 import importlib
-import math
 
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-from ..layers.omni_moe import ROUTER_NORMS
-from ..ops._checks import as_int, check_int, check_num_experts
-
-HF_ROUTER_NORMS = ROUTER_NORMS
-# The activations both the HF MLPs and the OmniMoE kernels implement identically
-# (transformers' "gelu" is the exact erf GELU, as ours).
-SUPPORTED_ACTS = ("silu", "gelu", "relu")
+from ..layers.omni_moe import OmniMoEConfig
+from ..ops._checks import as_int, check_float, check_int
 
 
 def validate_omnimoe_fields(num_experts, num_experts_per_tok, router_norm, moe_layers,
                             num_hidden_layers, hidden_act, router_aux_loss_coef=0.0,
-                            router_z_loss_coef=0.0, *, names=None, stacklevel=2):
+                            router_z_loss_coef=0.0, *, hidden_size=1, intermediate_size=1,
+                            names=None, stacklevel=2):
     """Raise TypeError/ValueError naming the first bad field, by the name the caller typed
     (``names``: field -> that name, where it differs); return ``(num_experts,
     num_experts_per_tok, moe_layers)`` with Python ints (numpy and torch integer scalars
-    are accepted).  A ``num_experts`` that is not a perfect square warns
+    are accepted).  The layer fields are checked by building the ``OmniMoEConfig`` of
+    the decoder's OmniMoE layers, so both accept and reject the same values (the HF MLPs
+    and the OmniMoE kernels implement its activations identically: transformers' "gelu"
+    is the exact erf GELU, as ours); ``hidden_size`` and ``intermediate_size`` are the
+    decoder's (their defaults stand in where only the routing fields are checked, e.g. a
+    command line).  A ``num_experts`` that is not a perfect square warns
     (``UnroutedExpertsWarning``; ``stacklevel`` as ``warnings.warn``'s, 1 being the
     caller of this function)."""
-    from ..ops.router.op import MAX_NUM_EXPERT_SQRT
-
     names = names or {}
-    e_name = names.get("num_experts", "num_experts")
-    k_name = names.get("num_experts_per_tok", "num_experts_per_tok")
     l_name = names.get("moe_layers", "moe_layers")
-    r_name = names.get("router_norm", "router_norm")
-    num_experts, n = check_num_experts(e_name, num_experts, MAX_NUM_EXPERT_SQRT,
-                                       stacklevel=stacklevel + 1)
-    num_experts_per_tok = check_int(k_name, num_experts_per_tok, 1, n * n)
-    if not isinstance(router_norm, str):
-        raise TypeError(f"{r_name} must be a str, one of {HF_ROUTER_NORMS}, got {type(router_norm).__name__}")
-    if router_norm not in HF_ROUTER_NORMS:
-        raise ValueError(f"{r_name} must be one of {HF_ROUTER_NORMS}, got {router_norm!r}")
-    if hidden_act not in SUPPORTED_ACTS:
-        raise ValueError(f"hidden_act must be one of {SUPPORTED_ACTS} for OmniMoE layers, got {hidden_act!r}")
-    if isinstance(router_aux_loss_coef, bool) or not isinstance(router_aux_loss_coef, (int, float)):
-        raise TypeError(f"router_aux_loss_coef must be a float, got {type(router_aux_loss_coef).__name__}")
-    if isinstance(router_z_loss_coef, bool) or not isinstance(router_z_loss_coef, (int, float)):
-        raise TypeError(f"router_z_loss_coef must be a float, got {type(router_z_loss_coef).__name__}")
-    if not (math.isfinite(router_z_loss_coef) and router_z_loss_coef >= 0):
-        raise ValueError(f"router_z_loss_coef must be a finite number >= 0, got {router_z_loss_coef}")
+    layer = OmniMoEConfig.typed(
+        names, stacklevel=stacklevel + 1, hidden_size=hidden_size,
+        intermediate_size=intermediate_size, hidden_act=hidden_act, num_experts=num_experts,
+        num_experts_per_tok=num_experts_per_tok, router_norm=router_norm)
+    check_float("router_aux_loss_coef", router_aux_loss_coef)
+    check_float("router_z_loss_coef", router_z_loss_coef, 0)
     if moe_layers is not None:
         if not isinstance(moe_layers, (list, tuple)):
             raise TypeError(f"{l_name} must be a list of layer indices or None, got {type(moe_layers).__name__}")
@@ -90,7 +76,7 @@ def validate_omnimoe_fields(num_experts, num_experts_per_tok, router_norm, moe_l
         if len(set(layers)) != len(layers):
             raise ValueError(f"{l_name} has duplicates: {layers}")
         moe_layers = layers
-    return num_experts, num_experts_per_tok, moe_layers
+    return layer.num_experts, layer.num_experts_per_token, moe_layers
 
 
 # Keys of other MoE configs (Mixtral, Qwen2/Qwen3-MoE, DeepSeek, OLMoE, PhiMoE) that people
@@ -185,8 +171,6 @@ def _config_class(base, model_type: str, name: str, doc: str):
                 if ours in names:
                     raise ValueError(f"{names[ours]} and {other} name the same setting ({ours}); "
                                      f"pass one")
-                if ours == "intermediate_size":
-                    v = check_int(other, v, 1)
                 setattr(self, ours, v)
                 names[ours] = other
             keys = {k: kwargs.pop(k) for k in LAYER_KEYS if k in kwargs}
@@ -204,7 +188,8 @@ def _config_class(base, model_type: str, name: str, doc: str):
             self.num_experts, self.num_experts_per_tok, self.moe_layers = validate_omnimoe_fields(
                 self.num_experts, self.num_experts_per_tok, self.router_norm, self.moe_layers,
                 self.num_hidden_layers, self.hidden_act, self.router_aux_loss_coef,
-                self.router_z_loss_coef, names=names, stacklevel=1)
+                self.router_z_loss_coef, hidden_size=self.hidden_size,
+                intermediate_size=self.intermediate_size, names=names, stacklevel=1)
             if self.moe_layers is not None:
                 self.moe_layers = sorted(self.moe_layers)
             super().__post_init__(**kwargs)

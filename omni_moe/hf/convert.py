@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..ops._checks import as_int, check_int
+from ..ops._checks import as_int, check_float, check_int
 from .configuration import FAMILIES, config_class_for, validate_omnimoe_fields
 from .modeling import _FP32_MODULES, check_dense_mlp, install_blocks, model_classes
 
@@ -121,11 +121,12 @@ def apply_omnimoe(model, *, layers=None, num_experts: int, num_experts_per_tok: 
         raise TypeError("apply_omnimoe needs num_experts_per_tok (k, experts per token)")
     num_experts, k, _ = validate_omnimoe_fields(
         num_experts, k, router_norm, layer_ids, n_layers, config.hidden_act,
-        router_aux_loss_coef, router_z_loss_coef, names={"num_experts_per_tok": k_name})
+        router_aux_loss_coef, router_z_loss_coef, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, names={"num_experts_per_tok": k_name})
     if not isinstance(output_router_logits, bool):
         raise TypeError(f"output_router_logits must be a bool, got {type(output_router_logits).__name__}")
-    if up_embed_std is not None and not (isinstance(up_embed_std, (int, float)) and up_embed_std >= 0):
-        raise ValueError(f"up_embed_std must be a float >= 0, got {up_embed_std!r}")
+    if up_embed_std is not None:
+        check_float("up_embed_std", up_embed_std, 0)
 
     base = model.model if is_lm else model
     ids = list(range(n_layers)) if layer_ids is None else layer_ids

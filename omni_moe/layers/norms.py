@@ -1,5 +1,5 @@
 """The router's per-axis norms as modules: ``RouterNorm`` (BatchNorm1d without affine,
-float32) and ``RouterLayerNorm`` (per-token LayerNorm without affine); ``_plain`` tells
+float32) and ``RouterLayerNorm`` (per-token LayerNorm without affine); ``is_plain`` tells
 whether a module runs only its own forward (the layer may then fuse its weights);
 ``check_expert_tables`` rejects expert tables whose weights the layer cannot read
 directly (an adapter such as peft's LoRA wrapped around them)."""
@@ -72,7 +72,7 @@ _FUSABLE_FORWARDS = (nn.Linear.forward, nn.Identity.forward, RouterNorm.forward,
                      RouterLayerNorm.forward)
 
 
-def _plain(m: nn.Module) -> bool:
+def is_plain(m: nn.Module) -> bool:
     """True if calling ``m`` runs only its own forward (no hooks, no wrapper around it):
     the layer may then use its weights directly in fused calls."""
     return (any(type(m).forward is f for f in _FUSABLE_FORWARDS)

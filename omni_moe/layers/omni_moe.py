@@ -32,27 +32,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops._checks import check_int, check_layer_input, check_num_experts
+from ..ops._checks import check_choice, check_int, check_layer_input, check_num_experts
 from ..ops._dispatch import use_triton
 from ..ops.expert.op import omni_expert_from_scores
 from ..ops._activations import ACTIVATIONS
 from ..ops.swiglu.op import swiglu
 from ..ops.router.op import MAX_NUM_EXPERT_SQRT, omni_router
 from ..ops.router_norm.op import router_log_probs as fused_router_log_probs
-from .norms import RouterLayerNorm, RouterNorm, _plain, check_expert_tables
+from .norms import RouterLayerNorm, RouterNorm, check_expert_tables, is_plain
 from .output_stage import output_stage
 from .precision import autocast_dtype, castable
 from .router_stage import router_stage
 from .router_stats import router_stats_group, sync_router_log_probs, sync_router_logits
 
 ROUTER_NORMS = ("batchnorm", "layernorm", "none")
-
-
-def _check_choice(name, v, choices):
-    if not isinstance(v, str):
-        raise TypeError(f"{name} must be a str, one of {choices}, got {type(v).__name__}")
-    if v not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {v!r}")
 
 
 @dataclass
@@ -118,34 +111,52 @@ class OmniMoEConfig:
     num_experts_per_tok: InitVar[int | None] = None
 
     def __post_init__(self, num_experts_per_tok):
-        self.hidden_size = check_int("hidden_size", self.hidden_size, 1)
-        self.intermediate_size = check_int("intermediate_size", self.intermediate_size, 1)
-        _check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
+        # Set by ``typed`` only: the callers' names of the fields, and where the warning
+        # points (3: the line that called the constructor).
+        names = self.__dict__.pop("_names", {})
+        stacklevel = self.__dict__.pop("_stacklevel", 3)
+        e_name, k_name, alias_name = (names.get(f, f) for f in (
+            "num_experts", "num_experts_per_token", "num_experts_per_tok"))
+        self.hidden_size = check_int(names.get("hidden_size", "hidden_size"), self.hidden_size, 1)
+        self.intermediate_size = check_int(names.get("intermediate_size", "intermediate_size"),
+                                           self.intermediate_size, 1)
+        check_choice(names.get("hidden_act", "hidden_act"), self.hidden_act, ACTIVATIONS)
         if self.num_experts is None:
-            raise TypeError("num_experts is required (a perfect square N*N)")
-        # stacklevel 3: the warning points at the line that built the config.
-        self.num_experts, n = check_num_experts("num_experts", self.num_experts,
-                                                MAX_NUM_EXPERT_SQRT, stacklevel=3)
+            raise TypeError(f"{e_name} is required (a perfect square N*N)")
+        self.num_experts, n = check_num_experts(e_name, self.num_experts,
+                                                MAX_NUM_EXPERT_SQRT, stacklevel=stacklevel)
         k = self.num_experts_per_token
         if k is not None:
-            k = check_int("num_experts_per_token", k, 1, n * n)
+            k = check_int(k_name, k, 1, n * n)
         if isinstance(num_experts_per_tok, _ReadBack) and k is not None:
             num_experts_per_tok = None      # dataclasses.replace's copy of the old k
         if num_experts_per_tok is not None:
-            alias = check_int("num_experts_per_tok", num_experts_per_tok, 1, n * n)
+            alias = check_int(alias_name, num_experts_per_tok, 1, n * n)
             if k is not None and k != alias:
                 raise ValueError(
-                    f"num_experts_per_tok={alias} and num_experts_per_token={k} name the same "
+                    f"{alias_name}={alias} and {k_name}={k} name the same "
                     f"setting (k, experts per token); pass one")
             k = alias
         if k is None:
-            raise TypeError("num_experts_per_token (or num_experts_per_tok) is required")
+            raise TypeError(f"{k_name} (or {alias_name}) is required")
         self.num_experts_per_token = k
-        _check_choice("router_norm", self.router_norm, ROUTER_NORMS)
+        check_choice(names.get("router_norm", "router_norm"), self.router_norm, ROUTER_NORMS)
         if self.sync_router_stats is not None and not isinstance(self.sync_router_stats, bool):
             raise TypeError(f"sync_router_stats must be a bool or None, got {type(self.sync_router_stats).__name__}")
         if not isinstance(self.sparse_expert_grad, bool):
             raise TypeError(f"sparse_expert_grad must be a bool, got {type(self.sparse_expert_grad).__name__}")
+
+    @classmethod
+    def typed(cls, names: dict, /, *, stacklevel: int = 1, **fields) -> "OmniMoEConfig":
+        """``cls(**fields)``, whose errors and ``UnroutedExpertsWarning`` call each field
+        by the name its caller's user typed (``names``: field -> that name, e.g. another
+        config's key or a command-line flag; the alias ``num_experts_per_tok`` is a field
+        here).  ``stacklevel`` is ``warnings.warn``'s, 1 being the caller of this method."""
+        self = cls.__new__(cls)
+        # __init__ -> __post_init__ -> the check: three frames below the caller's.
+        self._names, self._stacklevel = dict(names), stacklevel + 3
+        self.__init__(**fields)
+        return self
 
     @property
     def num_expert_sqrt(self) -> int:
@@ -309,7 +320,7 @@ class OmniMoE(nn.Module):
                 or self.num_expert_sqrt > MAX_N):
             return None
         gx, gy, nx, ny = self.router_gate_x, self.router_gate_y, self.router_norm_x, self.router_norm_y
-        if not all(_plain(m) for m in (gx, gy, nx, ny)) or not castable(gx.weight, h):
+        if not all(is_plain(m) for m in (gx, gy, nx, ny)) or not castable(gx.weight, h):
             return None
         if type(nx) is nn.Identity and type(ny) is nn.Identity:
             return "none"
@@ -365,7 +376,7 @@ class OmniMoE(nn.Module):
                                               scores, indices, act=self.act,
                                               sparse_grad=self.up_embed.sparse)
         inner = swiglu(self.gate_proj(h), self.up_proj(h), self.act)
-        if _plain(self.down_proj) and self.down_proj.weight.dtype == experts.dtype:
+        if is_plain(self.down_proj) and self.down_proj.weight.dtype == experts.dtype:
             # experts + inner @ W_down^T in one cuBLAS call (the add in its epilogue).
             out = torch.addmm(experts, inner, self.down_proj.weight.t())
         else:

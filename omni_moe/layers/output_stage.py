@@ -2,19 +2,20 @@
 
     out = addmm(experts(h, u, v, exp(scores), idx), act(h W_g^T) * (h W_u^T), W_d^T)
 
-``OmniMoE.forward`` built it from eight autograd nodes (the expert Function, two
-``F.linear`` (Mm + T each), the SwiGLU Function, ``addmm`` and its weight's T) and two
-``Function.apply`` calls.  Here the same calls run inside one ``autograd.Function``:
-every kernel and GEMM, in the operand layouts of aten's ``mm`` backward
-(``g.t().mm(x)`` for the weight W of ``x W^T``, whose transposed view is column-major;
-``g.mm(W)`` for the input), so each gradient is bitwise what the
-unfused path computed, except the input gradient: its three terms (experts, gate, up)
-are summed here in a fixed order, the MLP terms in the GEMMs' epilogues (``addmm_``,
-one rounding fewer), where autograd summed them with two elementwise adds in its own
-order (within rounding; the layer tests' float64 bounds are unchanged).
+The expert op, both MLP projections, the SwiGLU activation and the down projection run
+inside one ``autograd.Function``: one autograd node and one ``Function.apply`` instead of
+eight nodes (the expert Function, two ``F.linear`` (Mm + T each), the SwiGLU Function,
+``addmm`` and its weight's T) and two applies.  Every kernel and GEMM uses the operand
+layouts of aten's ``mm`` backward (``g.t().mm(x)`` for the weight W of ``x W^T``, whose
+transposed view is column-major; ``g.mm(W)`` for the input), so each gradient is bitwise
+what the same pieces composed under autograd give, except the input gradient: its three
+terms (experts, gate, up) are summed in a fixed order, the MLP terms in the GEMMs'
+epilogues (``addmm_``, one rounding fewer), where autograd would add them with two
+elementwise adds in its own order (within rounding; the layer tests' float64 bounds
+hold for both).
 
-Launches: the same Triton kernels and GEMMs, and two elementwise adds fewer.  Used by ``OmniMoE.forward`` outside ``torch.compile`` when the
-MLP modules are plain (no hooks) and every weight has h's dtype.
+Used by ``OmniMoE.forward`` outside ``torch.compile`` when the MLP modules are plain
+(no hooks) and every weight has h's dtype.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from .precision import autocast_dtype
 class _OutputStage(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, up, down, scores, idx, wg, wu, wd, act, sparse_grad):
-        from ..ops.expert.op import _forward_impl as expert_forward
-        from ..ops.swiglu.op import _forward_impl as swiglu_forward
+        from ..ops.expert.op import expert_forward_impl as expert_forward
+        from ..ops.swiglu.op import swiglu_forward_impl as swiglu_forward
 
         # Under autocast h and the MLP weights arrive in their own dtypes and are cast to
         # the autocast dtype here (layers/precision.py); the expert tables are read as
@@ -51,8 +52,8 @@ class _OutputStage(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        from ..ops.expert.op import _backward_impl as expert_backward
-        from ..ops.swiglu.op import _backward_impl as swiglu_backward
+        from ..ops.expert.op import expert_backward_impl as expert_backward
+        from ..ops.swiglu.op import swiglu_backward_impl as swiglu_backward
 
         h, up, down, scores, idx, a, sorted_e, perm, wg, wu, wd, gate, upp, inner = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -95,11 +96,11 @@ def output_stage(layer, h, scores, indices):
     outside autocast).  The expert tables may have any dtype (the kernels read them as
     they are)."""
     from ..ops.expert.op import check_expert_args
-    from .norms import _plain
+    from .norms import is_plain
     from .precision import castable
 
     mods = (layer.gate_proj, layer.up_proj, layer.down_proj)
-    if torch.compiler.is_compiling() or not all(_plain(m) for m in mods):
+    if torch.compiler.is_compiling() or not all(is_plain(m) for m in mods):
         return None
     ws = (layer.up_embed.weight, layer.down_embed.weight) + tuple(m.weight for m in mods)
     if not all(castable(w, h) and w.dtype == ws[2].dtype for w in ws[2:]):

@@ -3,19 +3,17 @@
     logits = h [W_x; W_y]^T -> BatchNorm / none -> log_softmax (both axes)
            -> omni_router top-k -> (scores float32, indices int32)
 
-``OmniMoE.route`` used to build it from four autograd-visible pieces (``torch.cat`` of
-the gate weights, ``F.linear``, the fused norm + log_softmax Function, the router
-Function): five autograd nodes (Cat, T, Mm and two Functions) and two
-``Function.apply`` calls per step.  Here the same calls run inside one
-``autograd.Function``: one node, one apply.  Every kernel, GEMM and its operand layout
-are the ones autograd ran before (``dlogits.t().mm(h)`` for the stacked weight
-gradient: aten's ``mm`` backward for a column-major second operand; ``dlogits.mm(W)``
-for the input's), so results are bitwise those of the
-unfused path (tested).  Launches are unchanged: 1 cat + 1 GEMM + 1-3 norm + 1 router
-forward; 1 router + 1-3 norm + 2 GEMMs backward.
+The whole prologue of the route runs inside one ``autograd.Function``: one autograd
+node and one ``Function.apply`` per step, instead of one node per piece (the
+concatenated gate weights, the GEMM, the fused norm + log_softmax, the router).  Its
+GEMMs use aten's ``mm`` backward operand layouts (``dlogits.t().mm(h)`` for the stacked
+weight gradient, as for a column-major second operand; ``dlogits.mm(W)`` for the
+input's), so the results are bitwise those of the same pieces composed under autograd
+(tested).  Launches: 1 cat + 1 GEMM + 1-3 norm + 1 router forward; 1 router + 1-3 norm +
+2 GEMMs backward.
 
 Used only where ``OmniMoE._fused_router_mode`` allows the fused prologue (eager, Triton
-tensors, plain modules); everything else keeps the unfused path.
+tensors, plain modules); everything else runs the pieces under autograd.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ from .precision import autocast_dtype
 class _RouterStage(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, wx, wy, n, k, mode, running, momentum, eps):
-        from ..ops.router.op import _forward_impl as router_forward
+        from ..ops.router.op import router_forward_impl as router_forward
         from ..ops.router_norm.kernels import norm_log_softmax_forward
 
         # Under autocast h and the weights arrive in their own dtypes: one cast of each
@@ -55,7 +53,7 @@ class _RouterStage(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dscores, _dindices):
-        from ..ops.router.op import _backward_impl as router_backward
+        from ..ops.router.op import router_backward_impl as router_backward
         from ..ops.router_norm.kernels import norm_log_softmax_backward
 
         h, w, logits, p, stats, indices, *rv = ctx.saved_tensors

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..ops._dispatch import use_triton
-from .norms import RouterNorm, _plain
+from .norms import RouterNorm, is_plain
 from .precision import castable
 
 
@@ -243,7 +243,7 @@ def _fused_ok(layer, h) -> bool:
     nx, ny = layer.router_norm_x, layer.router_norm_y
     gx, gy = layer.router_gate_x, layer.router_gate_y
     return (use_triton(h) and not torch.compiler.is_compiling() and layer.num_expert_sqrt <= MAX_N
-            and all(_plain(m) for m in (gx, gy, nx, ny)) and castable(gx.weight, h)
+            and all(is_plain(m) for m in (gx, gy, nx, ny)) and castable(gx.weight, h)
             and nx.momentum is not None and nx.momentum == ny.momentum and nx.eps == ny.eps)
 
 

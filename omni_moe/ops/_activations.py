@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._checks import check_choice
+
 ACTIVATIONS = ("silu", "gelu", "relu")
 ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
 
@@ -21,10 +23,7 @@ _INV_SQRT_2PI = 0.3989422804014327   # 1 / sqrt(2 pi)
 
 def check_activation(act, name: str = "act") -> None:
     """Raise TypeError/ValueError naming ``name`` unless ``act`` is a supported activation."""
-    if not isinstance(act, str):
-        raise TypeError(f"{name} must be a str, one of {ACTIVATIONS}, got {type(act).__name__}")
-    if act not in ACTIVATIONS:
-        raise ValueError(f"{name} must be one of {ACTIVATIONS}, got {act!r}")
+    check_choice(name, act, ACTIVATIONS)
 
 
 def activation(a: torch.Tensor, act: str) -> torch.Tensor:

@@ -55,6 +55,26 @@ def check_pow2(name: str, v, lo: int = 1) -> int:
     return i
 
 
+def check_choice(name: str, v, choices) -> str:
+    """``v`` unchanged; TypeError naming ``name`` unless it is a str, ValueError unless it
+    is one of ``choices``."""
+    if not isinstance(v, str):
+        raise TypeError(f"{name} must be a str, one of {choices}, got {type(v).__name__}")
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {v!r}")
+    return v
+
+
+def check_float(name: str, v, lo: float | None = None):
+    """``v`` unchanged; TypeError naming ``name`` unless it is an int or a float (``bool``
+    is not), ValueError unless it is finite and >= ``lo`` (no range check when None)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    if lo is not None and not (math.isfinite(v) and v >= lo):
+        raise ValueError(f"{name} must be a finite number >= {lo}, got {v}")
+    return v
+
+
 class UnroutedExpertsWarning(UserWarning):
     """``num_experts`` is not a perfect square: the router's N x N grid (N = isqrt(E))
     addresses the expert tables' first N*N rows only; the others are never routed and

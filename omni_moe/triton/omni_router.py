@@ -1,4 +1,4 @@
-"""Seed path of the full-scan router: ``triton_omni_router_func``.
+"""The full-scan router at its first upstream path: ``triton_omni_router_func``.
 
 The full scan of all N^2 pairs (``omni_moe.ops.router.fullscan``), kept as the baseline
 the fast router is compared against; same contract, validation and backward as

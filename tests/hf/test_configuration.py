@@ -98,6 +98,11 @@ def test_aliases_map(family):
         make(family, num_experts=DROP, num_local_experts=36, n_routed_experts=36)
     with pytest.raises(ValueError, match=r"shared_expert_intermediate_size=48 and intermediate_size=40"):
         make(family, shared_expert_intermediate_size=48)
+    # the layer's checks, under the name typed
+    with pytest.raises(ValueError, match=r"^shared_expert_intermediate_size must be >= 1, got 0$"):
+        make(family, intermediate_size=DROP, shared_expert_intermediate_size=0)
+    with pytest.raises(ValueError, match=r"^n_routed_experts must be in \[1, \d+\], got 0$"):
+        make(family, num_experts=DROP, n_routed_experts=0)
 
 
 @pytest.mark.parametrize("kw,layers", [

@@ -122,6 +122,9 @@ def test_conversion_errors():
         apply_omnimoe(model, num_experts=16, num_experts_per_tok=2, router_norm="rms")
     with pytest.raises(TypeError, match="layers"):
         apply_omnimoe(model, layers="0", num_experts=16, num_experts_per_tok=2)
+    for std, exc in ((-0.1, ValueError), (float("inf"), ValueError), (True, TypeError), ("0.1", TypeError)):
+        with pytest.raises(exc, match="^up_embed_std must be a (float|finite number >= 0)"):
+            apply_omnimoe(model, num_experts=16, num_experts_per_tok=2, up_embed_std=std)
     # a failed call leaves the model untouched
     assert type(model) is LlamaForCausalLM and model.config.model_type == "llama"
     with pytest.raises(ValueError, match="hidden_act"):

@@ -37,12 +37,8 @@ experts).  2*E*H*b bytes of writes, which autograd's dense parameter gradients
 require: at E = 2^20, H = 2048, bf16 that is 8 GiB (~2.7 ms at 3 TB/s) and it
 dominates the backward at that size.
 
-Measured (H100 80GB HBM3, triton 3.6, bf16, 2026-11-26; one-off profile, see
-docs/expert.md) at (T,H,E,k) = (4096,1024,4096,16) / (8192,1024,65536,32) /
-(4096,2048,2^20,16): token forward 55 / 364 / 217 us and token backward 61 / 372 / 226 us
-per launch; op fwd+bwd GPU-only (CUDA graph) 0.233 ms ("token") and 0.746 ms ("expert")
-at the first two sizes; at the third the expert-gradient launch alone took 3.20 ms (the
-8 GiB dense write; torch.zeros_like of the same bytes: 2.61 ms).
+Per-kernel and per-op times, with the card, versions and command: docs/expert.md,
+"Measured performance".
 
 Every sum runs in a fixed order (over r = 0..k-1 by token; over the stable sort's token
 order by expert): results are bitwise reproducible, with no float atomics anywhere, and
@@ -66,7 +62,7 @@ import triton
 import triton.language as tl
 
 from .._activations import ACT_ID, act_fwd, act_fwd_bwd
-from .._checks import check_int, check_pow2, with_fields
+from .._checks import check_choice, check_int, check_pow2, with_fields
 from .._triton import loop_bound, to_dtype, to_f32
 
 
@@ -490,12 +486,8 @@ class ExpertConfig:
 
 def choose_mode(T: int, H: int, E: int, K: int, itemsize: int) -> str:
     """"expert" when the u/v tables do not fit in L2 and pairs share experts (P >= 2 D,
-    D from uniform routing); else "token".  Shapes only: no data is read.
-
-    Measured on H100 (bf16, 2026-11-26, one-off profile, docs/expert.md): at (T,H,E,k) =
-    (8192,1024,65536,32) the "expert" schedule's fwd+bwd is 0.746 ms GPU-only (CUDA
-    graph), where the "token" schedule's launches alone add up to ~1.15 ms; at
-    (4096,2048,2^20,16) the "token" forward takes 0.217 ms against 0.29 ms.
+    D from uniform routing); else "token".  Shapes only: no data is read.  The
+    measurements behind the rule: docs/expert.md, "Launch rules".
     """
     P = T * K
     if P == 0 or 2 * E * H * itemsize <= _L2_TABLES:
@@ -504,25 +496,22 @@ def choose_mode(T: int, H: int, E: int, K: int, itemsize: int) -> str:
 
 
 def _token_tile(T: int, H: int, K: int) -> Tile:
-    # Measured on H100 (bf16, one-off sweep, docs/expert.md): one token per program with
-    # its whole row, 4 warps per 1K columns, slot loop unrolled twice, was the best of
-    # the configurations tried at H = 1024 and 2048.
+    # One token per program with its whole row, 4 warps per 1K columns, slot loop
+    # unrolled twice: the fastest tiling tried (docs/expert.md, "Launch rules").
     block_h = max(16, min(_MAX_ROW, triton.next_power_of_2(max(H, 1))))
     block_t = max(1, min(16, 1024 // block_h, triton.next_power_of_2(max(T, 1))))
     return Tile(block_t, block_h, 2 if K >= 2 else 1, 4 if block_t * block_h <= 1024 else 8)
 
 
 def _pair_dot_tile(P: int, H: int) -> Tile:
-    # Measured on H100: (8, 256) was the best or within 2% of it at all three benchmark
-    # sizes, among (4|8|16, 256), (32, 128), (4, 512), (8, 512), (2, 1024).
+    # 8 pairs x 256 columns: the tilings compared are in docs/expert.md, "Launch rules".
     block_h = max(16, min(256, triton.next_power_of_2(max(H, 1))))
     block_p = max(1, min(8, 2048 // block_h, triton.next_power_of_2(max(P, 1))))
     return Tile(block_p, block_h, 1, 4)
 
 
 def _gather_tile(T: int, H: int, K: int) -> Tile:
-    # Measured on H100: 4 tokens x 256 columns, slot loop unrolled twice, was the best
-    # or within 1% of it at all three benchmark sizes.
+    # 4 tokens x 256 columns, slot loop unrolled twice (docs/expert.md, "Launch rules").
     block_h = max(16, min(256, triton.next_power_of_2(max(H, 1))))
     block_t = max(1, min(4, 1024 // block_h, triton.next_power_of_2(max(T, 1))))
     return Tile(block_t, block_h, 2 if K >= 2 else 1, 4)
@@ -530,23 +519,18 @@ def _gather_tile(T: int, H: int, K: int) -> Tile:
 
 def _expert_grad_tile(E: int, H: int) -> Tile:
     # One expert per program with up to 1024 columns: the trip count is that expert's
-    # own pair count (with several experts per program it is the busiest one's: 1.3x /
-    # 1.55x the pairs at the first two benchmark sizes with 4 experts, the router's
-    # routing not being uniform), and the pair metadata is read once per 1024 columns.
-    # Measured on H100 (one-off profile, docs/expert.md; expert op fwd+bwd at
-    # (4096,2048,2^20,16)): (1, 1024, 2, 4 warps) 3.64 ms, (4, 256, 2, 4) 3.65-3.71,
-    # (1, 1024, 2, 8) 4.02-4.10, the same with 128 experts per program 3.86; at the
-    # smaller sizes the differences were inside the run-to-run noise of the host-bound
-    # timings.  Every tiling gives the same bits (each expert's pairs are summed one at
-    # a time in sorted order).
+    # own pair count (with several experts per program it is the busiest one's, and the
+    # router's routing is not uniform), and the pair metadata is read once per 1024
+    # columns.  The tilings compared: docs/expert.md, "Launch rules".  Every tiling
+    # gives the same bits (each expert's pairs are summed one at a time in sorted order).
     block_h = max(16, min(1024, triton.next_power_of_2(max(H, 1))))
     block_e = max(1, min(16, 1024 // block_h, triton.next_power_of_2(max(E, 1))))
     return Tile(block_e, block_h, 2, 4)
 
 
 def default_config(T: int, H: int, E: int, K: int, itemsize: int) -> ExpertConfig:
-    """The launch configuration the op uses for a shape (rules above, measured on an
-    H100)."""
+    """The launch configuration the op uses for a shape (the rules above;
+    docs/expert.md, "Launch rules")."""
     return ExpertConfig(schedule=choose_mode(T, H, E, K, itemsize),
                         token=_token_tile(T, H, K), pair_dot=_pair_dot_tile(T * K, H),
                         gather=_gather_tile(T, H, K), expert_grad=_expert_grad_tile(E, H))
@@ -555,8 +539,7 @@ def default_config(T: int, H: int, E: int, K: int, itemsize: int) -> ExpertConfi
 def _check_config(config) -> ExpertConfig:
     if not isinstance(config, ExpertConfig):
         raise TypeError(f"config must be an ExpertConfig, got {type(config).__name__}")
-    if config.schedule not in SCHEDULES:
-        raise ValueError(f"config.schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+    check_choice("config.schedule", config.schedule, SCHEDULES)
     tiles = {}
     for name in ("token", "pair_dot", "gather", "expert_grad"):
         tile = getattr(config, name)

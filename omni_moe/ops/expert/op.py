@@ -87,7 +87,7 @@ def _check_index_range_cpu(indices: torch.Tensor, num_experts: int):
                 f"got values in [{lo}, {hi}]")
 
 
-def _forward_impl(h, up, down, w, idx, act, log_weights=False):
+def expert_forward_impl(h, up, down, w, idx, act, log_weights=False):
     """(out, a, sorted_e, perm): a (T, k) float32 pre-activations; sorted_e/perm the pairs'
     grouping by expert when the kernels' "expert" schedule ran, else empty (all four
     saved for backward)."""
@@ -104,8 +104,8 @@ def _forward_impl(h, up, down, w, idx, act, log_weights=False):
             idx.new_empty((0,), dtype=torch.int64))
 
 
-def _backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup,
-                   need_ddown, log_weights=False):
+def expert_backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh,
+                         need_dup, need_ddown, log_weights=False):
     """(dh, dup, ddown, dw); a gradient not needed comes back as an empty (0,) tensor."""
     if use_triton(h):
         from .kernels import expert_backward
@@ -148,7 +148,7 @@ def _grouped_pairs(h, up, idx) -> int:
 def _expert_forward(h: torch.Tensor, up: torch.Tensor, down: torch.Tensor, w: torch.Tensor,
                     idx: torch.Tensor, act: str,
                     log_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward_impl(h, up, down, w, idx, act, log_weights)
+    return expert_forward_impl(h, up, down, w, idx, act, log_weights)
 
 
 @_expert_forward.register_fake
@@ -166,7 +166,7 @@ def _expert_backward(grad_out: torch.Tensor, h: torch.Tensor, up: torch.Tensor, 
                      w: torch.Tensor, idx: torch.Tensor, a: torch.Tensor, sorted_e: torch.Tensor,
                      perm: torch.Tensor, act: str, need_dh: bool, need_dup: bool, need_ddown: bool,
                      log_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup,
+    return expert_backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup,
                           need_ddown, log_weights)
 
 
@@ -215,7 +215,7 @@ _expert_forward.register_autograd(_backward, setup_context=_setup_context)
 class _ExpertFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, up, down, w, idx, act, log_weights, sparse_grad=False):
-        out, a, sorted_e, perm = _forward_impl(h, up, down, w, idx, act, log_weights)
+        out, a, sorted_e, perm = expert_forward_impl(h, up, down, w, idx, act, log_weights)
         ctx.save_for_backward(h, up, down, w, idx, a, sorted_e, perm)
         ctx.act = act
         ctx.log_weights = log_weights
@@ -229,7 +229,7 @@ class _ExpertFunction(torch.autograd.Function):
             from .sparse import sparse_backward_impl
 
             return (*_grads(ctx, grad_out, sparse_backward_impl), None)
-        return (*_grads(ctx, grad_out, _backward_impl), None)
+        return (*_grads(ctx, grad_out, expert_backward_impl), None)
 
 
 def _apply(hidden_states, up_weights, down_weights, routing_weights, indices, act, log_weights,

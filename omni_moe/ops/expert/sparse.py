@@ -109,7 +109,7 @@ def _torch_backward(grad_out, h, up, down, w, idx, a, act, need_dh, need_dup, ne
 
 def sparse_backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup,
                          need_ddown, log_weights=False):
-    """``op._backward_impl`` with sparse COO (E, H) weight gradients.
+    """``op.expert_backward_impl`` with sparse COO (E, H) weight gradients.
 
     Returns (dh, dup, ddown, dw); a gradient not needed comes back as an empty tensor.
     """

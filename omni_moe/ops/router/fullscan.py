@@ -1,13 +1,14 @@
-"""The original omni router: a full scan of all N*N expert pairs per token.
+"""The full-scan omni router: every one of the N*N expert pairs of each token is scored.
 
 For each token t and every flat expert e = i*N + j the router forms
 
     s[t, e] = float32(x[t, i]) + float32(y[t, j])
 
 and returns the k largest, sorted descending (scores rounded to the input dtype with
-round-to-nearest-even, indices int32).  This is the seed's baseline algorithm, written
-anew and made correct; it costs O(T * N^2 * k) simple operations and is kept as the
-slow, obviously-exact twin of the pruned router (``pruned.py``).
+round-to-nearest-even, indices int32).  It costs O(T * N^2 * k) simple operations: the
+slow, obviously-exact twin of the pruned router (``pruned.py``), which the tests and
+benchmarks compare against, and the algorithm behind ``route(..., "fullscan")`` and
+``omni_moe.triton.omni_router.triton_omni_router_func``.
 
 Selection works on 64-bit keys
 

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_int, check_pow2, with_fields
+from .._checks import check_choice, check_int, check_pow2, with_fields
 from .._triton import (
     KEY_NONE,
     bitonic_topk,
@@ -368,8 +368,7 @@ class _Launch(NamedTuple):
 def _check_config(config) -> LargeKConfig:
     if not isinstance(config, LargeKConfig):
         raise TypeError(f"config must be a LargeKConfig, got {type(config).__name__}")
-    if config.sort not in ("fused", "split", "torch"):
-        raise ValueError(f"config.sort must be 'fused', 'split' or 'torch', got {config.sort!r}")
+    check_choice("config.sort", config.sort, ("fused", "split", "torch"))
     if not isinstance(config.first_probe, bool):
         raise TypeError(f"config.first_probe must be a bool, got {type(config.first_probe).__name__}")
     return with_fields(config, tile_t=check_pow2("config.tile_t", config.tile_t),

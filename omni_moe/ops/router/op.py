@@ -1,15 +1,16 @@
 """The omni router op: argument checks, ``torch.library`` custom ops, autograd, and the
 public ``omni_router``.
 
-``omni_router`` (the pruned algorithm) and the full scan kept for comparison
-(``route(..., "fullscan")``, exposed as the seed's ``triton_omni_router_func``) go
-through the ops registered here, so every entry point validates its arguments the same
-way, has the same backward, and is traceable by ``torch.compile(fullgraph=True)``.
+``omni_router`` (the pruned algorithm) and the full scan (``route(..., "fullscan")``,
+behind ``omni_moe.triton.omni_router.triton_omni_router_func``) go through the ops
+registered here, so every entry point validates its arguments the same way, has the
+same backward, and is traceable by ``torch.compile(fullgraph=True)``.
 
-Eager calls run the same implementation functions through a plain
-``torch.autograd.Function`` (or directly, without autograd, when no gradient is needed):
-a custom-op call costs about 0.1 ms of host time, more than the kernels at small T.
-Traced code (``torch.compiler.is_compiling()``) goes through the custom op.
+Eager calls run the same implementation functions (``router_forward_impl``,
+``router_backward_impl``) through a plain ``torch.autograd.Function``, or directly
+when no gradient is needed: a custom-op call costs about 0.1 ms of host time, more than
+the kernels at small T.  Traced code (``torch.compiler.is_compiling()``) goes through
+the custom op.
 
 Dispatch (``omni_moe.ops._dispatch``): CUDA tensors, and CPU tensors under
 ``TRITON_INTERPRET=1``, run the Triton kernels of the chosen algorithm
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_float_tensor, check_int, check_same
+from .._checks import check_choice, check_float_tensor, check_int, check_same
 from .._dispatch import use_triton
 from .backward import router_backward
 from .fullscan import fullscan_router_forward
@@ -72,13 +73,17 @@ def _pruned_forward(x, y, k, sorted=True):
 _TRITON_FORWARD = {"fullscan": _fullscan_forward, "pruned": _pruned_forward}
 
 
-def _forward_impl(x, y, k, algorithm, sorted=True):
+def router_forward_impl(x, y, k, algorithm, sorted=True):
+    """(scores, indices) of checked arguments, by the Triton ``algorithm`` or the PyTorch
+    path (``use_triton``); no autograd.  The fused router stage of the layer calls it
+    inside its own autograd node."""
     if use_triton(x):
         return _TRITON_FORWARD[algorithm](x, y, k, sorted)
     return router_cpu(x, y, k, sorted)
 
 
-def _backward_impl(grad, indices, n):
+def router_backward_impl(grad, indices, n):
+    """(dx, dy): the scores' gradient scattered back to both logit rows; no autograd."""
     if use_triton(grad):
         return router_backward(grad, indices, n)
     return router_backward_reference(grad, indices, n)
@@ -87,7 +92,7 @@ def _backward_impl(grad, indices, n):
 @torch.library.custom_op("omni_moe::router_forward", mutates_args=())
 def _router_forward(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: str,
                     sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(x, y, k, algorithm, sorted)
+    return router_forward_impl(x, y, k, algorithm, sorted)
 
 
 @_router_forward.register_fake
@@ -98,7 +103,7 @@ def _(x, y, k, algorithm, sorted=True):
 
 @torch.library.custom_op("omni_moe::router_backward", mutates_args=())
 def _router_backward(grad: torch.Tensor, indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward_impl(grad, indices, n)
+    return router_backward_impl(grad, indices, n)
 
 
 @_router_backward.register_fake
@@ -132,7 +137,7 @@ class _RouterFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, k, algorithm, sorted):
-        scores, indices = _forward_impl(x, y, k, algorithm, sorted)
+        scores, indices = router_forward_impl(x, y, k, algorithm, sorted)
         ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(indices)
         ctx.n = x.shape[1]
@@ -142,7 +147,7 @@ class _RouterFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_scores, grad_indices):
         (indices,) = ctx.saved_tensors
-        dx, dy = _backward_impl(grad_scores, indices, ctx.n)
+        dx, dy = router_backward_impl(grad_scores, indices, ctx.n)
         return dx, dy, None, None, None
 
 
@@ -150,8 +155,7 @@ def route(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_tok
           *, sorted=True):
     """Validate, then run the router with the given Triton algorithm (``sorted``: as in
     ``omni_router``; the full scan always sorts)."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    check_choice("algorithm", algorithm, ALGORITHMS)
     _, k = check_router_args(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token,
                              sorted)
     x, y = router_logits_x, router_logits_y
@@ -159,7 +163,7 @@ def route(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_tok
         return torch.ops.omni_moe.router_forward(x, y, k, algorithm, sorted)
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
         return _RouterFunction.apply(x, y, k, algorithm, sorted)
-    return _forward_impl(x, y, k, algorithm, sorted)
+    return router_forward_impl(x, y, k, algorithm, sorted)
 
 
 def omni_router(router_logits_x, router_logits_y, num_expert_sqrt, num_experts_per_token, *,

@@ -11,7 +11,7 @@ It never forms the N x N grid.  Per token (k' = min(k, N)):
    on both axes, so it is never needed when that count reaches k.
 
 Selection works on int32 keys whose signed order is the router's total order (NaN
-below -inf; utils.f32_key).  For 16-bit inputs one int32 holds the value's ordered 16
+below -inf; _triton.f32_key).  For 16-bit inputs one int32 holds the value's ordered 16
 bits and the column (_triton.half_key): a sort moves one register per element and every
 key of a row is distinct.  float32 inputs carry the column as a separate payload.  Grid
 keys are the ordered float32 sum with the flat index as payload.
@@ -638,9 +638,9 @@ MAX_FAST_K = 256
 LARGE_K_MIN_K = MAX_FAST_K + 1
 MAX_FAST_N = 4096
 _MAX_SORT_WIDTH = 4096
-# From this many tokens the streaming kernel is chosen for k <= 16 (at T = 1024, N = 256
-# both kernels take ~6.5 us of GPU time; at T = 4096, N = 256/512/1024 streaming takes
-# 9.4/13.5/22.9 us vs the warp kernel's 16.1/29.1/40.1: H100, docs/router.md).
+# From this many tokens the streaming kernel is chosen for k <= 16: below it both kernels
+# take about the same time, from it streaming is faster (docs/router.md, "Launch rules
+# of the pruned forward").
 STREAM_MIN_T = 4096
 
 
@@ -724,17 +724,16 @@ class WarpConfig:
 
 
 def _stream_rule(T: int, N: int) -> StreamConfig:
-    # About 32K threads in flight: LPT = next_pow2(32768 / T) threads per token (H100
-    # sweep, docs/router.md: the best LPT was 8 at T = 4096, 4 at 8192, 2 (= 4) at
-    # 16384, 1 (= 2) at 32768 and 1 at 65536).  With LPT > 1 the token's lanes share the
-    # grid stage.
+    # About 32K threads in flight: LPT = next_pow2(32768 / T) threads per token (the
+    # sweep behind it: docs/router.md, "Launch rules of the pruned forward").  With
+    # LPT > 1 the token's lanes share the grid stage.
     lpt = _pow2(max(1, -(-32768 // max(1, T))))
     lpt = max(1, min(lpt, 32, _pow2(N) // 16))
     return StreamConfig(lpt=lpt, warps=4, gsplit=lpt > 1)
 
 
 def _warp_rule(T: int, N: int, k: int, sm_major: int) -> WarpConfig:
-    # Measured on an H100 (docs/router.md): small CTAs (2 tokens, 2 warps) are fastest
+    # docs/router.md, "Launch rules of the pruned forward": small CTAs (2 tokens, 2 warps) are fastest
     # at large T; at T <= 4096 and N <= 256 the full-row per-axis sort beats the
     # threshold stage (no scratch round trip).
     NP = _pow2(N)

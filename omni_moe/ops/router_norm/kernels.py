@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_int, with_fields
+from .._checks import check_int, check_pow2, with_fields
 from .._triton import loop_bound, to_dtype, to_f32
 
 MAX_N = 4096
@@ -331,13 +331,10 @@ def default_config(T: int, N: int) -> RouterNormConfig:
 def _check_config(config) -> RouterNormConfig:
     if not isinstance(config, RouterNormConfig):
         raise TypeError(f"config must be a RouterNormConfig, got {type(config).__name__}")
-    tiles = {name: tuple(check_int(f"config.{name}", v, 1) for v in getattr(config, name))
+    tiles = {name: tuple(check_pow2(f"config.{name}", v) for v in getattr(config, name))
              for name in ("stats_tile", "final_tile")}
-    row_block = check_int("config.row_block", config.row_block, 1)
-    if any(v & (v - 1) for v in (*tiles["stats_tile"], *tiles["final_tile"], row_block)):
-        raise ValueError(f"config tiles and row_block must be powers of two, got {config}")
     return with_fields(config, splits=check_int("config.splits", config.splits, 1),
-                       row_block=row_block, **tiles)
+                       row_block=check_pow2("config.row_block", config.row_block), **tiles)
 
 
 def split_rows(T: int, splits: int) -> tuple[int, int]:

@@ -40,7 +40,8 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
-def _forward_impl(gate, up, act):
+def swiglu_forward_impl(gate, up, act):
+    """act(gate) * up of checked arguments, by the kernel or the PyTorch path; no autograd."""
     if use_triton(gate):
         from .kernels import swiglu_forward
 
@@ -48,7 +49,8 @@ def _forward_impl(gate, up, act):
     return swiglu_forward_torch(gate, up, act)
 
 
-def _backward_impl(grad, gate, up, act):
+def swiglu_backward_impl(grad, gate, up, act):
+    """(dgate, dup) of checked arguments; no autograd."""
     if use_triton(gate):
         from .kernels import swiglu_backward
 
@@ -59,7 +61,7 @@ def _backward_impl(grad, gate, up, act):
 
 @torch.library.custom_op("omni_moe::swiglu_forward", mutates_args=())
 def _swiglu_forward(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
-    return _forward_impl(gate, up, act)
+    return swiglu_forward_impl(gate, up, act)
 
 
 @_swiglu_forward.register_fake
@@ -69,7 +71,7 @@ def _(gate, up, act):
 
 @torch.library.custom_op("omni_moe::swiglu_backward", mutates_args=())
 def _swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward_impl(grad, gate, up, act)
+    return swiglu_backward_impl(grad, gate, up, act)
 
 
 @_swiglu_backward.register_fake
@@ -103,13 +105,13 @@ class _SwigluFunction(torch.autograd.Function):
     def forward(ctx, gate, up, act):
         ctx.save_for_backward(gate, up)
         ctx.act = act
-        return _forward_impl(gate, up, act)
+        return swiglu_forward_impl(gate, up, act)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        dgate, dup = _backward_impl(grad, gate, up, ctx.act)
+        dgate, dup = swiglu_backward_impl(grad, gate, up, ctx.act)
         return dgate, dup, None
 
 

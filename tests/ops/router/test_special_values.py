@@ -6,8 +6,9 @@ conversions: ``float('nan')`` converted to bfloat16 only ever gives one NaN patt
 the interpreter keeps bfloat16 as raw words, so a NaN with the sign bit clear or a
 subnormal is exactly what a float compare or a float conversion would get wrong.  The
 oracle decodes the words itself and works in float64 (Python floats), independently of
-omni_moe.reference and of torch's conversions: a float32 sum rounded from float64 is the
-correctly rounded float32 sum (53 >= 2 * 24 + 2 bits), then rounded to the input dtype.
+the package's references (``omni_moe.ops.router.reference``) and of torch's conversions:
+a float32 sum rounded from float64 is the correctly rounded float32 sum
+(53 >= 2 * 24 + 2 bits), then rounded to the input dtype.
 """
 
 from __future__ import annotations
