@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import sys
@@ -163,6 +164,10 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     names = [s.strip() for s in args.models.split(",") if s.strip()]
     try:
+        if args.experts < 1 or math.isqrt(args.experts) ** 2 != args.experts:
+            # The models are new: a count that is not a perfect square would leave rows
+            # that are never routed (allowed only to load upstream checkpoints).
+            raise ValueError(f"--experts must be a perfect square N*N >= 1, got {args.experts}")
         for norm, option in ((args.converted_norm, "--converted-norm"), (args.native_norm, "--native-norm")):
             omni_moe.hf.configuration.validate_omnimoe_fields(
                 args.experts, args.k, norm, None, args.layers, "silu",
