@@ -2,6 +2,7 @@
 
     omni-moe bench router [...]   the omni router alone, forward and backward, every implementation
     omni-moe bench layer [...]    the whole OmniMoE layer, its parts and its PyTorch peers
+    omni-moe bench decode [...]   the layer serving (decode and prefill steps) beside dense MLPs
     omni-moe --version
 
 Bad arguments and unreadable or unwritable files are reported in one line on stderr,
@@ -20,7 +21,7 @@ from .bench.common import ArgumentParser, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import layer, router
+    from .bench import decode, layer, router
 
     p = ArgumentParser(prog="omni-moe", description="omni-moe: exact, fast OmniMoE kernels.")
     p.add_argument("--version", action="version", version=f"omni-moe {__version__}")
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     what = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
     for name, module, text in (
             ("router", router, "the omni router alone, forward and backward, every implementation"),
-            ("layer", layer, "the whole OmniMoE layer, its parts and its PyTorch peers")):
+            ("layer", layer, "the whole OmniMoE layer, its parts and its PyTorch peers"),
+            ("decode", decode, "the layer serving (decode and prefill steps) beside dense MLPs")):
         q = what.add_parser(name, help=text, description=module.__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(q)
