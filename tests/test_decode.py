@@ -147,7 +147,7 @@ def test_dense_baselines_have_the_layers_active_parameters(monkeypatch):
 
 
 def test_bench_decode_tiny_cases_write_json(tmp_path, capsys, monkeypatch):
-    """Two tiny cases at a decode and a prefill T: every variant timed, the check
+    """Two tiny cases at decode and prefill T (64 the largest decode step): every variant timed, the check
     passes, the JSON holds one row per (case, T), --from-json reprints the same table."""
     if not HAS_CUDA:   # under the interpreter a timed Triton call costs seconds
         monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -155,7 +155,7 @@ def test_bench_decode_tiny_cases_write_json(tmp_path, capsys, monkeypatch):
     plot = importlib.util.find_spec("matplotlib") is not None
     cases = [(16, 24, 64, 5), (8, 8, 16, 3)]
     rc = cli.main(["bench", "decode", "--cases", ";".join(",".join(map(str, c)) for c in cases),
-                   "--tokens", "1,65", "--dense-intermediate", "40", "--warmup-ms", "0", "--rep-ms", "0",
+                   "--tokens", "1,64,65", "--dense-intermediate", "40", "--warmup-ms", "0", "--rep-ms", "0",
                    "--dtype", "float32", "--json", str(out)] + (["--plot", str(png)] if plot else []))
     printed = capsys.readouterr().out
     assert rc == 0, printed
@@ -164,8 +164,8 @@ def test_bench_decode_tiny_cases_write_json(tmp_path, capsys, monkeypatch):
     assert data["mode"] == ("cuda" if HAS_CUDA else "cpu")
     rows = data["rows"]
     assert [(r["hidden"], r["intermediate"], r["experts"], r["k"], r["T"]) for r in rows] == [
-        (*c, T) for c in cases for T in (1, 65)]
-    assert [r["phase"] for r in rows] == ["decode", "prefill"] * 2
+        (*c, T) for c in cases for T in (1, 64, 65)]
+    assert [r["phase"] for r in rows] == ["decode", "decode", "prefill"] * 2
     for r in rows:
         H, I, E, k = r["hidden"], r["intermediate"], r["experts"], r["k"]
         N = int(E ** 0.5)
