@@ -89,6 +89,29 @@ def test_batchnorm_decode_step_uses_running_statistics(path):
     assert all(torch.equal(a, b) for a, b in zip(before, layer.buffers()))
 
 
+@pytest.mark.usefixtures("no_tf32")
+def test_a_non_finite_request_stays_in_its_row(path):
+    """One request of a decode step holding NaN (either sign) or inf: the other rows are
+    those of the clean step, every routed index is in range and distinct within its row,
+    and the bad rows are not silently finite."""
+    layer = _eval_layer(path, "batchnorm")
+    x = torch.randn(8, layer.hidden_size, device=path)
+    bad = [3, 5, 6]
+    y = x.clone()
+    y[3] = float("nan")
+    y[5] = -float("nan")
+    y[6, 2] = float("inf")
+    with torch.inference_mode():
+        clean = layer(x)
+        out, (_, idx) = layer(y, return_routing=True)
+    good = [t for t in range(8) if t not in bad]
+    assert _row_rel(out[good], clean[good]) <= 1e-5
+    E = layer.num_expert_sqrt ** 2
+    assert bool(((idx >= 0) & (idx < E)).all())
+    assert all(len(set(row.tolist())) == layer.top_k for row in idx)
+    assert not torch.isfinite(out[bad]).all(dim=-1).any()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("E, k", [(4096, 16), (65536, 1024)], ids=["small-k", "large-k"])
