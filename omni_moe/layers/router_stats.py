@@ -29,21 +29,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .._collectives import all_gather_flat, world_size
 from ..ops._dispatch import use_triton
 from .norms import RouterNorm, is_plain
 from .precision import castable
-
-
-def _world(group) -> int:
-    return dist.get_world_size(group)
-
-
-def _all_gather_flat(t: torch.Tensor, group) -> torch.Tensor:
-    """(P, *t.shape): ``t`` of every rank of ``group``, in rank order."""
-    out = t.new_empty((_world(group) * t.shape[0], *t.shape[1:]) if t.dim() else (_world(group),))
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, t.contiguous(), group=group)
-    return out.view(_world(group), *t.shape)
 
 
 def router_stats_group(layer):
@@ -59,7 +48,7 @@ def router_stats_group(layer):
                              "process group (torch.distributed.init_process_group)")
         return None
     group = getattr(layer, "router_stats_group", None) or dist.group.WORLD
-    return group if _world(group) > 1 else None
+    return group if world_size(group) > 1 else None
 
 
 # [(weak reference to the default group, weak reference to its copy)]: c10d keeps both
@@ -133,7 +122,7 @@ class _SyncNormTorch(torch.autograd.Function):
         else:
             mean = m2 = x.new_zeros(C)
         mine = torch.cat((mean, m2, x.new_full((1,), float(T))))
-        mean, m2, total = _combine(_all_gather_flat(mine, group), C)
+        mean, m2, total = _combine(all_gather_flat(mine, group), C)
         ok = total >= 2
         # before the update: what fewer than two rows are normalised with
         run_mean = torch.cat((running[0], running[3]))
@@ -182,7 +171,7 @@ class _SyncRouterLogProbs(torch.autograd.Function):
 
         T, C = logits.shape
         dev = logits.device
-        P = _world(group)
+        P = world_size(group)
         cfg = rn.default_config(T, n)
         S_max = cfg.splits
         buf = torch.zeros(S_max * 2 * C + 1, dtype=torch.float32, device=dev)
@@ -190,7 +179,7 @@ class _SyncRouterLogProbs(torch.autograd.Function):
             S, rows = rn.split_rows(T, S_max)
             rn.stats_partials(logits, buf[:S * 2 * C].view(S, 2, C), rows, cfg)
         buf[-1:].fill_(float(T))   # a fill kernel; item assignment would copy from the host (a sync)
-        gathered = _all_gather_flat(buf, group)
+        gathered = all_gather_flat(buf, group)
         counts = gathered[:, -1]
         total = counts.sum(0, keepdim=True)
         stats = torch.empty((2, C), dtype=torch.float32, device=dev)
