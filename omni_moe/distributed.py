@@ -178,7 +178,7 @@ def shard_expert_tables(module: nn.Module, mesh, *, average_grads: bool = True) 
     if not layers:
         raise ValueError("module contains no OmniMoE layer")
     for layer in layers:
-        if getattr(layer, "expert_sharding", None) is not None:
+        if layer.expert_sharding is not None:
             raise ValueError("the expert tables of this OmniMoE layer are already sharded")
         if getattr(layer.config, "sparse_expert_grad", False):
             raise ValueError("sparse_expert_grad is not supported with sharded expert tables "

@@ -239,6 +239,12 @@ class OmniMoE(nn.Module):
         self.down_embed = nn.Embedding(E, H, sparse=config.sparse_expert_grad)
         self.reset_expert_parameters()
 
+        # Set by omni_moe.distributed: the process group of the router norms' batch
+        # statistics (set_router_stats_group; None: the world group), and the expert
+        # branch over row-sharded tables (shard_expert_tables; None: the local tables).
+        self.router_stats_group = None
+        self.expert_sharding = None
+
     def reset_expert_parameters(self) -> None:
         std = 1.0 / math.sqrt(self.hidden_size)
         nn.init.normal_(self.up_embed.weight, std=std)
@@ -358,7 +364,7 @@ class OmniMoE(nn.Module):
         # gradient terms summed in float32.  The unfused ops below take the cast copy.
         scores, indices = self.route(h)
         amp = autocast_dtype(h)
-        if getattr(self, "expert_sharding", None) is not None:
+        if self.expert_sharding is not None:
             # Expert tables sharded across processes (omni_moe.distributed.shard_expert_tables).
             h = h if amp is None else h.to(amp)
             experts = self.expert_sharding(self, h, scores, indices)

@@ -47,7 +47,7 @@ def router_stats_group(layer):
             raise ValueError("sync_router_stats=True needs an initialised torch.distributed "
                              "process group (torch.distributed.init_process_group)")
         return None
-    group = getattr(layer, "router_stats_group", None) or dist.group.WORLD
+    group = layer.router_stats_group or dist.group.WORLD
     return group if world_size(group) > 1 else None
 
 
