@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import KW_ONLY, InitVar, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -46,6 +47,24 @@ from .router_stage import router_stage
 from .router_stats import router_stats_group, sync_router_log_probs, sync_router_logits
 
 ROUTER_NORMS = ("batchnorm", "layernorm", "none")
+
+
+class RoutePlan(NamedTuple):
+    """How one call routes its tokens, decided once per call by ``OmniMoE.route_plan``
+    and passed down to every step of the route.
+
+    Attributes:
+        mode: the router-norm kernels' mode, "none" / "batch" / "running"
+            (``omni_moe.ops.router_norm``), or None: PyTorch ops (the plain path).
+        group: the process group the router norms' batch statistics are synchronised
+            over (``omni_moe.layers.router_stats``), or None: this process's batch.
+
+    ``mode`` not None with ``group`` None is the single-node router stage
+    (``layers/router_stage.py``); with a group the kernels run in "batch" mode with
+    statistics exchanged between ranks."""
+
+    mode: str | None
+    group: object | None
 
 
 @dataclass
@@ -265,12 +284,22 @@ class OmniMoE(nn.Module):
         The k entries of a row come in no promised order (``omni_router(...,
         sorted=False)``): the expert sum does not depend on it, and past the router's
         fast path (k > 256) the final sort would cost more than the rest of the router."""
-        mode = self._fused_router_mode(h)
-        if mode is not None and self._router_stats_group() is None:
+        plan = self.route_plan(h)
+        if plan.mode is not None and plan.group is None:
             # gate GEMM, norm, log_softmax and router: one autograd node
-            return router_stage(self, h, mode)
-        px, py = self.router_log_probs(h)
+            return router_stage(self, h, plan.mode)
+        px, py = self._router_log_probs(h, plan)
         return omni_router(px, py, self.num_expert_sqrt, self.top_k, sorted=False)
+
+    def route_plan(self, h: torch.Tensor) -> RoutePlan:
+        """The ``RoutePlan`` of a call on 2-D ``h``: the statistics' process group
+        (``omni_moe.distributed.router_stats_group``) and the router-norm kernels' mode
+        for it (``_fused_router_mode``).  Reads the modules' state (training, hooks,
+        norms) and ``h``'s device, dtype and row count, so it holds for this call only."""
+        group = router_stats_group(self)
+        if group is None:
+            return RoutePlan(self._fused_router_mode(h), None)
+        return RoutePlan(self._fused_router_mode(h, synced=True), group)
 
     def router_log_probs(self, h: torch.Tensor):
         """(px, py): float32 (T, N) log_softmax(norm(W_x h)), log_softmax(norm(W_y h)).
@@ -282,10 +311,12 @@ class OmniMoE(nn.Module):
         torch.compile -- where inductor fuses it --, N > 4096, momentum=None, hooks on
         the router modules, a training batch of fewer than 2 tokens).
         """
-        group = self._router_stats_group()
+        return self._router_log_probs(h, self.route_plan(h))
+
+    def _router_log_probs(self, h: torch.Tensor, plan: RoutePlan):
+        mode, group = plan
         if group is not None:
-            return sync_router_log_probs(self, h, group)
-        mode = self._fused_router_mode(h)
+            return sync_router_log_probs(self, h, group, mode is not None)
         if mode is None:
             lx, ly = self._plain_router_logits(h)
             return F.log_softmax(lx, dim=-1), F.log_softmax(ly, dim=-1)
@@ -303,7 +334,7 @@ class OmniMoE(nn.Module):
         every device.  In training it normalises with batch statistics (synchronised
         ones where ``router_log_probs`` would) and updates the running statistics, as one
         ``router_log_probs`` call does: call one of the two per step, not both."""
-        group = self._router_stats_group()
+        group = router_stats_group(self)
         if group is not None:
             return sync_router_logits(self, h, group)
         return self._plain_router_logits(h)
@@ -318,16 +349,25 @@ class OmniMoE(nn.Module):
         or None (``omni_moe.distributed.router_stats_group``)."""
         return router_stats_group(self)
 
-    def _fused_router_mode(self, h: torch.Tensor):
-        """"none" / "batch" / "running" when the fused router prologue applies, else None."""
+    def _fused_router_mode(self, h: torch.Tensor, synced: bool = False):
+        """The router-norm kernels' mode for ``h`` -- "none" / "batch" / "running" -- or
+        None where the PyTorch ops run: the one rule, read by ``route_plan`` (a subclass
+        may override it, e.g. to force the PyTorch path).  ``synced``: the batch
+        statistics are synchronised across processes, which the kernels take for any
+        local row count, 0 and 1 included (the modules are checked where they are used,
+        ``router_stats.sync_router_log_probs``)."""
         from ..ops.router_norm.kernels import MAX_N
 
-        if (not use_triton(h) or torch.compiler.is_compiling() or h.shape[0] == 0
-                or self.num_expert_sqrt > MAX_N):
+        if (not use_triton(h) or torch.compiler.is_compiling() or self.num_expert_sqrt > MAX_N
+                or (h.shape[0] == 0 and not synced)):
             return None
         gx, gy, nx, ny = self.router_gate_x, self.router_gate_y, self.router_norm_x, self.router_norm_y
         if not all(is_plain(m) for m in (gx, gy, nx, ny)) or not castable(gx.weight, h):
             return None
+        if synced:
+            ok = (type(nx) is RouterNorm and type(ny) is RouterNorm and nx.momentum is not None
+                  and nx.momentum == ny.momentum and nx.eps == ny.eps)
+            return "batch" if ok else None
         if type(nx) is nn.Identity and type(ny) is nn.Identity:
             return "none"
         if not (type(nx) is RouterNorm and type(ny) is RouterNorm):

@@ -30,9 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .._collectives import all_gather_flat, world_size
-from ..ops._dispatch import use_triton
-from .norms import RouterNorm, is_plain
-from .precision import castable
+from .norms import RouterNorm
 
 
 def router_stats_group(layer):
@@ -227,13 +225,9 @@ class _SyncRouterLogProbs(torch.autograd.Function):
 
 
 def _fused_ok(layer, h) -> bool:
-    from ..ops.router_norm.kernels import MAX_N
-
-    nx, ny = layer.router_norm_x, layer.router_norm_y
-    gx, gy = layer.router_gate_x, layer.router_gate_y
-    return (use_triton(h) and not torch.compiler.is_compiling() and layer.num_expert_sqrt <= MAX_N
-            and all(is_plain(m) for m in (gx, gy, nx, ny)) and castable(gx.weight, h)
-            and nx.momentum is not None and nx.momentum == ny.momentum and nx.eps == ny.eps)
+    """Whether ``sync_router_log_probs(layer, h, ...)`` runs the router-norm kernels: the
+    layer's rule (``OmniMoE._fused_router_mode``) for synchronised statistics."""
+    return layer._fused_router_mode(h, synced=True) is not None
 
 
 def _sync_norms(layer):
@@ -259,12 +253,15 @@ def sync_router_logits(layer, h: torch.Tensor, group):
     return xhat[:, :n], xhat[:, n:]
 
 
-def sync_router_log_probs(layer, h: torch.Tensor, group):
+def sync_router_log_probs(layer, h: torch.Tensor, group, fused: bool | None = None):
     """``layer.router_log_probs(h)`` in training with the router norms' batch statistics
     taken over all ranks of ``group`` (see the module docstring).  Every rank of the
-    group must call it, whatever its number of tokens."""
+    group must call it, whatever its number of tokens.  ``fused``: run the router-norm
+    kernels (the layer's route plan says whether they apply); None: ask the layer."""
     nx, _, running = _sync_norms(layer)
-    if _fused_ok(layer, h):
+    if fused is None:
+        fused = _fused_ok(layer, h)
+    if fused:
         logits = F.linear(h, torch.cat((layer.router_gate_x.weight, layer.router_gate_y.weight)))
         return _SyncRouterLogProbs.apply(logits, layer.num_expert_sqrt, running, nx.momentum,
                                          nx.eps, _stats_comm_group(group))
