@@ -401,22 +401,27 @@ class OmniMoE(nn.Module):
         # Under torch.autocast the layer computes in the autocast dtype
         # (layers/precision.py).  The router and the output stage take the input as it is
         # and cast it inside, as autocast casts per op: a float32 input then gets its
-        # gradient terms summed in float32.  The unfused ops below take the cast copy.
+        # gradient terms summed in float32.  The unfused ops (``_unfused_output``) take the
+        # cast copy.
         scores, indices = self.route(h)
+        out = output_stage(self, h, scores, indices) if self.expert_sharding is None else None
+        if out is None:
+            out = self._unfused_output(h, scores, indices)
+        out = out if flat else out.view(shape)
+        if return_routing:
+            lead = shape[:-1]
+            return out, (scores.view(*lead, self.top_k), indices.view(*lead, self.top_k))
+        return out
+
+    def _unfused_output(self, h, scores, indices):
+        """mlp(h) + experts(h) for 2-D ``h`` where ``output_stage`` does not apply (it
+        returns None) or the expert tables are sharded."""
         amp = autocast_dtype(h)
+        h = h if amp is None else h.to(amp)
         if self.expert_sharding is not None:
             # Expert tables sharded across processes (omni_moe.distributed.shard_expert_tables).
-            h = h if amp is None else h.to(amp)
             experts = self.expert_sharding(self, h, scores, indices)
         else:
-            out = output_stage(self, h, scores, indices)   # one autograd node (eager)
-            if out is not None:
-                out = out if flat else out.view(shape)
-                if return_routing:
-                    lead = shape[:-1]
-                    return out, (scores.view(*lead, self.top_k), indices.view(*lead, self.top_k))
-                return out
-            h = h if amp is None else h.to(amp)
             # w = exp(scores) is fused into the expert kernels (no launch, no autograd node).
             experts = omni_expert_from_scores(h, self.up_embed.weight, self.down_embed.weight,
                                               scores, indices, act=self.act,
@@ -424,11 +429,5 @@ class OmniMoE(nn.Module):
         inner = swiglu(self.gate_proj(h), self.up_proj(h), self.act)
         if is_plain(self.down_proj) and self.down_proj.weight.dtype == experts.dtype:
             # experts + inner @ W_down^T in one cuBLAS call (the add in its epilogue).
-            out = torch.addmm(experts, inner, self.down_proj.weight.t())
-        else:
-            out = self.down_proj(inner) + experts
-        out = out if flat else out.view(shape)
-        if return_routing:
-            lead = shape[:-1]
-            return out, (scores.view(*lead, self.top_k), indices.view(*lead, self.top_k))
-        return out
+            return torch.addmm(experts, inner, self.down_proj.weight.t())
+        return self.down_proj(inner) + experts
