@@ -264,6 +264,13 @@ class OmniMoE(nn.Module):
         self.router_stats_group = None
         self.expert_sharding = None
 
+    def __setstate__(self, state):
+        # Whole-module pickles written before the attributes above were declared lack
+        # them; they load with the defaults (nothing set by omni_moe.distributed).
+        state.setdefault("router_stats_group", None)
+        state.setdefault("expert_sharding", None)
+        super().__setstate__(state)
+
     def reset_expert_parameters(self) -> None:
         std = 1.0 / math.sqrt(self.hidden_size)
         nn.init.normal_(self.up_embed.weight, std=std)
