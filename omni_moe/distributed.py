@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .layers.router_stats import _all_gather_flat, _world, router_stats_group, sync_router_log_probs
+from ._collectives import all_gather_flat, reduce_scatter_flat, world_size
+from .layers.router_stats import router_stats_group, sync_router_log_probs
 
 __all__ = ["router_stats_group", "set_router_stats_group", "sync_router_log_probs",
            "shard_expert_tables", "data_parallel", "fully_shard_model", "omni_moe_layers"]
@@ -44,15 +45,6 @@ def omni_moe_layers(module: nn.Module):
     from .layers.omni_moe import OmniMoE
 
     return [m for m in module.modules() if isinstance(m, OmniMoE)]
-
-
-def _reduce_scatter_flat(t: torch.Tensor, group) -> torch.Tensor:
-    """Sum over ranks of ``t`` (P * n, ...), this rank's n rows."""
-    P = _world(group)
-    out = t.new_empty((t.shape[0] // P, *t.shape[1:]))
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    fn(out, t.contiguous(), group=group)
-    return out
 
 
 # ----------------------------------------------------------------------------- router statistics
@@ -84,7 +76,7 @@ def _gather_rows(t, sizes, group):
     m = max(sizes)
     pad = t.new_zeros((m, *t.shape[1:]))
     pad[:t.shape[0]] = t
-    g = _all_gather_flat(pad, group)
+    g = all_gather_flat(pad, group)
     return torch.cat([g[r, :s] for r, s in enumerate(sizes)])
 
 
@@ -96,7 +88,7 @@ def _scatter_rows(t, sizes, group):
     for r, s in enumerate(sizes):
         pad[r * m:r * m + s] = t[off:off + s]
         off += s
-    out = _reduce_scatter_flat(pad, group)
+    out = reduce_scatter_flat(pad, group)
     return out[:sizes[dist.get_rank(group)]]
 
 
@@ -135,7 +127,7 @@ class ExpertShard:
         from .ops.expert.op import omni_expert_from_scores
 
         group = self.group
-        P = _world(group)
+        P = world_size(group)
         rank = dist.get_rank(group)
         up, down = layer.up_embed.weight, layer.down_embed.weight
         up_l, down_l = up.to_local(), down.to_local()
@@ -145,7 +137,7 @@ class ExpertShard:
         rows = -(-layer.num_experts // P)   # Shard(0) splits like torch.chunk
         lo = rank * rows
         e_l = up_l.shape[0]
-        sizes = [int(s) for s in _all_gather_flat(
+        sizes = [int(s) for s in all_gather_flat(
             torch.tensor([h.shape[0]], dtype=torch.int64, device=h.device), group).view(-1).tolist()]
         h_all = _GatherRows.apply(h, sizes, group)
         s_all = _GatherRows.apply(scores, sizes, group)
@@ -186,7 +178,7 @@ def shard_expert_tables(module: nn.Module, mesh, *, average_grads: bool = True) 
     if not layers:
         raise ValueError("module contains no OmniMoE layer")
     for layer in layers:
-        if getattr(layer, "expert_sharding", None) is not None:
+        if layer.expert_sharding is not None:
             raise ValueError("the expert tables of this OmniMoE layer are already sharded")
         if getattr(layer.config, "sparse_expert_grad", False):
             raise ValueError("sparse_expert_grad is not supported with sharded expert tables "

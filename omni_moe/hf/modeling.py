@@ -103,16 +103,21 @@ class OmniMoEBlock(OmniMoE):
                 m.num_batches_tracked.copy_(nbt)
 
     def route(self, h: torch.Tensor):
+        """``OmniMoE.route`` (the single-node router stage where its plan allows), except
+        where a probe asks for what the stage keeps to itself: the normalised logits for
+        a z-loss, or the log-probabilities for ``output_router_logits``."""
         with self._running_stats_kept():
             if self.wants_z_loss():
-                # The z-loss needs the logits before the log_softmax, which the fused router
-                # prologue keeps to itself: PyTorch ops here (the same values).
+                # The z-loss needs the logits before the log_softmax: PyTorch ops here
+                # (the same values).
                 lx, ly = self.normalized_router_logits(h)
                 if self.normalized_logits_probe._forward_hooks:
                     self.normalized_logits_probe(lx, ly)
                 px, py = F.log_softmax(lx, dim=-1), F.log_softmax(ly, dim=-1)
-            else:
+            elif self.router_probe._forward_hooks:
                 px, py = self.router_log_probs(h)
+            else:
+                return super().route(h)
         if self.router_probe._forward_hooks:
             self.router_probe(px, py)
         return omni_router(px, py, self.num_expert_sqrt, self.top_k, sorted=False)

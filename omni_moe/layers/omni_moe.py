@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import KW_ONLY, InitVar, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -46,6 +47,24 @@ from .router_stage import router_stage
 from .router_stats import router_stats_group, sync_router_log_probs, sync_router_logits
 
 ROUTER_NORMS = ("batchnorm", "layernorm", "none")
+
+
+class RoutePlan(NamedTuple):
+    """How one call routes its tokens, decided once per call by ``OmniMoE.route_plan``
+    and passed down to every step of the route.
+
+    Attributes:
+        mode: the router-norm kernels' mode, "none" / "batch" / "running"
+            (``omni_moe.ops.router_norm``), or None: PyTorch ops (the plain path).
+        group: the process group the router norms' batch statistics are synchronised
+            over (``omni_moe.layers.router_stats``), or None: this process's batch.
+
+    ``mode`` not None with ``group`` None is the single-node router stage
+    (``layers/router_stage.py``); with a group the kernels run in "batch" mode with
+    statistics exchanged between ranks."""
+
+    mode: str | None
+    group: object | None
 
 
 @dataclass
@@ -239,6 +258,19 @@ class OmniMoE(nn.Module):
         self.down_embed = nn.Embedding(E, H, sparse=config.sparse_expert_grad)
         self.reset_expert_parameters()
 
+        # Set by omni_moe.distributed: the process group of the router norms' batch
+        # statistics (set_router_stats_group; None: the world group), and the expert
+        # branch over row-sharded tables (shard_expert_tables; None: the local tables).
+        self.router_stats_group = None
+        self.expert_sharding = None
+
+    def __setstate__(self, state):
+        # Whole-module pickles written before the attributes above were declared lack
+        # them; they load with the defaults (nothing set by omni_moe.distributed).
+        state.setdefault("router_stats_group", None)
+        state.setdefault("expert_sharding", None)
+        super().__setstate__(state)
+
     def reset_expert_parameters(self) -> None:
         std = 1.0 / math.sqrt(self.hidden_size)
         nn.init.normal_(self.up_embed.weight, std=std)
@@ -259,12 +291,22 @@ class OmniMoE(nn.Module):
         The k entries of a row come in no promised order (``omni_router(...,
         sorted=False)``): the expert sum does not depend on it, and past the router's
         fast path (k > 256) the final sort would cost more than the rest of the router."""
-        mode = self._fused_router_mode(h)
-        if mode is not None and self._router_stats_group() is None:
+        plan = self.route_plan(h)
+        if plan.mode is not None and plan.group is None:
             # gate GEMM, norm, log_softmax and router: one autograd node
-            return router_stage(self, h, mode)
-        px, py = self.router_log_probs(h)
+            return router_stage(self, h, plan.mode)
+        px, py = self._router_log_probs(h, plan)
         return omni_router(px, py, self.num_expert_sqrt, self.top_k, sorted=False)
+
+    def route_plan(self, h: torch.Tensor) -> RoutePlan:
+        """The ``RoutePlan`` of a call on 2-D ``h``: the statistics' process group
+        (``omni_moe.distributed.router_stats_group``) and the router-norm kernels' mode
+        for it (``_fused_router_mode``).  Reads the modules' state (training, hooks,
+        norms) and ``h``'s device, dtype and row count, so it holds for this call only."""
+        group = router_stats_group(self)
+        if group is None:
+            return RoutePlan(self._fused_router_mode(h), None)
+        return RoutePlan(self._fused_router_mode(h, synced=True), group)
 
     def router_log_probs(self, h: torch.Tensor):
         """(px, py): float32 (T, N) log_softmax(norm(W_x h)), log_softmax(norm(W_y h)).
@@ -276,10 +318,12 @@ class OmniMoE(nn.Module):
         torch.compile -- where inductor fuses it --, N > 4096, momentum=None, hooks on
         the router modules, a training batch of fewer than 2 tokens).
         """
-        group = self._router_stats_group()
+        return self._router_log_probs(h, self.route_plan(h))
+
+    def _router_log_probs(self, h: torch.Tensor, plan: RoutePlan):
+        mode, group = plan
         if group is not None:
-            return sync_router_log_probs(self, h, group)
-        mode = self._fused_router_mode(h)
+            return sync_router_log_probs(self, h, group, mode is not None)
         if mode is None:
             lx, ly = self._plain_router_logits(h)
             return F.log_softmax(lx, dim=-1), F.log_softmax(ly, dim=-1)
@@ -297,7 +341,7 @@ class OmniMoE(nn.Module):
         every device.  In training it normalises with batch statistics (synchronised
         ones where ``router_log_probs`` would) and updates the running statistics, as one
         ``router_log_probs`` call does: call one of the two per step, not both."""
-        group = self._router_stats_group()
+        group = router_stats_group(self)
         if group is not None:
             return sync_router_logits(self, h, group)
         return self._plain_router_logits(h)
@@ -312,16 +356,25 @@ class OmniMoE(nn.Module):
         or None (``omni_moe.distributed.router_stats_group``)."""
         return router_stats_group(self)
 
-    def _fused_router_mode(self, h: torch.Tensor):
-        """"none" / "batch" / "running" when the fused router prologue applies, else None."""
+    def _fused_router_mode(self, h: torch.Tensor, synced: bool = False):
+        """The router-norm kernels' mode for ``h`` -- "none" / "batch" / "running" -- or
+        None where the PyTorch ops run: the one rule, read by ``route_plan`` (a subclass
+        may override it, e.g. to force the PyTorch path).  ``synced``: the batch
+        statistics are synchronised across processes, which the kernels take for any
+        local row count, 0 and 1 included (the modules are checked where they are used,
+        ``router_stats.sync_router_log_probs``)."""
         from ..ops.router_norm.kernels import MAX_N
 
-        if (not use_triton(h) or torch.compiler.is_compiling() or h.shape[0] == 0
-                or self.num_expert_sqrt > MAX_N):
+        if (not use_triton(h) or torch.compiler.is_compiling() or self.num_expert_sqrt > MAX_N
+                or (h.shape[0] == 0 and not synced)):
             return None
         gx, gy, nx, ny = self.router_gate_x, self.router_gate_y, self.router_norm_x, self.router_norm_y
         if not all(is_plain(m) for m in (gx, gy, nx, ny)) or not castable(gx.weight, h):
             return None
+        if synced:
+            ok = (type(nx) is RouterNorm and type(ny) is RouterNorm and nx.momentum is not None
+                  and nx.momentum == ny.momentum and nx.eps == ny.eps)
+            return "batch" if ok else None
         if type(nx) is nn.Identity and type(ny) is nn.Identity:
             return "none"
         if not (type(nx) is RouterNorm and type(ny) is RouterNorm):
@@ -355,22 +408,27 @@ class OmniMoE(nn.Module):
         # Under torch.autocast the layer computes in the autocast dtype
         # (layers/precision.py).  The router and the output stage take the input as it is
         # and cast it inside, as autocast casts per op: a float32 input then gets its
-        # gradient terms summed in float32.  The unfused ops below take the cast copy.
+        # gradient terms summed in float32.  The unfused ops (``_unfused_output``) take the
+        # cast copy.
         scores, indices = self.route(h)
+        out = output_stage(self, h, scores, indices) if self.expert_sharding is None else None
+        if out is None:
+            out = self._unfused_output(h, scores, indices)
+        out = out if flat else out.view(shape)
+        if return_routing:
+            lead = shape[:-1]
+            return out, (scores.view(*lead, self.top_k), indices.view(*lead, self.top_k))
+        return out
+
+    def _unfused_output(self, h, scores, indices):
+        """mlp(h) + experts(h) for 2-D ``h`` where ``output_stage`` does not apply (it
+        returns None) or the expert tables are sharded."""
         amp = autocast_dtype(h)
-        if getattr(self, "expert_sharding", None) is not None:
+        h = h if amp is None else h.to(amp)
+        if self.expert_sharding is not None:
             # Expert tables sharded across processes (omni_moe.distributed.shard_expert_tables).
-            h = h if amp is None else h.to(amp)
             experts = self.expert_sharding(self, h, scores, indices)
         else:
-            out = output_stage(self, h, scores, indices)   # one autograd node (eager)
-            if out is not None:
-                out = out if flat else out.view(shape)
-                if return_routing:
-                    lead = shape[:-1]
-                    return out, (scores.view(*lead, self.top_k), indices.view(*lead, self.top_k))
-                return out
-            h = h if amp is None else h.to(amp)
             # w = exp(scores) is fused into the expert kernels (no launch, no autograd node).
             experts = omni_expert_from_scores(h, self.up_embed.weight, self.down_embed.weight,
                                               scores, indices, act=self.act,
@@ -378,11 +436,5 @@ class OmniMoE(nn.Module):
         inner = swiglu(self.gate_proj(h), self.up_proj(h), self.act)
         if is_plain(self.down_proj) and self.down_proj.weight.dtype == experts.dtype:
             # experts + inner @ W_down^T in one cuBLAS call (the add in its epilogue).
-            out = torch.addmm(experts, inner, self.down_proj.weight.t())
-        else:
-            out = self.down_proj(inner) + experts
-        out = out if flat else out.view(shape)
-        if return_routing:
-            lead = shape[:-1]
-            return out, (scores.view(*lead, self.top_k), indices.view(*lead, self.top_k))
-        return out
+            return torch.addmm(experts, inner, self.down_proj.weight.t())
+        return self.down_proj(inner) + experts

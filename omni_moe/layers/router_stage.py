@@ -12,8 +12,9 @@ input's), so the results are bitwise those of the same pieces composed under aut
 (tested).  Launches: 1 cat + 1 GEMM + 1-3 norm + 1 router forward; 1 router + 1-3 norm +
 2 GEMMs backward.
 
-Used only where ``OmniMoE._fused_router_mode`` allows the fused prologue (eager, Triton
-tensors, plain modules); everything else runs the pieces under autograd.
+Used only where the layer's route plan (``OmniMoE.route_plan``) has a kernel mode and no
+statistics group (eager, Triton tensors, plain modules, one process's batch); everything
+else runs the pieces under autograd.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class _RouterStage(torch.autograd.Function):
 
 def router_stage(layer, h: torch.Tensor, mode: str):
     """(scores, indices) of ``layer`` (an ``OmniMoE``) for 2-D ``h`` through one autograd
-    node; ``mode`` = ``layer._fused_router_mode(h)`` (not None)."""
+    node; ``mode``: the plan's kernel mode (``layer.route_plan(h).mode``, not None)."""
     gx, gy = layer.router_gate_x.weight, layer.router_gate_y.weight
     n, k = layer.num_expert_sqrt, layer.top_k
     if mode == "none":

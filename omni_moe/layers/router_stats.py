@@ -29,21 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..ops._dispatch import use_triton
-from .norms import RouterNorm, is_plain
-from .precision import castable
-
-
-def _world(group) -> int:
-    return dist.get_world_size(group)
-
-
-def _all_gather_flat(t: torch.Tensor, group) -> torch.Tensor:
-    """(P, *t.shape): ``t`` of every rank of ``group``, in rank order."""
-    out = t.new_empty((_world(group) * t.shape[0], *t.shape[1:]) if t.dim() else (_world(group),))
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, t.contiguous(), group=group)
-    return out.view(_world(group), *t.shape)
+from .._collectives import all_gather_flat, world_size
+from .norms import RouterNorm
 
 
 def router_stats_group(layer):
@@ -58,8 +45,8 @@ def router_stats_group(layer):
             raise ValueError("sync_router_stats=True needs an initialised torch.distributed "
                              "process group (torch.distributed.init_process_group)")
         return None
-    group = getattr(layer, "router_stats_group", None) or dist.group.WORLD
-    return group if _world(group) > 1 else None
+    group = layer.router_stats_group or dist.group.WORLD
+    return group if world_size(group) > 1 else None
 
 
 # [(weak reference to the default group, weak reference to its copy)]: c10d keeps both
@@ -133,7 +120,7 @@ class _SyncNormTorch(torch.autograd.Function):
         else:
             mean = m2 = x.new_zeros(C)
         mine = torch.cat((mean, m2, x.new_full((1,), float(T))))
-        mean, m2, total = _combine(_all_gather_flat(mine, group), C)
+        mean, m2, total = _combine(all_gather_flat(mine, group), C)
         ok = total >= 2
         # before the update: what fewer than two rows are normalised with
         run_mean = torch.cat((running[0], running[3]))
@@ -182,7 +169,7 @@ class _SyncRouterLogProbs(torch.autograd.Function):
 
         T, C = logits.shape
         dev = logits.device
-        P = _world(group)
+        P = world_size(group)
         cfg = rn.default_config(T, n)
         S_max = cfg.splits
         buf = torch.zeros(S_max * 2 * C + 1, dtype=torch.float32, device=dev)
@@ -190,7 +177,7 @@ class _SyncRouterLogProbs(torch.autograd.Function):
             S, rows = rn.split_rows(T, S_max)
             rn.stats_partials(logits, buf[:S * 2 * C].view(S, 2, C), rows, cfg)
         buf[-1:].fill_(float(T))   # a fill kernel; item assignment would copy from the host (a sync)
-        gathered = _all_gather_flat(buf, group)
+        gathered = all_gather_flat(buf, group)
         counts = gathered[:, -1]
         total = counts.sum(0, keepdim=True)
         stats = torch.empty((2, C), dtype=torch.float32, device=dev)
@@ -238,13 +225,9 @@ class _SyncRouterLogProbs(torch.autograd.Function):
 
 
 def _fused_ok(layer, h) -> bool:
-    from ..ops.router_norm.kernels import MAX_N
-
-    nx, ny = layer.router_norm_x, layer.router_norm_y
-    gx, gy = layer.router_gate_x, layer.router_gate_y
-    return (use_triton(h) and not torch.compiler.is_compiling() and layer.num_expert_sqrt <= MAX_N
-            and all(is_plain(m) for m in (gx, gy, nx, ny)) and castable(gx.weight, h)
-            and nx.momentum is not None and nx.momentum == ny.momentum and nx.eps == ny.eps)
+    """Whether ``sync_router_log_probs(layer, h, ...)`` runs the router-norm kernels: the
+    layer's rule (``OmniMoE._fused_router_mode``) for synchronised statistics."""
+    return layer._fused_router_mode(h, synced=True) is not None
 
 
 def _sync_norms(layer):
@@ -270,12 +253,15 @@ def sync_router_logits(layer, h: torch.Tensor, group):
     return xhat[:, :n], xhat[:, n:]
 
 
-def sync_router_log_probs(layer, h: torch.Tensor, group):
+def sync_router_log_probs(layer, h: torch.Tensor, group, fused: bool | None = None):
     """``layer.router_log_probs(h)`` in training with the router norms' batch statistics
     taken over all ranks of ``group`` (see the module docstring).  Every rank of the
-    group must call it, whatever its number of tokens."""
+    group must call it, whatever its number of tokens.  ``fused``: run the router-norm
+    kernels (the layer's route plan says whether they apply); None: ask the layer."""
     nx, _, running = _sync_norms(layer)
-    if _fused_ok(layer, h):
+    if fused is None:
+        fused = _fused_ok(layer, h)
+    if fused:
         logits = F.linear(h, torch.cat((layer.router_gate_x.weight, layer.router_gate_y.weight)))
         return _SyncRouterLogProbs.apply(logits, layer.num_expert_sqrt, running, nx.momentum,
                                          nx.eps, _stats_comm_group(group))

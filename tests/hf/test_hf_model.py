@@ -598,6 +598,57 @@ def test_kernels_converted_model_matches_torch_path(monkeypatch, z_coef):
         torch.testing.assert_close(kern[n].cpu(), p.grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
+@pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs TRITON_INTERPRET=1 or CUDA")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_kernels_block_routes_as_the_layer(monkeypatch, training):
+    """An OmniMoEBlock routes as the OmniMoE layer does: through the single-node router
+    stage when nothing records its router output, through the log-probabilities (which
+    the probe records) when the router-logits probe is hooked.  Both give the layer's
+    routing, input and gate gradients and running statistics bitwise, from one route
+    plan per call."""
+    import copy
+
+    from omni_moe import OmniMoE, OmniMoEConfig
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    plans = []
+    plan = OmniMoE.route_plan
+    monkeypatch.setattr(OmniMoE, "route_plan", lambda self, h: plans.append(h) or plan(self, h))
+    cfg = OmniMoEConfig(32, 40, num_experts=25, num_experts_per_token=3)
+    torch.manual_seed(0)
+    init = copy.deepcopy(OmniMoE(cfg).state_dict())
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(13, 32, generator=gen).to(dev)
+    g = torch.randn(13, 3, generator=gen).to(dev)
+
+    def route(m):
+        m.load_state_dict(init)
+        m.zero_grad(set_to_none=True)
+        m.to(dev).train(training)
+        h = x.clone().requires_grad_()
+        plans.clear()
+        s, i = m.route(h)
+        assert len(plans) == 1
+        s.backward(g)
+        state = [t.clone() for t in (s, i, h.grad, m.router_gate_x.weight.grad,
+                                     m.router_gate_y.weight.grad, *m.buffers())]
+        return type(s.grad_fn).__name__, state
+
+    node, want = route(OmniMoE(cfg))
+    assert node == "_RouterStageBackward"
+    block = ohf.OmniMoEBlock(cfg)
+    node_plain, got = route(block)
+    assert node_plain == node
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    seen = []
+    block.router_probe.register_forward_hook(lambda m, a, o: seen.append(o))
+    node_probe, got = route(block)
+    assert node_probe != node and len(seen) == 1 and seen[0].shape == (13, 10)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------ Trainer
 def test_trainer_trains_and_saves(tmp_path):
     """transformers' Trainer trains a native OmniMoE model (loss falls) and its checkpoint

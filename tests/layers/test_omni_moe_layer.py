@@ -476,6 +476,24 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(layer.router_norm_x.running_mean, twin.router_norm_x.running_mean)
 
 
+def test_pickle_without_distributed_attributes_loads():
+    """A whole-module pickle whose layer lacks the attributes ``omni_moe.distributed``
+    sets (``router_stats_group``, ``expert_sharding``) loads with their defaults, None,
+    and computes what the layer does."""
+    import pickle
+
+    torch.manual_seed(2)
+    layer = OmniMoE(cfg(H=8, I=12, E=9, k=2)).eval()
+    x = torch.randn(5, 8)
+    want = layer(x)
+    del layer.__dict__["router_stats_group"], layer.__dict__["expert_sharding"]
+    back = pickle.loads(pickle.dumps(layer))
+    assert "router_stats_group" not in layer.__dict__      # the pickle really lacks them
+    assert back.__dict__.get("router_stats_group", "missing") is None
+    assert back.__dict__.get("expert_sharding", "missing") is None
+    assert torch.equal(back(x), want)
+
+
 def test_fused_router_matches_plain_path(device):
     """The layer's fused router prologue (one GEMM + router_norm kernels) against its
     plain PyTorch path (two Linear, RouterNorm, log_softmax) on the same module: the
