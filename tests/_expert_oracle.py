@@ -1,6 +1,7 @@
 """float64 oracle of the atomic-expert op with per-element error budgets.
 
-Written from the formulas, independently of ``omni_moe.ops.expert.reference``:
+Written from the formulas, independently of ``omni_moe.ops.expert`` (its ``cpu.py`` path and
+``reference.py`` oracle):
 
     a[t, r]   = up[e] . h[t]            e = idx[t, r]
     out[t]    = sum_r w[t, r] act(a[t, r]) down[e]

@@ -14,7 +14,7 @@ Dispatch (``omni_moe.ops._dispatch.use_triton``): CUDA tensors, and CPU tensors 
 ``TRITON_INTERPRET=1``, run the Triton kernels of ``kernels.py`` (its
 docstring: two schedules chosen from the shapes; one launch forward and two plus a
 device sort backward in the default one); other CPU tensors run the token-centric PyTorch
-reference of ``reference.py``.
+path of ``cpu.py``.
 
 Index range: indices must lie in [0, E).  Checking that on a CUDA tensor needs a device
 -> host sync, which this op never does; there, out-of-range slots are masked instead
@@ -29,7 +29,7 @@ import torch
 from .._checks import check_dense, check_float_tensor, check_same
 from .._dispatch import use_triton
 from .._activations import check_activation
-from .reference import expert_backward_reference, expert_forward_reference
+from .cpu import expert_backward_reference, expert_forward_reference
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _INT32_MAX = 2**31 - 1

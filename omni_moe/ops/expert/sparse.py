@@ -12,7 +12,7 @@ Each value row is the same float32 sum, in the same order, as the dense gradient
 row: the Triton path runs ``_expert_grad_kernel`` on a compacted offset table (one
 entry per used expert instead of one per expert; the kernel's sums do not depend on
 which tiling or table it walks), and the PyTorch path accumulates each pair into its
-expert's row with ``index_add_`` as the dense reference does.  So
+expert's row with ``index_add_`` as the dense PyTorch path does.  So
 ``sparse.to_dense()`` equals the dense gradient bit for bit (tested).
 
 Cost: the number of used experts D is data; sizing the (D, H) values needs it on the
@@ -80,7 +80,7 @@ def _triton_backward(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need
 # Not expert_backward_reference + a row gather: that would allocate the (E, H) sums this avoids.
 def _torch_backward(grad_out, h, up, down, w, idx, a, act, need_dh, need_dup, need_ddown,
                     log_weights):
-    """The PyTorch reference's backward (``expert_backward_reference``) with the weight
+    """The PyTorch path's backward (``cpu.expert_backward_reference``) with the weight
     gradients accumulated into one row per used expert instead of E rows."""
     T, H = h.shape
     ix = idx.long()

@@ -15,11 +15,8 @@ import torch
 import omni_moe
 from omni_moe import omni_expert
 from omni_moe.ops.expert.op import check_expert_args
-from omni_moe.ops.expert.reference import (
-    expert_backward_reference,
-    expert_forward_reference,
-    expert_naive,
-)
+from omni_moe.ops.expert.cpu import expert_backward_reference, expert_forward_reference
+from omni_moe.ops.expert.reference import expert_naive
 from omni_moe.ops.expert import kernels as kern
 from _expert_oracle import expert_oracle
 from _tolerance import accumulation_bound, assert_close_ulps
@@ -232,7 +229,7 @@ def test_deterministic(device, mode):
 
 
 def test_reference_path_matches_float64():
-    """The plain-CPU PyTorch path (reference forward + explicit backward formula)."""
+    """The plain-CPU PyTorch path (``cpu.py``: forward + explicit backward formula)."""
     for call, act in enumerate(ACTS):
         h, up, down, w, idx, go = make_inputs(17, 24, 10, 4, torch.float32, "cpu", "random", seed=call)
         out, a = expert_forward_reference(h, up, down, w, idx, act)
