@@ -1,4 +1,4 @@
-"""SwiGLU in plain PyTorch: the semantics the kernels implement and the CPU path.
+"""SwiGLU's PyTorch path (CPU tensors without ``TRITON_INTERPRET=1``): the kernels' formula
 
     out = act(gate) * up,   dgate = dout * up * act'(gate),   dup = dout * act(gate)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .._activations import check_activation
 from .._checks import check_dense, check_float_tensor, check_same
 from .._dispatch import use_triton
-from .reference import swiglu_backward_torch, swiglu_forward_torch
+from .cpu import swiglu_backward_torch, swiglu_forward_torch
 
 
 
