@@ -1,8 +1,8 @@
 """Plain-PyTorch reference of the whole OmniMoE layer, token-centric, any float dtype.
 
 This is the test oracle (run in float64) and the "PyTorch reference" the layer benchmark
-compares against (run in the benchmark's dtype).  It computes the formula of
-docs/layer.md directly:
+compares against (run in the benchmark's dtype).  It composes the ops' oracles
+(``ops/*/reference.py``) into the formula of docs/layer.md:
 
     lx = norm(W_x h), ly = norm(W_y h);  px = log_softmax(lx), py = log_softmax(ly)
     scores, idx = top-k over (i, j) of px[i] + py[j]
@@ -20,51 +20,40 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops._activations import activation
+from ..ops.expert.reference import expert_naive_rows
+from ..ops.router.reference import product_key_topk
+from ..ops.swiglu.reference import swiglu_naive
 
 
 def expert_reference(hidden_states, up_weights, down_weights, routing_weights, indices,
                      act: str = "silu", compute_dtype: torch.dtype | None = None):
     """Token-centric atomic experts: out[t] = sum_r act(u[e]·h[t]) * w[t,r] * v[e], e = idx[t,r].
 
-    Gathers u[idx] and v[idx] into (T, k, H) tensors (what the expert kernels avoid).
-    ``compute_dtype`` (e.g. float32 or float64) upcasts the gathered rows, h and w first;
-    the result is in that dtype (default: hidden_states' dtype, math in it).
+    The op's oracle (``expert_naive_rows``) on the gathered (T, k, H) rows, with w cast to
+    h's dtype.  ``compute_dtype`` (e.g. float32 or float64) upcasts the gathered rows, h
+    and w first; the result is in that dtype (default: hidden_states' dtype, math in it).
     Differentiable in all four float inputs.
     """
     idx = indices.long()
-    u = up_weights[idx]
-    v = down_weights[idx]
-    h = hidden_states
-    w = routing_weights
+    u, v, h = up_weights[idx], down_weights[idx], hidden_states
     if compute_dtype is not None:
-        u, v, h, w = u.to(compute_dtype), v.to(compute_dtype), h.to(compute_dtype), w.to(compute_dtype)
-    else:
-        w = w.to(h.dtype)
-    a = torch.matmul(u, h.unsqueeze(-1)).squeeze(-1)          # (T, k)
-    z = activation(a, act) * w
-    return torch.matmul(z.unsqueeze(-2), v).squeeze(-2)       # (T, H)
+        u, v, h = u.to(compute_dtype), v.to(compute_dtype), h.to(compute_dtype)
+    return expert_naive_rows(h, u, v, routing_weights.to(h.dtype), act)
 
 
 def route_reference(px: torch.Tensor, py: torch.Tensor, k: int, indices: torch.Tensor | None = None):
     """Top-k of px[:, i] + py[:, j] over the N x N grid, in px's dtype.
 
     Exact through per-axis top-k' (k' = min(k, N)) and the k' x k' grid (see
-    docs/router.md); only the choice among exactly equal sums is arbitrary.
-    With ``indices`` given, returns the sums at those indices instead (same routing as
-    another run).  Differentiable in px and py.
+    docs/router.md; the router op's ``product_key_topk``); only the choice among exactly
+    equal sums is arbitrary.  With ``indices`` given, returns the sums at those indices
+    instead (same routing as another run).  Differentiable in px and py.
     """
-    T, N = px.shape
     if indices is not None:
+        T, N = px.shape
         idx = indices.long().reshape(T, -1)
         return px.gather(1, idx // N) + py.gather(1, idx % N), idx
-    kk = min(k, N)
-    sx, ix = px.topk(kk, dim=-1)
-    sy, iy = py.topk(kk, dim=-1)
-    grid = (sx.unsqueeze(-1) + sy.unsqueeze(-2)).reshape(T, kk * kk)
-    flat = (ix.unsqueeze(-1) * N + iy.unsqueeze(-2)).reshape(T, kk * kk)
-    scores, pos = grid.topk(k, dim=-1)
-    return scores, flat.gather(1, pos)
+    return product_key_topk(px, py, k)
 
 
 class OmniMoEReference(nn.Module):
@@ -124,7 +113,7 @@ class OmniMoEReference(nn.Module):
         scores, idx = route_reference(px, py, self.top_k, indices)
         experts = expert_reference(h, self.up_embed.weight, self.down_embed.weight,
                                    scores.exp(), idx, self.act)
-        mlp = self.down_proj(activation(self.gate_proj(h), self.act) * self.up_proj(h))
+        mlp = self.down_proj(swiglu_naive(self.gate_proj(h), self.up_proj(h), self.act))
         out = (mlp + experts).reshape(shape)
         if return_routing:
             lead = shape[:-1]

@@ -21,7 +21,7 @@ import torch
 from .._activations import activation
 from .cpu import expert_backward_reference, expert_forward_reference
 
-__all__ = ["expert_naive", "expert_forward_reference", "expert_backward_reference"]
+__all__ = ["expert_naive", "expert_naive_rows", "expert_forward_reference", "expert_backward_reference"]
 
 
 def expert_naive(hidden_states, up_weights, down_weights, routing_weights, indices, act="silu"):
@@ -30,8 +30,12 @@ def expert_naive(hidden_states, up_weights, down_weights, routing_weights, indic
     Differentiable in all four float inputs.  All float inputs must share one dtype.
     """
     idx = indices.long()
-    u = up_weights[idx]                                           # (T, k, H)
-    v = down_weights[idx]
-    a = torch.matmul(u, hidden_states.unsqueeze(-1)).squeeze(-1)  # (T, k)
+    return expert_naive_rows(hidden_states, up_weights[idx], down_weights[idx], routing_weights, act)
+
+
+def expert_naive_rows(hidden_states, up_rows, down_rows, routing_weights, act="silu"):
+    """``expert_naive`` after the gathers: up_rows, down_rows (T, k, H) are u[idx], v[idx]
+    (the layer's oracle casts them between the gather and the math)."""
+    a = torch.matmul(up_rows, hidden_states.unsqueeze(-1)).squeeze(-1)  # (T, k)
     z = activation(a, act) * routing_weights
-    return torch.matmul(z.unsqueeze(1), v).squeeze(1)             # (T, H)
+    return torch.matmul(z.unsqueeze(1), down_rows).squeeze(1)           # (T, H)

@@ -79,11 +79,18 @@ def router_product_key_topk(x: torch.Tensor, y: torch.Tensor, k: int):
     NaN handling are ``torch.topk``'s (NaN ranks first), not the contract's.  It is the
     benchmark's "what people write in PyTorch" baseline, not a library path.
     """
+    scores, idx = product_key_topk(x.float(), y.float(), k)
+    return scores.to(x.dtype), idx.to(torch.int32)
+
+
+def product_key_topk(x: torch.Tensor, y: torch.Tensor, k: int):
+    """``router_product_key_topk``'s steps in x's dtype: (scores, int64 flat indices),
+    differentiable in x and y (the layer's float64 oracle routes with it)."""
     T, N = x.shape
     kk = min(k, N)
-    sx, ix = x.float().topk(kk, dim=-1)
-    sy, iy = y.float().topk(kk, dim=-1)
+    sx, ix = x.topk(kk, dim=-1)
+    sy, iy = y.topk(kk, dim=-1)
     s = (sx[:, :, None] + sy[:, None, :]).reshape(T, kk * kk)
     flat = (ix[:, :, None] * N + iy[:, None, :]).reshape(T, kk * kk)
     scores, pos = s.topk(k, dim=-1)
-    return scores.to(x.dtype), flat.gather(1, pos).to(torch.int32)
+    return scores, flat.gather(1, pos)
