@@ -69,6 +69,20 @@ def test_output_and_gradient_dtypes(path):
         assert torch.isfinite(p.grad).all(), name
 
 
+def test_float32_input_gradient_summed_in_float32(path):
+    """A float32 input under bf16 autocast: the router and the output stage each cast it
+    (as autocast casts per op), so its gradient is a float32 sum of their terms -- not
+    one bf16 tensor cast up, whose every element would be a bf16 value."""
+    torch.manual_seed(0)
+    layer = OmniMoE(cfg()).to(path)
+    x = torch.randn(40, 32, device=path, requires_grad=True)
+    with torch.autocast(torch.device(path).type, dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    assert (x.grad.bfloat16().float() != x.grad).any()
+
+
 def test_float64_input_rejected_under_autocast(path):
     layer = OmniMoE(cfg()).to(path)
     with torch.autocast(torch.device(path).type, dtype=torch.bfloat16):
