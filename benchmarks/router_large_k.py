@@ -40,7 +40,7 @@ from omni_moe.bench.common import cycling, environment, graph_us, l2_bytes, medi
 from omni_moe.bench.router import DEFAULT_CASES, atomic_router_backward
 from omni_moe.ops.router import large_k as lk
 from omni_moe.ops.router import pruned
-from omni_moe.ops.router.backward import BackwardConfig, SortBackwardConfig, router_backward
+from omni_moe.ops.router.backward import FixedBackwardConfig, SortBackwardConfig, router_backward
 from omni_moe.ops.router.backward import default_config as backward_rule
 from omni_moe.ops.router.reference import ordered_key, router_backward_reference, router_bruteforce
 
@@ -150,6 +150,10 @@ def main() -> int:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--budget-s", type=float, default=150.0,
                    help="start no new measurement after this many seconds (default 150)")
+    p.add_argument("--groups", default="1,2,3,4,5", help="groups to run, comma-separated (default all)")
+    p.add_argument("--ks", default=None, help="k values of groups 1, 2 and 4 (default %s)" % ",".join(map(str, K_LIST)))
+    p.add_argument("--variant-ks", default=None,
+                   help="k values of group 5 (default %s)" % ",".join(map(str, VARIANT_KS)))
     p.add_argument("--dry-run", action="store_true",
                    help="tiny sizes on the CPU (needs TRITON_INTERPRET=1): checks the script, times nothing")
     args = p.parse_args()
@@ -157,6 +161,16 @@ def main() -> int:
         dry_run_sizes()
     elif not torch.cuda.is_available():
         print("needs a CUDA GPU (or --dry-run with TRITON_INTERPRET=1)", file=sys.stderr)
+        return 2
+    try:
+        groups = {int(v) for v in args.groups.split(",")}
+        ks = [int(v) for v in args.ks.split(",")] if args.ks else K_LIST
+        variant_ks = [int(v) for v in args.variant_ks.split(",")] if args.variant_ks else VARIANT_KS
+    except ValueError:
+        print("--groups, --ks and --variant-ks take comma-separated integers", file=sys.stderr)
+        return 2
+    if not groups <= {1, 2, 3, 4, 5} or min(ks + variant_ks) < 1:
+        print("--groups are 1..5; every k must be >= 1", file=sys.stderr)
         return 2
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     b = dtype.itemsize
@@ -234,7 +248,13 @@ def main() -> int:
 
     def backward_fns(k):
         sort_cfg = SortBackwardConfig(warps=8 if k >= 2048 else 4)
+        fixed = FixedBackwardConfig()
         return {"rule": lambda g, i: router_backward(g, i, N),
+                "fixed": lambda g, i: router_backward(g, i, N, config=fixed),
+                "fixed_b2048w8": lambda g, i: router_backward(g, i, N, config=replace(fixed, block=2048, warps=8)),
+                "fixed_b512": lambda g, i: router_backward(g, i, N, config=replace(fixed, block=512)),
+                "fixed_p16": lambda g, i: router_backward(g, i, N, config=replace(fixed, progs_per_sm=16)),
+                "fixed_t4": lambda g, i: router_backward(g, i, N, config=replace(fixed, tile_t=4, block=256)),
                 "dense": lambda g, i: router_backward(g, i, N, config=backward_rule(N, 1)),
                 "sort": lambda g, i: router_backward(g, i, N, config=sort_cfg),
                 "sort_b1024": lambda g, i: router_backward(g, i, N, config=replace(sort_cfg, block=1024)),
@@ -269,18 +289,18 @@ def main() -> int:
             return [pruned.pruned_router_forward(xx, yy, k, sorted=False)[1] for xx, yy in sets]
 
     # 1, 2: the rule at the paper's sizes.
-    for T in T_LIST:
-        for k in K_LIST:
+    for T in [t for g, t in zip((1, 2), T_LIST) if g in groups]:
+        for k in ks:
             sets = shape_sets(T, k)
             for sorted_ in (True, False):
                 time_forward(T, k, sorted_, "rule", None, sets)
-            time_backward(T, k, ("rule", "sort", "atomic"), unsorted_indices(sets, k))
+            time_backward(T, k, ("rule", "sort", "fixed", "atomic"), unsorted_indices(sets, k))
             del sets
             if DEV == "cuda":
                 torch.cuda.empty_cache()
             save()
     # 3: the k <= 32 cases of the router table.
-    for T, n, k in DEFAULT_CASES:
+    for T, n, k in DEFAULT_CASES if 3 in groups else ():
         if k > 32 or over_budget(f"table T={T} N={n} k={k}"):
             continue
         g = torch.Generator(device=DEV).manual_seed(0)
@@ -301,7 +321,7 @@ def main() -> int:
     save()
     # 4: the large-k kernel below its rule's range; the dense backward up to k = 1024.
     T = T_LIST[0]
-    for k in K_LIST:
+    for k in ks if 4 in groups else ():
         sets = shape_sets(T, k)
         if k <= pruned.MAX_FAST_K:
             for sorted_ in (True, False):
@@ -313,12 +333,13 @@ def main() -> int:
             torch.cuda.empty_cache()
         save()
     # 5: the launch variants.
-    for k in VARIANT_KS:
+    for k in variant_ks if 5 in groups else ():
         sets = shape_sets(T, k)
         for sorted_ in (True, False):
             for name, cfg in variants(T, k, sorted_)[1:]:
                 time_forward(T, k, sorted_, name, cfg, sets)
-        time_backward(T, k, ("sort_b1024",), unsorted_indices(sets, k))
+        time_backward(T, k, ("sort_b1024", "fixed_b2048w8", "fixed_b512", "fixed_p16", "fixed_t4"),
+                      unsorted_indices(sets, k))
         del sets
         if DEV == "cuda":
             torch.cuda.empty_cache()
@@ -331,18 +352,24 @@ def main() -> int:
     print("|---:|---:|---:|---:|---:|---:|---:|")
     by = {(r["T"], r["k"], r["sorted"], r["variant"]): r for r in result["forward"] if "N" not in r}
     for T in T_LIST:
-        for k in K_LIST:
+        for k in ks:
             cells = [by.get((T, k, s, v), {}).get("fwd_graph_us") for v in ("rule", "large_k") for s in (True, False)]
+            if all(c is None for c in cells):
+                continue
             peak = by.get((T, k, True, "rule"), {}).get("peak_mib")
             print(f"| {T} | {k} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells)
                   + f" | {'-' if peak is None else f'{peak:.0f}'} |")
     print("\nbackward GPU time (us, CUDA graph; indices of the unsorted forward)")
-    print("| T | k | rule | dense | sort | sort 1024-blocks | atomic peer |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    names = ("rule", "dense", "sort", "sort_b1024", "fixed", "fixed_b2048w8", "fixed_b512", "fixed_p16",
+             "fixed_t4", "atomic")
+    print("| T | k | " + " | ".join(names) + " |")
+    print("|---:|---:|" + "---:|" * len(names))
     bb = {(r["T"], r["k"], r["bwd"]): r["graph_us"] for r in result["backward"]}
     for T in T_LIST:
-        for k in K_LIST:
-            cells = [bb.get((T, k, n)) for n in ("rule", "dense", "sort", "sort_b1024", "atomic")]
+        for k in sorted(set(ks) | set(variant_ks)):
+            cells = [bb.get((T, k, n)) for n in names]
+            if all(c is None for c in cells):
+                continue
             print(f"| {T} | {k} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
     print(f"\nvariants (T = {T_LIST[0]}): " + "; ".join(
         f"k={r['k']} {'s' if r['sorted'] else 'u'} {r['variant']} {r['fwd_graph_us']:.1f}"

@@ -103,12 +103,13 @@ def test_router_forward_far_offsets(name, config, N, k, dev):
     assert _same(s_ref, bs)
 
 
-@pytest.mark.parametrize("kernel", ["dense", "sort"])
+@pytest.mark.parametrize("kernel", ["dense", "sort", "fixed"])
 def test_router_backward_far_offsets(kernel, dev):
-    from omni_moe.ops.router.backward import SortBackwardConfig, router_backward
+    from omni_moe.ops.router.backward import FixedBackwardConfig, SortBackwardConfig, router_backward
 
     T, N, k = 3, 16, 8
-    cfg = SortBackwardConfig(block=4, tile_t=2) if kernel == "sort" else None
+    cfg = {"dense": None, "sort": SortBackwardConfig(block=4, tile_t=2),
+           "fixed": FixedBackwardConfig(block=4, tile_t=2)}[kernel]
     g, = far_views(T, k, 1, BF16, dev, seed=4)  # column stride ~3e8: r * stride passes 2^31
     gen = torch.Generator().manual_seed(5)
     idx = torch.stack([torch.randperm(N * N, generator=gen)[:k] for _ in range(T)]).int().to(dev)

@@ -5,7 +5,7 @@ Implementations (``--impls``):
     original      omni_moe.triton.omni_router.triton_omni_router_func (Triton, full scan)
     optimized     omni_moe.triton.omni_router_optimized.triton_omni_router_func_optimized
                   (Triton, exact pruned; what ``omni_moe.omni_router`` runs)
-    torch_pruned  omni_moe.ops.router.reference.router_pruned (PyTorch, exact pruned, the contract's
+    torch_pruned  omni_moe.ops.router.cpu.router_pruned (PyTorch, exact pruned, the contract's
                   NaN/tie order through int64 keys: the CPU path)
     torch_topk    omni_moe.ops.router.reference.router_product_key_topk (PyTorch, the product-key
                   trick with plain torch.topk, as PEER-style code writes it)
@@ -74,7 +74,7 @@ from . import common
 IMPLS = {
     "original": ("omni_moe.triton.omni_router", "triton_omni_router_func", True),
     "optimized": ("omni_moe.triton.omni_router_optimized", "triton_omni_router_func_optimized", True),
-    "torch_pruned": ("omni_moe.ops.router.reference", "router_pruned", False),
+    "torch_pruned": ("omni_moe.ops.router.cpu", "router_pruned", False),
     "torch_topk": ("omni_moe.ops.router.reference", "router_product_key_topk", False),
     "torch_brute": ("omni_moe.ops.router.reference", "router_bruteforce", False),
 }

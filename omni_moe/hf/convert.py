@@ -55,7 +55,9 @@ def _retag(module: nn.Module, cls: type) -> None:
     from transformers.utils import output_capturing as oc
 
     module.__class__ = cls
-    oc._CAN_RECORD_REGISTRY[module] = cls._can_record_outputs
+    # The registry is keyed by the class's name; transformers 5.17 takes that key as
+    # given and later versions derive it from the module, so write the key itself.
+    dict.__setitem__(oc._CAN_RECORD_REGISTRY, str(cls), cls._can_record_outputs)
     module._keep_in_fp32_modules = set(getattr(module, "_keep_in_fp32_modules", None) or ()) | set(_FP32_MODULES)
 
 

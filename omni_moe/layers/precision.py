@@ -37,8 +37,13 @@ def autocast_dtype(h: torch.Tensor) -> torch.dtype | None:
     """The dtype ``torch.autocast`` computes in on ``h``'s device, or None when autocast
     is off there (or ``h`` is float64, which autocast does not cast)."""
     dev = h.device.type
-    if (h.dtype == torch.float64 or not torch.amp.is_autocast_available(dev)
-            or not torch.is_autocast_enabled(dev)):
+    if h.dtype == torch.float64:
+        return None
+    # cuda and cpu always have autocast; asking torch about them would break a
+    # torch.compile(fullgraph=True) graph on torch 2.11 (an untraceable builtin).
+    if dev not in ("cuda", "cpu") and not torch.amp.is_autocast_available(dev):
+        return None
+    if not torch.is_autocast_enabled(dev):
         return None
     return torch.get_autocast_dtype(dev)
 

@@ -1,4 +1,4 @@
-"""Router backward: gradient rows built in registers or from sorted pairs, no atomics.
+"""Router backward: gradient rows built in registers, from sorted pairs, or in fixed point.
 
 Shared by the full-scan and the pruned router (both return the same (scores, indices)
 contract, so they have the same backward):
@@ -6,8 +6,9 @@ contract, so they have the same backward):
     dx[t, i] = sum_r g[t, r] * [indices[t, r] div N == i]
     dy[t, j] = sum_r g[t, r] * [indices[t, r] mod N == j]
 
-Two kernels, both deterministic (no atomics, fixed summation orders, every output
-element written once, no state between calls); ``default_config`` picks by (N, k):
+Three kernels, all deterministic (bitwise, run to run: fixed summation orders or exact
+integer sums, every output element written once, no state between calls);
+``default_config`` picks by (N, k):
 
 - dense (``_router_bwd_kernel``, small k): O(N * k) compares per token; each program
   owns whole dx and dy rows (or a column block of them) of a few tokens, adds the
@@ -20,7 +21,12 @@ element written once, no state between calls); ``default_config`` picks by (N, k
   added into a float32 row in scratch, in blocks of ``block`` pairs.  Deterministic, but
   the tree order is not the sequential one: each element is within
   (m - 1) * 2^-24 * sum |g| of the exact sum before its one rounding to the output dtype
-  (m = the terms it sums).
+  (m = the terms it sums);
+- fixed point (``_router_bwd_fixed_kernel``, larger k): O(k) per token; each gradient
+  becomes a 64-bit integer at a per-token scale and is added into its rows with integer
+  atomics, which are associative, so the sum does not depend on the order the atomics
+  land in; each element is the exact sum to within K * 2^-61 * 2^e (2^e > max |g|)
+  before its one rounding to float32.
 
 Dense layout (why it is fast): the tile is [NG, TILE_T, C] with element (j, t, l) =
 column j*C + l of token t.  C lanes share a token, so each thread holds NG columns of
@@ -75,6 +81,21 @@ class SortBackwardConfig:
     tile_t: int = 1
     warps: int = 4
     progs_per_sm: int = 4
+
+
+@dataclass(frozen=True)
+class FixedBackwardConfig:
+    """Launch configuration of the fixed-point backward kernel.
+
+    block: pairs per loop step (power of two); tile_t: tokens per program tile (power of
+    two); warps: warps per program; progs_per_sm: persistent programs per multiprocessor
+    (each tile lane owns 2 * next_pow2(N) int64 and int32 words of scratch).
+    """
+
+    block: int = 1024
+    tile_t: int = 1
+    warps: int = 4
+    progs_per_sm: int = 8
 
 
 @triton.jit
@@ -227,28 +248,123 @@ def _router_bwd_sort_kernel(
         tl.store(DY + rows64 * stride_dyt + cols, to_dtype(tl.load(ay_acc + cols), DY.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _router_bwd_fixed_kernel(
+    G, IDX, DX, DY, ACC, FLG,
+    T, K, N, LOGK, num_tiles,
+    stride_gt, stride_gk, stride_it, stride_ik,
+    stride_dxt, stride_dyt,
+    TILE_T: tl.constexpr, NP: tl.constexpr, KB: tl.constexpr,
+):
+    """dx, dy as ``_router_bwd_kernel`` computes them, summed in 64-bit fixed point.
+
+    Grid: (P,) persistent programs; program p handles tiles p, p + P, ... of TILE_T
+    tokens; tile lane l owns int64 rows ACC[p*TILE_T + l, 0:NP] (dx) and [NP:2NP] (dy)
+    and int32 flag rows FLG of the same shape.  Per token, a first pass finds m, the
+    largest finite |g|, and the scale 2^s with s = 61 - LOGK - e (m < 2^e, LOGK =
+    ceil(log2 K)), so that every term trunc(g * 2^s) and every sum of K of them fits in
+    int64.  The second pass adds each pair's term into its x row and y row with integer
+    atomics (associative: the sum is the same in every order, so the result is bitwise
+    deterministic); a non-finite g sets a flag instead (+inf 1, -inf 2, NaN 4).  Each
+    row is then converted once: sum * 2^-s in float64, rounded to float32, then to the
+    output dtype; a flagged row gives NaN (NaN, or both infinities), else its infinity.
+    Bytes: reads T*K*(2b + 4), writes 2*T*N*b; the atomics stay in L2.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lane = (pid * TILE_T + tl.arange(0, TILE_T)).to(tl.int64)[:, None]
+    ax_acc = ACC + lane * (2 * NP)
+    ay_acc = ax_acc + NP
+    ax_flg = FLG + lane * (2 * NP)
+    ay_flg = ax_flg + NP
+    cols = tl.arange(0, NP)[None, :]
+    local = tl.arange(0, KB)[None, :]
+    for tile in range(loop_bound(pid), loop_bound(num_tiles), loop_bound(nprog)):
+        rows = tile * TILE_T + tl.arange(0, TILE_T)
+        row_ok = (rows < T)[:, None]
+        rows64 = rows.to(tl.int64)[:, None]
+        g_rows = G + rows64 * stride_gt
+        i_rows = IDX + rows64 * stride_it
+        # The previous tile's rows have been read by every thread.
+        tl.debug_barrier()
+        tl.store(ax_acc + cols, tl.zeros([TILE_T, NP], dtype=tl.int64))
+        tl.store(ay_acc + cols, tl.zeros([TILE_T, NP], dtype=tl.int64))
+        tl.store(ax_flg + cols, tl.zeros([TILE_T, NP], dtype=tl.int32))
+        tl.store(ay_flg + cols, tl.zeros([TILE_T, NP], dtype=tl.int32))
+        m = tl.zeros([TILE_T, KB], dtype=tl.float32)
+        for r0 in range(0, loop_bound(K), KB):
+            r = r0 + local
+            ok = row_ok & (r < K)
+            a = tl.abs(to_f32(tl.load(g_rows + r.to(tl.int64) * stride_gk, mask=ok, other=0.0)))
+            m = tl.maximum(m, tl.where(a < float("inf"), a, 0.0))  # NaN < inf is false
+        # m < 2^e for e = biased exponent - 126 (subnormals and 0: e = -126).
+        e = (tl.max(m, axis=1).to(tl.int32, bitcast=True) >> 23) - 126
+        s = (61 - LOGK - e)[:, None]
+        scale = ((s + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True)
+        unscale = ((1023 - s).to(tl.int64) << 52).to(tl.float64, bitcast=True)
+        # The zeroed rows are written before any atomic lands on them.
+        tl.debug_barrier()
+        for r0 in range(0, loop_bound(K), KB):
+            r = r0 + local
+            ok = row_ok & (r < K)
+            r64 = r.to(tl.int64)
+            ix = tl.load(i_rows + r64 * stride_ik, mask=ok, other=0)
+            g = to_f32(tl.load(g_rows + r64 * stride_gk, mask=ok, other=0.0))
+            fin = tl.abs(g) < float("inf")
+            q = (tl.where(fin, g, 0.0).to(tl.float64) * scale).to(tl.int64)
+            ex = ix // N
+            ey = ix - ex * N
+            tl.atomic_add(ax_acc + ex, q, mask=ok & fin, sem="relaxed")
+            tl.atomic_add(ay_acc + ey, q, mask=ok & fin, sem="relaxed")
+            code = tl.where(g != g, 4, tl.where(g > 0, 1, 2))
+            tl.atomic_or(ax_flg + ex, code, mask=ok & ~fin, sem="relaxed")
+            tl.atomic_or(ay_flg + ey, code, mask=ok & ~fin, sem="relaxed")
+        tl.debug_barrier()
+        msk = row_ok & (cols < N)
+        for axis in tl.static_range(2):
+            off = axis * NP
+            q = tl.load(ax_acc + off + cols, cache_modifier=".cg")
+            f = tl.load(ax_flg + off + cols, cache_modifier=".cg")
+            v = (q.to(tl.float64) * unscale).to(tl.float32)
+            bad = tl.where(((f & 4) != 0) | ((f & 3) == 3), float("nan"),
+                           tl.where(f == 1, float("inf"), float("-inf")))
+            v = tl.where(f == 0, v, bad)
+            if axis == 0:
+                tl.store(DX + rows64 * stride_dxt + cols, to_dtype(v, DX.dtype.element_ty), mask=msk)
+            else:
+                tl.store(DY + rows64 * stride_dyt + cols, to_dtype(v, DY.dtype.element_ty), mask=msk)
+
+
 # The dense kernel up to this k: its times are measured (docs/router.md) and it is
 # bitwise the sequential reference.
 DENSE_MAX_K = 32
+# Past the dense kernel's range: the sort kernel up to this k, the fixed-point kernel
+# above (H100, T = 4096, N = 320: sort ahead by 0-6 % at k = 48-128, fixed ahead 1.3x at
+# 256 and 2.6-13x at 320-4096; docs/router.md).
+SORT_MAX_K = 128
 
 
-def default_config(n: int, k: int = 0, sm_major: int = 9) -> BackwardConfig | SortBackwardConfig:
+def default_config(n: int, k: int = 0,
+                   sm_major: int = 9) -> BackwardConfig | SortBackwardConfig | FixedBackwardConfig:
     """The rule for (N, k).  Dense kernel (measured on an H100, docs/router.md): ~32
     columns per thread and axis (C = 8 lanes per token at N = 256, 32 at N = 1024), 4
     warps, 4 pairs per loop step; columns past 1024 go to a second grid dimension so that
-    the float32 tiles stay in registers.  Past ``DENSE_MAX_K`` the sort kernel when its
-    compare count is smaller by the model below (not measured yet): dense ~ next_pow2(N)
-    * k per token and axis, sort ~ k * L (L + 1) / 2 with L = log2 of the sort width."""
+    the float32 tiles stay in registers.  Past ``DENSE_MAX_K``, where the dense kernel's
+    compares outnumber a sort's by the model below (dense ~ next_pow2(N) * k per token and
+    axis, sort ~ k * L (L + 1) / 2 with L = log2 of the sort width; the boundary is not
+    measured), the sort kernel up to ``SORT_MAX_K`` and the fixed-point kernel above it
+    (measured, H100)."""
     np_ = triton.next_power_of_2(max(1, n))
     if k > DENSE_MAX_K:
         kb = min(triton.next_power_of_2(k), SortBackwardConfig.block)
         lg = kb.bit_length() - 1
         if lg * (lg + 1) < np_:
-            # Triton's interpreter pays per operation, not per element: wide tiles.  On
-            # GPUs 8 warps from 2048 pairs a block (at 4096 and 4 warps, ptxas spills).
+            # Triton's interpreter pays per operation, not per element: wide tiles.
+            if k > SORT_MAX_K:
+                return FixedBackwardConfig(tile_t=16) if sm_major == 0 else FixedBackwardConfig()
             if sm_major == 0:
                 return SortBackwardConfig(tile_t=16)
-            return SortBackwardConfig(warps=8 if kb >= 2048 else 4)
+            return SortBackwardConfig()
     bn = min(np_, 1024)
     c = min(bn, max(8, bn // 32))
     warps = 4
@@ -259,6 +375,11 @@ def default_config(n: int, k: int = 0, sm_major: int = 9) -> BackwardConfig | So
 def _check_config(config) -> BackwardConfig | SortBackwardConfig:
     if isinstance(config, SortBackwardConfig):
         return with_fields(config, block=check_pow2("config.block", config.block, 2),
+                           tile_t=check_pow2("config.tile_t", config.tile_t),
+                           warps=check_pow2("config.warps", config.warps),
+                           progs_per_sm=check_int("config.progs_per_sm", config.progs_per_sm, 1))
+    if isinstance(config, FixedBackwardConfig):
+        return with_fields(config, block=check_pow2("config.block", config.block),
                            tile_t=check_pow2("config.tile_t", config.tile_t),
                            warps=check_pow2("config.warps", config.warps),
                            progs_per_sm=check_int("config.progs_per_sm", config.progs_per_sm, 1))
@@ -289,10 +410,11 @@ def router_backward(grad: torch.Tensor, indices: torch.Tensor, n: int, dx=None, 
                     *, config: BackwardConfig | SortBackwardConfig | None = None):
     """dx, dy (T, n) in grad's dtype from grad (T, k) and int32 indices (T, k).
 
-    One kernel launch, no zero fill, no atomics, deterministic.  ``dx``/``dy`` may be
-    given (tests poison them first).  ``config`` replaces ``default_config(n, k)``: a
+    One kernel launch, no zero fill, deterministic.  ``dx``/``dy`` may be given (tests
+    poison them first).  ``config`` replaces ``default_config(n, k)``: a
     ``BackwardConfig`` runs the dense kernel (bitwise the sequential reference), a
-    ``SortBackwardConfig`` the sort kernel (a fixed tree order; module docstring).
+    ``SortBackwardConfig`` the sort kernel (a fixed tree order), a
+    ``FixedBackwardConfig`` the fixed-point kernel (module docstring).
     """
     T, K = indices.shape
     cfg = default_config(n, K, _sm_major(grad.device)) if config is None else _check_config(config)
@@ -318,6 +440,19 @@ def router_backward(grad: torch.Tensor, indices: torch.Tensor, n: int, dx=None, 
         _router_bwd_sort_kernel[(programs,)](
             grad, indices, dx, dy, acc, nxt, T, K, n, num_tiles, *strides,
             TILE_T=tile_t, NP=np_, KB=kb, LKB=kb.bit_length() - 1, num_warps=cfg.warps,
+        )
+        return dx, dy
+    if isinstance(cfg, FixedBackwardConfig):
+        np_ = max(2, triton.next_power_of_2(n))
+        kb = min(triton.next_power_of_2(max(1, K)), cfg.block)
+        tile_t = min(cfg.tile_t, triton.next_power_of_2(T))
+        num_tiles = triton.cdiv(T, tile_t)
+        programs = max(1, min(num_tiles, _sms(grad.device) * cfg.progs_per_sm))
+        acc = torch.empty(programs * tile_t * 2 * np_, dtype=torch.int64, device=grad.device)
+        flg = torch.empty(programs * tile_t * 2 * np_, dtype=torch.int32, device=grad.device)
+        _router_bwd_fixed_kernel[(programs,)](
+            grad, indices, dx, dy, acc, flg, T, K, n, max(0, K - 1).bit_length(), num_tiles, *strides,
+            TILE_T=tile_t, NP=np_, KB=kb, num_warps=cfg.warps,
         )
         return dx, dy
     grid = (triton.cdiv(T, cfg.tile_t), triton.cdiv(n, cfg.bn))

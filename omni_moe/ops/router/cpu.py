@@ -4,7 +4,7 @@ Three exact algorithms under the router contract (docs/router.md: NaN ranks belo
 -inf, scores are the float32 sums rounded to nearest even into the input dtype); their
 scores are equal, and their indices too except among equal sums:
 
-``router_pruned`` (``reference.py``)
+``router_pruned``
     per-axis top-k' by integer key, then the k' x k' candidate grid: O(N*k + k^2) work
     per token, but four key-sorts whose fixed costs dominate small grids.
 ``router_full_product``
@@ -12,13 +12,16 @@ scores are equal, and their indices too except among equal sums:
     N^2 float32 sums and one ``torch.topk`` on floats for k + 1 values, then a check
     that makes it exact: equal values inside the selection are put in flat-index order,
     and rows with a tie at the k-th value or a NaN sum (which ``torch.topk`` ranks
-    first) are redone by integer keys (``router_bruteforce``).  O(N^2) memory per token,
+    first) are redone by integer keys (as ``reference.router_bruteforce``).  O(N^2)
+    memory per token,
     so it wins only while N^2 is small.
 ``router_large_k``
     the large-k algorithm of the Triton kernel (``large_k.py``; docs/router.md, "Large
     k"), vectorised over tokens: sort both axes, find the k-th largest pair key by
     bisection with per-row binary searches, emit the rows' prefixes.  O(T*(k + N))
     memory for every k up to N^2; exact on every input, +inf rows included.
+
+``router_backward_reference`` is the backward of all three (a float32 scatter-add).
 
 ``router_cpu`` picks among them by rules measured on CPU (docs/cpu.md), the first two
 only while their buffers keep the memory O(T * (N + k)) (``buffer_ok``): the full product
@@ -29,8 +32,6 @@ where ``use_full_product`` says it is the fastest, the pruned reference where
 from __future__ import annotations
 
 import torch
-
-from .reference import ordered_key, router_bruteforce, router_pruned
 
 # Up to this many sums per call (T * N^2), the pruned path's fixed cost (four integer-key
 # sorts) outweighs the full product's extra work while k is small (docs/cpu.md).
@@ -43,6 +44,46 @@ MEMORY_FACTOR = 16
 SMALL_BUFFER = 2**20
 
 _INT32_MIN = -(2**31)
+
+
+def ordered_key(v: torch.Tensor) -> torch.Tensor:
+    """Map float32 values to int64 keys with the same order; NaN maps below -inf."""
+    bits = v.contiguous().view(torch.int32).to(torch.int64)
+    key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return torch.where(torch.isnan(v), torch.full_like(key, _INT32_MIN), key)
+
+
+def _topk_by_key(values: torch.Tensor, flat_index: torch.Tensor, k: int):
+    """Top-k along the last axis by (value desc, flat_index asc); returns positions."""
+    key = (ordered_key(values) << 32) + ((2**31 - 1) - flat_index.to(torch.int64))
+    return key.topk(k, dim=-1, sorted=True).indices
+
+
+def router_pruned(x: torch.Tensor, y: torch.Tensor, k: int):
+    """Exact top-k through per-axis top-k and the k'*k' grid (k' = min(k, N))."""
+    T, N = x.shape
+    kk = min(k, N)
+    xf, yf = x.float(), y.float()
+    axis = torch.arange(N, device=x.device).expand(T, N)
+    ix = _topk_by_key(xf, axis, kk)
+    iy = _topk_by_key(yf, axis, kk)
+    s = (xf.gather(1, ix)[:, :, None] + yf.gather(1, iy)[:, None, :]).reshape(T, kk * kk)
+    flat = (ix[:, :, None] * N + iy[:, None, :]).reshape(T, kk * kk)
+    pos = _topk_by_key(s, flat, k)
+    scores = s.gather(1, pos).to(x.dtype)
+    return scores, flat.gather(1, pos).to(torch.int32)
+
+
+def router_backward_reference(grad: torch.Tensor, indices: torch.Tensor, n: int):
+    """dx[t,i] = sum_r grad[t,r]*[idx div n == i], dy likewise with mod; float32 sums."""
+    T = grad.shape[0]
+    g = grad.float()
+    idx = indices.long()
+    dx = torch.zeros(T, n, dtype=torch.float32, device=grad.device)
+    dy = torch.zeros(T, n, dtype=torch.float32, device=grad.device)
+    dx.scatter_add_(1, idx // n, g)
+    dy.scatter_add_(1, idx % n, g)
+    return dx.to(grad.dtype), dy.to(grad.dtype)
 
 
 def buffer_ok(T: int, width: int, N: int, k: int) -> bool:
@@ -76,8 +117,8 @@ def use_pruned(T: int, N: int, k: int) -> bool:
 
 
 def router_full_product(x: torch.Tensor, y: torch.Tensor, k: int):
-    """Exact top-k of all N^2 sums through a float ``torch.topk``; same output as
-    ``router_bruteforce``.  Memory O(T*N^2)."""
+    """Exact top-k of all N^2 sums through a float ``torch.topk``; the same output as
+    ``reference.router_bruteforce``.  Memory O(T*N^2)."""
     T, N = x.shape
     if k == 0 or T == 0:
         return x.new_empty((T, k)), torch.empty((T, k), dtype=torch.int32, device=x.device)
@@ -106,9 +147,10 @@ def router_full_product(x: torch.Tensor, y: torch.Tensor, k: int):
         redo = redo | tie[:, k - 1]
     if bool(redo.any()):
         rows = redo.nonzero().squeeze(1)
-        rs, ri = router_bruteforce(x[rows], y[rows], k)
-        scores[rows] = rs
-        indices[rows] = ri
+        flat = torch.arange(N * N, device=x.device).expand(rows.numel(), N * N)
+        p = _topk_by_key(s[rows], flat, k)
+        scores[rows] = s[rows].gather(1, p).to(x.dtype)
+        indices[rows] = p.to(torch.int32)
     return scores, indices
 
 

@@ -340,9 +340,10 @@ def kernel_ok(N: int) -> bool:
 def default_config(T: int, N: int, k: int, sm_major: int = 9, sorted: bool = True) -> LargeKConfig | None:
     """The launch configuration for a shape (None: N too wide for the kernel).
 
-    Not measured yet (``benchmarks/router_large_k.py`` compares the variants): one token
-    per program, 4 warps, 4 persistent programs per SM; sorted outputs up to 1024 slots
-    sorted in the router kernel, wider ones by the split sort kernel (compiled for sm90:
+    ``benchmarks/router_large_k.py`` compares the variants (docs/router.md): one token
+    per program, 4 warps, 4 persistent programs per SM; sorted outputs up to 512 slots
+    sorted in the router kernel, wider ones by the split sort kernel (H100, T = 4096,
+    N = 320, k = 1024: split 539 us, fused 997; compiled for sm90:
     a fused 4096-slot sort needs 8 warps and ~206 registers a thread, one program per
     SM, where the unsorted kernel needs ~90 at 4 warps).  ``sm_major`` 0 (no GPU:
     Triton's interpreter, whose cost is per operation, not per element): 16 tokens per
@@ -352,7 +353,7 @@ def default_config(T: int, N: int, k: int, sm_major: int = 9, sorted: bool = Tru
     if sm_major == 0:
         return LargeKConfig(tile_t=16)
     # Rows of 2048+ logits: 8 warps (at 4096 and 4 warps ptxas spills).
-    return LargeKConfig(sort="fused" if _pow2(k) <= 1024 else "split", warps=8 if _pow2(N) >= 2048 else 4)
+    return LargeKConfig(sort="fused" if _pow2(k) <= 512 else "split", warps=8 if _pow2(N) >= 2048 else 4)
 
 
 class _Launch(NamedTuple):

@@ -29,8 +29,7 @@ from .._dispatch import use_triton
 from .backward import router_backward
 from .fullscan import fullscan_router_forward
 from .pruned import pruned_router_forward
-from .cpu import router_cpu
-from .reference import router_backward_reference
+from .cpu import router_backward_reference, router_cpu
 
 ALGORITHMS = ("fullscan", "pruned")
 # Flat expert indices are int32.

@@ -633,9 +633,10 @@ def _pow2(v: int) -> int:
 # Fast-path limits of the two kernels here; beyond them ``pruned_router_forward`` runs
 # the large-k kernel (docs/router.md).
 MAX_FAST_K = 256
-# From this k on the large-k kernel runs even where the fast path applies.  Today the
-# fast path's own limit; lower it where measurements show the large-k kernel ahead.
-LARGE_K_MIN_K = MAX_FAST_K + 1
+# From this k on the large-k kernel runs even where the fast path applies (H100, bf16,
+# unsorted: at T = 4096, N = 320 the warp kernel is ahead at k = 96, 218 us vs 287, and
+# behind at k = 128, 401 vs 298; at T = 16384, N = 128, k = 128: 1401 vs 526).
+LARGE_K_MIN_K = 128
 MAX_FAST_N = 4096
 _MAX_SORT_WIDTH = 4096
 # From this many tokens the streaming kernel is chosen for k <= 16: below it both kernels

@@ -1,6 +1,6 @@
 """Reference omni routers in plain PyTorch.
 
-Both functions compute, per token t, the k largest of
+The routers compute, per token t, the k largest of
 
     s[t, i*N + j] = float32(x[t, i]) + float32(y[t, j])
 
@@ -8,31 +8,19 @@ ordered by a total order on float32 values in which NaN ranks below every other 
 (-inf included), ties broken towards the lower flat index.  Scores come back sorted
 descending, rounded to the input dtype; indices are int32.
 
-``router_bruteforce`` scans all N*N pairs (the test oracle; O(T*N^2) memory).
-``router_pruned`` takes the top-k of each axis and then the top-k of the k*k grid of
-their sums, which is exact (see docs/router.md); it is the PyTorch path that CPU
-tensors use.
+``router_bruteforce`` scans all N*N pairs: the test oracle (O(T*N^2) memory).  The
+PyTorch path that CPU tensors use lives in ``cpu.py`` (``router_pruned``, the backward
+``router_backward_reference``); they are re-exported here for older imports.
 """
 
 from __future__ import annotations
 
 import torch
 
-_INT32_MIN = -(2**31)
+from .cpu import _topk_by_key, ordered_key, router_backward_reference, router_pruned
 
-
-def ordered_key(v: torch.Tensor) -> torch.Tensor:
-    """Map float32 values to int64 keys with the same order; NaN maps below -inf."""
-    bits = v.contiguous().view(torch.int32).to(torch.int64)
-    key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    return torch.where(torch.isnan(v), torch.full_like(key, _INT32_MIN), key)
-
-
-def _topk_by_key(values: torch.Tensor, flat_index: torch.Tensor, k: int):
-    """Top-k along the last axis by (value desc, flat_index asc); returns positions."""
-    key = (ordered_key(values) << 32) + ((2**31 - 1) - flat_index.to(torch.int64))
-    return key.topk(k, dim=-1, sorted=True).indices
-
+__all__ = ["ordered_key", "product_key_topk", "router_backward_reference", "router_bruteforce",
+           "router_product_key_topk", "router_pruned"]
 
 def router_bruteforce(x: torch.Tensor, y: torch.Tensor, k: int):
     """Top-k over all N*N pairs.  Memory O(T*N^2): small sizes only."""
@@ -42,33 +30,6 @@ def router_bruteforce(x: torch.Tensor, y: torch.Tensor, k: int):
     pos = _topk_by_key(s, flat, k)
     scores = s.gather(1, pos).to(x.dtype)
     return scores, pos.to(torch.int32)
-
-
-def router_pruned(x: torch.Tensor, y: torch.Tensor, k: int):
-    """Exact top-k through per-axis top-k and the k'*k' grid (k' = min(k, N))."""
-    T, N = x.shape
-    kk = min(k, N)
-    xf, yf = x.float(), y.float()
-    axis = torch.arange(N, device=x.device).expand(T, N)
-    ix = _topk_by_key(xf, axis, kk)
-    iy = _topk_by_key(yf, axis, kk)
-    s = (xf.gather(1, ix)[:, :, None] + yf.gather(1, iy)[:, None, :]).reshape(T, kk * kk)
-    flat = (ix[:, :, None] * N + iy[:, None, :]).reshape(T, kk * kk)
-    pos = _topk_by_key(s, flat, k)
-    scores = s.gather(1, pos).to(x.dtype)
-    return scores, flat.gather(1, pos).to(torch.int32)
-
-
-def router_backward_reference(grad: torch.Tensor, indices: torch.Tensor, n: int):
-    """dx[t,i] = sum_r grad[t,r]*[idx div n == i], dy likewise with mod; float32 sums."""
-    T = grad.shape[0]
-    g = grad.float()
-    idx = indices.long()
-    dx = torch.zeros(T, n, dtype=torch.float32, device=grad.device)
-    dy = torch.zeros(T, n, dtype=torch.float32, device=grad.device)
-    dx.scatter_add_(1, idx // n, g)
-    dy.scatter_add_(1, idx % n, g)
-    return dx.to(grad.dtype), dy.to(grad.dtype)
 
 
 def router_product_key_topk(x: torch.Tensor, y: torch.Tensor, k: int):

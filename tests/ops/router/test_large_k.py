@@ -26,6 +26,7 @@ from omni_moe.ops.router import large_k as lk
 from omni_moe.ops.router import pruned as opt
 from omni_moe.ops.router.backward import (
     BackwardConfig,
+    FixedBackwardConfig,
     SortBackwardConfig,
     default_config as backward_config,
     router_backward,
@@ -287,11 +288,12 @@ def test_kernel_empty_and_config_errors(device):
 
 
 def test_dispatch_rules():
-    """Past the fast path the rule names the large-k kernel while next_pow2(N) <= 4096,
-    else nothing (a PyTorch algorithm)."""
+    """From k = LARGE_K_MIN_K (128) and past the fast path the rule names the large-k
+    kernel while next_pow2(N) <= 4096, else nothing (a PyTorch algorithm)."""
     assert isinstance(opt.default_config(4096, 320, 512), LargeKConfig)
     assert isinstance(opt.default_config(4096, 320, 257), LargeKConfig)
-    assert not isinstance(opt.default_config(4096, 320, 256), LargeKConfig)
+    assert isinstance(opt.default_config(4096, 320, 128), LargeKConfig)
+    assert not isinstance(opt.default_config(4096, 320, 127), LargeKConfig)
     assert isinstance(opt.default_config(16, 64, 16, kernel="large_k"), LargeKConfig)
     assert opt.default_config(8, 5000, 300) is None
     assert opt.use_large_k(5000, 16) is False and opt.use_large_k(4096, 300) is True
@@ -324,10 +326,15 @@ def test_public_router_past_the_fast_path(device, monkeypatch):
     (F32, SortBackwardConfig(block=16, tile_t=4)),        # k = 40: three blocks
     (BF16, SortBackwardConfig(tile_t=16)),
     (F16, SortBackwardConfig(block=64, tile_t=2, warps=1)),
-], ids=["f32-blocks", "bf16", "f16-tiles2"])
-def test_sort_backward(dtype, cfg, device):
-    """Within the float32 accumulation bound of the exact sums (its tree order is not the
-    reference's sequential one), every element written, deterministic, strided grads."""
+    (F32, FixedBackwardConfig(block=16, tile_t=4)),
+    (BF16, FixedBackwardConfig(tile_t=16)),
+    (F16, FixedBackwardConfig(block=64, tile_t=2, warps=1, progs_per_sm=1)),
+], ids=["sort-f32-blocks", "sort-bf16", "sort-f16-tiles2", "fixed-f32-blocks", "fixed-bf16",
+        "fixed-f16-tiles2"])
+def test_large_k_backward(dtype, cfg, device):
+    """The sort and fixed-point kernels: within the float32 accumulation bound of the
+    exact sums (neither sums in the reference's sequential order), every element written,
+    deterministic, strided grads."""
     T, N, k = 9, 12, 40
     g = torch.Generator().manual_seed(k)
     idx = torch.stack([torch.randperm(N * N, generator=g)[:k] for _ in range(T)]).int().to(device)
@@ -359,8 +366,9 @@ def test_backward_rule():
     assert isinstance(backward_config(256, 16), BackwardConfig)
     assert isinstance(backward_config(320, 32), BackwardConfig)
     assert isinstance(backward_config(320, 64), SortBackwardConfig)
-    assert isinstance(backward_config(320, 4096), SortBackwardConfig)
-    assert backward_config(320, 4096).warps == 8
+    assert isinstance(backward_config(320, 128), SortBackwardConfig)
+    assert isinstance(backward_config(320, 129), FixedBackwardConfig)
+    assert isinstance(backward_config(320, 4096), FixedBackwardConfig)
     assert isinstance(backward_config(16, 4096), BackwardConfig)  # dense: 16 columns
 
 
@@ -463,6 +471,7 @@ def test_large_k_gpu_sizes():
                 else:
                     check_exact_topk(x[:16], y[:16], k, s[:16], i[:16], sorted=False)
         g = torch.randn(256, k, device="cuda").to(BF16)
-        for cfg in (None, SortBackwardConfig(), SortBackwardConfig(block=1024)):
+        for cfg in (None, SortBackwardConfig(), SortBackwardConfig(block=1024), FixedBackwardConfig(),
+                    FixedBackwardConfig(block=4096, warps=8)):
             dx, dy = router_backward(g, i, N, config=cfg)
             check_router_backward(g, i, N, dx, dy)

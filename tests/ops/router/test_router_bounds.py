@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from omni_moe.ops.router.pruned import pruned_router_forward
-from omni_moe.ops.router.backward import BackwardConfig, SortBackwardConfig, router_backward
+from omni_moe.ops.router.backward import BackwardConfig, FixedBackwardConfig, SortBackwardConfig, router_backward
 from omni_moe.ops.router.large_k import large_k_router_forward
 from router_checks import check_router_backward, check_router_output, pruned_config
 
@@ -95,7 +95,8 @@ SENTINEL = -12345.0
     (12, None),
     (20, BackwardConfig(bn=16, c=8, tile_t=4, unroll=4, warps=1)),
     (20, SortBackwardConfig(block=4, tile_t=2)),
-], ids=["default", "bn16", "sort"])
+    (20, FixedBackwardConfig(block=4, tile_t=2)),
+], ids=["default", "bn16", "sort", "fixed"])
 def test_backward_stays_inside_its_rows(N, cfg, dtype, device):
     """Outputs are views of a poisoned (T + 3, N + 24) buffer: every element outside the
     (T, N) block must keep its sentinel, every element inside must match the oracle."""

@@ -23,7 +23,7 @@ import torch
 
 from omni_moe.ops.router.fullscan import FullscanConfig, fullscan_router_forward
 from omni_moe.ops.router.pruned import pruned_router_forward
-from omni_moe.ops.router.backward import router_backward
+from omni_moe.ops.router.backward import FixedBackwardConfig, router_backward
 from router_checks import pruned_config
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -265,8 +265,9 @@ def _grad_rows(dtype, T, k, seed):
     return rows
 
 
+@pytest.mark.parametrize("cfg", [None, FixedBackwardConfig(block=4, tile_t=2)], ids=["rule", "fixed"])
 @pytest.mark.parametrize("dtype", [BF16, F16, F32], ids=lambda d: str(d)[6:])
-def test_router_backward_special_gradients(dtype, device):
+def test_router_backward_special_gradients(dtype, cfg, device):
     """dx[t, i] = sum of g[t, r] over idx[t, r] div N = i (dy: mod N), against a float64
     scatter of the decoded words, rounded like the kernel's float32 accumulation."""
     T, N, k = 9, 6, 12
@@ -278,7 +279,7 @@ def test_router_backward_special_gradients(dtype, device):
     indices = torch.tensor(idx, dtype=torch.int32, device=device)
     dx = torch.full((T, N), float("nan"), dtype=dtype, device=device)
     dy = torch.full((T, N), float("nan"), dtype=dtype, device=device)
-    router_backward(g, indices, N, dx, dy)
+    router_backward(g, indices, N, dx, dy, config=cfg)
     dxw, dyw = _words(dx.cpu()), _words(dy.cpu())
     for t in range(T):
         ax, ay = [0.0] * N, [0.0] * N
