@@ -362,6 +362,27 @@ def test_atomic_peer(device):
     check_router_backward(grad, idx, N, *atomic_router_backward(grad, idx, N))
 
 
+def test_backward_config_errors():
+    """A bad backward config raises, naming the field, before any launch; empty shapes
+    return empty gradients."""
+    g = torch.randn(3, 40)
+    idx = torch.stack([torch.randperm(144)[:40] for _ in range(3)]).int()
+    bad = [
+        (FixedBackwardConfig(block=3), ValueError, "config.block"),
+        (FixedBackwardConfig(tile_t=0), ValueError, "config.tile_t"),
+        (FixedBackwardConfig(warps=3), ValueError, "config.warps"),
+        (FixedBackwardConfig(progs_per_sm=0), ValueError, "config.progs_per_sm"),
+        (FixedBackwardConfig(block=2.0), TypeError, "config.block"),
+        (SortBackwardConfig(block=1), ValueError, "config.block"),
+        ({"block": 4}, TypeError, "BackwardConfig"),
+    ]
+    for cfg, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            router_backward(g, idx, 12, config=cfg)
+    dx, dy = router_backward(g[:0], idx[:0], 12, config=FixedBackwardConfig())
+    assert dx.shape == (0, 12) and dy.shape == (0, 12)
+
+
 def test_backward_rule():
     assert isinstance(backward_config(256, 16), BackwardConfig)
     assert isinstance(backward_config(320, 32), BackwardConfig)
