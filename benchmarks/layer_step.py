@@ -44,7 +44,7 @@ def main():
 
     from omni_moe import OmniMoE, OmniMoEConfig
     from omni_moe.bench.launch_count import step_counts
-    from omni_moe.bench.common import DenseMLP, report_threads
+    from omni_moe.bench.common import DenseMLP, capture_graph, report_threads
 
     report_threads("layer_step.py")
     dev = "cpu" if args.dry else "cuda"
@@ -74,18 +74,12 @@ def main():
 
     def graph_ms(model, x, n):
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-        step = train_step(model, opt, x)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        opt.zero_grad(set_to_none=True)   # the graph allocates (and overwrites) the grads
-        with torch.cuda.graph(g):
+        def body():
             model(x).float().square().mean().backward()
             opt.step()
+        # The graph allocates (and overwrites) the grads: no zero_grad inside it.
+        g = capture_graph(body, warmup=train_step(model, opt, x),
+                          before_capture=lambda: opt.zero_grad(set_to_none=True))
         return per_step_ms(g.replay, n)
 
     def peak_mb(model, x):

@@ -53,7 +53,7 @@ def main(argv=None):
     import torch
 
     from omni_moe import OmniMoE, OmniMoEConfig
-    from omni_moe.bench.common import environment
+    from omni_moe.bench.common import capture_graph, environment
 
     dev = "cpu" if args.dry else "cuda"
     sync = (lambda: None) if args.dry else torch.cuda.synchronize
@@ -96,16 +96,7 @@ def main(argv=None):
         return (time.perf_counter() - t0) * 1e3 / n
 
     def graph_ms(step, n):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            step()
-        return per_step_ms(g.replay, n)
+        return per_step_ms(capture_graph(step).replay, n)
 
     rows = []
     gen = torch.Generator().manual_seed(1)

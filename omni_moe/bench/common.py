@@ -195,6 +195,26 @@ def graph_us(fn, argsets, min_calls: int = 20) -> float | None:
     return float(ms) * 1e3 / len(calls)
 
 
+def capture_graph(fn, warmup=None, before_capture=None, warmup_calls: int = 3):
+    """A CUDA graph of one call of ``fn``, as whole-network capture makes it: ``warmup``
+    (default ``fn``) runs ``warmup_calls`` times on a side stream first (so lazy
+    allocations and autotuning happen outside the capture), then ``before_capture`` (if
+    given; e.g. dropping gradients so the graph allocates its own), then the capture.
+    Replay with ``graph.replay()``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup_calls):
+            (warmup or fn)()
+    torch.cuda.current_stream().wait_stream(side)
+    if before_capture is not None:
+        before_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def first_call_s(fn):
     """(result, seconds) of one call of ``fn``, synchronised: compile time included."""
     synchronize()

@@ -172,20 +172,9 @@ def check_step(layer, oracle, h, dtype):
 def _graph_ms(fn, warmup_ms, rep_ms) -> float:
     """Median ms of replaying a CUDA graph of one call of ``fn`` (warmed up on a side
     stream first, as whole-network capture does)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            fn()
-        torch.cuda.synchronize()
-        return common.median_ms(graph.replay, warmup_ms, rep_ms)
-    finally:
-        del graph
+    graph = common.capture_graph(fn)
+    torch.cuda.synchronize()
+    return common.median_ms(graph.replay, warmup_ms, rep_ms)
 
 
 def build_models(case, dtype, device, dense_ref_i, router_norm, seed):

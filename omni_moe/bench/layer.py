@@ -391,24 +391,16 @@ def graph_step_ms(step, leaves, warmup_ms, rep_ms) -> float:
     captured with every ``.grad`` None, so the graph allocates the gradients from its pool
     and each replay overwrites them.
     """
-    _reset(leaves)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            _reset(leaves)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    _reset(leaves)
-    graph = torch.cuda.CUDAGraph()
+    def warm():
+        _reset(leaves)
+        step()
+
     try:
-        with torch.cuda.graph(graph):
-            step()
+        graph = common.capture_graph(step, warmup=warm, before_capture=lambda: _reset(leaves))
         _sync()
         return common.median_ms(graph.replay, warmup_ms, rep_ms)
     finally:
         _reset(leaves)
-        del graph
 
 
 def _first_line(e: BaseException) -> str:
