@@ -13,16 +13,18 @@ one forward call above what was allocated before it (outputs included).
 
 Groups, in priority order (measurements not started by --budget-s seconds are listed as
 skipped; a rerun reuses Triton's cache, so it spends its budget on timing):
-1. T = 4096, N = 320, k in K_LIST: the launch rule ("rule": the fast path up to k = 256,
-   the large-k kernel past it), sorted and unsorted; backward: the rule's, the sort
-   kernel, the atomic peer (``omni_moe.bench.router.atomic_router_backward``);
+1. T = 4096, N = 320, k in K_LIST: the launch rule ("rule": the fast path below
+   ``pruned.LARGE_K_MIN_K``, the large-k kernel from it), sorted and unsorted; backward:
+   the rule's, the sort kernel, the fixed-point kernel with and without run sums, the
+   atomic peer (``omni_moe.bench.router.atomic_router_backward``);
 2. the same at T = 16384;
 3. the k <= 32 cases of ``omni-moe bench router`` (fast path and dense backward: a
    regression check) with the atomic peer beside them;
-4. T = 4096: the large-k kernel forced below k = 257 (where does it overtake the fast
-   path?) and the dense backward at k <= 1024;
+4. T = 4096, k up to the fast path's end: the large-k kernel and the warp kernel, each
+   forced (the crossover behind ``pruned.LARGE_K_MIN_K``), and the dense backward at
+   k <= 1024;
 5. T = 4096, k in VARIANT_KS: every LargeKConfig variant (programs per SM, warps, the
-   three sorts, emission width).
+   three sorts, emission width) and the backward kernels' launch variants.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def forward_fn(k, sorted_, cfg):
 
 def path_of(T, k, cfg):
     if cfg is not None:
-        return "large_k"
+        return "large_k" if isinstance(cfg, lk.LargeKConfig) else type(cfg).__name__
     rule = pruned.default_config(T, N, k)
     return type(rule).__name__ if rule is not None else "torch"
 
@@ -251,6 +253,7 @@ def main() -> int:
         fixed = FixedBackwardConfig()
         return {"rule": lambda g, i: router_backward(g, i, N),
                 "fixed": lambda g, i: router_backward(g, i, N, config=fixed),
+                "fixed_runs": lambda g, i: router_backward(g, i, N, config=replace(fixed, runs=True)),
                 "fixed_b2048w8": lambda g, i: router_backward(g, i, N, config=replace(fixed, block=2048, warps=8)),
                 "fixed_b512": lambda g, i: router_backward(g, i, N, config=replace(fixed, block=512)),
                 "fixed_p16": lambda g, i: router_backward(g, i, N, config=replace(fixed, progs_per_sm=16)),
@@ -294,7 +297,7 @@ def main() -> int:
             sets = shape_sets(T, k)
             for sorted_ in (True, False):
                 time_forward(T, k, sorted_, "rule", None, sets)
-            time_backward(T, k, ("rule", "sort", "fixed", "atomic"), unsorted_indices(sets, k))
+            time_backward(T, k, ("rule", "sort", "fixed", "fixed_runs", "atomic"), unsorted_indices(sets, k))
             del sets
             if DEV == "cuda":
                 torch.cuda.empty_cache()
@@ -319,13 +322,15 @@ def main() -> int:
               flush=True)
         del sets, idx
     save()
-    # 4: the large-k kernel below its rule's range; the dense backward up to k = 1024.
+    # 4: the large-k and warp kernels forced on either side of the rule's boundary; the
+    # dense backward up to k = 1024.
     T = T_LIST[0]
     for k in ks if 4 in groups else ():
         sets = shape_sets(T, k)
         if k <= pruned.MAX_FAST_K:
             for sorted_ in (True, False):
                 time_forward(T, k, sorted_, "large_k", lk.default_config(T, N, k, 9, sorted_), sets)
+                time_forward(T, k, sorted_, "warp", pruned.default_config(T, N, k, kernel="warp"), sets)
         if k <= 1024:
             time_backward(T, k, ("dense",), unsorted_indices(sets, k))
         del sets
@@ -348,20 +353,22 @@ def main() -> int:
     # ----------------------------------------------------------------- report
     print(f"\nomni router past the fast path, N = {N}, {args.dtype}, {result['env'].get('gpu')}, "
           f"{result['env'].get('date')}: forward GPU time (us, CUDA graph)")
-    print("| T | k | rule sorted | rule unsorted | large_k sorted | large_k unsorted | peak MiB (rule, sorted) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| T | k | rule sorted | rule unsorted | large_k sorted | large_k unsorted | warp sorted "
+          "| warp unsorted | peak MiB (rule, sorted) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     by = {(r["T"], r["k"], r["sorted"], r["variant"]): r for r in result["forward"] if "N" not in r}
     for T in T_LIST:
         for k in ks:
-            cells = [by.get((T, k, s, v), {}).get("fwd_graph_us") for v in ("rule", "large_k") for s in (True, False)]
+            cells = [by.get((T, k, s, v), {}).get("fwd_graph_us") for v in ("rule", "large_k", "warp")
+                     for s in (True, False)]
             if all(c is None for c in cells):
                 continue
             peak = by.get((T, k, True, "rule"), {}).get("peak_mib")
             print(f"| {T} | {k} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells)
                   + f" | {'-' if peak is None else f'{peak:.0f}'} |")
     print("\nbackward GPU time (us, CUDA graph; indices of the unsorted forward)")
-    names = ("rule", "dense", "sort", "sort_b1024", "fixed", "fixed_b2048w8", "fixed_b512", "fixed_p16",
-             "fixed_t4", "atomic")
+    names = ("rule", "dense", "sort", "sort_b1024", "fixed", "fixed_runs", "fixed_b2048w8", "fixed_b512",
+             "fixed_p16", "fixed_t4", "atomic")
     print("| T | k | " + " | ".join(names) + " |")
     print("|---:|---:|" + "---:|" * len(names))
     bb = {(r["T"], r["k"], r["bwd"]): r["graph_us"] for r in result["backward"]}
@@ -373,7 +380,7 @@ def main() -> int:
             print(f"| {T} | {k} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
     print(f"\nvariants (T = {T_LIST[0]}): " + "; ".join(
         f"k={r['k']} {'s' if r['sorted'] else 'u'} {r['variant']} {r['fwd_graph_us']:.1f}"
-        for r in result["forward"] if r.get("variant") not in ("rule", "large_k", "table")))
+        for r in result["forward"] if r.get("variant") not in ("rule", "large_k", "warp", "table")))
     if result["skipped"]:
         print(f"\nskipped past the {args.budget_s:g} s budget: " + "; ".join(result["skipped"]))
     for f in failures:

@@ -89,13 +89,17 @@ class FixedBackwardConfig:
 
     block: pairs per loop step (power of two); tile_t: tokens per program tile (power of
     two); warps: warps per program; progs_per_sm: persistent programs per multiprocessor
-    (each tile lane owns 2 * next_pow2(N) int64 and int32 words of scratch).
+    (each tile lane owns 2 * next_pow2(N) int64 and int32 words of scratch); runs: sum
+    each run of consecutive pairs with the same x row in registers and add it with one
+    atomic (pays where a token's pairs come grouped by x row, as the unsorted large-k
+    forward emits them; the sum is the same either way).
     """
 
     block: int = 1024
     tile_t: int = 1
     warps: int = 4
     progs_per_sm: int = 8
+    runs: bool = False
 
 
 @triton.jit
@@ -249,12 +253,39 @@ def _router_bwd_sort_kernel(
 
 
 @triton.jit
+def _run_sums(val, head, L: tl.constexpr):
+    # Inclusive sums along the last axis of [R, 2^L] integers over runs that start where
+    # head != 0: out[., p] = sum of val from the start of p's run to p.  Hypercube form,
+    # one step per bit (whole-array operations under the interpreter); integer sums, so
+    # the tree does not change the result.
+    R: tl.constexpr = val.shape[0]
+    s = tl.reshape(val, [R] + [2] * L)
+    seen = tl.reshape(head, [R] + [2] * L)  # a run starts between the group's start and p
+    tv = s      # the group's trailing run sum
+    th = seen   # whether the group holds a run start
+    for b in tl.static_range(L):
+        upper = _pair_side(L + 1, L - b) == 1
+        pv = _partner(tv, L - b)
+        ph = _partner(th, L - b)
+        s = tl.where(upper & (seen == 0), s + pv, s)
+        seen = tl.where(upper, seen | ph, seen)
+        lv = tl.where(upper, pv, tv)
+        lh = tl.where(upper, ph, th)
+        uv = tl.where(upper, tv, pv)
+        uh = tl.where(upper, th, ph)
+        tv = tl.where(uh != 0, uv, lv + uv)
+        th = lh | uh
+    return tl.reshape(s, [R, 2**L])
+
+
+@triton.jit
 def _router_bwd_fixed_kernel(
     G, IDX, DX, DY, ACC, FLG,
     T, K, N, LOGK, num_tiles,
     stride_gt, stride_gk, stride_it, stride_ik,
     stride_dxt, stride_dyt,
-    TILE_T: tl.constexpr, NP: tl.constexpr, KB: tl.constexpr,
+    TILE_T: tl.constexpr, NP: tl.constexpr, KB: tl.constexpr, LKB: tl.constexpr,
+    RUNS: tl.constexpr,
 ):
     """dx, dy as ``_router_bwd_kernel`` computes them, summed in 64-bit fixed point.
 
@@ -314,7 +345,17 @@ def _router_bwd_fixed_kernel(
             q = (tl.where(fin, g, 0.0).to(tl.float64) * scale).to(tl.int64)
             ex = ix // N
             ey = ix - ex * N
-            tl.atomic_add(ax_acc + ex, q, mask=ok & fin, sem="relaxed")
+            if RUNS:
+                # A run ends where the next pair (in this block) has another x row.
+                prv = tl.load(i_rows + (r64 - 1) * stride_ik, mask=ok & (local > 0), other=-1)
+                nxt = tl.load(i_rows + (r64 + 1) * stride_ik, mask=ok & (local < KB - 1) & (r + 1 < K),
+                              other=-1)
+                px = tl.where(prv >= 0, prv // N, -1)
+                nx = tl.where(nxt >= 0, nxt // N, -1)
+                run = _run_sums(tl.where(ok, q, 0), (px != ex).to(tl.int32), LKB)
+                tl.atomic_add(ax_acc + ex, run, mask=ok & (nx != ex), sem="relaxed")
+            else:
+                tl.atomic_add(ax_acc + ex, q, mask=ok & fin, sem="relaxed")
             tl.atomic_add(ay_acc + ey, q, mask=ok & fin, sem="relaxed")
             code = tl.where(g != g, 4, tl.where(g > 0, 1, 2))
             tl.atomic_or(ax_flg + ex, code, mask=ok & ~fin, sem="relaxed")
@@ -379,6 +420,8 @@ def _check_config(config) -> BackwardConfig | SortBackwardConfig:
                            warps=check_pow2("config.warps", config.warps),
                            progs_per_sm=check_int("config.progs_per_sm", config.progs_per_sm, 1))
     if isinstance(config, FixedBackwardConfig):
+        if not isinstance(config.runs, bool):
+            raise TypeError(f"config.runs must be a bool, got {type(config.runs).__name__}")
         return with_fields(config, block=check_pow2("config.block", config.block),
                            tile_t=check_pow2("config.tile_t", config.tile_t),
                            warps=check_pow2("config.warps", config.warps),
@@ -452,7 +495,8 @@ def router_backward(grad: torch.Tensor, indices: torch.Tensor, n: int, dx=None, 
         flg = torch.empty(programs * tile_t * 2 * np_, dtype=torch.int32, device=grad.device)
         _router_bwd_fixed_kernel[(programs,)](
             grad, indices, dx, dy, acc, flg, T, K, n, max(0, K - 1).bit_length(), num_tiles, *strides,
-            TILE_T=tile_t, NP=np_, KB=kb, num_warps=cfg.warps,
+            TILE_T=tile_t, NP=np_, KB=kb, LKB=kb.bit_length() - 1, RUNS=cfg.runs and kb >= 2,
+            num_warps=cfg.warps,
         )
         return dx, dy
     grid = (triton.cdiv(T, cfg.tile_t), triton.cdiv(n, cfg.bn))

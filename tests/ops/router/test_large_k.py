@@ -329,8 +329,10 @@ def test_public_router_past_the_fast_path(device, monkeypatch):
     (F32, FixedBackwardConfig(block=16, tile_t=4)),
     (BF16, FixedBackwardConfig(tile_t=16)),
     (F16, FixedBackwardConfig(block=64, tile_t=2, warps=1, progs_per_sm=1)),
+    (F32, FixedBackwardConfig(block=16, tile_t=4, runs=True)),
+    (BF16, FixedBackwardConfig(block=64, tile_t=2, runs=True)),
 ], ids=["sort-f32-blocks", "sort-bf16", "sort-f16-tiles2", "fixed-f32-blocks", "fixed-bf16",
-        "fixed-f16-tiles2"])
+        "fixed-f16-tiles2", "fixed-runs-f32-blocks", "fixed-runs-bf16"])
 def test_large_k_backward(dtype, cfg, device):
     """The sort and fixed-point kernels: within the float32 accumulation bound of the
     exact sums (neither sums in the reference's sequential order), every element written,
@@ -362,6 +364,34 @@ def test_atomic_peer(device):
     check_router_backward(grad, idx, N, *atomic_router_backward(grad, idx, N))
 
 
+@pytest.mark.parametrize("order", ["grouped", "random"])
+def test_fixed_backward_is_order_free(order, device):
+    """The fixed-point kernel's integer sums: the same bits whatever the block size, the
+    run summing and the order of a token's pairs; NaN and infinities flagged."""
+    T, N, k = 6, 24, 300
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(T, N, generator=gen)
+    y = torch.randn(T, N, generator=gen)
+    # The unsorted large-k forward groups each token's pairs by x row (runs).
+    idx = rc.router_large_k(x, y, k, sorted=False)[1]
+    if order == "random":
+        idx = idx.gather(1, torch.stack([torch.randperm(k, generator=gen) for _ in range(T)]))
+    grad = torch.randn(T, k, generator=gen)
+    grad[0, 3], grad[1, 5], grad[1, 6] = float("nan"), float("inf"), float("-inf")
+    grad, idx = grad.to(device), idx.to(device)
+    outs = [router_backward(grad, idx, N, config=FixedBackwardConfig(block=b, tile_t=t, runs=r))
+            for b, t, r in ((16, 2, False), (64, 4, True), (512, 1, True), (512, 2, False))]
+    words = [[o.cpu().view(torch.int32) for o in pair] for pair in outs]
+    for w in words[1:]:
+        assert torch.equal(w[0], words[0][0]) and torch.equal(w[1], words[0][1])
+    # The same terms in another order within each token: still the same bits.
+    perm = torch.stack([torch.randperm(k, generator=gen) for _ in range(T)]).to(device)
+    again = router_backward(grad.gather(1, perm), idx.gather(1, perm), N, config=FixedBackwardConfig())
+    assert torch.equal(again[0].cpu().view(torch.int32), words[0][0])
+    ok = torch.isfinite(grad).all(1).cpu()
+    check_router_backward(grad[ok], idx[ok], N, outs[0][0][ok], outs[0][1][ok])
+
+
 def test_backward_config_errors():
     """A bad backward config raises, naming the field, before any launch; empty shapes
     return empty gradients."""
@@ -373,6 +403,7 @@ def test_backward_config_errors():
         (FixedBackwardConfig(warps=3), ValueError, "config.warps"),
         (FixedBackwardConfig(progs_per_sm=0), ValueError, "config.progs_per_sm"),
         (FixedBackwardConfig(block=2.0), TypeError, "config.block"),
+        (FixedBackwardConfig(runs=1), TypeError, "config.runs"),
         (SortBackwardConfig(block=1), ValueError, "config.block"),
         ({"block": 4}, TypeError, "BackwardConfig"),
     ]
