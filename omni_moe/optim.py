@@ -9,6 +9,11 @@ which would shrink a row on every step while its gradient arrives rarely.
 
 ``clip_grad_norm_``: ``torch.nn.utils.clip_grad_norm_`` for gradients of either layout
 (dense or sparse COO, as ``sparse_expert_grad=True`` produces).
+
+``RowSGD`` / ``RowAdam``: SGD and ``torch.optim.SparseAdam``'s lazy Adam for tables with
+sparse row gradients, applied by one row-update kernel per table (``omni_moe.ops.
+row_update``): each used row read and written once, where torch adds a sparse gradient
+into a dense table with an atomic ``index_add_``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .ops._checks import check_float
+from .ops.row_update import row_update
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -107,3 +113,82 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torc
         else:
             g.mul_(coef.to(g.dtype))
     return total
+
+
+def _sparse_rows(p: torch.Tensor, who: str):
+    """(rows, values) of ``p.grad``, coalesced (distinct rows, duplicates summed)."""
+    g = p.grad
+    if not g.is_sparse:
+        raise TypeError(f"{who} takes sparse gradients (sparse_expert_grad=True); got a dense "
+                        f"gradient for a {tuple(p.shape)} parameter: use torch.optim.SGD / Adam for it")
+    if p.dim() != 2 or g.sparse_dim() != 1:
+        raise ValueError(f"{who} updates (R, H) tables with row-sparse gradients, got a "
+                         f"{tuple(p.shape)} parameter with sparse_dim {g.sparse_dim()}")
+    g = g.coalesce()
+    return g.indices()[0], g.values()
+
+
+class RowSGD(torch.optim.Optimizer):
+    """Plain SGD (no momentum, no weight decay) for tables with sparse row gradients:
+    ``p[i] -= lr * g[i]`` on the gradient's rows only, one kernel per table."""
+
+    def __init__(self, params, lr: float = 1e-3):
+        check_float("lr", lr, 0.0)
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                rows, values = _sparse_rows(p, "RowSGD")
+                row_update(p, values, rows, lr=group["lr"])
+        return loss
+
+
+class RowAdam(torch.optim.Optimizer):
+    """``torch.optim.SparseAdam``'s lazy Adam for tables with sparse row gradients: the
+    moments of a row, and the row, move only on steps whose gradient holds it; the step
+    count (bias correction) is the table's.  One kernel per table updates the D rows of
+    the parameter and both moments in float32 and rounds once into each tensor's dtype
+    (the moments have the parameter's dtype, as SparseAdam's).  No weight decay (see
+    docs/layer.md)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        check_float("lr", lr, 0.0)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise TypeError(f"betas must be a pair of floats, got {betas!r}")
+        for name, b in zip(("betas[0]", "betas[1]"), betas):
+            check_float(name, b, 0.0)
+            if b >= 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {b}")
+        check_float("eps", eps, 0.0)
+        super().__init__(params, dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                rows, values = _sparse_rows(p, "RowAdam")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                state["step"] += 1
+                row_update(p, values, rows, lr=group["lr"], exp_avg=state["exp_avg"],
+                           exp_avg_sq=state["exp_avg_sq"], betas=group["betas"], eps=group["eps"],
+                           step=state["step"])
+        return loss
