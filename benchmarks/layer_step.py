@@ -10,7 +10,9 @@ For each case (T, H, I, E, k), bf16, silu, BatchNorm router norm, training mode:
     torch.profiler for the CUDA kernels);
   - eager step = forward + loss + backward + optimizer step, ms per step over ``--steps``
     steps (wall clock between two synchronisations: what a training loop sees):
-    dense gradients + SGD, sparse gradients + SGD (same math) and the dense MLP alone;
+    dense gradients + SGD, sparse gradients + SGD (same math), sparse gradients with the
+    tables updated by ``omni_moe.optim.RowSGD`` (same math, one row-update kernel per
+    table instead of torch's ``index_add_``) and the dense MLP alone;
   - the dense step and the MLP step captured in one CUDA graph each and replayed;
   - peak memory above the resident weights of one dense / sparse forward + backward.
 Writes $OUT/layer_step.json (default ./out) and prints a table.  ``--dry`` runs tiny
@@ -32,6 +34,21 @@ CASES = [(4096, 1024, 4096, 4096, 16), (8192, 1024, 4096, 65536, 32), (4096, 204
 DRY_CASES = [(48, 32, 48, 64, 4), (40, 24, 32, 400, 3)]
 
 
+class _Both:
+    """Two optimizers stepped as one (the tables' and the rest's)."""
+
+    def __init__(self, *opts):
+        self.opts = opts
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        for o in self.opts:
+            o.step()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default=None, help="comma-separated case numbers (default: all)")
@@ -42,8 +59,9 @@ def main():
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    from omni_moe import OmniMoE, OmniMoEConfig
+    from omni_moe import OmniMoE, OmniMoEConfig, param_groups
     from omni_moe.bench.launch_count import step_counts
+    from omni_moe.optim import RowSGD
     from omni_moe.bench.common import DenseMLP, capture_graph, report_threads
 
     report_threads("layer_step.py")
@@ -107,12 +125,16 @@ def main():
         if "cuda" in counts:
             row["cuda_kernels"] = counts["cuda"]["kernels"]
             row["cuda_launch_calls"] = counts["cuda"]["launch_calls"]
-        for sparse in (False, True):
+        for key in ("dense", "sparse", "sparse_row"):
+            sparse = key != "dense"
             layer.up_embed.sparse = layer.down_embed.sparse = sparse
-            opt = torch.optim.SGD(layer.parameters(), lr=1e-4)
-            key = "sparse" if sparse else "dense"
+            if key == "sparse_row":
+                rest, tables = param_groups(layer, lr=1e-4, split=True)
+                opt = _Both(torch.optim.SGD([rest], lr=1e-4), RowSGD(tables["params"], lr=1e-4))
+            else:
+                opt = torch.optim.SGD(layer.parameters(), lr=1e-4)
             row[f"eager_step_ms_{key}"] = per_step_ms(train_step(layer, opt, x), steps)
-            if not args.dry:
+            if not args.dry and key != "sparse_row":
                 row[f"peak_mb_{key}"] = peak_mb(layer, x)
         layer.up_embed.sparse = layer.down_embed.sparse = False
         mlp = DenseMLP(H, I).to(dev).to(dtype)
@@ -133,7 +155,7 @@ def main():
             "dtype": str(dtype), "steps": steps, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     with open(os.path.join(out_dir, "layer_step.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
-    cols = ["eager_step_ms_dense", "eager_step_ms_sparse", "eager_step_ms_mlp", "graph_step_ms_dense",
+    cols = ["eager_step_ms_dense", "eager_step_ms_sparse", "eager_step_ms_sparse_row", "eager_step_ms_mlp", "graph_step_ms_dense",
             "graph_step_ms_mlp", "peak_mb_dense", "peak_mb_sparse", "peak_mb_mlp", "triton_launches",
             "cuda_kernels", "autograd_nodes"]
     print("case | " + " | ".join(cols))
