@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_pow2, with_fields
+from .._checks import check_float, check_int, check_pow2, with_fields
 from .._dispatch import use_triton
 from .._triton import to_dtype, to_f32
 
@@ -97,8 +97,20 @@ def row_update(param: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, *,
                          f"{tuple(values.shape)}")
     if rows.shape != (values.shape[0],):
         raise ValueError(f"rows must be ({values.shape[0]},), got {tuple(rows.shape)}")
-    beta1, beta2 = betas
+    if rows.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"rows must be int32 or int64, got {rows.dtype}")
+    check_float("lr", lr, 0.0)
     adam = exp_avg is not None
+    beta1, beta2 = betas
+    if adam:
+        for name, b in (("betas[0]", beta1), ("betas[1]", beta2)):
+            if not 0.0 <= check_float(name, b, 0.0) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {b}")
+        check_float("eps", eps, 0.0)
+        check_int("step", step, 1)
+        for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            if t.shape != param.shape:
+                raise ValueError(f"{name} must have param's shape {tuple(param.shape)}, got {tuple(t.shape)}")
     step_size = lr * (1 - beta2 ** step) ** 0.5 / (1 - beta1 ** step) if adam else 0.0
     D, H = values.shape
     if D == 0 or H == 0:

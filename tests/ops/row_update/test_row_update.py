@@ -89,6 +89,16 @@ def test_row_update_empty_and_errors(device):
             row_update(p, g, rows, lr=0.1, **kw)
     with pytest.raises(ValueError, match="rows"):
         row_update(p, g, rows[:2], lr=0.1)
+    with pytest.raises(TypeError, match="rows"):
+        row_update(p, g, rows.float(), lr=0.1)
+    with pytest.raises(ValueError, match="lr"):
+        row_update(p, g, rows, lr=-1.0)
+    with pytest.raises(ValueError, match="step"):
+        row_update(p, g, rows, lr=0.1, exp_avg=m, exp_avg_sq=v, step=0)
+    with pytest.raises(ValueError, match=r"betas\[0\]"):
+        row_update(p, g, rows, lr=0.1, exp_avg=m, exp_avg_sq=v, betas=(1.0, 0.9))
+    with pytest.raises(ValueError, match="exp_avg_sq"):
+        row_update(p, g, rows, lr=0.1, exp_avg=m, exp_avg_sq=v[:2])
     with pytest.raises(ValueError, match="values"):
         row_update(p, g[:, :4], rows, lr=0.1)
 
