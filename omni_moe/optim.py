@@ -128,13 +128,10 @@ def _sparse_rows(p: torch.Tensor, who: str):
     return g.indices()[0], g.values()
 
 
-class RowSGD(torch.optim.Optimizer):
-    """Plain SGD (no momentum, no weight decay) for tables with sparse row gradients:
-    ``p[i] -= lr * g[i]`` on the gradient's rows only, one kernel per table."""
-
-    def __init__(self, params, lr: float = 1e-3):
-        check_float("lr", lr, 0.0)
-        super().__init__(params, dict(lr=lr))
+class _RowOptimizer(torch.optim.Optimizer):
+    # The step loop shared by RowSGD and RowAdam: each table's coalesced sparse gradient
+    # goes to ``_update``.
+    _name = ""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -144,20 +141,34 @@ class RowSGD(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                rows, values = _sparse_rows(p, "RowSGD")
-                row_update(p, values, rows, lr=group["lr"])
+                if p.grad is not None:
+                    self._update(p, *_sparse_rows(p, self._name), group)
         return loss
 
 
-class RowAdam(torch.optim.Optimizer):
+class RowSGD(_RowOptimizer):
+    """Plain SGD (no momentum, no weight decay) for tables with sparse row gradients:
+    ``p[i] -= lr * g[i]`` on the gradient's rows only, one kernel per table."""
+
+    _name = "RowSGD"
+
+    def __init__(self, params, lr: float = 1e-3):
+        check_float("lr", lr, 0.0)
+        super().__init__(params, dict(lr=lr))
+
+    def _update(self, p, rows, values, group):
+        row_update(p, values, rows, lr=group["lr"])
+
+
+class RowAdam(_RowOptimizer):
     """``torch.optim.SparseAdam``'s lazy Adam for tables with sparse row gradients: the
     moments of a row, and the row, move only on steps whose gradient holds it; the step
     count (bias correction) is the table's.  One kernel per table updates the D rows of
     the parameter and both moments in float32 and rounds once into each tensor's dtype
     (the moments have the parameter's dtype, as SparseAdam's).  No weight decay (see
     docs/layer.md)."""
+
+    _name = "RowAdam"
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8):
@@ -171,24 +182,13 @@ class RowAdam(torch.optim.Optimizer):
         check_float("eps", eps, 0.0)
         super().__init__(params, dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                rows, values = _sparse_rows(p, "RowAdam")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                state["step"] += 1
-                row_update(p, values, rows, lr=group["lr"], exp_avg=state["exp_avg"],
-                           exp_avg_sq=state["exp_avg_sq"], betas=group["betas"], eps=group["eps"],
-                           step=state["step"])
-        return loss
+    def _update(self, p, rows, values, group):
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        state["step"] += 1
+        row_update(p, values, rows, lr=group["lr"], exp_avg=state["exp_avg"],
+                   exp_avg_sq=state["exp_avg_sq"], betas=group["betas"], eps=group["eps"],
+                   step=state["step"])
