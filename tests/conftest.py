@@ -28,6 +28,20 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 # Kernel tests run on CUDA when present, else on CPU through Triton's interpreter.
 HAS_CUDA = torch.cuda.is_available()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(relpath: str, name: str):
+    """The repository script ``relpath`` (e.g. "benchmarks/generate.py") imported as a
+    module registered under ``name`` (its dataclasses look their module up while it
+    loads); the caller pops ``sys.modules[name]`` when done."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, relpath))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

@@ -1,27 +1,21 @@
 """benchmarks/generate.py: the --tiny run end to end (PyTorch paths, TRITON_INTERPRET off),
 the matched active parameters, and bad options (one line on stderr, exit 2)."""
 
-import importlib.util
 import json
 import math
-import os
 import sys
 
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+from conftest import load_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def g():
-    spec = importlib.util.spec_from_file_location("generate_bench", os.path.join(REPO, "benchmarks", "generate.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["generate_bench"] = mod
-    spec.loader.exec_module(mod)
-    yield mod
+    yield load_script("benchmarks/generate.py", "generate_bench")
     sys.modules.pop("generate_bench", None)
 
 

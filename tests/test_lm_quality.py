@@ -6,26 +6,20 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("transformers")
+from conftest import load_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def q():
-    spec = importlib.util.spec_from_file_location(
-        "lm_quality", os.path.join(REPO, "benchmarks", "lm_quality.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["lm_quality"] = mod   # its dataclasses look their module up while it loads
-    spec.loader.exec_module(mod)
-    yield mod
+    yield load_script("benchmarks/lm_quality.py", "lm_quality")
     sys.modules.pop("lm_quality", None)
 
 

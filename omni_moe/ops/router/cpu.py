@@ -147,9 +147,9 @@ def router_full_product(x: torch.Tensor, y: torch.Tensor, k: int):
         redo = redo | tie[:, k - 1]
     if bool(redo.any()):
         rows = redo.nonzero().squeeze(1)
-        flat = torch.arange(N * N, device=x.device).expand(rows.numel(), N * N)
-        p = _topk_by_key(s[rows], flat, k)
-        scores[rows] = s[rows].gather(1, p).to(x.dtype)
+        sr = s[rows]
+        p = _topk_by_key(sr, torch.arange(N * N, device=x.device).expand(rows.numel(), N * N), k)
+        scores[rows] = sr.gather(1, p).to(x.dtype)
         indices[rows] = p.to(torch.int32)
     return scores, indices
 
