@@ -207,6 +207,28 @@ def _add_runs(e, ok, local, g_rows, stride_gk, r0, ACC, NXT, KB: tl.constexpr, L
 
 
 @triton.jit
+def _lane_rows(BASE, TILE_T: tl.constexpr, NP: tl.constexpr):
+    # Persistent programs keep one scratch row of 2 * NP words per tile lane (x half,
+    # then y half), so the scratch size follows the grid, not T.
+    lane = (tl.program_id(0) * TILE_T + tl.arange(0, TILE_T)).to(tl.int64)[:, None]
+    x_rows = BASE + lane * (2 * NP)
+    return lane, x_rows, x_rows + NP
+
+
+@triton.jit
+def _tile_rows(tile, T, G, stride_gt, TILE_T: tl.constexpr):
+    rows = tile * TILE_T + tl.arange(0, TILE_T)
+    rows64 = rows.to(tl.int64)[:, None]  # rows64 * stride can pass 2^31
+    return rows64, (rows < T)[:, None], G + rows64 * stride_gt
+
+
+@triton.jit
+def _zero_rows(X_ROWS, Y_ROWS, cols, TILE_T: tl.constexpr, NP: tl.constexpr, DTYPE: tl.constexpr):
+    tl.store(X_ROWS + cols, tl.zeros([TILE_T, NP], dtype=DTYPE))
+    tl.store(Y_ROWS + cols, tl.zeros([TILE_T, NP], dtype=DTYPE))
+
+
+@triton.jit
 def _router_bwd_sort_kernel(
     G, IDX, DX, DY, ACC, NXT,
     T, K, N, num_tiles,
@@ -224,21 +246,16 @@ def _router_bwd_sort_kernel(
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    lane = (pid * TILE_T + tl.arange(0, TILE_T)).to(tl.int64)[:, None]
-    ax_acc = ACC + lane * (2 * NP)
-    ay_acc = ax_acc + NP
+    lane, ax_acc, ay_acc = _lane_rows(ACC, TILE_T, NP)
+    # KB words, not split by axis: _add_runs reuses it for x, then y.
     nxt = NXT + lane * KB
     cols = tl.arange(0, NP)[None, :]
     local = tl.arange(0, KB)[None, :]
     for tile in range(loop_bound(pid), loop_bound(num_tiles), loop_bound(nprog)):
-        rows = tile * TILE_T + tl.arange(0, TILE_T)
-        row_ok = (rows < T)[:, None]
-        rows64 = rows.to(tl.int64)[:, None]
-        g_rows = G + rows64 * stride_gt
+        rows64, row_ok, g_rows = _tile_rows(tile, T, G, stride_gt, TILE_T)
         # The previous tile's rows have been read by every thread.
         tl.debug_barrier()
-        tl.store(ax_acc + cols, tl.zeros([TILE_T, NP], dtype=tl.float32))
-        tl.store(ay_acc + cols, tl.zeros([TILE_T, NP], dtype=tl.float32))
+        _zero_rows(ax_acc, ay_acc, cols, TILE_T, NP, tl.float32)
         for r0 in range(0, loop_bound(K), KB):
             r = r0 + local
             ok = row_ok & (r < K)
@@ -303,25 +320,17 @@ def _router_bwd_fixed_kernel(
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    lane = (pid * TILE_T + tl.arange(0, TILE_T)).to(tl.int64)[:, None]
-    ax_acc = ACC + lane * (2 * NP)
-    ay_acc = ax_acc + NP
-    ax_flg = FLG + lane * (2 * NP)
-    ay_flg = ax_flg + NP
+    _, ax_acc, ay_acc = _lane_rows(ACC, TILE_T, NP)
+    _, ax_flg, ay_flg = _lane_rows(FLG, TILE_T, NP)
     cols = tl.arange(0, NP)[None, :]
     local = tl.arange(0, KB)[None, :]
     for tile in range(loop_bound(pid), loop_bound(num_tiles), loop_bound(nprog)):
-        rows = tile * TILE_T + tl.arange(0, TILE_T)
-        row_ok = (rows < T)[:, None]
-        rows64 = rows.to(tl.int64)[:, None]
-        g_rows = G + rows64 * stride_gt
+        rows64, row_ok, g_rows = _tile_rows(tile, T, G, stride_gt, TILE_T)
         i_rows = IDX + rows64 * stride_it
         # The previous tile's rows have been read by every thread.
         tl.debug_barrier()
-        tl.store(ax_acc + cols, tl.zeros([TILE_T, NP], dtype=tl.int64))
-        tl.store(ay_acc + cols, tl.zeros([TILE_T, NP], dtype=tl.int64))
-        tl.store(ax_flg + cols, tl.zeros([TILE_T, NP], dtype=tl.int32))
-        tl.store(ay_flg + cols, tl.zeros([TILE_T, NP], dtype=tl.int32))
+        _zero_rows(ax_acc, ay_acc, cols, TILE_T, NP, tl.int64)
+        _zero_rows(ax_flg, ay_flg, cols, TILE_T, NP, tl.int32)
         m = tl.zeros([TILE_T, KB], dtype=tl.float32)
         for r0 in range(0, loop_bound(K), KB):
             r = r0 + local
