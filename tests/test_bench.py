@@ -1,11 +1,13 @@
 """Benchmark helpers: timing sample counts, peers of the expert path."""
 
 import statistics
+import sys
 import time
 
 import pytest
 import torch
 
+from conftest import load_script
 from omni_moe.bench import common
 
 
@@ -213,27 +215,27 @@ def test_distributed_benchmark_sweeps_sizes_with_a_time_breakdown(tmp_path):
     assert run.stdout.count(" fwd ") == 4 and " bwd " in run.stdout and " opt " in run.stdout
 
 
-def test_distributed_benchmark_rejects_bad_token_counts():
-    import argparse
-    import importlib.util
-    import os
+@pytest.fixture
+def distributed():
+    yield load_script("benchmarks/distributed.py", "bench_distributed")
+    sys.modules.pop("bench_distributed", None)
 
-    spec = importlib.util.spec_from_file_location(
-        "bench_distributed", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "distributed.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod._token_counts("16384, 65536") == [16384, 65536]
+
+def test_distributed_benchmark_rejects_bad_token_counts(distributed):
+    import argparse
+
+    assert distributed._token_counts("16384, 65536") == [16384, 65536]
     for bad in ("", "0", "16384,x", "-5"):
         with pytest.raises(argparse.ArgumentTypeError, match="--global-tokens"):
-            mod._token_counts(bad)
-    assert mod.parse(["--tiny"]).global_tokens == [256]
-    assert mod.parse([]).global_tokens == [16384]
+            distributed._token_counts(bad)
+    assert distributed.parse(["--tiny"]).global_tokens == [256]
+    assert distributed.parse([]).global_tokens == [16384]
     with pytest.raises(argparse.ArgumentTypeError, match="--phases: unknown phase"):
-        mod._phase_names("1gpu,fsdp2")
-    assert mod._phase_names("") == "" and set(mod.BASELINE) <= set(mod.PHASES)
+        distributed._phase_names("1gpu,fsdp2")
+    assert distributed._phase_names("") == "" and set(distributed.BASELINE) <= set(distributed.PHASES)
     with pytest.raises(SystemExit):
-        mod.parse(["--big-phases", "fsdp,huge"])
-    assert mod.parse([]).big_phases == "ddp_sharded,fsdp,ddp,1gpu,1gpu_fsdp"
+        distributed.parse(["--big-phases", "fsdp,huge"])
+    assert distributed.parse([]).big_phases == "ddp_sharded,fsdp,ddp,1gpu,1gpu_fsdp"
 
 
 def test_distributed_benchmark_optional_phases(tmp_path):

@@ -1,20 +1,31 @@
 """The transformers examples run end to end at tiny sizes (in-process, PyTorch path)."""
 
-import importlib.util
 import os
+import sys
 
 import pytest
 
+from conftest import REPO, load_script
+
 pytest.importorskip("transformers")
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+@pytest.fixture
+def convert_llama():
+    yield load_script("examples/convert_llama.py", "convert_llama")
+    sys.modules.pop("convert_llama", None)
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "examples", name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture
+def train_hf_lm():
+    yield load_script("examples/train_hf_lm.py", "train_hf_lm")
+    sys.modules.pop("train_hf_lm", None)
+
+
+@pytest.fixture
+def hf_model():
+    yield load_script("benchmarks/hf_model.py", "hf_model")
+    sys.modules.pop("hf_model", None)
 
 
 @pytest.fixture(autouse=True)
@@ -22,27 +33,25 @@ def torch_path(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
-def test_convert_llama_from_dir(tmp_path, capsys):
+def test_convert_llama_from_dir(convert_llama, tmp_path, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     dense = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48,
                                          num_hidden_layers=2, num_attention_heads=4))
     dense.save_pretrained(tmp_path / "dense")
-    mod = _load("convert_llama")
-    rc = mod.main(["--model-dir", str(tmp_path / "dense"), "--out", str(tmp_path / "omni"),
-                   "--num-experts", "16", "--k", "3", "--layers", "1"])
+    rc = convert_llama.main(["--model-dir", str(tmp_path / "dense"), "--out", str(tmp_path / "omni"),
+                             "--num-experts", "16", "--k", "3", "--layers", "1"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "1/2 MLPs" in out and "= 0" in out and "identical: True" in out
-    assert mod.main(["--out", str(tmp_path / "x"), "--num-experts", "15"]) == 2
+    assert convert_llama.main(["--out", str(tmp_path / "x"), "--num-experts", "15"]) == 2
     assert "num_experts" in capsys.readouterr().err
 
 
-def test_train_hf_lm_tiny(tmp_path, capsys):
-    mod = _load("train_hf_lm")
-    rc = mod.main(["--steps", "8", "--hidden", "32", "--layers", "1", "--heads", "2", "--experts", "16",
-                   "--k", "2", "--seq", "32", "--batch", "4", "--log-every", "4", "--sample", "8",
-                   "--save", str(tmp_path / "m")])
+def test_train_hf_lm_tiny(train_hf_lm, tmp_path, capsys):
+    rc = train_hf_lm.main(["--steps", "8", "--hidden", "32", "--layers", "1", "--heads", "2", "--experts", "16",
+                           "--k", "2", "--seq", "32", "--batch", "4", "--log-every", "4", "--sample", "8",
+                           "--save", str(tmp_path / "m")])
     out = capsys.readouterr().out
     assert rc == 0
     lines = [l for l in out.splitlines() if l.startswith("step")]
@@ -50,7 +59,7 @@ def test_train_hf_lm_tiny(tmp_path, capsys):
     first, last = (float(l.split()[3]) for l in (lines[0], lines[-1]))
     assert last < first
     assert os.path.exists(tmp_path / "m" / "config.json")
-    assert mod.main(["--text", str(tmp_path / "missing.txt")]) == 2
+    assert train_hf_lm.main(["--text", str(tmp_path / "missing.txt")]) == 2
 
 
 HF_TINY = ["--steps", "6", "--hidden", "32", "--layers", "2", "--heads", "2", "--experts", "16", "--k", "2",
@@ -90,41 +99,34 @@ def test_train_hf_lm_under_torchrun_matches_one_process(parallel, tmp_path):
         assert (wa[name] - wb[name]).abs().max() <= 1e-5 * (1 + wa[name].abs().max()), name
 
 
-def test_train_hf_lm_parallel_needs_torchrun(capsys):
-    mod = _load("train_hf_lm")
-    assert mod.main([*HF_TINY, "--parallel", "ddp"]) == 2
+def test_train_hf_lm_parallel_needs_torchrun(train_hf_lm, capsys):
+    assert train_hf_lm.main([*HF_TINY, "--parallel", "ddp"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "torchrun" in err
 
 
-def test_benchmark_script_tiny(tmp_path, capsys):
+def test_benchmark_script_tiny(hf_model, tmp_path, capsys):
     import json
 
-    spec = importlib.util.spec_from_file_location("hf_model", os.path.join(REPO, "benchmarks", "hf_model.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     path = tmp_path / "b.json"
-    assert mod.main(["--tiny", "--steps", "1", "--dtype", "float32", "--json", str(path)]) == 0
+    assert hf_model.main(["--tiny", "--steps", "1", "--dtype", "float32", "--json", str(path)]) == 0
     res = json.loads(path.read_text())["results"]
     assert set(res) == {"dense", "converted", "native"}
     assert all(r["tokens_per_s"] > 0 for r in res.values())
     # the converted model starts as the dense one
     assert abs(res["converted"]["first_loss"] - res["dense"]["first_loss"]) < 1e-5
-    assert mod.main(["--tiny", "--json", str(path), "--models", "sparse"]) == 2
+    assert hf_model.main(["--tiny", "--json", str(path), "--models", "sparse"]) == 2
     # errors name the option typed
     capsys.readouterr()
     for bad, option in ((["--k", "99999"], "--k must be in"), (["--experts", "20"], "--experts must be"),
                         (["--native-norm", "rms"], "--native-norm must be one of")):
-        assert mod.main(["--tiny", "--json", str(path), *bad]) == 2
+        assert hf_model.main(["--tiny", "--json", str(path), *bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and option in err, err
 
 
-def test_benchmark_script_tiny_prints_without_json(capsys):
-    spec = importlib.util.spec_from_file_location("hf_model", os.path.join(REPO, "benchmarks", "hf_model.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--tiny", "--steps", "1", "--warmup", "0", "--models", "dense"]) == 0
+def test_benchmark_script_tiny_prints_without_json(hf_model, capsys):
+    assert hf_model.main(["--tiny", "--steps", "1", "--warmup", "0", "--models", "dense"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("dense ")]
     assert len(rows) == 1 and "tok/s" in rows[0] and "wrote" not in out

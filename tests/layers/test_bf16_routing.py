@@ -11,13 +11,12 @@ two experts' bounds, in float64.  Kernels (CUDA or the interpreter) and the PyTo
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
+import sys
 
 import pytest
 import torch
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, load_script
 from omni_moe import OmniMoE, OmniMoEConfig
 from omni_moe.layers.reference import OmniMoEReference
 from omni_moe.ops._dispatch import use_triton
@@ -70,16 +69,13 @@ def test_bf16_routing_differs_only_on_near_ties(path):
     assert flipped > 0 or HAS_CUDA, "no token flipped: the bound above was not exercised"
 
 
-def _benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "bench_bf16_layer_error",
-        os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bf16_layer_error.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture
+def bench():
+    yield load_script("benchmarks/bf16_layer_error.py", "bench_bf16_layer_error")
+    sys.modules.pop("bench_bf16_layer_error", None)
 
 
-def test_bf16_benchmark_decomposition(path, capsys):
+def test_bf16_benchmark_decomposition(path, bench, capsys):
     """benchmarks/bf16_layer_error.py on one seed, kernels (interpreter) and PyTorch path:
     on the layer's own routing ours beats the naive bf16 formula; with float32 router
     logits nothing flips and ours is as close as the once-rounded float64 gradient; a
@@ -87,7 +83,6 @@ def test_bf16_benchmark_decomposition(path, capsys):
     one line."""
     if path != "cpu":
         pytest.skip("the benchmark runs on the CPU")
-    bench = _benchmark()
     kernels = use_triton(torch.empty(0))
     rows = {v: bench.run(0, v, "up_embed.weight", "batchnorm") for v in bench.VARIANTS
             if not (kernels and v in bench.TORCH_ONLY)}
