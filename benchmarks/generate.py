@@ -45,7 +45,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this checkout's omni_moe, installed or not
 
-from omni_moe.bench.common import ArgumentParser, UsageError, environment  # noqa: E402
+from omni_moe.bench.common import ArgumentParser, UsageError, add_model_size_arguments, environment  # noqa: E402
 
 MODELS = ("dense", "omnimoe", "converted")
 MODES = ("dynamic", "static", "compiled")
@@ -84,14 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens per request (default 128)")
     p.add_argument("--new", type=int, default=128, help="generated tokens per request (default 128)")
     p.add_argument("--reps", type=int, default=3, help="timed calls per cell (default 3)")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_size_arguments(p, layers=8, hidden=1024, heads=16, experts=65536, k=None,
+                             experts_help="E, a perfect square (default 65536)",
+                             k_help="experts per token (default: match the dense model)")
     p.add_argument("--dense-width", type=int, default=4096)
     p.add_argument("--shared-width", type=int, default=2048)
-    p.add_argument("--experts", type=int, default=65536, help="E, a perfect square (default 65536)")
-    p.add_argument("--k", type=int, default=None, help="experts per token (default: match the dense model)")
     p.add_argument("--router-norm", choices=("layernorm", "batchnorm", "none"), default="layernorm")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     return p

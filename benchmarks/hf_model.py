@@ -33,20 +33,17 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # import this checkout's omni_moe, installed or not
 
+from omni_moe.bench.common import add_model_size_arguments  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--tiny", action="store_true", help="tiny sizes for a CPU smoke run")
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
+    add_model_size_arguments(p, layers=12, hidden=768, heads=12, experts=16384, k=16)
     p.add_argument("--intermediate", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--experts", type=int, default=16384, help="E, a perfect square")
-    p.add_argument("--k", type=int, default=16)
     p.add_argument("--converted-norm", default="layernorm", help="router_norm of the converted model")
     p.add_argument("--native-norm", default="batchnorm", help="router_norm of the native model")
     p.add_argument("--steps", type=int, default=10)

@@ -476,6 +476,20 @@ def add_common_arguments(p: argparse.ArgumentParser, fields, check, default_case
                    "(--cases and --json are then errors)")
 
 
+def add_model_size_arguments(p: argparse.ArgumentParser, *, layers: int, hidden: int, heads: int,
+                             experts: int, k: int | None, experts_help: str = "E, a perfect square",
+                             k_help: str | None = None) -> None:
+    """The decoder-size options of the Llama benchmarks (benchmarks/hf_model.py,
+    benchmarks/generate.py): the same names, each script's own defaults (they size
+    different models)."""
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--hidden", type=int, default=hidden)
+    p.add_argument("--heads", type=int, default=heads)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--experts", type=int, default=experts, help=experts_help)
+    p.add_argument("--k", type=int, default=k, help=k_help)
+
+
 def _check_writable(option: str, path: str) -> None:
     if os.path.isdir(path):
         raise UsageError(f"{option} {path}: is a directory")
