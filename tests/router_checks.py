@@ -165,7 +165,7 @@ def pruned_config(T, N, k, spec):
 
 
 def force_expert_schedule(monkeypatch, schedule=None, **fields):
-    """Make the expert op's launch rule pick ``schedule`` ("token" or "expert"; None: the
+    """Make the expert op's launch rule pick ``schedule`` ("token", "expert" or "rows"; None: the
     rule's own) and the other ``ExpertConfig`` ``fields`` given (tiles)."""
     from dataclasses import replace
 

@@ -64,6 +64,8 @@ import triton.language as tl
 from .._activations import ACT_ID, act_fwd, act_fwd_bwd
 from .._checks import check_choice, check_int, check_pow2, with_fields
 from .._triton import loop_bound, to_dtype, to_f32
+from .rows import (RowTile, grid_width, group_rows, launch_row_dot, pair_epilogue, row_groups,
+                   row_key_dtype)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -316,27 +318,9 @@ def _pair_dot_kernel(
         wv = to_f32(tl.load(w_row[:, None] + cols[None, :] * stride_wh, mask=m, other=0.0))
         xv = to_f32(tl.load(x_row[:, None] + cols[None, :] * stride_xh, mask=m, other=0.0))
         acc += tl.sum(wv * xv, axis=1)
-    wr = to_f32(tl.load(R + t * stride_rt + r * stride_rk, mask=valid, other=0.0))
-    if LOG_W:
-        wr = tl.where(valid, tl.exp(wr), 0.0)
-    if BACKWARD:
-        a = tl.load(A + pair, mask=valid, other=0.0)
-        z, dz = act_fwd_bwd(a, ACT)
-        dw = tl.where(valid, z * acc, 0.0)
-        if LOG_W:
-            dw = dw * wr
-        da = tl.where(valid, dz * wr * acc, 0.0)
-        c = tl.where(valid, z * wr, 0.0)
-        tl.store(DW_OUT + t * stride_dwt + r * stride_dwk, to_dtype(dw, DW_OUT.dtype.element_ty),
-                 mask=in_range)
-        tl.store(DA_OUT + pair, da, mask=in_range)
-        tl.store(DA_S_OUT + pos, da, mask=in_range)
-        tl.store(C_S_OUT + pos, c, mask=in_range)
-        tl.store(T_S_OUT + pos, t.to(tl.int32), mask=in_range)
-    else:
-        c = tl.where(valid, act_fwd(acc, ACT) * wr, 0.0)
-        tl.store(A + pair, tl.where(valid, acc, 0.0), mask=in_range)
-        tl.store(C_OUT + pair, c, mask=in_range)
+    pair_epilogue(acc, pos, pair, t, r, valid, in_range, R, A, C_OUT, DW_OUT, DA_OUT, DA_S_OUT,
+                  C_S_OUT, T_S_OUT, stride_rt, stride_rk, stride_dwt, stride_dwk, ACT, LOG_W,
+                  BACKWARD, True)
 
 
 @triton.jit
@@ -456,7 +440,7 @@ def _expert_grad_kernel(
 # H-contiguous rows.
 _MAX_ROW = 2048
 _L2_TABLES = 40 * 2**20   # u and v together below this: L2-resident on an H100 (50 MB)
-SCHEDULES = ("token", "expert")
+SCHEDULES = ("token", "expert", "rows")
 
 
 @dataclass(frozen=True)
@@ -475,13 +459,15 @@ class Tile:
 @dataclass(frozen=True)
 class ExpertConfig:
     """Launch configuration of the expert op: the schedule ("token": one program per
-    token tile; "expert": pairs grouped by expert) and each kernel's tile."""
+    token tile; "expert": pairs grouped by expert; "rows": the dot products by grid
+    row on tensor cores, ``rows.py``) and each kernel's tile."""
 
     schedule: str
     token: Tile
     pair_dot: Tile
     gather: Tile
     expert_grad: Tile
+    rows: RowTile = RowTile()
 
 
 def choose_mode(T: int, H: int, E: int, K: int, itemsize: int) -> str:
@@ -528,12 +514,20 @@ def _expert_grad_tile(E: int, H: int) -> Tile:
     return Tile(block_e, block_h, 2, 4)
 
 
+def _rows_tile(H: int, E: int) -> RowTile:
+    # 64 x 64 x 64 tensor-core tiles; narrower only where the grid or H is smaller.
+    block_j = max(16, min(64, triton.next_power_of_2(grid_width(E))))
+    block_h = max(16, min(64, triton.next_power_of_2(max(H, 1))))
+    return RowTile(block_t=64, block_j=block_j, block_h=block_h)
+
+
 def default_config(T: int, H: int, E: int, K: int, itemsize: int) -> ExpertConfig:
     """The launch configuration the op uses for a shape (the rules above;
     docs/expert.md, "Launch rules")."""
     return ExpertConfig(schedule=choose_mode(T, H, E, K, itemsize),
                         token=_token_tile(T, H, K), pair_dot=_pair_dot_tile(T * K, H),
-                        gather=_gather_tile(T, H, K), expert_grad=_expert_grad_tile(E, H))
+                        gather=_gather_tile(T, H, K), expert_grad=_expert_grad_tile(E, H),
+                        rows=_rows_tile(H, E))
 
 
 def _check_config(config) -> ExpertConfig:
@@ -552,13 +546,26 @@ def _check_config(config) -> ExpertConfig:
         if tile.cols < 16:
             raise ValueError(f"config.{name}.cols must be >= 16, got {tile.cols}")
         tiles[name] = tile
+    rt = config.rows
+    if not isinstance(rt, RowTile):
+        raise TypeError(f"config.rows must be a RowTile, got {type(rt).__name__}")
+    fields = {f: check_pow2(f"config.rows.{f}", getattr(rt, f), 16)
+              for f in ("block_t", "block_j", "block_h")}
+    fields.update({f: check_pow2(f"config.rows.{f}", getattr(rt, f))
+                   for f in ("block_p", "warps")})
+    fields.update({f: check_int(f"config.rows.{f}", getattr(rt, f), 1)
+                   for f in ("stages", "progs_per_sm")})
+    tiles["rows"] = with_fields(rt, **fields)
     return with_fields(config, **tiles)
 
 
 # --------------------------------------------------------------------------- launchers
 
-def sort_key_dtype(num_experts: int) -> torch.dtype:
-    """dtype of ``group_pairs``' sorted keys: int16 when E < 2^15 - 1, else int32."""
+def sort_key_dtype(num_experts: int, schedule: str = "expert") -> torch.dtype:
+    """dtype of the sorted keys the forward saves: ``group_pairs``' (int16 when E < 2^15 - 1,
+    else int32) or, in the "rows" schedule, ``group_rows``'."""
+    if schedule == "rows":
+        return row_key_dtype(num_experts)
     return torch.int16 if num_experts < 2**15 - 1 else torch.int32
 
 
@@ -708,9 +715,9 @@ def expert_forward(hidden_states, up_weights, down_weights, routing_weights, ind
                    out=None, a=None, log_weights=False, *, config: ExpertConfig | None = None):
     """Forward: (out (T, H) in hidden dtype, a (T, k) float32, sorted_e, perm).
 
-    ``sorted_e``/``perm`` are the pairs' grouping by expert in the "expert" schedule
-    (``choose_mode``), empty tensors in the "token" one; pass them on to
-    ``expert_backward``.  ``out``/``a`` may be preallocated (tests poison them first;
+    ``sorted_e``/``perm`` are the pairs' grouping: by expert in the "expert" schedule
+    (``choose_mode``), by grid row in the "rows" one (``rows.group_rows``), empty
+    tensors in the "token" one; pass them on to ``expert_backward``.  ``out``/``a`` may be preallocated (tests poison them first;
     ``a`` contiguous).  ``log_weights``: routing_weights holds scores s and the weights
     are exp(s).  No host sync.  ``config`` replaces ``default_config``'s choice.
     """
@@ -729,10 +736,16 @@ def expert_forward(hidden_states, up_weights, down_weights, routing_weights, ind
                              out, act, log_weights, cfg.token)
         return (out, a, indices.new_empty((0,), dtype=sort_key_dtype(E)),
                 indices.new_empty((0,), dtype=torch.int64))
-    sorted_e, perm = group_pairs(indices, E)
     c = torch.empty((T, K), dtype=torch.float32, device=dev)
-    launch_pair_dot(up_weights, hidden_states, sorted_e, perm, routing_weights, a, act,
-                    cfg.pair_dot, c=c, log_weights=log_weights)
+    if cfg.schedule == "rows":
+        sorted_e, perm = group_rows(indices, E)
+        launch_row_dot(up_weights, hidden_states, indices, sorted_e, perm,
+                       row_groups(sorted_e, perm, K), routing_weights, a, act, cfg.rows, c=c,
+                       log_weights=log_weights)
+    else:
+        sorted_e, perm = group_pairs(indices, E)
+        launch_pair_dot(up_weights, hidden_states, sorted_e, perm, routing_weights, a, act,
+                        cfg.pair_dot, c=c, log_weights=log_weights)
     launch_gather_combine(down_weights, indices, c, out, cfg.gather)
     return out, a, sorted_e, perm
 
@@ -744,11 +757,12 @@ def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_w
     """Backward: (dh, dup, ddown, dw); an output not needed comes back as None.
 
     ``sorted_e``/``perm``: what ``expert_forward`` returned (empty: the "token"
-    schedule, which sorts here only if dup or ddown is needed).  dup/ddown are dense
+    schedule, which sorts here only if dup or ddown is needed; "rows": grouped by grid
+    row, and the weight gradients sort the pairs by expert here).  dup/ddown are dense
     (E, H) in the weights' dtypes, every row written by ``_expert_grad_kernel`` (zeros
     for unused experts).  dw is (T, k) in routing_weights' dtype (with ``log_weights``:
     the gradient of the scores).  Outputs may be preallocated.  No host sync.  ``config``
-    replaces ``default_config``'s tiles (the schedule is the forward's).
+    replaces ``default_config``'s; it must name the forward's schedule.
 
     ``used_rows``: a function ``(sorted_e, E) -> (rows (D,), offsets (D + 1,) int32)``
     grouping the sorted pairs by used expert (``sparse.expert_groups``); dup/ddown are then
@@ -793,6 +807,15 @@ def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_w
         if need_w:
             sorted_e, perm = group_pairs(indices, E)
             weight_grads(sorted_e, perm, a, da, False)
+    elif cfg.schedule == "rows":
+        launch_row_dot(down_weights, grad_out, indices, sorted_e, perm,
+                       row_groups(sorted_e, perm, K), routing_weights, a, act, cfg.rows,
+                       backward=True, dw=dw, da=da, log_weights=log_weights)
+        if need_w:
+            sorted_e, perm = group_pairs(indices, E)
+            weight_grads(sorted_e, perm, a, da, False)
+        if need_dh:
+            launch_gather_combine(up_weights, indices, da, dh, cfg.gather)
     else:                                                   # "expert" schedule
         P = T * K
         da_s = torch.empty((P,), dtype=torch.float32, device=dev)

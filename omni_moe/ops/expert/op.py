@@ -100,7 +100,7 @@ def expert_forward_impl(h, up, down, w, idx, act, log_weights=False):
         w = w.float().exp()
     out, a = expert_forward_reference(h, up, down, w, idx, act)
     # The PyTorch path needs no grouping; empty placeholders keep the op's signature.
-    return (out, a.contiguous(), idx.new_empty((0,), dtype=_sort_key_dtype(h, up)),
+    return (out, a.contiguous(), idx.new_empty((0,), dtype=_sort_key_dtype(h, up, idx)),
             idx.new_empty((0,), dtype=torch.int64))
 
 
@@ -121,24 +121,28 @@ def expert_backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, 
             ddown if need_ddown else down.new_empty((0,)), dw)
 
 
-def _sort_key_dtype(h, up) -> torch.dtype:
+def _schedule(h, up, idx) -> str | None:
+    """The kernels' schedule for these inputs (None: the PyTorch path)."""
     if not use_triton(h):
+        return None
+    from . import kernels
+
+    T, H = h.shape
+    return kernels.default_config(T, H, up.shape[0], idx.shape[1], up.element_size()).schedule
+
+
+def _sort_key_dtype(h, up, idx) -> torch.dtype:
+    schedule = _schedule(h, up, idx)
+    if schedule is None:
         return torch.int32
     from .kernels import sort_key_dtype
 
-    return sort_key_dtype(up.shape[0])
+    return sort_key_dtype(up.shape[0], schedule)
 
 
 def _grouped_pairs(h, up, idx) -> int:
     """How many pairs the forward groups (the fake implementation's output size)."""
-    if not use_triton(h):
-        return 0
-    from . import kernels
-
-    T, H = h.shape
-    K = idx.shape[1]
-    cfg = kernels.default_config(T, H, up.shape[0], K, up.element_size())
-    return T * K if cfg.schedule == "expert" else 0
+    return idx.numel() if _schedule(h, up, idx) in ("expert", "rows") else 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -157,7 +161,7 @@ def _(h, up, down, w, idx, act, log_weights=False):
     K = idx.shape[1]
     P = _grouped_pairs(h, up, idx)
     return (h.new_empty((T, H)), h.new_empty((T, K), dtype=torch.float32),
-            h.new_empty((P,), dtype=_sort_key_dtype(h, up)),
+            h.new_empty((P,), dtype=_sort_key_dtype(h, up, idx)),
             h.new_empty((P,), dtype=torch.int64))
 
 

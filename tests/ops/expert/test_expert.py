@@ -108,9 +108,9 @@ def check_against_float64(h, up, down, w, idx, go, act, got, fp32_tol=None):
 
 # --------------------------------------------------------------------------- correctness
 
-@pytest.fixture(params=["token", "expert"])
+@pytest.fixture(params=["token", "expert", "rows"])
 def mode(request, monkeypatch):
-    """Both schedules of the kernels, forced through the op's launch rule."""
+    """Every schedule of the kernels, forced through the op's launch rule."""
     force_expert_schedule(monkeypatch, request.param)
     yield request.param
 
@@ -481,7 +481,7 @@ def test_large_gpu(case, dtype):
 
 
 def test_explicit_config_and_checks(device):
-    """A config passed to the launchers is used as given (both schedules give the same
+    """A config passed to the launchers is used as given (every schedule gives the same
     results) and a malformed one is rejected."""
     h, up, down, w, idx, go = make_inputs(9, 40, 12, 3, torch.float32, device, seed=8)
     rule = kern.default_config(9, 40, 12, 3, 4)
@@ -489,14 +489,20 @@ def test_explicit_config_and_checks(device):
     for schedule in kern.SCHEDULES:
         cfg = replace(rule, schedule=schedule, gather=kern.Tile(2, 16, 1, 1))
         out, a, se, perm = kern.expert_forward(h, up, down, w, idx, "gelu", config=cfg)
-        assert (perm.numel() > 0) == (schedule == "expert")
+        assert (perm.numel() > 0) == (schedule != "token")
         grads = kern.expert_backward(go, h, up, down, w, idx, a, se, perm, "gelu", config=cfg)
         outs.append((out, *grads))
-    for x, y in zip(*outs):
-        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+    for got in outs[1:]:
+        for x, y in zip(outs[0], got):
+            assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="ExpertConfig"):
         kern.expert_forward(h, up, down, w, idx, "gelu", config={"schedule": "token"})
     with pytest.raises(ValueError, match="schedule"):
         kern.expert_forward(h, up, down, w, idx, "gelu", config=replace(rule, schedule="auto"))
     with pytest.raises(ValueError, match="token.cols"):
         kern.expert_forward(h, up, down, w, idx, "gelu", config=replace(rule, token=kern.Tile(1, 8)))
+    with pytest.raises(ValueError, match="rows.block_j"):
+        kern.expert_forward(h, up, down, w, idx, "gelu",
+                            config=replace(rule, rows=kern.RowTile(block_j=8)))
+    with pytest.raises(TypeError, match="config.rows"):
+        kern.expert_forward(h, up, down, w, idx, "gelu", config=replace(rule, rows=kern.Tile(1, 16)))
