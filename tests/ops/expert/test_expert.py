@@ -269,6 +269,37 @@ def test_poisoned_outputs(device, mode):
     check_against_float64(h, up, down, w, idx, go, act, [out, *got])
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=lambda d: str(d).split(".")[-1])
+def test_non_finite_inputs(dtype, device, mode):
+    """NaN of both signs, +-inf and subnormals in h, u and v: a, out and dw carry NaN and
+    inf exactly where the float64 formula does, finite entries agree."""
+    T, H, E, k = 19, 40, 36, 5
+    h, up, down, w, idx, go = make_inputs(T, H, E, k, dtype, device, "distinct", seed=11)
+    w = w.float()
+    tiny = torch.finfo(dtype).tiny / 4                     # subnormal in both dtypes
+    h[0, 3], h[1, 0], h[2, 5], h[3, 7] = float("nan"), -float("nan"), float("inf"), tiny
+    e0, e1 = int(idx[4, 1]), int(idx[5, 2])
+    up[e0, 9], up[e1, 1] = -float("inf"), -tiny
+    down[int(idx[6, 0]), 2] = float("nan")
+    out, a, se, perm = kern.expert_forward(h, up, down, w, idx, "silu")
+    dh, dup, ddown, dw = kern.expert_backward(go, h, up, down, w, idx, a, se, perm, "silu")
+    idx64 = idx.long().cpu()
+    hd, ud, vd, wd, god = (t.detach().cpu().double() for t in (h, up, down, w, go))
+    a_ref = torch.einsum("th,tkh->tk", hd, ud[idx64])
+    z = torch.nn.functional.silu(a_ref)
+    out_ref = torch.einsum("tk,tkh->th", z * wd, vd[idx64])
+    dw_ref = z * torch.einsum("th,tkh->tk", god, vd[idx64])
+    for name, got, ref, tol in (("a", a, a_ref, 1e-5), ("out", out, out_ref, 1e-2 if dtype != torch.float32 else 1e-5),
+                                ("dw", dw, dw_ref, 1e-5)):
+        got = got.detach().cpu().double()
+        assert torch.equal(got.isnan(), ref.isnan()), name
+        assert torch.equal(got == float("inf"), ref == float("inf")), name
+        assert torch.equal(got == -float("inf"), ref == -float("inf")), name
+        fin = ref.isfinite()
+        assert fin.sum() > 0.5 * fin.numel(), name
+        torch.testing.assert_close(got[fin], ref[fin], rtol=tol, atol=tol * ref[fin].abs().max().item())
+
+
 @pytest.mark.parametrize("cfg", [(2, 16, 3, 4), (8, 64, 1, 4), (1, 32, 2, 2), (2, 16, 2, 4, 4), (1, 64, 2, 4, 3)],
                          ids=str)
 def test_expert_grad_tilings_same_bits(cfg, device, mode, monkeypatch):
