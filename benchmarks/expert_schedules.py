@@ -1,0 +1,188 @@
+"""The atomic-expert op's schedules at the paper's sizes: check, then time, on a GPU.
+
+    PYTHONPATH=. python benchmarks/expert_schedules.py --json OUT.json [--ks 512,4096]
+
+Inputs: T tokens, H = 1024, E = 102,400 (N = 320), bf16 tables, the router's own unsorted
+top-k of random log-softmax logits and its scores (``log_weights``, as the layer calls
+the op).  For each (T, k):
+- grouping alone: ``group_pairs`` (by expert) and ``group_rows`` + ``row_groups`` (by grid
+  row);
+- the forward's per-pair dot products alone: ``_pair_dot_kernel`` ("expert") and
+  ``_row_dot_kernel`` ("rows") under each ``RowTile`` of ``--variants`` (each checked
+  against the pair-dot kernel's a: relative max error);
+- the whole op per schedule: forward and forward + backward (all four gradients),
+  eager (``do_bench`` median, L2 flushed) and CUDA-graph replay, peak memory of the
+  training step above what was allocated, and the rows schedule's results against the
+  expert schedule's (relative L2 error of out and each gradient).
+The tables (2 x 210 MB) exceed L2, so no input rotation is needed.  ``--dry-run`` runs
+tiny sizes on the CPU through Triton's interpreter (checks the script, times nothing
+meaningful).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from omni_moe.bench.common import capture_graph, environment, median_ms  # noqa: E402
+from omni_moe.ops.expert import kernels as kern  # noqa: E402
+from omni_moe.ops.expert import rows as rows_mod  # noqa: E402
+from omni_moe.ops.router import omni_router  # noqa: E402
+
+VARIANTS = {
+    "t64j64h64": rows_mod.RowTile(64, 64, 64, 256, 4, 3, 2),
+    "t128j64h64w8": rows_mod.RowTile(128, 64, 64, 256, 8, 3, 2),
+    "t64j128h64w8": rows_mod.RowTile(64, 128, 64, 256, 8, 3, 2),
+    "t128j128h64w8p1": rows_mod.RowTile(128, 128, 64, 256, 8, 3, 1),
+    "t64j64h128s2": rows_mod.RowTile(64, 64, 128, 256, 4, 2, 2),
+    "t64j64h64p4": rows_mod.RowTile(64, 64, 64, 256, 4, 3, 4),
+    "t128j64h32s4": rows_mod.RowTile(128, 64, 32, 512, 4, 4, 2),
+}
+
+
+def timer(dev):
+    if dev == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=10, rep=50, return_mode="median")
+    return lambda fn: median_ms(fn, 1, 1, 2)
+
+
+def graph_ms(fn, dev, time_ms):
+    if dev != "cuda":
+        return None
+    graph = capture_graph(fn)
+    ms = time_ms(graph.replay)
+    del graph
+    return ms
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run_case(T, k, H, N, variants, dev, out):
+    time_ms = timer(dev)
+    E = N * N
+    g = torch.Generator(device=dev).manual_seed(T * 7919 + k)
+    up = (torch.randn(E, H, device=dev, generator=g) / 32).bfloat16()
+    down = (torch.randn(E, H, device=dev, generator=g) / 32).bfloat16()
+    h = torch.randn(T, H, device=dev, generator=g).bfloat16()
+    go = torch.randn(T, H, device=dev, generator=g).bfloat16()
+    x = torch.randn(T, N, device=dev, generator=g).log_softmax(-1)
+    y = torch.randn(T, N, device=dev, generator=g).log_softmax(-1)
+    s, idx = omni_router(x, y, N, k, sorted=False)
+    base = kern.default_config(T, H, E, k, 2)
+    row = dict(T=T, k=k, H=H, E=E, rule=base.schedule)
+
+    row["group_pairs_ms"] = time_ms(lambda: kern.group_pairs(idx, E))
+    row["group_rows_ms"] = time_ms(lambda: rows_mod.row_groups(*rows_mod.group_rows(idx, E), k))
+    se, perm = kern.group_pairs(idx, E)
+    a_ref = torch.empty(T, k, device=dev)
+    c_ref = torch.empty(T, k, device=dev)
+    row["pair_dot_ms"] = time_ms(lambda: kern.launch_pair_dot(
+        up, h, se, perm, s, a_ref, "silu", base.pair_dot, c=c_ref, log_weights=True))
+    sr, pr = rows_mod.group_rows(idx, E)
+    groups = rows_mod.row_groups(sr, pr, k)
+    row["groups"] = int(groups[2].item())
+    row["row_dot"] = {}
+    for name, tile in variants.items():
+        a = torch.full((T, k), float("nan"), device=dev)
+        c = torch.full((T, k), float("nan"), device=dev)
+
+        def call():
+            rows_mod.launch_row_dot(up, h, idx, sr, pr, groups, s, a, "silu", tile, c=c,
+                                    log_weights=True)
+        call()
+        err = ((a - a_ref).abs().max() / a_ref.abs().max()).item()
+        row["row_dot"][name] = dict(ms=time_ms(call), rel_err=err, tile=asdict(tile))
+    del se, perm, sr, pr, groups, a_ref, c_ref
+
+    results = {}
+    for schedule in ("expert", "rows"):
+        cfg = replace(base, schedule=schedule)
+
+        def fwd():
+            return kern.expert_forward(h, up, down, s, idx, "silu", log_weights=True, config=cfg)
+
+        def step():
+            o, a, se_, pm = fwd()
+            return o, kern.expert_backward(go, h, up, down, s, idx, a, se_, pm, "silu",
+                                           log_weights=True, config=cfg)
+        results[schedule] = step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - before) / 2**30
+        else:
+            peak = None
+        row[schedule] = dict(fwd_ms=time_ms(fwd), step_ms=time_ms(step),
+                             fwd_graph_ms=graph_ms(fwd, dev, time_ms),
+                             step_graph_ms=graph_ms(step, dev, time_ms), peak_GiB=peak)
+    (o1, g1), (o2, g2) = results["expert"], results["rows"]
+    row["rows_vs_expert_rel_l2"] = dict(out=rel(o2, o1), dh=rel(g2[0], g1[0]), du=rel(g2[1], g1[1]),
+                                        dv=rel(g2[2], g1[2]), dscores=rel(g2[3], g1[3]))
+    out.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", help="write rows and environment here (after every case)")
+    p.add_argument("--cases", default="4096:512,4096:4096,4096:1024,4096:256,4096:2048,4096:128,16384:512",
+                   help="T:k pairs, comma-separated, in order")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="RowTile variants for the rows kernel alone; the first is also timed "
+                        "at every k, the rest only at k = 512 and 4096")
+    p.add_argument("--budget-s", type=float, default=300, help="start no case after this many seconds")
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (TRITON_INTERPRET=1)")
+    args = p.parse_args(argv)
+    try:
+        cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]
+        if any(len(c) != 2 or min(c) < 1 for c in cases):
+            raise ValueError
+    except ValueError:
+        p.error(f"--cases must be T:k pairs of positive integers, got {args.cases!r}")
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    if args.dry_run:
+        dev, H, N = "cpu", 16, 12
+        cases = [(16, 40)]
+        tiles = {n: replace(VARIANTS[n], block_t=16, block_j=16, block_h=16, block_p=32) for n in names[:2]}
+    else:
+        if not torch.cuda.is_available():
+            p.error("needs a CUDA device (or --dry-run)")
+        dev, H, N = "cuda", 1024, 320
+        tiles = {n: VARIANTS[n] for n in names}
+    out = []
+    t0 = time.time()
+    for T, k in cases:
+        if time.time() - t0 > args.budget_s:
+            print(f"budget spent: skipped T={T} k={k}", flush=True)
+            continue
+        chosen = tiles if (k in (512, 4096) or args.dry_run) else dict(list(tiles.items())[:1])
+        run_case(T, k, H, N, chosen, dev, out)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(environment=environment(), rows=out), f, indent=1)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

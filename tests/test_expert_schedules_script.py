@@ -1,0 +1,38 @@
+"""benchmarks/expert_schedules.py runs end to end at toy sizes (--dry-run, the interpreter)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import load_script
+
+
+@pytest.fixture
+def script():
+    yield load_script("benchmarks/expert_schedules.py", "expert_schedules_bench")
+
+
+@pytest.mark.skipif("not __import__('omni_moe.ops._dispatch', fromlist=['x']).interpret_mode()")
+def test_dry_run_writes_checked_rows(script, tmp_path):
+    path = tmp_path / "rows.json"
+    assert script.main(["--dry-run", "--json", str(path), "--variants", "t64j64h64,t128j64h64w8"]) == 0
+    saved = json.loads(path.read_text())
+    assert "environment" in saved and len(saved["rows"]) == 1
+    for row in saved["rows"]:
+        assert set(row["row_dot"]) == {"t64j64h64", "t128j64h64w8"}
+        for v in row["row_dot"].values():
+            assert v["rel_err"] < 1e-5 and v["ms"] > 0
+        assert max(row["rows_vs_expert_rel_l2"].values()) < 1e-5
+        for schedule in ("expert", "rows"):
+            assert row[schedule]["fwd_ms"] > 0 and row[schedule]["step_ms"] > 0
+
+
+def test_bad_arguments(script, capsys):
+    with pytest.raises(SystemExit) as e:
+        script.main(["--cases", "4096:x"])
+    assert e.value.code == 2 and "--cases" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        script.main(["--variants", "nope", "--dry-run"])
+    assert e.value.code == 2 and "--variants" in capsys.readouterr().err
