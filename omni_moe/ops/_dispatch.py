@@ -22,3 +22,13 @@ def use_triton(t: torch.Tensor) -> bool:
     if t.device.type == "cuda":
         return True
     return t.device.type == "cpu" and interpret_mode()
+
+
+def device_info(device: torch.device) -> tuple[int, int]:
+    """(multiprocessors, compute-capability major) of ``device``.  The interpreter gets
+    (2, 0): persistent grids sized from it stay small, so each program still loops over
+    several tiles, as on a GPU."""
+    if device.type != "cuda":
+        return 2, 0
+    p = torch.cuda.get_device_properties(device)
+    return p.multi_processor_count, p.major

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .._activations import ACT_ID, act_fwd, act_fwd_bwd
+from .._dispatch import device_info
 from .._triton import SOFT_BF16, loop_bound, to_dtype, to_f32
 
 
@@ -241,13 +242,6 @@ def row_groups(sorted_rows: torch.Tensor, perm: torch.Tensor, k: int):
     return gid, gstart, ngroups
 
 
-def _num_sms(device: torch.device) -> int:
-    # The interpreter: 2, so that each program loops over several items.
-    if device.type != "cuda":
-        return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def launch_row_dot(weights, x, indices, sorted_rows, perm, groups, routing_weights, a, act,
                    tile: RowTile, backward=False, c=None, dw=None, da=None, log_weights=False):
     """Launch ``_row_dot_kernel``: forward writes ``a`` and ``c`` ((T, K) float32
@@ -263,7 +257,7 @@ def launch_row_dot(weights, x, indices, sorted_rows, perm, groups, routing_weigh
     n_rows = triton.cdiv(E, nw)
     max_groups = min(P, T * (min(K, n_rows) + 1))
     max_items = triton.cdiv(max_groups, tile.block_t) * triton.cdiv(nw, tile.block_j)
-    programs = max(1, min(max_items, _num_sms(x.device) * tile.progs_per_sm))
+    programs = max(1, min(max_items, device_info(x.device)[0] * tile.progs_per_sm))
     scratch = torch.empty((programs, tile.block_t * tile.block_j), dtype=torch.float32,
                           device=x.device)
     dummy = a

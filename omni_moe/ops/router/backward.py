@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from .._checks import check_int, check_pow2, with_fields
+from .._dispatch import device_info
 from .._triton import _pair_side, _partner, bitonic_topk, loop_bound, to_dtype, to_f32
 
 
@@ -444,20 +445,6 @@ def _check_config(config) -> BackwardConfig | SortBackwardConfig:
     return config
 
 
-def _sms(device) -> int:
-    """Multiprocessors (the interpreter: 2, so that programs loop over several tiles)."""
-    if device.type != "cuda":
-        return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _sm_major(device) -> int:
-    """Compute-capability major (0 without CUDA: the interpreter)."""
-    if device.type != "cuda":
-        return 0
-    return torch.cuda.get_device_properties(device).major
-
-
 def router_backward(grad: torch.Tensor, indices: torch.Tensor, n: int, dx=None, dy=None,
                     *, config: BackwardConfig | SortBackwardConfig | None = None):
     """dx, dy (T, n) in grad's dtype from grad (T, k) and int32 indices (T, k).
@@ -469,7 +456,7 @@ def router_backward(grad: torch.Tensor, indices: torch.Tensor, n: int, dx=None, 
     ``FixedBackwardConfig`` the fixed-point kernel (module docstring).
     """
     T, K = indices.shape
-    cfg = default_config(n, K, _sm_major(grad.device)) if config is None else _check_config(config)
+    cfg = default_config(n, K, device_info(grad.device)[1]) if config is None else _check_config(config)
     if dx is None:
         dx = torch.empty((T, n), dtype=grad.dtype, device=grad.device)
     if dy is None:
@@ -486,7 +473,7 @@ def router_backward(grad: torch.Tensor, indices: torch.Tensor, n: int, dx=None, 
         kb = max(2, min(triton.next_power_of_2(max(1, K)), cfg.block))
         tile_t = min(cfg.tile_t, triton.next_power_of_2(T))
         num_tiles = triton.cdiv(T, tile_t)
-        programs = max(1, min(num_tiles, _sms(grad.device) * cfg.progs_per_sm))
+        programs = max(1, min(num_tiles, device_info(grad.device)[0] * cfg.progs_per_sm))
         acc = torch.empty(programs * tile_t * 2 * np_, dtype=torch.float32, device=grad.device)
         nxt = torch.empty(programs * tile_t * kb, dtype=torch.int32, device=grad.device)
         _router_bwd_sort_kernel[(programs,)](
@@ -499,7 +486,7 @@ def router_backward(grad: torch.Tensor, indices: torch.Tensor, n: int, dx=None, 
         kb = min(triton.next_power_of_2(max(1, K)), cfg.block)
         tile_t = min(cfg.tile_t, triton.next_power_of_2(T))
         num_tiles = triton.cdiv(T, tile_t)
-        programs = max(1, min(num_tiles, _sms(grad.device) * cfg.progs_per_sm))
+        programs = max(1, min(num_tiles, device_info(grad.device)[0] * cfg.progs_per_sm))
         acc = torch.empty(programs * tile_t * 2 * np_, dtype=torch.int64, device=grad.device)
         flg = torch.empty(programs * tile_t * 2 * np_, dtype=torch.int32, device=grad.device)
         _router_bwd_fixed_kernel[(programs,)](

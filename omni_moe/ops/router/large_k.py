@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from .._checks import check_choice, check_int, check_pow2, with_fields
+from .._dispatch import device_info
 from .._triton import (
     KEY_NONE,
     bitonic_topk,
@@ -379,20 +380,11 @@ def _check_config(config) -> LargeKConfig:
                        progs_per_sm=check_int("config.progs_per_sm", config.progs_per_sm, 1))
 
 
-def _device_info(device) -> tuple[int, int]:
-    """(multiprocessors, compute-capability major); the interpreter gets (2, 0), so that
-    programs loop over several tiles."""
-    if device.type != "cuda":
-        return 2, 0
-    p = torch.cuda.get_device_properties(device)
-    return p.multi_processor_count, p.major
-
-
 @functools.lru_cache(maxsize=4096)
 def plan(T: int, N: int, k: int, sorted: bool, dtype: torch.dtype, device: torch.device,
          config: LargeKConfig | None = None) -> _Launch:
     """The launch ``large_k_router_forward`` makes (cached: host time matters)."""
-    sms, major = _device_info(device)
+    sms, major = device_info(device)
     if config is None:
         config = default_config(T, N, k, major, sorted)
     else:

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from .._checks import check_int, check_pow2
+from .._dispatch import device_info
 from .._triton import (
     KEY_NONE,
     _cas,
@@ -845,15 +846,6 @@ def _warp_launch(T, N, k, packed, cfg: WarpConfig, sms: int, device) -> _Launch:
     return _Launch("warp", nprog, kx, num_tiles, max(1, nprog * tile_t * words), cand, consts)
 
 
-def _device_info(device) -> tuple[int, int]:
-    """(multiprocessor count, compute-capability major); the interpreter gets (2, 0), so
-    that a small persistent grid still loops over several tiles."""
-    if device.type != "cuda":
-        return 2, 0
-    p = torch.cuda.get_device_properties(device)
-    return p.multi_processor_count, p.major
-
-
 def plan(T: int, N: int, k: int, dtype: torch.dtype, device: torch.device,
          config: StreamConfig | WarpConfig | None = None) -> _Launch | None:
     """The fast-path launch ``pruned_router_forward`` makes for this shape and config.
@@ -868,7 +860,7 @@ def plan(T: int, N: int, k: int, dtype: torch.dtype, device: torch.device,
 # Cached: host time matters when the kernel itself takes a few microseconds.
 @functools.lru_cache(maxsize=4096)
 def _plan(T, N, k, dtype, device, config) -> _Launch | None:
-    sms, major = _device_info(device)
+    sms, major = device_info(device)
     if config is None:
         config = default_config(T, N, k, major)
         if config is None or isinstance(config, LargeKConfig):
