@@ -313,6 +313,18 @@ def test_expert_grad_tilings_same_bits(cfg, device, mode, monkeypatch):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("tile", [(16, 16, 16, 16), (32, 16, 32, 64), (16, 32, 16, 32)], ids=str)
+def test_rows_kernel_tilings(tile, device, monkeypatch):
+    """The rows schedule with several column blocks per grid row (N = 40), work items
+    that span grid rows, several H steps and pair chunks: every result against float64."""
+    T, H, E, k = 37, 48, 1600, 45
+    inputs = make_inputs(T, H, E, k, torch.float32, device, "distinct", seed=21)
+    force_expert_schedule(monkeypatch, "rows", rows=kern.RowTile(*tile, warps=4, stages=2,
+                                                                 progs_per_sm=1))
+    got = run_op(*inputs, "silu")
+    check_against_float64(*inputs, "silu", got)
+
+
 @pytest.mark.parametrize("cfg", [(2, 16, 2, 4), (1, 16, 3, 4), (4, 64, 1, 4), (8, 32, 2, 2)], ids=str)
 def test_token_kernel_tilings(cfg, device, monkeypatch):
     """Other (BLOCK_T, BLOCK_H, UNROLL, warps) of the token kernels, including the
@@ -382,8 +394,12 @@ def test_out_of_range_indices_masked_by_kernels(device, mode):
     idx_bad = idx.clone().cpu()
     idx_bad[bad] = vals
     idx_bad = idx_bad.to(device)
-    out, a, se, perm = kern.expert_forward(h, up, down, w, idx_bad, "silu")
-    dh, dup, ddown, dw = kern.expert_backward(go, h, up, down, w, idx_bad, a, se, perm, "silu")
+    out, a, se, perm = kern.expert_forward(h, up, down, w, idx_bad, "silu",
+                                           out=_poison(torch.empty_like(h)),
+                                           a=_poison(torch.empty(T, k, device=device)))
+    dh, dup, ddown, dw = kern.expert_backward(go, h, up, down, w, idx_bad, a, se, perm, "silu",
+                                              dw=_poison(torch.empty_like(w)))
+    assert torch.equal(a[bad.to(device)], torch.zeros(int(bad.sum()), device=device))
     # Reference: the same pairs with zero routing weight and an in-range index.
     w0 = w.clone()
     w0[bad.to(device)] = 0.0
