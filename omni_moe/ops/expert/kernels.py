@@ -515,10 +515,12 @@ def _expert_grad_tile(E: int, H: int) -> Tile:
 
 
 def _rows_tile(H: int, E: int) -> RowTile:
-    # 64 x 64 x 64 tensor-core tiles; narrower only where the grid or H is smaller.
+    # 128 groups x 64 columns x 64 of H, 8 warps: the fastest at k = 512 and within 5 % at
+    # k = 4096 of the three tiles timed (docs/expert.md, "Large K"); narrower only where
+    # the grid or H is smaller.
     block_j = max(16, min(64, triton.next_power_of_2(grid_width(E))))
     block_h = max(16, min(64, triton.next_power_of_2(max(H, 1))))
-    return RowTile(block_t=64, block_j=block_j, block_h=block_h)
+    return RowTile(block_t=128, block_j=block_j, block_h=block_h, warps=8)
 
 
 def default_config(T: int, H: int, E: int, K: int, itemsize: int) -> ExpertConfig:

@@ -51,11 +51,11 @@ class RowTile:
     grid columns per work item, H in BLOCK_H steps, the item's pairs BLOCK_P at a time;
     ``warps``, software-pipeline ``stages`` and persistent programs per multiprocessor."""
 
-    block_t: int = 64
+    block_t: int = 128
     block_j: int = 64
     block_h: int = 64
     block_p: int = 256
-    warps: int = 4
+    warps: int = 8
     stages: int = 3
     progs_per_sm: int = 2
 
