@@ -1,4 +1,4 @@
-"""Atomic experts: forward and backward kernels (no float atomics), in two schedules.
+"""Atomic experts: forward and backward kernels (no float atomics), in three schedules.
 
 Notation: T tokens, hidden size H, E experts, k slots per token, P = T*k (token, slot)
 pairs, b = bytes per element, D = distinct experts touched (~ min(E, P)).
@@ -7,7 +7,8 @@ out_t = sum_r c_p v_e.  With ``LOG_W`` the kernels read router scores s and use
 w = exp(s) (the layer's routing weights), and the weight gradient they write is
 d s = w * d w: the exp and its backward cost no launch of their own.
 
-Two schedules for the per-pair dot products (``choose_mode``, from shapes only):
+Schedules for the per-pair dot products (``choose_mode``, from shapes only, picks one of
+the first two):
 
 "token" (default): everything per token block, one pass over the pairs each way.
   forward   ``_token_forward_kernel``: a_p = u_e . h_t and out_t = sum_r c_p v_e.
@@ -30,7 +31,11 @@ Two schedules for the per-pair dot products (``choose_mode``, from shapes only):
   (T,H,E,k) = (8192,1024,65536,32) the token schedule moves 2 GiB of rows per step
   where this one moves ~1.3 GiB.
 
-The weight gradients (both schedules): ``_expert_grad_kernel`` writes du_e =
+"rows" (``config=`` only): the "expert" schedule with the dot products a_p and g_p
+  computed by grid row on tensor cores (``rows.py``); measured not to pay yet
+  (docs/expert.md, "Large K").
+
+The weight gradients (every schedule): ``_expert_grad_kernel`` writes du_e =
 sum_p da_p h_t and dv_e = sum_p c_p do_t over each expert's pairs in sorted (token)
 order; every row of the dense (E, H) gradients is written once (zeros for unused
 experts).  2*E*H*b bytes of writes, which autograd's dense parameter gradients
@@ -719,8 +724,8 @@ def expert_forward(hidden_states, up_weights, down_weights, routing_weights, ind
 
     ``sorted_e``/``perm`` are the pairs' grouping: by expert in the "expert" schedule
     (``choose_mode``), by grid row in the "rows" one (``rows.group_rows``), empty
-    tensors in the "token" one; pass them on to ``expert_backward``.  ``out``/``a`` may be preallocated (tests poison them first;
-    ``a`` contiguous).  ``log_weights``: routing_weights holds scores s and the weights
+    tensors in the "token" one; pass them on to ``expert_backward``.  ``out``/``a`` may
+    be preallocated (tests poison them first; ``a`` contiguous).  ``log_weights``: routing_weights holds scores s and the weights
     are exp(s).  No host sync.  ``config`` replaces ``default_config``'s choice.
     """
     T, H = hidden_states.shape
