@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .ops._checks import check_float
+from .ops._checks import check_betas, check_float
 from .ops.row_update import row_update
 
 
@@ -173,14 +173,9 @@ class RowAdam(_RowOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8):
         check_float("lr", lr, 0.0)
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise TypeError(f"betas must be a pair of floats, got {betas!r}")
-        for name, b in zip(("betas[0]", "betas[1]"), betas):
-            check_float(name, b, 0.0)
-            if b >= 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {b}")
+        betas = check_betas(betas)
         check_float("eps", eps, 0.0)
-        super().__init__(params, dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
 
     def _update(self, p, rows, values, group):
         state = self.state[p]

@@ -42,6 +42,15 @@ def load_script(relpath: str, name: str):
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def script_module(relpath: str, name: str):
+    """Body of a script fixture (``yield from script_module(...)``): the loaded module,
+    unregistered from ``sys.modules`` at teardown."""
+    try:
+        yield load_script(relpath, name)
+    finally:
+        sys.modules.pop(name, None)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

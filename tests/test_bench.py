@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from conftest import load_script
+from conftest import script_module
 from omni_moe.bench import common
 
 
@@ -217,8 +217,7 @@ def test_distributed_benchmark_sweeps_sizes_with_a_time_breakdown(tmp_path):
 
 @pytest.fixture
 def distributed():
-    yield load_script("benchmarks/distributed.py", "bench_distributed")
-    sys.modules.pop("bench_distributed", None)
+    yield from script_module("benchmarks/distributed.py", "bench_distributed")
 
 
 def test_distributed_benchmark_rejects_bad_token_counts(distributed):

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from conftest import load_script
+from conftest import script_module
 
 
 @pytest.fixture
 def script():
-    yield load_script("benchmarks/expert_schedules.py", "expert_schedules_bench")
+    yield from script_module("benchmarks/expert_schedules.py", "expert_schedules_bench")
 
 
 @pytest.mark.skipif("not __import__('omni_moe.ops._dispatch', fromlist=['x']).interpret_mode()")

@@ -3,20 +3,18 @@ the matched active parameters, and bad options (one line on stderr, exit 2)."""
 
 import json
 import math
-import sys
 
 import pytest
 import torch
 
-from conftest import load_script
+from conftest import script_module
 
 pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def g():
-    yield load_script("benchmarks/generate.py", "generate_bench")
-    sys.modules.pop("generate_bench", None)
+    yield from script_module("benchmarks/generate.py", "generate_bench")
 
 
 @pytest.fixture

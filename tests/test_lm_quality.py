@@ -6,21 +6,19 @@ import hashlib
 import importlib.util
 import json
 import math
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load_script
+from conftest import script_module
 
 pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def q():
-    yield load_script("benchmarks/lm_quality.py", "lm_quality")
-    sys.modules.pop("lm_quality", None)
+    yield from script_module("benchmarks/lm_quality.py", "lm_quality")
 
 
 @pytest.fixture

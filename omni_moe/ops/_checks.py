@@ -75,6 +75,17 @@ def check_float(name: str, v, lo: float | None = None):
     return v
 
 
+def check_betas(betas) -> tuple[float, float]:
+    """Adam's (beta1, beta2) as floats; TypeError unless a pair of numbers, ValueError
+    naming ``betas[i]`` unless each is in [0, 1)."""
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise TypeError(f"betas must be a pair of floats, got {betas!r}")
+    for name, b in zip(("betas[0]", "betas[1]"), betas):
+        if not check_float(name, b, 0.0) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {b}")
+    return float(betas[0]), float(betas[1])
+
+
 class UnroutedExpertsWarning(UserWarning):
     """``num_experts`` is not a perfect square: the router's N x N grid (N = isqrt(E))
     addresses the expert tables' first N*N rows only; the others are never routed and

@@ -5,27 +5,24 @@ import sys
 
 import pytest
 
-from conftest import REPO, load_script
+from conftest import REPO, script_module
 
 pytest.importorskip("transformers")
 
 
 @pytest.fixture
 def convert_llama():
-    yield load_script("examples/convert_llama.py", "convert_llama")
-    sys.modules.pop("convert_llama", None)
+    yield from script_module("examples/convert_llama.py", "convert_llama")
 
 
 @pytest.fixture
 def train_hf_lm():
-    yield load_script("examples/train_hf_lm.py", "train_hf_lm")
-    sys.modules.pop("train_hf_lm", None)
+    yield from script_module("examples/train_hf_lm.py", "train_hf_lm")
 
 
 @pytest.fixture
 def hf_model():
-    yield load_script("benchmarks/hf_model.py", "hf_model")
-    sys.modules.pop("hf_model", None)
+    yield from script_module("benchmarks/hf_model.py", "hf_model")
 
 
 @pytest.fixture(autouse=True)

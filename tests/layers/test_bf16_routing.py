@@ -11,12 +11,11 @@ two experts' bounds, in float64.  Kernels (CUDA or the interpreter) and the PyTo
 from __future__ import annotations
 
 import copy
-import sys
 
 import pytest
 import torch
 
-from conftest import HAS_CUDA, load_script
+from conftest import HAS_CUDA, script_module
 from omni_moe import OmniMoE, OmniMoEConfig
 from omni_moe.layers.reference import OmniMoEReference
 from omni_moe.ops._dispatch import use_triton
@@ -71,8 +70,7 @@ def test_bf16_routing_differs_only_on_near_ties(path):
 
 @pytest.fixture
 def bench():
-    yield load_script("benchmarks/bf16_layer_error.py", "bench_bf16_layer_error")
-    sys.modules.pop("bench_bf16_layer_error", None)
+    yield from script_module("benchmarks/bf16_layer_error.py", "bench_bf16_layer_error")
 
 
 def test_bf16_benchmark_decomposition(path, bench, capsys):

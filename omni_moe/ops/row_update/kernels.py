@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_float, check_int, check_pow2, with_fields
+from .._checks import check_betas, check_float, check_int, check_pow2, with_fields
 from .._dispatch import use_triton
 from .._triton import to_dtype, to_f32
 
@@ -101,11 +101,8 @@ def row_update(param: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, *,
         raise TypeError(f"rows must be int32 or int64, got {rows.dtype}")
     check_float("lr", lr, 0.0)
     adam = exp_avg is not None
-    beta1, beta2 = betas
+    beta1, beta2 = check_betas(betas) if adam else betas
     if adam:
-        for name, b in (("betas[0]", beta1), ("betas[1]", beta2)):
-            if not 0.0 <= check_float(name, b, 0.0) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {b}")
         check_float("eps", eps, 0.0)
         check_int("step", step, 1)
         for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
