@@ -79,6 +79,14 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
+@pytest.fixture
+def torch_path(monkeypatch):
+    """CPU tensors take the PyTorch paths for the test, whatever TRITON_INTERPRET says
+    (the contract: the interpreter runs the kernels only when it is set; scripts and
+    model-level tests would take minutes through it)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
 @pytest.fixture(params=["kernels", "torch"])
 def path(request, monkeypatch, device):
     """The Triton kernels (CUDA / interpreter) or the PyTorch path (CPU, interpreter off):

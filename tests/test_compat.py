@@ -59,12 +59,6 @@ def _resolve(path):
     return getattr(importlib.import_module(mod), name)
 
 
-@pytest.fixture
-def torch_path(monkeypatch):
-    """CPU tensors through the PyTorch paths, whatever TRITON_INTERPRET says."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
 def _params(fn):
     return list(inspect.signature(fn).parameters)
 

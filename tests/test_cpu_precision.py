@@ -24,9 +24,7 @@ from omni_moe.ops.expert.reference import expert_naive
 U32 = 2.0**-24
 
 
-@pytest.fixture(autouse=True)
-def torch_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("torch_path")
 
 
 def ulp_bf16(v: torch.Tensor) -> torch.Tensor:

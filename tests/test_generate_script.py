@@ -17,12 +17,6 @@ def g():
     yield from script_module("benchmarks/generate.py", "generate_bench")
 
 
-@pytest.fixture
-def torch_path(monkeypatch):
-    """The script's CPU runs use the PyTorch paths (the interpreter is too slow)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
 def test_tiny_run(g, tmp_path, capsys, torch_path):
     path = tmp_path / "gen.json"
     assert g.main(["--tiny", "--json", str(path)]) == 0

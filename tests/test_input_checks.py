@@ -17,9 +17,7 @@ from omni_moe.ops import swiglu_mlp
 from omni_moe.ops._checks import UnroutedExpertsWarning, check_choice, check_float, check_int, check_pow2
 
 
-@pytest.fixture(autouse=True)
-def torch_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("torch_path")
 
 
 def layer(norm="batchnorm", dtype=torch.float32):

@@ -21,12 +21,6 @@ def q():
     yield from script_module("benchmarks/lm_quality.py", "lm_quality")
 
 
-@pytest.fixture
-def torch_path(monkeypatch):
-    """The benchmark's CPU runs use the PyTorch paths (the interpreter is too slow)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
                                               pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")])]

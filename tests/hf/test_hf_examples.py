@@ -25,9 +25,7 @@ def hf_model():
     yield from script_module("benchmarks/hf_model.py", "hf_model")
 
 
-@pytest.fixture(autouse=True)
-def torch_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("torch_path")
 
 
 def test_convert_llama_from_dir(convert_llama, tmp_path, capsys):
