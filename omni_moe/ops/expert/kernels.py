@@ -68,6 +68,7 @@ import triton.language as tl
 
 from .._activations import ACT_ID, act_fwd, act_fwd_bwd
 from .._checks import check_choice, check_int, check_pow2, with_fields
+from .._dispatch import device_info
 from .._triton import loop_bound, to_dtype, to_f32
 from .rows import (RowTile, grid_width, group_rows, launch_row_dot, pair_epilogue, row_groups,
                    row_key_dtype)
@@ -130,25 +131,34 @@ def _slot_grads(DW, DA, rows, r, K, ok, r_ok, a, w, g, stride_dwt, stride_dwk,
 @triton.jit
 def _token_forward_kernel(
     HID, UP, DOWN, W, IDX, A, OUT,
-    T, E, H, K,
+    T, E, H, K, CHUNK,
     stride_ht, stride_hh, stride_ue, stride_uh, stride_ve, stride_vh,
-    stride_wt, stride_wk, stride_it, stride_ik, stride_ot, stride_oh,
+    stride_wt, stride_wk, stride_it, stride_ik, stride_os, stride_ot, stride_oh,
     ACT: tl.constexpr, LOG_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     ONE_CHUNK: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    """a[t, r] = u_e . h_t;  OUT[t] = sum_{r=0..K-1} act(a[t, r]) w[t, r] v_e  (e = IDX[t, r]).
+    """a[t, r] = u_e . h_t;  OUT[s, t] = sum_{r in chunk s} act(a[t, r]) w[t, r] v_e
+    (e = IDX[t, r]; chunk s = slots [s*CHUNK, min(K, (s+1)*CHUNK))).
 
     A is a contiguous float32 (T, K) tensor; slots with e outside [0, E) get a = 0 and
-    contribute nothing.  Grid: (cdiv(T, BLOCK_T),); each program owns BLOCK_T tokens.
+    contribute nothing.  Grid: (cdiv(T, BLOCK_T), cdiv(K, CHUNK)); program (i, s) owns
+    BLOCK_T tokens and slot chunk s.  One chunk (CHUNK >= K): OUT is the output (T, H),
+    stride_os unused.  Several (decode batches: few token blocks, so the slot loop --
+    one dependent gather after another -- would run on a few multiprocessors): OUT is a
+    float32 (S, T, H) workspace of partial sums, added by ``_split_sum_kernel``.
     ONE_CHUNK (H <= BLOCK_H): h_t stays in registers and each slot is one pass (load u_e
-    and v_e, dot, accumulate).  Otherwise two phases: all a[t, :] by BLOCK_H column
-    chunks, stored to A, then (after a CTA barrier, which makes A's stores visible to
-    the whole program) out by column chunks.  The slot loop is unrolled UNROLL times
+    and v_e, dot, accumulate).  Otherwise two phases: the chunk's a[t, r] by BLOCK_H
+    column chunks, stored to A, then (after a CTA barrier, which makes A's stores visible
+    to the whole program) out by column chunks.  The slot loop is unrolled UNROLL times
     so that several row gathers are in flight.
-    Bytes: u and v rows 2*P*H*b gathered (HBM unless L2-resident), h read T*H*b (again
-    per slot from L1/L2 when H > BLOCK_H), idx and w P*(4 + b), writes T*H*b + 4P.
+    Bytes: u and v rows 2*P*H*b gathered (HBM unless L2-resident), h read S*T*H*b (again
+    per slot from L1/L2 when H > BLOCK_H), idx and w P*(4 + b), writes T*H*b + 4P, or
+    S*T*H*4 partial sums.
     """
     pid = tl.program_id(0)
+    r_lo = tl.program_id(1) * CHUNK
+    r_hi = tl.minimum(K, r_lo + CHUNK)
+    OUT += tl.program_id(1).to(tl.int64) * stride_os
     rows = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     row_ok = rows < T
     if ONE_CHUNK:
@@ -156,10 +166,10 @@ def _token_forward_kernel(
         col_ok = cols < H
         hv = _rows_f32(HID, rows, cols, row_ok[:, None] & col_ok[None, :], stride_ht, stride_hh)
         acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-        for r0 in range(0, loop_bound(K), UNROLL):
+        for r0 in range(loop_bound(r_lo), loop_bound(r_hi), UNROLL):
             for j in tl.static_range(UNROLL):
                 r = r0 + j
-                e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik,
+                e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, r_hi, E, stride_it, stride_ik,
                                        stride_wt, stride_wk, LOG_W, BLOCK_T)
                 m = ok[:, None] & col_ok[None, :]
                 u = _rows_f32(UP, e, cols, m, stride_ue, stride_uh)
@@ -170,10 +180,10 @@ def _token_forward_kernel(
                 tl.store(A + rows * K + r, a, mask=r_ok)
         _store_rows(OUT, rows, cols, row_ok, col_ok, stride_ot, stride_oh, acc)
     else:
-        for r0 in range(0, loop_bound(K), UNROLL):
+        for r0 in range(loop_bound(r_lo), loop_bound(r_hi), UNROLL):
             for j in tl.static_range(UNROLL):
                 r = r0 + j
-                e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik,
+                e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, r_hi, E, stride_it, stride_ik,
                                        stride_wt, stride_wk, LOG_W, BLOCK_T)
                 dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
                 for h0 in range(0, loop_bound(H), BLOCK_H):
@@ -188,16 +198,30 @@ def _token_forward_kernel(
             cols = h0 + tl.arange(0, BLOCK_H)
             col_ok = cols < H
             acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-            for r0 in range(0, loop_bound(K), UNROLL):
+            for r0 in range(loop_bound(r_lo), loop_bound(r_hi), UNROLL):
                 for j in tl.static_range(UNROLL):
                     r = r0 + j
-                    e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, K, E, stride_it, stride_ik,
+                    e, ok, r_ok, w = _slot(IDX, W, rows, row_ok, r, r_hi, E, stride_it, stride_ik,
                                            stride_wt, stride_wk, LOG_W, BLOCK_T)
                     a = tl.load(A + rows * K + r, mask=ok, other=0.0)
                     c = tl.where(ok, act_fwd(a, ACT) * w, 0.0)
                     v = _rows_f32(DOWN, e, cols, ok[:, None] & col_ok[None, :], stride_ve, stride_vh)
                     acc += c[:, None] * v
             _store_rows(OUT, rows, cols, row_ok, col_ok, stride_ot, stride_oh, acc)
+
+
+@triton.jit
+def _split_sum_kernel(WS, OUT, S, T, H, stride_ot, stride_oh, BLOCK_H: tl.constexpr):
+    """OUT[t] = WS[0, t] + WS[1, t] + ... + WS[S-1, t], float32 in that order, rounded
+    once to OUT's dtype.  WS: contiguous float32 (S, T, H).  Grid: (T, cdiv(H, BLOCK_H)).
+    Bytes: reads S*T*H*4, writes T*H*b."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = cols < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for s in range(0, loop_bound(S)):
+        acc += tl.load(WS + (s * T + t) * H + cols, mask=ok, other=0.0)
+    tl.store(OUT + t * stride_ot + cols.to(tl.int64) * stride_oh, to_dtype(acc, OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -452,13 +476,16 @@ SCHEDULES = ("token", "expert", "rows")
 class Tile:
     """One kernel's program shape: ``rows`` (tokens, pairs or experts) x ``cols`` (of H)
     per program, powers of two; ``unroll`` slots per loop step; ``warps``;
-    ``per_program`` (expert gradients only): experts per program, 0 = ``rows``."""
+    ``per_program`` (expert gradients only): experts per program, 0 = ``rows``;
+    ``split`` (token forward only): programs per token block, each summing one chunk of
+    the k slots into a float32 partial row, the chunks then added in order."""
 
     rows: int
     cols: int
     unroll: int = 1
     warps: int = 4
     per_program: int = 0
+    split: int = 1
 
 
 @dataclass(frozen=True)
@@ -486,12 +513,29 @@ def choose_mode(T: int, H: int, E: int, K: int, itemsize: int) -> str:
     return "expert" if P >= 2 * expected_distinct_experts(T, K, E) else "token"
 
 
-def _token_tile(T: int, H: int, K: int) -> Tile:
+_SPLIT_MIN_SLOTS = 64     # slots per chunk at the least (its partial row is H float32)
+_SPLIT_PROGRAMS_PER_SM = 4
+
+
+def _token_split(T: int, K: int, block_t: int, sms: int) -> int:
+    # Fewer token blocks than multiprocessors (decode batches): each program walks its k
+    # slots one dependent gather after another, so the step lasts k gathers while most
+    # of the GPU idles.  Cut the slots into chunks until about _SPLIT_PROGRAMS_PER_SM
+    # programs per multiprocessor exist, never below _SPLIT_MIN_SLOTS slots a chunk
+    # (docs/expert.md, "Launch rules").  sms = 0 (unknown): one chunk.
+    blocks = triton.cdiv(max(T, 1), block_t)
+    if sms <= 0 or blocks >= sms:
+        return 1
+    return max(1, min((_SPLIT_PROGRAMS_PER_SM * sms) // blocks, K // _SPLIT_MIN_SLOTS))
+
+
+def _token_tile(T: int, H: int, K: int, sms: int = 0) -> Tile:
     # One token per program with its whole row, 4 warps per 1K columns, slot loop
     # unrolled twice: the fastest tiling tried (docs/expert.md, "Launch rules").
     block_h = max(16, min(_MAX_ROW, triton.next_power_of_2(max(H, 1))))
     block_t = max(1, min(16, 1024 // block_h, triton.next_power_of_2(max(T, 1))))
-    return Tile(block_t, block_h, 2 if K >= 2 else 1, 4 if block_t * block_h <= 1024 else 8)
+    return Tile(block_t, block_h, 2 if K >= 2 else 1, 4 if block_t * block_h <= 1024 else 8,
+                split=_token_split(T, K, block_t, sms))
 
 
 def _pair_dot_tile(P: int, H: int) -> Tile:
@@ -528,11 +572,12 @@ def _rows_tile(H: int, E: int) -> RowTile:
     return RowTile(block_t=128, block_j=block_j, block_h=block_h, warps=8)
 
 
-def default_config(T: int, H: int, E: int, K: int, itemsize: int) -> ExpertConfig:
+def default_config(T: int, H: int, E: int, K: int, itemsize: int, sms: int = 0) -> ExpertConfig:
     """The launch configuration the op uses for a shape (the rules above;
-    docs/expert.md, "Launch rules")."""
+    docs/expert.md, "Launch rules"); ``sms``: the device's multiprocessors (0: unknown,
+    the token forward then runs one program per token block)."""
     return ExpertConfig(schedule=choose_mode(T, H, E, K, itemsize),
-                        token=_token_tile(T, H, K), pair_dot=_pair_dot_tile(T * K, H),
+                        token=_token_tile(T, H, K, sms), pair_dot=_pair_dot_tile(T * K, H),
                         gather=_gather_tile(T, H, K), expert_grad=_expert_grad_tile(E, H),
                         rows=_rows_tile(H, E))
 
@@ -549,7 +594,8 @@ def _check_config(config) -> ExpertConfig:
         tile = with_fields(tile, **{f: check_pow2(f"config.{name}.{f}", getattr(tile, f))
                                     for f in ("rows", "cols", "warps")},
                            unroll=check_int(f"config.{name}.unroll", tile.unroll, 1),
-                           per_program=check_int(f"config.{name}.per_program", tile.per_program, 0))
+                           per_program=check_int(f"config.{name}.per_program", tile.per_program, 0),
+                           split=check_int(f"config.{name}.split", tile.split, 1))
         if tile.cols < 16:
             raise ValueError(f"config.{name}.cols must be >= 16, got {tile.cols}")
         tiles[name] = tile
@@ -602,7 +648,8 @@ def expert_offsets(sorted_e: torch.Tensor, num_experts: int) -> torch.Tensor:
 def launch_token_forward(hidden_states, up_weights, down_weights, routing_weights, indices,
                          a, out, act, log_weights, tile: Tile):
     """Launch ``_token_forward_kernel`` into preallocated ``a`` (T, K) float32
-    contiguous and ``out`` (T, H)."""
+    contiguous and ``out`` (T, H); with ``tile.split`` > 1 chunks of slots go to a
+    float32 workspace, then ``_split_sum_kernel`` adds them into ``out``."""
     T, H = hidden_states.shape
     K = indices.shape[1]
     if T == 0 or (H == 0 and K == 0):
@@ -611,15 +658,23 @@ def launch_token_forward(hidden_states, up_weights, down_weights, routing_weight
         out.zero_()
         return
     block_t, block_h, unroll, warps = tile.rows, tile.cols, tile.unroll, tile.warps
-    _token_forward_kernel[(triton.cdiv(T, block_t),)](
-        hidden_states, up_weights, down_weights, routing_weights, indices, a, out,
-        T, up_weights.shape[0], H, K,
+    chunk = triton.cdiv(K, min(tile.split, K))
+    chunks = triton.cdiv(K, chunk)
+    dst = out if chunks == 1 else torch.empty((chunks, T, H), dtype=torch.float32, device=out.device)
+    _token_forward_kernel[(triton.cdiv(T, block_t), chunks)](
+        hidden_states, up_weights, down_weights, routing_weights, indices, a, dst,
+        T, up_weights.shape[0], H, K, chunk,
         hidden_states.stride(0), hidden_states.stride(1), up_weights.stride(0), up_weights.stride(1),
         down_weights.stride(0), down_weights.stride(1), routing_weights.stride(0),
-        routing_weights.stride(1), indices.stride(0), indices.stride(1), out.stride(0), out.stride(1),
+        routing_weights.stride(1), indices.stride(0), indices.stride(1),
+        dst.stride(0) if chunks > 1 else 0, dst.stride(-2), dst.stride(-1),
         ACT=ACT_ID[act], LOG_W=bool(log_weights), BLOCK_T=block_t, BLOCK_H=block_h,
         ONE_CHUNK=H <= block_h, UNROLL=unroll, num_warps=warps,
     )
+    if chunks > 1:
+        sum_h = max(16, min(1024, triton.next_power_of_2(H)))
+        _split_sum_kernel[(T, triton.cdiv(H, sum_h))](dst, out, chunks, T, H, out.stride(0), out.stride(1),
+                                                      BLOCK_H=sum_h, num_warps=4)
 
 
 def launch_token_backward(grad_out, up_weights, down_weights, routing_weights, indices, a,
@@ -732,8 +787,8 @@ def expert_forward(hidden_states, up_weights, down_weights, routing_weights, ind
     K = indices.shape[1]
     E = up_weights.shape[0]
     dev = hidden_states.device
-    cfg = (default_config(T, H, E, K, up_weights.element_size()) if config is None
-           else _check_config(config))
+    cfg = (default_config(T, H, E, K, up_weights.element_size(), device_info(dev)[0])
+           if config is None else _check_config(config))
     if out is None:
         out = torch.empty((T, H), dtype=hidden_states.dtype, device=dev)
     if a is None:

@@ -358,6 +358,59 @@ def test_token_kernel_tilings(cfg, device, monkeypatch):
         assert rel_l2(x, y) <= 1e-5
 
 
+@pytest.mark.parametrize("cfg", [(1, 64, 2, 4, 1, 3), (2, 64, 2, 4, 1, 7), (1, 16, 3, 4, 1, 4), (4, 32, 2, 2, 1, 45),
+                                 (1, 64, 1, 4, 1, 60)], ids=str)
+def test_token_forward_split(cfg, device, monkeypatch):
+    """The token forward with the slots cut into chunks (decode batches): uneven last
+    chunks, more chunks than slots, the two-phase path (H > BLOCK_H), bf16 and float32,
+    unused and out-of-range slots, poisoned outputs; every result against float64, the
+    same bits on every call."""
+    tile = kern.Tile(*cfg)
+    force_expert_schedule(monkeypatch, "token", token=tile)
+    for call, (T, H, E, k, dtype) in enumerate([(1, 40, 300, 45, torch.float32), (3, 33, 64, 23, torch.bfloat16)]):
+        inputs = make_inputs(T, H, E, k, dtype, device, "distinct", seed=61 + call)
+        got = run_op(*inputs, ACTS[call])
+        check_against_float64(*inputs, ACTS[call], got)
+        assert all(torch.equal(x, y) for x, y in zip(got, run_op(*inputs, ACTS[call])))
+    h, up, down, w, idx, go = make_inputs(2, 40, 50, 30, torch.float32, device, "distinct", seed=7)
+    idx = idx.clone()
+    idx[0, 4], idx[1, 29] = -1, 50
+    cfg = replace(kern.default_config(2, 40, 50, 30, 4), schedule="token", token=tile)
+    out, a, _, _ = kern.expert_forward(h, up, down, w, idx, "silu", out=_poison(torch.empty(2, 40, device=device)),
+                                       a=_poison(torch.empty(2, 30, device=device)), config=cfg)
+    assert a[0, 4] == 0 and a[1, 29] == 0
+    w0 = w.clone()
+    w0[0, 4] = w0[1, 29] = 0.0
+    ref = run_naive(h, up, down, w0, idx.clamp(0, 49), go, "silu", torch.float64)
+    assert rel_l2(out, ref[0]) <= 1e-6
+    a_ref = torch.einsum("th,tkh->tk", h.double().cpu(), up.double().cpu()[idx.clamp(0, 49).cpu()])
+    a_ref[0, 4] = a_ref[1, 29] = 0.0
+    assert rel_l2(a, a_ref) <= 1e-6
+
+
+def test_token_split_rule():
+    """Chunks only where token blocks are fewer than multiprocessors, about four
+    programs per multiprocessor, never under 64 slots a chunk; unknown device: none."""
+    split = lambda T, H, K, sms: kern.default_config(T, H, 65536, K, 2, sms).token.split
+    assert split(1, 1024, 3072, 132) == 48
+    assert split(8, 1024, 3072, 132) == 48
+    assert split(64, 1024, 3072, 132) == 8
+    assert split(64, 1024, 512, 132) == 8
+    assert split(1, 1024, 16, 132) == split(1, 1024, 127, 132) == 1
+    assert split(132, 1024, 3072, 132) == split(4096, 1024, 3072, 132) == 1
+    assert split(1, 1024, 3072, 0) == 1
+    assert kern.default_config(1, 1024, 65536, 3072, 2).token.split == 1
+
+
+def test_token_split_default_rule(device):
+    """The op's own rule splits a decode-sized call (the interpreter counts 2
+    multiprocessors): results against float64."""
+    T, H, E, k = 1, 24, 400, 200
+    assert kern.default_config(T, H, E, k, 4, 2).token.split > 1
+    inputs = make_inputs(T, H, E, k, torch.float32, device, "distinct", seed=71)
+    check_against_float64(*inputs, "silu", run_op(*inputs, "silu"))
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=["fp32", "bf16"])
 def test_from_scores(dtype, device, mode):
     """omni_expert_from_scores(s) == omni_expert(exp(s)) with the exp fused; the
