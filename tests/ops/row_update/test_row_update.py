@@ -54,8 +54,8 @@ def _check_against_oracle(device, dtype, adam, H, block):
     R, D = 23, 9
     p, m, v, rows, g = _case(R, H, D, dtype, device, seed=H)
     kw = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, step=3)
-    want_p, want_m, want_v = row_update_reference(p, g, rows, exp_avg=m if adam else None,
-                                                  exp_avg_sq=v if adam else None, **kw)
+    want_p, want_m, want_v = (None if t is None else t.cpu() for t in row_update_reference(
+        p, g, rows, exp_avg=m if adam else None, exp_avg_sq=v if adam else None, **kw))
     untouched = torch.ones(R, dtype=torch.bool)
     untouched[rows.cpu()] = False
     p0, m0, v0 = p.clone(), m.clone(), v.clone()
