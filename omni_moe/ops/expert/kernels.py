@@ -502,31 +502,41 @@ class ExpertConfig:
     rows: RowTile = RowTile()
 
 
+_DECODE_T = 64   # up to this many tokens: the token schedule (its forward in slot chunks)
+
+
 def choose_mode(T: int, H: int, E: int, K: int, itemsize: int) -> str:
-    """"expert" when the u/v tables do not fit in L2 and pairs share experts (P >= 2 D,
-    D from uniform routing); else "token".  Shapes only: no data is read.  The
-    measurements behind the rule: docs/expert.md, "Launch rules".
+    """"expert" when the u/v tables do not fit in L2, pairs share experts (P >= 2 D,
+    D from uniform routing) and T > 64; else "token" (decode batches: the token forward
+    in slot chunks beats the expert schedule's sort and per-token-block combine there).
+    Shapes only: no data is read.  The measurements behind the rule: docs/expert.md,
+    "Launch rules".
     """
     P = T * K
-    if P == 0 or 2 * E * H * itemsize <= _L2_TABLES:
+    if P == 0 or 2 * E * H * itemsize <= _L2_TABLES or T <= _DECODE_T:
         return "token"
     return "expert" if P >= 2 * expected_distinct_experts(T, K, E) else "token"
 
 
-_SPLIT_MIN_SLOTS = 64     # slots per chunk at the least (its partial row is H float32)
-_SPLIT_PROGRAMS_PER_SM = 4
+_SPLIT_MIN_K = 128         # fewer slots a token: no chunks (the k <= 32 paths stay as they were)
+_SPLIT_MIN_SLOTS = 16      # slots per chunk at the least
+_SPLIT_MAX_SLOTS = 128     # slots per chunk at the most, while token blocks are few
+_SPLIT_PROGRAMS_PER_SM = 8
 
 
 def _token_split(T: int, K: int, block_t: int, sms: int) -> int:
-    # Fewer token blocks than multiprocessors (decode batches): each program walks its k
-    # slots one dependent gather after another, so the step lasts k gathers while most
-    # of the GPU idles.  Cut the slots into chunks until about _SPLIT_PROGRAMS_PER_SM
-    # programs per multiprocessor exist, never below _SPLIT_MIN_SLOTS slots a chunk
-    # (docs/expert.md, "Launch rules").  sms = 0 (unknown): one chunk.
+    # Few token blocks (decode and small batches): each program walks its k slots one
+    # dependent gather after another, so the call lasts k gathers while most of the GPU
+    # idles.  Cut the slots into chunks -- enough for _SPLIT_PROGRAMS_PER_SM programs a
+    # multiprocessor, and at most _SPLIT_MAX_SLOTS slots a chunk -- never below
+    # _SPLIT_MIN_SLOTS slots a chunk.  From 8 blocks a multiprocessor on: one chunk.
+    # Measured on an H100 (docs/expert.md, "Launch rules"): T = 1 / 8 / 64 / 256, k = 512
+    # and 3072, 2.5 ms -> 0.05-1.0 ms.  sms = 0 (unknown device): one chunk.
     blocks = triton.cdiv(max(T, 1), block_t)
-    if sms <= 0 or blocks >= sms:
+    if sms <= 0 or K < _SPLIT_MIN_K or blocks >= _SPLIT_PROGRAMS_PER_SM * sms:
         return 1
-    return max(1, min((_SPLIT_PROGRAMS_PER_SM * sms) // blocks, K // _SPLIT_MIN_SLOTS))
+    want = max(triton.cdiv(_SPLIT_PROGRAMS_PER_SM * sms, blocks), triton.cdiv(K, _SPLIT_MAX_SLOTS))
+    return max(1, min(want, K // _SPLIT_MIN_SLOTS))
 
 
 def _token_tile(T: int, H: int, K: int, sms: int = 0) -> Tile:

@@ -389,17 +389,22 @@ def test_token_forward_split(cfg, device, monkeypatch):
 
 
 def test_token_split_rule():
-    """Chunks only where token blocks are fewer than multiprocessors, about four
-    programs per multiprocessor, never under 64 slots a chunk; unknown device: none."""
+    """Chunks only for k >= 128 and fewer than 8 token blocks a multiprocessor: enough
+    for 8 programs a multiprocessor and at most 128 slots a chunk, never under 16 slots
+    a chunk; unknown device: none.  Decode batches take the token schedule."""
     split = lambda T, H, K, sms: kern.default_config(T, H, 65536, K, 2, sms).token.split
-    assert split(1, 1024, 3072, 132) == 48
-    assert split(8, 1024, 3072, 132) == 48
-    assert split(64, 1024, 3072, 132) == 8
-    assert split(64, 1024, 512, 132) == 8
+    assert split(1, 1024, 3072, 132) == 192
+    assert split(8, 1024, 3072, 132) == 132
+    assert split(64, 1024, 3072, 132) == 24
+    assert split(256, 1024, 3072, 132) == 24
+    assert split(64, 1024, 512, 132) == 17
+    assert split(1, 1024, 512, 132) == 32
     assert split(1, 1024, 16, 132) == split(1, 1024, 127, 132) == 1
-    assert split(132, 1024, 3072, 132) == split(4096, 1024, 3072, 132) == 1
+    assert split(1056, 1024, 3072, 132) == split(4096, 1024, 3072, 132) == 1
     assert split(1, 1024, 3072, 0) == 1
     assert kern.default_config(1, 1024, 65536, 3072, 2).token.split == 1
+    assert kern.choose_mode(64, 1024, 65536, 3072, 2) == "token"
+    assert kern.choose_mode(65, 1024, 65536, 3072, 2) == "expert"
 
 
 def test_token_split_default_rule(device):
