@@ -12,7 +12,9 @@ the first two):
 
 "token" (default): everything per token block, one pass over the pairs each way.
   forward   ``_token_forward_kernel``: a_p = u_e . h_t and out_t = sum_r c_p v_e.
-            One launch, no grouping of pairs.
+            One launch, no grouping of pairs; with few token blocks (decode batches)
+            the slots in chunks, one program each, and ``_split_sum_kernel`` adding
+            the chunks' float32 partial rows in order.
   backward  ``_token_backward_kernel``: g_p = v_e . do_t, dw_p = act(a_p) g_p,
             da_p = act'(a_p) w_p g_p, dh_t = sum_r da_p u_e.  Then, only if du or dv is
             wanted: ``group_pairs`` (device sort), ``expert_offsets`` and
