@@ -1026,6 +1026,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def repeat_note(tokens, bytes_train: int) -> str | None:
+    """A warning when the token budget passes over the training bytes more than once:
+    every arm then trains on repeated data, which favours the arms with fewer
+    parameters (one byte is one token, plus a separator per file)."""
+    if not tokens or tokens <= bytes_train:
+        return None
+    return (f"warning: {tokens:,} tokens per arm are {tokens / bytes_train:.1f} passes over the "
+            f"{bytes_train / 1e6:.1f} MB of training files: every arm repeats data; add source "
+            "trees with --corpus DIR (docs/quality.md)")
+
+
 def main(argv=None) -> int:
     try:
         return _main(parse_args(argv))
@@ -1094,6 +1105,9 @@ def _main(args) -> int:
     print(f"corpus: {ci['files_train']} training files ({ci['bytes_train'] / 1e6:.2f} MB), "
           f"{ci['files_val']} validation files ({ci['bytes_val'] / 1e6:.2f} MB) from "
           f"{', '.join(ci['roots'])} (Python {ci['python']}); split: {ci['split_rule']}")
+    note = repeat_note(tc.tokens, ci["bytes_train"])
+    if note:
+        print(note)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -182,6 +182,14 @@ def test_corpus_files_and_tokens(q, tmp_path):
     assert (w[:, 1:] - w[:, :-1] == 1).all()
 
 
+def test_repeat_note(q):
+    """The warning names the passes over the training bytes, only past one pass."""
+    assert q.repeat_note(None, 9_207_240) is None
+    assert q.repeat_note(9_000_000, 9_207_240) is None
+    note = q.repeat_note(25_000_000, 9_207_240)
+    assert note.startswith("warning:") and "2.7 passes" in note and "9.2 MB" in note and "--corpus" in note
+
+
 def test_evaluate_excludes_separator_targets(q):
     """Bits per byte: separator targets are not scored."""
     sizes = q.TINY
