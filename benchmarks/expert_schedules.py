@@ -14,9 +14,16 @@ the op).  For each (T, k):
   eager (``do_bench`` median, L2 flushed) and CUDA-graph replay, peak memory of the
   training step above what was allocated, and the rows schedule's results against the
   expert schedule's (relative L2 error of out and each gradient).
-The tables (2 x 210 MB) exceed L2, so no input rotation is needed.  ``--dry-run`` runs
-tiny sizes on the CPU through Triton's interpreter (checks the script, times nothing
-meaningful).
+The tables (2 x 210 MB) exceed L2, so no input rotation is needed.
+
+``--decode``: the token forward's slot chunks at decode sizes instead (``--decode-cases``
+T:k:E triples, H = 1024): ``expert_forward`` with the token schedule and ``Tile.split`` =
+1, the launch rule's split, half and twice it and k / 32, k / 16 chunks; CUDA-graph replay
+(``do_bench`` median, L2 flushed), each split's output against one chunk's (relative L2)
+and against its own second call (same bits).
+
+``--dry-run`` runs tiny sizes on the CPU through Triton's interpreter (checks the script,
+times nothing meaningful).
 """
 
 from __future__ import annotations
@@ -143,6 +150,34 @@ def run_case(T, k, H, N, variants, dev, out):
     print(json.dumps(row), flush=True)
 
 
+def run_decode_case(T, k, E, H, dev, sms, out):
+    time_ms = timer(dev)
+    g = torch.Generator(device=dev).manual_seed(T * 7919 + k)
+    up = (torch.randn(E, H, device=dev, generator=g) / 32).bfloat16()
+    down = torch.randn(E, H, device=dev, generator=g).bfloat16()
+    h = torch.randn(T, H, device=dev, generator=g).bfloat16()
+    idx = torch.rand(T, E, device=dev, generator=g).argsort(dim=1)[:, :k].to(torch.int32).contiguous()
+    s = torch.rand(T, k, device=dev, generator=g) * -8.0 - 4.0
+    rule = kern.default_config(T, H, E, k, 2, sms)
+    r = rule.token.split
+    row = dict(T=T, k=k, E=E, H=H, rule_schedule=rule.schedule, rule_split=r, splits={})
+    ref = None
+    for sp in sorted({1, r, max(1, r // 2), 2 * r, max(1, k // 32), max(1, k // 16)}):
+        cfg = replace(rule, schedule="token", token=replace(rule.token, split=sp))
+
+        def fwd():
+            return kern.expert_forward(h, up, down, s, idx, "silu", log_weights=True, config=cfg)[0]
+        o = fwd()
+        ref = o if ref is None else ref
+        row["splits"][sp] = dict(graph_ms=graph_ms(fwd, dev, time_ms), eager_ms=time_ms(fwd),
+                                 rel_l2_vs_one_chunk=rel(o, ref), same_bits=bool(torch.equal(fwd(), o)))
+    out.append(row)
+    cells = ", ".join(f"{sp}{'*' if sp == r else ''}: {v['graph_ms'] if v['graph_ms'] is not None else v['eager_ms']:.4f}"
+                      for sp, v in row["splits"].items())
+    print(f"T={T} k={k} E={E} ({rule.schedule}) ms by split ({'graph' if dev == 'cuda' else 'eager'}): {cells}",
+          flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", help="write rows and environment here (after every case)")
@@ -152,8 +187,18 @@ def main(argv=None):
                    help="RowTile variants for the rows kernel alone; the first is also timed "
                         "at every k, the rest only at k = 512 and 4096")
     p.add_argument("--budget-s", type=float, default=300, help="start no case after this many seconds")
+    p.add_argument("--decode", action="store_true", help="time the token forward's slot chunks instead")
+    p.add_argument("--decode-cases", default="1:512:102400,8:512:102400,64:512:102400,1:3072:65536,"
+                   "8:3072:65536,64:3072:65536,256:3072:65536", help="T:k:E triples for --decode")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (TRITON_INTERPRET=1)")
     args = p.parse_args(argv)
+    if args.decode:
+        try:
+            dcases = [tuple(int(v) for v in c.split(":")) for c in args.decode_cases.split(",")]
+            if any(len(c) != 3 or min(c) < 1 or c[1] > c[2] for c in dcases):
+                raise ValueError
+        except ValueError:
+            p.error(f"--decode-cases must be T:k:E triples of positive integers, k <= E, got {args.decode_cases!r}")
     try:
         cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]
         if any(len(c) != 2 or min(c) < 1 for c in cases):
@@ -164,6 +209,23 @@ def main(argv=None):
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    if args.decode:
+        if args.dry_run:
+            dev, H, sms, dcases = "cpu", 16, 2, [(1, 160, 400), (3, 40, 64)]
+        elif not torch.cuda.is_available():
+            p.error("needs a CUDA device (or --dry-run)")
+        else:
+            dev, H = "cuda", 1024
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+        out = []
+        for T, k, E in dcases:
+            run_decode_case(T, k, E, H, dev, sms, out)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(dict(environment=environment(), rows=out), f, indent=1)
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+        return 0
     if args.dry_run:
         dev, H, N = "cpu", 16, 8
         cases = [(8, 20)]

@@ -29,6 +29,20 @@ def test_dry_run_writes_checked_rows(script, tmp_path):
             assert row[schedule]["fwd_ms"] > 0 and row[schedule]["step_ms"] > 0
 
 
+@pytest.mark.skipif("not __import__('omni_moe.ops._dispatch', fromlist=['x']).interpret_mode()")
+def test_decode_dry_run(script, tmp_path):
+    """--decode: every split checked against one chunk and against its own second call."""
+    path = tmp_path / "decode.json"
+    assert script.main(["--decode", "--dry-run", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["T"], r["k"]) for r in rows] == [(1, 160), (3, 40)]
+    assert rows[0]["rule_split"] > 1 and rows[1]["rule_split"] == 1   # k = 40 < 128: one chunk
+    for row in rows:
+        assert "1" in row["splits"] and len(row["splits"]) >= 2
+        for v in row["splits"].values():
+            assert v["same_bits"] and v["rel_l2_vs_one_chunk"] < 1e-2 and v["eager_ms"] > 0
+
+
 def test_bad_arguments(script, capsys):
     with pytest.raises(SystemExit) as e:
         script.main(["--cases", "4096:x"])
@@ -36,3 +50,6 @@ def test_bad_arguments(script, capsys):
     with pytest.raises(SystemExit) as e:
         script.main(["--variants", "nope", "--dry-run"])
     assert e.value.code == 2 and "--variants" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        script.main(["--decode", "--decode-cases", "1:600:400"])
+    assert e.value.code == 2 and "--decode-cases" in capsys.readouterr().err
