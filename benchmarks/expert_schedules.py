@@ -209,6 +209,7 @@ def main(argv=None):
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    out = []
     if args.decode:
         if args.dry_run:
             dev, H, sms, dcases = "cpu", 16, 2, [(1, 160, 400), (3, 40, 64)]
@@ -217,39 +218,33 @@ def main(argv=None):
         else:
             dev, H = "cuda", 1024
             sms = torch.cuda.get_device_properties(0).multi_processor_count
-        out = []
-        for T, k, E in dcases:
-            run_decode_case(T, k, E, H, dev, sms, out)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(dict(environment=environment(), rows=out), f, indent=1)
-            if dev == "cuda":
-                torch.cuda.empty_cache()
-        return 0
-    if args.dry_run:
-        dev, H, N = "cpu", 16, 8
-        cases = [(8, 20)]
-        tiles = {n: replace(VARIANTS[n], block_t=16, block_j=16, block_h=16, block_p=32) for n in names[:2]}
+        jobs = [(f"T={T} k={k} E={E}", lambda T=T, k=k, E=E: run_decode_case(T, k, E, H, dev, sms, out))
+                for T, k, E in dcases]
     else:
-        if not torch.cuda.is_available():
-            p.error("needs a CUDA device (or --dry-run)")
-        dev, H, N = "cuda", 1024, 320
-        tiles = {n: VARIANTS[n] for n in names}
-    out = []
+        if args.dry_run:
+            dev, H, N = "cpu", 16, 8
+            cases = [(8, 20)]
+            tiles = {n: replace(VARIANTS[n], block_t=16, block_j=16, block_h=16, block_p=32) for n in names[:2]}
+        else:
+            if not torch.cuda.is_available():
+                p.error("needs a CUDA device (or --dry-run)")
+            dev, H, N = "cuda", 1024, 320
+            tiles = {n: VARIANTS[n] for n in names}
+        jobs = [(f"T={T} k={k}", lambda T=T, k=k: run_case(
+            T, k, H, N, tiles if (k in (512, 4096) or args.dry_run) else dict(list(tiles.items())[:1]), dev, out))
+            for T, k in cases]
     t0 = time.time()
-    for T, k in cases:
+    for name, job in jobs:
         if time.time() - t0 > args.budget_s:
-            print(f"budget spent: skipped T={T} k={k}", flush=True)
+            print(f"budget spent: skipped {name}", flush=True)
             continue
-        chosen = tiles if (k in (512, 4096) or args.dry_run) else dict(list(tiles.items())[:1])
-        run_case(T, k, H, N, chosen, dev, out)
+        job()
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(environment=environment(), rows=out), f, indent=1)
         if dev == "cuda":
             torch.cuda.empty_cache()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
