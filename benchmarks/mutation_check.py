@@ -178,6 +178,21 @@ MUTANTS = [
      "for row in range(loop_bound(r_first), loop_bound(r_last) + 1):",
      "for row in range(loop_bound(r_first), loop_bound(r_last)):",
      ["tests/ops/expert/test_expert.py::test_rows_kernel_tilings"]),
+    ("token-chunk-drops-last-slot",
+     OPS + "expert/kernels.py",
+     "r_hi = tl.minimum(K, r_lo + CHUNK)",
+     "r_hi = tl.minimum(K, r_lo + CHUNK - 1)",
+     ["tests/ops/expert/test_expert.py", "-k", "token_forward_split or token_split_default"]),
+    ("split-sum-drops-last-chunk",
+     OPS + "expert/kernels.py",
+     "for s in range(0, loop_bound(S)):",
+     "for s in range(0, loop_bound(S) - 1):",
+     ["tests/ops/expert/test_expert.py", "-k", "token_forward_split or token_split_default"]),
+    ("token-chunks-floor",
+     OPS + "expert/kernels.py",
+     "chunks = triton.cdiv(K, chunk)",
+     "chunks = max(1, K // chunk)",
+     ["tests/ops/expert/test_expert.py", "-k", "token_forward_split or token_split_default"]),
 ]
 
 

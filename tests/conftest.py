@@ -51,6 +51,8 @@ def script_module(relpath: str, name: str):
         yield load_script(relpath, name)
     finally:
         sys.modules.pop(name, None)
+
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

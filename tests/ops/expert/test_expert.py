@@ -362,12 +362,15 @@ def test_token_kernel_tilings(cfg, device, monkeypatch):
                                  (1, 64, 1, 4, 1, 60)], ids=str)
 def test_token_forward_split(cfg, device, monkeypatch):
     """The token forward with the slots cut into chunks (decode batches): uneven last
-    chunks, more chunks than slots, the two-phase path (H > BLOCK_H), bf16 and float32,
-    unused and out-of-range slots, poisoned outputs; every result against float64, the
+    chunks, more chunks than slots, the two-phase path (H > BLOCK_H), bf16, float32 and
+    bf16 activations with float32 tables (autocast over float32 weights), unused and
+    out-of-range slots, poisoned outputs; every result against float64, the
     same bits on every call."""
     tile = kern.Tile(*cfg)
     force_expert_schedule(monkeypatch, "token", token=tile)
-    for call, (T, H, E, k, dtype) in enumerate([(1, 40, 300, 45, torch.float32), (3, 33, 64, 23, torch.bfloat16)]):
+    for call, (T, H, E, k, dtype) in enumerate([(1, 40, 300, 45, torch.float32), (3, 33, 64, 23, torch.bfloat16),
+                                                 (2, 40, 90, 31, (torch.bfloat16, torch.float32, torch.float32,
+                                                                  torch.float32))]):
         inputs = make_inputs(T, H, E, k, dtype, device, "distinct", seed=61 + call)
         got = run_op(*inputs, ACTS[call])
         check_against_float64(*inputs, ACTS[call], got)
