@@ -213,16 +213,21 @@ def _token_forward_kernel(
 
 
 @triton.jit
-def _split_sum_kernel(WS, OUT, S, T, H, stride_ot, stride_oh, BLOCK_H: tl.constexpr):
-    """OUT[t] = WS[0, t] + WS[1, t] + ... + WS[S-1, t], float32 in that order, rounded
-    once to OUT's dtype.  WS: contiguous float32 (S, T, H).  Grid: (T, cdiv(H, BLOCK_H)).
-    Bytes: reads S*T*H*4, writes T*H*b."""
+def _split_sum_kernel(WS, OUT, S, T, H, stride_ot, stride_oh, BLOCK_S: tl.constexpr,
+                      BLOCK_H: tl.constexpr):
+    """OUT[t] = sum_s WS[s, t] in float32, rounded once to OUT's dtype.  WS: contiguous
+    float32 (S, T, H).  BLOCK_S partial rows a step (a fixed tl.sum tree), the steps added
+    in order: independent loads in flight instead of one dependent load per row.  Grid:
+    (T, cdiv(H, BLOCK_H)).  Bytes: reads S*T*H*4, writes T*H*b."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = cols < H
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for s in range(0, loop_bound(S)):
-        acc += tl.load(WS + (s * T + t) * H + cols, mask=ok, other=0.0)
+    for s0 in range(0, loop_bound(S), BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        part = tl.load(WS + ((s.to(tl.int64) * T + t) * H)[:, None] + cols[None, :],
+                       mask=(s < S)[:, None] & ok[None, :], other=0.0)
+        acc += tl.sum(part, axis=0)
     tl.store(OUT + t * stride_ot + cols.to(tl.int64) * stride_oh, to_dtype(acc, OUT.dtype.element_ty), mask=ok)
 
 
@@ -684,9 +689,10 @@ def launch_token_forward(hidden_states, up_weights, down_weights, routing_weight
         ONE_CHUNK=H <= block_h, UNROLL=unroll, num_warps=warps,
     )
     if chunks > 1:
-        sum_h = max(16, min(1024, triton.next_power_of_2(H)))
+        sum_h = max(16, min(256, triton.next_power_of_2(H)))
+        sum_s = min(16, triton.next_power_of_2(chunks))
         _split_sum_kernel[(T, triton.cdiv(H, sum_h))](dst, out, chunks, T, H, out.stride(0), out.stride(1),
-                                                      BLOCK_H=sum_h, num_warps=4)
+                                                      BLOCK_S=sum_s, BLOCK_H=sum_h, num_warps=4)
 
 
 def launch_token_backward(grad_out, up_weights, down_weights, routing_weights, indices, a,
