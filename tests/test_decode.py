@@ -171,6 +171,19 @@ def test_dense_baselines_have_the_layers_active_parameters(monkeypatch):
     assert bench_decode.dense_intermediate(1024, 2048, 65536, 3072) == 4267
 
 
+def test_floor_bytes_count_distinct_experts_once():
+    """64 tokens of the equal-active case touching 62,502 distinct experts: the layer's
+    weights read then exceed the dense MLP's tenfold, while one token's do not."""
+    H, I, E, k = 1024, 2048, 65536, 3072
+    f = bench_decode.floor_bytes(H, I, E, k, 64, 62502, 2)
+    assert f["layer"] == 2 * (3 * H * I + 2 * 256 * H + 2 * 62502 * H + 2 * 64 * H)
+    assert f["dense"] == 2 * (3 * H * 4267 + 2 * 64 * H)
+    assert f["layer"] > 10 * f["dense"]
+    one = bench_decode.floor_bytes(H, I, E, k, 1, k, 2)
+    assert one["layer"] - one["dense"] == 2 * (3 * H * I + 2 * 256 * H + 2 * k * H - 3 * H * 4267)
+    assert abs(one["layer"] - one["dense"]) <= 3 * H
+
+
 def test_bench_decode_tiny_cases_write_json(tmp_path, capsys, monkeypatch):
     """Two tiny cases at decode and prefill T (64 the largest decode step): every variant timed, the check
     passes, the JSON holds one row per (case, T), --from-json reprints the same table."""
@@ -200,6 +213,15 @@ def test_bench_decode_tiny_cases_write_json(tmp_path, capsys, monkeypatch):
         assert set(r["eager_us"]) == set(bench_decode.VARIANTS)
         assert all(v > 0 for v in r["eager_us"].values())
         assert r["ratios"]["layer / dense eager"] == pytest.approx(r["eager_us"]["layer"] / r["eager_us"]["dense"])
+        T = r["T"]
+        assert k <= r["distinct_experts"] <= min(E, T * k)
+        assert r["floor_bytes"] == {"layer": 4 * (3 * H * I + 2 * N * H + 2 * r["distinct_experts"] * H + 2 * T * H),
+                                    "dense": 4 * (3 * H * r["dense_intermediate"] + 2 * T * H)}
+        if HAS_CUDA:
+            bw = data["copy_bandwidth_Bps"]
+            assert bw > 0 and r["floor_us"]["layer"] == pytest.approx(r["floor_bytes"]["layer"] / bw * 1e6)
+        else:
+            assert data["copy_bandwidth_Bps"] is None and r["floor_us"] == {}
         if HAS_CUDA:
             for v in bench_decode.VARIANTS:
                 assert (r["graph_us"][v] or 0) > 0 or f"{v} graph" in r["errors"], v

@@ -27,6 +27,14 @@ Per variant and T:
 and the ratios layer / dense (eager and graph): the issue a served OmniMoE model has
 with a dense one of the same active parameters.
 
+Floor: the bytes a call must read and write at least -- the layer's weights that its
+routing of the timed tokens touches (shared MLP, both router gates, a u and a v row of
+each *distinct* expert the T tokens chose) and the dense MLP's weights, plus the input
+and output rows -- and, on CUDA, those bytes at the device-to-device copy bandwidth
+measured once per run ('floor us').  Equal active parameters per token are not equal
+bytes per step: T tokens share the dense weights but reach up to T * k distinct
+experts, so from a few tokens on the layer's floor alone can exceed a dense call.
+
 Check before timing: the layer's output of the timed call, on its first few tokens,
 against a float64 token-centric twin of the layer (``OmniMoEReference``) forced onto the
 layer's own routing; 'ok' says whether the relative L2 error is within ``CHECK_TOL``.
@@ -142,6 +150,15 @@ def dense_intermediate(H, I, E, K) -> int:
     return round(active_params(H, I, E, K) / (3 * H))
 
 
+def floor_bytes(H, I, E, K, T, distinct, elem_bytes) -> dict:
+    """{"layer", "dense"}: bytes one inference call reads and writes at least, with
+    ``distinct`` experts touched by the call's routing and weights of ``elem_bytes``."""
+    n = math.isqrt(E)
+    rows = 2 * T * H   # input and output rows
+    return {"layer": elem_bytes * (3 * H * I + 2 * n * H + 2 * distinct * H + rows),
+            "dense": elem_bytes * (3 * H * dense_intermediate(H, I, E, K) + rows)}
+
+
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -203,8 +220,9 @@ def build_models(case, dtype, device, dense_ref_i, router_norm, seed):
     return models
 
 
-def run_case(case, tokens, dtype, device, args, label, env, dense_ref_i):
-    """Rows (one per T of ``tokens``) of one case."""
+def run_case(case, tokens, dtype, device, args, label, env, dense_ref_i, bandwidth=None):
+    """Rows (one per T of ``tokens``) of one case; ``bandwidth``: bytes/s for the floor
+    (None: bytes only)."""
     from omni_moe.layers.reference import OmniMoEReference
 
     H, I, E, K = case
@@ -228,6 +246,11 @@ def run_case(case, tokens, dtype, device, args, label, env, dense_ref_i):
                "eager_us": {}, "graph_us": {}, "host_us": {}, "launches": {}, "errors": {}}
         h = torch.randn(T, H, device=device, dtype=dtype)
         where = f"{label} T={T}"
+        with torch.inference_mode():
+            distinct = int(models["layer"](h, return_routing=True)[1][1].unique().numel())
+        row["distinct_experts"] = distinct
+        row["floor_bytes"] = floor_bytes(H, I, E, K, T, distinct, torch.tensor([], dtype=dtype).element_size())
+        row["floor_us"] = ({v: b / bandwidth * 1e6 for v, b in row["floor_bytes"].items()} if bandwidth else {})
         if oracle is not None:
             res = check_step(models["layer"], oracle, h, dtype)
             row["check"] = res
@@ -309,21 +332,29 @@ def _count(d, name):
     return "-" if v is None else format(v, "d" if isinstance(v, int) else ".1f")
 
 
+def _floor(row, key, scale, fmt):
+    d = row.get(key) or {}
+    if d.get("layer") is None or d.get("dense") is None:
+        return "-"
+    return f"{d['layer'] * scale:{fmt}} / {d['dense'] * scale:{fmt}}"
+
+
 def format_table(rows, gpu: bool) -> str:
     """Markdown table, one line per (case, T); CUDA cells read 'eager / graph'."""
     head = ["H", "I", "E", "k", "T", "phase", "ok", "layer us", "shared_mlp us", "I dense", "dense us",
-            "I ref", "dense_ref us", "layer / dense"]
+            "I ref", "dense_ref us", "layer / dense", "distinct experts", "floor MB layer / dense"]
     if gpu:
-        head += ["launches layer", "launches dense", "host us layer", "host us dense"]
+        head += ["floor us layer / dense", "launches layer", "launches dense", "host us layer", "host us dense"]
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join("---" if c in ("phase", "ok") else "---:" for c in head) + "|"]
     notes = []
     for r in rows:
         cells = [r["hidden"], r["intermediate"], r["experts"], r["k"], r["T"], r["phase"], _ok(r),
                  _us(r, "layer", gpu), _us(r, "shared_mlp", gpu), r["dense_intermediate"], _us(r, "dense", gpu),
-                 r["dense_ref_intermediate"], _us(r, "dense_ref", gpu), _ratio(r, gpu)]
+                 r["dense_ref_intermediate"], _us(r, "dense_ref", gpu), _ratio(r, gpu),
+                 r.get("distinct_experts", "-"), _floor(r, "floor_bytes", 1e-6, ".2f")]
         if gpu:
-            cells += [_count(r.get("launches"), "layer"), _count(r.get("launches"), "dense"),
+            cells += [_floor(r, "floor_us", 1.0, ".1f"), _count(r.get("launches"), "layer"), _count(r.get("launches"), "dense"),
                       _count(r.get("host_us"), "layer"), _count(r.get("host_us"), "dense")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         for key, why in (r.get("errors") or {}).items():
@@ -341,7 +372,11 @@ def _report(result, plot_path=None) -> None:
              "step; times in us, medians",
              format_table(rows, gpu),
              "dense: a dense SwiGLU MLP of the layer's active parameters (3*H*I dense = 3*H*I + 2*N*H + 2*k*H); "
-             "dense_ref: a dense MLP of width 'I ref'; ok: the layer vs its float64 twin on its own routing"]
+             "dense_ref: a dense MLP of width 'I ref'; ok: the layer vs its float64 twin on its own routing",
+             "floor: bytes a call moves at least (the layer: shared MLP, router gates, u and v rows of the "
+             "distinct experts its routing of these tokens touches; input and output rows)"
+             + (f", in us at the measured copy bandwidth {result['copy_bandwidth_Bps'] / 1e12:.2f} TB/s"
+                if result.get("copy_bandwidth_Bps") else "")]
     if gpu:
         lines.append("cells 'eager / graph': one eager call / the same call replayed from a CUDA graph; launches: "
                      "kernels, memsets and copies of one eager call; host: CPU time of issuing one eager call")
@@ -416,7 +451,11 @@ def run(args) -> int:
         _say(f"device: {torch.cuda.get_device_name()}; dtype {args.dtype}; {len(cases)} case(s), "
              f"T = {','.join(map(str, tokens))}")
         common.warm_up_triton()
+        from .layer import copy_bandwidth
+
+        bandwidth = copy_bandwidth(device)
     else:
+        bandwidth = None
         device = torch.device("cpu")
         _say("CUDA is not available: timing small cases on CPU "
              + ("through the Triton interpreter (meaningless as kernel timings)" if mode == "cpu-interpret"
@@ -428,11 +467,11 @@ def run(args) -> int:
                            "dense_ref_intermediate": dense_ref_i, "warmup_ms": args.warmup_ms,
                            "rep_ms": args.rep_ms, "min_samples": common.MIN_SAMPLES, "seed": args.seed,
                            "graphs": cuda and not args.no_graphs, "launches": cuda and not args.no_launches},
-              "rows": rows}
+              "copy_bandwidth_Bps": bandwidth, "rows": rows}
     ok = True
     for i, case in enumerate(cases):
         label = f"[{i + 1}/{len(cases)} H={case[0]} I={case[1]} E={case[2]} k={case[3]}]"
-        new = run_case(case, tokens, dtype, device, args, label, env, dense_ref_i)
+        new = run_case(case, tokens, dtype, device, args, label, env, dense_ref_i, bandwidth)
         ok = ok and all(r.get("check", {}).get("pass", True) and not r.get("failed") for r in new)
         rows.extend(new)
         if args.json:
