@@ -24,7 +24,9 @@ skipped; a rerun reuses Triton's cache, so it spends its budget on timing):
    forced (the crossover behind ``pruned.LARGE_K_MIN_K``), and the dense backward at
    k <= 1024;
 5. T = 4096, k in VARIANT_KS: every LargeKConfig variant (programs per SM, warps, the
-   three sorts, emission width) and the backward kernels' launch variants.
+   three sorts, emission width) and the backward kernels' launch variants, beside the
+   rule's own configuration ("large_k", backward "rule"; timed here unless group 1 timed
+   it in the same run).
 """
 
 from __future__ import annotations
@@ -340,11 +342,18 @@ def main() -> int:
     # 5: the launch variants.
     for k in variant_ks if 5 in groups else ():
         sets = shape_sets(T, k)
+        # The variants compare with the rule's own configuration timed in the same run:
+        # here, unless group 1 timed it already.
+        timed = {(r["T"], r["k"], r["sorted"]) for r in result["forward"]
+                 if r.get("variant") in ("rule", "large_k")}
         for sorted_ in (True, False):
-            for name, cfg in variants(T, k, sorted_)[1:]:
-                time_forward(T, k, sorted_, name, cfg, sets)
-        time_backward(T, k, ("sort_b1024", "fixed_b2048w8", "fixed_b512", "fixed_p16", "fixed_t4"),
-                      unsorted_indices(sets, k))
+            for name, cfg in variants(T, k, sorted_):
+                if name != "large_k" or (T, k, sorted_) not in timed:
+                    time_forward(T, k, sorted_, name, cfg, sets)
+        names = ("sort_b1024", "fixed_b2048w8", "fixed_b512", "fixed_p16", "fixed_t4")
+        if not any((r["T"], r["k"], r["bwd"]) == (T, k, "rule") for r in result["backward"]):
+            names = ("rule",) + names
+        time_backward(T, k, names, unsorted_indices(sets, k))
         del sets
         if DEV == "cuda":
             torch.cuda.empty_cache()
@@ -380,7 +389,8 @@ def main() -> int:
             print(f"| {T} | {k} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
     print(f"\nvariants (T = {T_LIST[0]}): " + "; ".join(
         f"k={r['k']} {'s' if r['sorted'] else 'u'} {r['variant']} {r['fwd_graph_us']:.1f}"
-        for r in result["forward"] if r.get("variant") not in ("rule", "large_k", "warp", "table")))
+        for r in result["forward"] if r.get("variant") not in ("rule", "warp", "table")
+        and (r.get("variant") != "large_k" or r["k"] in variant_ks)))
     if result["skipped"]:
         print(f"\nskipped past the {args.budget_s:g} s budget: " + "; ".join(result["skipped"]))
     for f in failures:
