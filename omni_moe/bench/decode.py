@@ -354,7 +354,8 @@ def format_table(rows, gpu: bool) -> str:
                  r["dense_ref_intermediate"], _us(r, "dense_ref", gpu), _ratio(r, gpu),
                  r.get("distinct_experts", "-"), _floor(r, "floor_bytes", 1e-6, ".2f")]
         if gpu:
-            cells += [_floor(r, "floor_us", 1.0, ".1f"), _count(r.get("launches"), "layer"), _count(r.get("launches"), "dense"),
+            cells += [_floor(r, "floor_us", 1.0, ".1f"),
+                      _count(r.get("launches"), "layer"), _count(r.get("launches"), "dense"),
                       _count(r.get("host_us"), "layer"), _count(r.get("host_us"), "dense")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         for key, why in (r.get("errors") or {}).items():
