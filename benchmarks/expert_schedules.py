@@ -246,5 +246,6 @@ def main(argv=None):
             torch.cuda.empty_cache()
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -249,7 +249,7 @@ def run_case(case, tokens, dtype, device, args, label, env, dense_ref_i, bandwid
         with torch.inference_mode():
             distinct = int(models["layer"](h, return_routing=True)[1][1].unique().numel())
         row["distinct_experts"] = distinct
-        row["floor_bytes"] = floor_bytes(H, I, E, K, T, distinct, torch.tensor([], dtype=dtype).element_size())
+        row["floor_bytes"] = floor_bytes(H, I, E, K, T, distinct, dtype.itemsize)
         row["floor_us"] = ({v: b / bandwidth * 1e6 for v, b in row["floor_bytes"].items()} if bandwidth else {})
         if oracle is not None:
             res = check_step(models["layer"], oracle, h, dtype)
