@@ -10,10 +10,11 @@ the op).  For each (T, k):
 - the forward's per-pair dot products alone: ``_pair_dot_kernel`` ("expert") and
   ``_row_dot_kernel`` ("rows") under each ``RowTile`` of ``--variants`` (each checked
   against the pair-dot kernel's a: relative max error);
-- the whole op per schedule: forward and forward + backward (all four gradients),
-  eager (``do_bench`` median, L2 flushed) and CUDA-graph replay, peak memory of the
-  training step above what was allocated, and the rows schedule's results against the
-  expert schedule's (relative L2 error of out and each gradient).
+- the whole op per schedule of ``--schedules`` ("dense": the forward as chunked dense GEMMs,
+  also under each chunk of ``--dense-chunks``): forward and forward + backward (all four
+  gradients), eager (``do_bench`` median, L2 flushed) and CUDA-graph replay, peak memory
+  of the forward and of the training step above what was allocated, and each schedule's
+  results against the expert schedule's (relative L2 error of out and each gradient).
 The tables (2 x 210 MB) exceed L2, so no input rotation is needed.
 
 ``--decode``: the token forward's slot chunks at decode sizes instead (``--decode-cases``
@@ -82,7 +83,7 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def run_case(T, k, H, N, variants, dev, out):
+def run_case(T, k, H, N, variants, dev, out, schedules=("expert", "rows"), dense_chunks=()):
     time_ms = timer(dev)
     E = N * N
     g = torch.Generator(device=dev).manual_seed(T * 7919 + k)
@@ -93,8 +94,11 @@ def run_case(T, k, H, N, variants, dev, out):
     x = torch.randn(T, N, device=dev, generator=g).log_softmax(-1)
     y = torch.randn(T, N, device=dev, generator=g).log_softmax(-1)
     s, idx = omni_router(x, y, N, k, sorted=False)
-    base = kern.default_config(T, H, E, k, 2)
+    base = kern.default_config(T, H, E, k, 2, dtype=torch.bfloat16)
     row = dict(T=T, k=k, H=H, E=E, rule=base.schedule)
+    if not variants:
+        return _time_schedules(T, k, h, up, down, go, s, idx, base, row, dev, out, schedules,
+                               dense_chunks)
 
     row["group_pairs_ms"] = time_ms(lambda: kern.group_pairs(idx, E))
     row["group_rows_ms"] = time_ms(lambda: rows_mod.row_groups(*rows_mod.group_rows(idx, E), k))
@@ -118,10 +122,26 @@ def run_case(T, k, H, N, variants, dev, out):
         err = ((a - a_ref).abs().max() / a_ref.abs().max()).item()
         row["row_dot"][name] = dict(ms=time_ms(call), rel_err=err, tile=asdict(tile))
     del se, perm, sr, pr, groups, a_ref, c_ref
+    _time_schedules(T, k, h, up, down, go, s, idx, base, row, dev, out, schedules, dense_chunks)
 
+
+def _peak_GiB(fn, dev):
+    if dev != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
+def _time_schedules(T, k, h, up, down, go, s, idx, base, row, dev, out, schedules, dense_chunks):
+    time_ms = timer(dev)
+    runs = [(sch, replace(base, schedule=sch)) for sch in dict.fromkeys(("expert", *schedules))]
+    runs += [(f"dense_chunk{c}", replace(base, schedule="dense", dense_chunk=c)) for c in dense_chunks]
     results = {}
-    for schedule in ("expert", "rows"):
-        cfg = replace(base, schedule=schedule)
+    for schedule, cfg in runs:
 
         def fwd():
             return kern.expert_forward(h, up, down, s, idx, "silu", log_weights=True, config=cfg)
@@ -131,21 +151,15 @@ def run_case(T, k, H, N, variants, dev, out):
             return o, kern.expert_backward(go, h, up, down, s, idx, a, se_, pm, "silu",
                                            log_weights=True, config=cfg)
         results[schedule] = step()
-        if dev == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - before) / 2**30
-        else:
-            peak = None
         row[schedule] = dict(fwd_ms=time_ms(fwd), step_ms=time_ms(step),
                              fwd_graph_ms=graph_ms(fwd, dev, time_ms),
-                             step_graph_ms=graph_ms(step, dev, time_ms), peak_GiB=peak)
-    (o1, g1), (o2, g2) = results["expert"], results["rows"]
-    row["rows_vs_expert_rel_l2"] = dict(out=rel(o2, o1), dh=rel(g2[0], g1[0]), du=rel(g2[1], g1[1]),
-                                        dv=rel(g2[2], g1[2]), dscores=rel(g2[3], g1[3]))
+                             step_graph_ms=graph_ms(step, dev, time_ms),
+                             fwd_peak_GiB=_peak_GiB(fwd, dev), peak_GiB=_peak_GiB(step, dev))
+    o1, g1 = results.pop("expert")
+    for schedule, (o2, g2) in results.items():
+        row[f"{schedule}_vs_expert_rel_l2"] = dict(
+            out=rel(o2, o1), dh=rel(g2[0], g1[0]), du=rel(g2[1], g1[1]), dv=rel(g2[2], g1[2]),
+            dscores=rel(g2[3], g1[3]))
     out.append(row)
     print(json.dumps(row), flush=True)
 
@@ -186,6 +200,11 @@ def main(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="RowTile variants for the rows kernel alone; the first is also timed "
                         "at every k, the rest only at k = 512 and 4096")
+    p.add_argument("--schedules", default="expert,rows,dense",
+                   help="schedules of the whole op to time (the expert schedule always runs: "
+                        "the others are compared with it)")
+    p.add_argument("--dense-chunks", default="",
+                   help="also time the dense schedule with these experts per chunk (comma-separated)")
     p.add_argument("--budget-s", type=float, default=300, help="start no case after this many seconds")
     p.add_argument("--decode", action="store_true", help="time the token forward's slot chunks instead")
     p.add_argument("--decode-cases", default="1:512:102400,8:512:102400,64:512:102400,1:3072:65536,"
@@ -205,10 +224,20 @@ def main(argv=None):
             raise ValueError
     except ValueError:
         p.error(f"--cases must be T:k pairs of positive integers, got {args.cases!r}")
-    names = args.variants.split(",")
+    names = [n for n in args.variants.split(",") if n]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+        p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)} (or '' for none)")
+    schedules = args.schedules.split(",")
+    bad = [n for n in schedules if n not in kern.SCHEDULES or n == "token"]
+    if bad:
+        p.error(f"--schedules: unknown {bad}; choose from {[n for n in kern.SCHEDULES if n != 'token']}")
+    try:
+        chunks = [int(c) for c in args.dense_chunks.split(",") if c]
+        if any(c < 1 for c in chunks):
+            raise ValueError
+    except ValueError:
+        p.error(f"--dense-chunks must be positive integers, got {args.dense_chunks!r}")
     out = []
     if args.decode:
         if args.dry_run:
@@ -231,7 +260,8 @@ def main(argv=None):
             dev, H, N = "cuda", 1024, 320
             tiles = {n: VARIANTS[n] for n in names}
         jobs = [(f"T={T} k={k}", lambda T=T, k=k: run_case(
-            T, k, H, N, tiles if (k in (512, 4096) or args.dry_run) else dict(list(tiles.items())[:1]), dev, out))
+            T, k, H, N, tiles if (k in (512, 4096) or args.dry_run) else dict(list(tiles.items())[:1]), dev, out,
+            schedules, [min(c, 16) for c in chunks] if args.dry_run else chunks))
             for T, k in cases]
     t0 = time.time()
     for name, job in jobs:

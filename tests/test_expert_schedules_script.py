@@ -17,16 +17,29 @@ def script():
 @pytest.mark.skipif("not __import__('omni_moe.ops._dispatch', fromlist=['x']).interpret_mode()")
 def test_dry_run_writes_checked_rows(script, tmp_path):
     path = tmp_path / "rows.json"
-    assert script.main(["--dry-run", "--json", str(path), "--variants", "t64j64h64,t128j64h64w8"]) == 0
+    assert script.main(["--dry-run", "--json", str(path), "--variants", "t64j64h64,t128j64h64w8",
+                        "--dense-chunks", "16"]) == 0
     saved = json.loads(path.read_text())
     assert "environment" in saved and len(saved["rows"]) == 1
     for row in saved["rows"]:
         assert set(row["row_dot"]) == {"t64j64h64", "t128j64h64w8"}
         for v in row["row_dot"].values():
             assert v["rel_err"] < 1e-5 and v["ms"] > 0
-        assert max(row["rows_vs_expert_rel_l2"].values()) < 1e-5
-        for schedule in ("expert", "rows"):
+        for schedule in ("rows", "dense", "dense_chunk16"):
+            assert max(row[f"{schedule}_vs_expert_rel_l2"].values()) < 1e-5, schedule
+        for schedule in ("expert", "rows", "dense", "dense_chunk16"):
             assert row[schedule]["fwd_ms"] > 0 and row[schedule]["step_ms"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--schedules", "expert,token"], "--schedules"),
+    (["--dense-chunks", "0"], "--dense-chunks"),
+    (["--dense-chunks", "x"], "--dense-chunks"),
+])
+def test_bad_arguments_exit_2(script, argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--dry-run", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.skipif("not __import__('omni_moe.ops._dispatch', fromlist=['x']).interpret_mode()")

@@ -72,6 +72,7 @@ from .._activations import ACT_ID, act_fwd, act_fwd_bwd
 from .._checks import check_choice, check_int, check_pow2, with_fields
 from .._dispatch import device_info
 from .._triton import loop_bound, to_dtype, to_f32
+from .dense import dense_forward
 from .rows import (RowTile, grid_width, group_rows, launch_row_dot, pair_epilogue, row_groups,
                    row_key_dtype)
 
@@ -361,15 +362,18 @@ def _pair_dot_kernel(
 
 @triton.jit
 def _gather_combine_kernel(
-    W, IDX, COEF, OUT,
+    W, IDX, COEF, OUT, FLAG,
     T, E, H, K,
     stride_we, stride_wh, stride_it, stride_ik, stride_ot, stride_oh,
+    FLAGGED: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """OUT[t, :] = sum_{r=0..K-1} COEF[t, r] * W[IDX[t, r], :]   (float32, r in order).
 
     COEF is a contiguous float32 (T, K) tensor.  Slots whose index is outside [0, E)
-    are skipped.  Used for out (W = v, COEF = c) and dh (W = u, COEF = da).
+    are skipped.  Used for out (W = v, COEF = c) and dh (W = u, COEF = da), and with
+    ``FLAGGED`` for the rows t with FLAG[t] != 0 only (the dense schedule's
+    recomputed tokens; a program without such a row loops over no slot).
     Grid: (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H)); every OUT element written once.  The
     slot loop is unrolled UNROLL times so that several row gathers are in flight.
     Bytes: W rows P*H*b gathered (HBM unless the row is L2-resident), K*T*(4 + idx)
@@ -382,7 +386,11 @@ def _gather_combine_kernel(
     row_ok = rows < T
     col_ok = cols < H
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    for r0 in range(0, loop_bound(K), UNROLL):
+    k_end = K
+    if FLAGGED:
+        row_ok = row_ok & (tl.load(FLAG + rows, mask=row_ok, other=0) != 0)
+        k_end = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, K, 0)
+    for r0 in range(0, loop_bound(k_end), UNROLL):
         for j in tl.static_range(UNROLL):
             r = r0 + j
             e, ok, r_ok = _slot_expert(IDX, rows, row_ok, r, K, E, stride_it, stride_ik, BLOCK_T)
@@ -476,7 +484,7 @@ def _expert_grad_kernel(
 # H-contiguous rows.
 _MAX_ROW = 2048
 _L2_TABLES = 40 * 2**20   # u and v together below this: L2-resident on an H100 (50 MB)
-SCHEDULES = ("token", "expert", "rows")
+SCHEDULES = ("token", "expert", "rows", "dense")
 
 
 @dataclass(frozen=True)
@@ -499,7 +507,9 @@ class Tile:
 class ExpertConfig:
     """Launch configuration of the expert op: the schedule ("token": one program per
     token tile; "expert": pairs grouped by expert; "rows": the dot products by grid
-    row on tensor cores, ``rows.py``) and each kernel's tile."""
+    row on tensor cores, ``rows.py``; "dense": the forward as dense GEMMs, ``dense.py``)
+    and each kernel's tile; ``dense_chunk``: experts per chunk of the dense forward (0:
+    ``dense.dense_chunk``'s rule)."""
 
     schedule: str
     token: Tile
@@ -507,22 +517,33 @@ class ExpertConfig:
     gather: Tile
     expert_grad: Tile
     rows: RowTile = RowTile()
+    dense_chunk: int = 0
 
 
 _DECODE_T = 64   # up to this many tokens: the token schedule (its forward in slot chunks)
 
 
-def choose_mode(T: int, H: int, E: int, K: int, itemsize: int) -> str:
+# The dense forward does T*E*H*8 flops whatever K is, the per-pair ones ~T*K*H*b*4 bytes
+# of gathers: dense from K >= E / _DENSE_MIN_SHARE (docs/expert.md, "Large K").
+_DENSE_MIN_SHARE = 64
+
+
+def choose_mode(T: int, H: int, E: int, K: int, itemsize: int, dtype=None) -> str:
     """"expert" when the u/v tables do not fit in L2, pairs share experts (P >= 2 D,
     D from uniform routing) and T > 64; else "token" (decode batches: the token forward
     in slot chunks beats the expert schedule's sort and per-token-block combine there).
-    Shapes only: no data is read.  The measurements behind the rule: docs/expert.md,
-    "Launch rules".
+    "dense" instead of "expert" when ``dtype`` (that of h, u and v alike) is bfloat16 and
+    a token routes to at least 1/64 of the experts.  Shapes only: no data is read.  The
+    measurements behind the rule: docs/expert.md, "Launch rules" and "Large K".
     """
     P = T * K
     if P == 0 or 2 * E * H * itemsize <= _L2_TABLES or T <= _DECODE_T:
         return "token"
-    return "expert" if P >= 2 * expected_distinct_experts(T, K, E) else "token"
+    if P < 2 * expected_distinct_experts(T, K, E):
+        return "token"
+    if dtype == torch.bfloat16 and K * _DENSE_MIN_SHARE >= E:
+        return "dense"
+    return "expert"
 
 
 _SPLIT_MIN_K = 128         # fewer slots a token: no chunks (the k <= 32 paths stay as they were)
@@ -589,11 +610,13 @@ def _rows_tile(H: int, E: int) -> RowTile:
     return RowTile(block_t=128, block_j=block_j, block_h=block_h, warps=8)
 
 
-def default_config(T: int, H: int, E: int, K: int, itemsize: int, sms: int = 0) -> ExpertConfig:
+def default_config(T: int, H: int, E: int, K: int, itemsize: int, sms: int = 0,
+                   dtype=None) -> ExpertConfig:
     """The launch configuration the op uses for a shape (the rules above;
     docs/expert.md, "Launch rules"); ``sms``: the device's multiprocessors (0: unknown,
-    the token forward then runs one program per token block)."""
-    return ExpertConfig(schedule=choose_mode(T, H, E, K, itemsize),
+    the token forward then runs one program per token block); ``dtype``: that of h, u
+    and v when they share one (None otherwise)."""
+    return ExpertConfig(schedule=choose_mode(T, H, E, K, itemsize, dtype),
                         token=_token_tile(T, H, K, sms), pair_dot=_pair_dot_tile(T * K, H),
                         gather=_gather_tile(T, H, K), expert_grad=_expert_grad_tile(E, H),
                         rows=_rows_tile(H, E))
@@ -626,10 +649,17 @@ def _check_config(config) -> ExpertConfig:
     fields.update({f: check_int(f"config.rows.{f}", getattr(rt, f), 1)
                    for f in ("stages", "progs_per_sm")})
     tiles["rows"] = with_fields(rt, **fields)
+    tiles["dense_chunk"] = check_int("config.dense_chunk", config.dense_chunk, 0)
     return with_fields(config, **tiles)
 
 
 # --------------------------------------------------------------------------- launchers
+
+def shared_dtype(*tensors):
+    """The tensors' dtype when they all have the same one, else None."""
+    dtype = tensors[0].dtype
+    return dtype if all(t.dtype == dtype for t in tensors) else None
+
 
 def sort_key_dtype(num_experts: int, schedule: str = "expert") -> torch.dtype:
     """dtype of the sorted keys the forward saves: ``group_pairs``' (int16 when E < 2^15 - 1,
@@ -745,20 +775,21 @@ def launch_pair_dot(weights, x, sorted_e, perm, routing_weights, a, act, tile: T
     )
 
 
-def launch_gather_combine(weights, indices, coef, out, tile: Tile):
-    """out[t] = sum_r coef[t, r] * weights[indices[t, r]]; coef contiguous float32 (T, K)."""
+def launch_gather_combine(weights, indices, coef, out, tile: Tile, flag=None):
+    """out[t] = sum_r coef[t, r] * weights[indices[t, r]]; coef contiguous float32 (T, K).
+    ``flag`` (T,) int32: only the rows t with flag[t] != 0 are written."""
     T, K = indices.shape
     H = out.shape[1]
     if T == 0 or H == 0:
         return out
     if K == 0:
-        return out.zero_()
+        return out.zero_() if flag is None else out
     block_t, block_h, unroll, warps = tile.rows, tile.cols, tile.unroll, tile.warps
     grid = (triton.cdiv(T, block_t), triton.cdiv(H, block_h))
     _gather_combine_kernel[grid](
-        weights, indices, coef, out, T, weights.shape[0], H, K,
+        weights, indices, coef, out, coef if flag is None else flag, T, weights.shape[0], H, K,
         weights.stride(0), weights.stride(1), indices.stride(0), indices.stride(1),
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), FLAGGED=flag is not None,
         BLOCK_T=block_t, BLOCK_H=block_h, UNROLL=unroll, num_warps=warps,
     )
     return out
@@ -805,13 +836,24 @@ def expert_forward(hidden_states, up_weights, down_weights, routing_weights, ind
     K = indices.shape[1]
     E = up_weights.shape[0]
     dev = hidden_states.device
-    cfg = (default_config(T, H, E, K, up_weights.element_size(), device_info(dev)[0])
+    dtype = shared_dtype(hidden_states, up_weights, down_weights)
+    cfg = (default_config(T, H, E, K, up_weights.element_size(), device_info(dev)[0], dtype)
            if config is None else _check_config(config))
     if out is None:
         out = torch.empty((T, H), dtype=hidden_states.dtype, device=dev)
     if a is None:
         a = torch.empty((T, K), dtype=torch.float32, device=dev)
-    if cfg.schedule == "token":
+    schedule = cfg.schedule
+    if schedule == "dense" and dtype != torch.bfloat16:
+        schedule = "expert"                                 # dense.py: bfloat16 only
+    if schedule == "dense":
+        dense_forward(hidden_states, up_weights, down_weights, routing_weights, indices, a, out,
+                      ACT_ID[act], bool(log_weights), cfg.dense_chunk,
+                      lambda coef, flag, acc: launch_gather_combine(down_weights, indices, coef,
+                                                                    acc, cfg.gather, flag=flag))
+        return (out, a, indices.new_empty((0,), dtype=sort_key_dtype(E)),
+                indices.new_empty((0,), dtype=torch.int64))
+    if schedule == "token":
         launch_token_forward(hidden_states, up_weights, down_weights, routing_weights, indices, a,
                              out, act, log_weights, cfg.token)
         return (out, a, indices.new_empty((0,), dtype=sort_key_dtype(E)),
@@ -853,8 +895,9 @@ def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_w
     K = indices.shape[1]
     E = up_weights.shape[0]
     dev = hidden_states.device
-    cfg = (default_config(T, H, E, K, up_weights.element_size()) if config is None
-           else _check_config(config))
+    cfg = (default_config(T, H, E, K, up_weights.element_size(),
+                          dtype=shared_dtype(hidden_states, up_weights, down_weights))
+           if config is None else _check_config(config))
     if dh is None and need_dh:
         dh = torch.empty((T, H), dtype=hidden_states.dtype, device=dev)
     if used_rows is None:
@@ -881,6 +924,8 @@ def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_w
                             log_weights, cfg.expert_grad, sorted_inputs=sorted_inputs)
 
     da = torch.empty((T, K), dtype=torch.float32, device=dev)
+    if perm.numel() == 0 and cfg.schedule == "dense" and T * K > 0:
+        sorted_e, perm = group_pairs(indices, E)            # the "expert" schedule's backward
     if perm.numel() == 0:                                   # "token" schedule
         launch_token_backward(grad_out, up_weights, down_weights, routing_weights, indices, a,
                               dw, da, dh if need_dh else None, act, log_weights, cfg.token)

@@ -17,6 +17,7 @@ from omni_moe import omni_expert
 from omni_moe.ops.expert.op import check_expert_args
 from omni_moe.ops.expert.cpu import expert_backward_reference, expert_forward_reference
 from omni_moe.ops.expert.reference import expert_naive
+from omni_moe.ops.expert import dense as dense_mod
 from omni_moe.ops.expert import kernels as kern
 from _expert_oracle import expert_oracle
 from _tolerance import accumulation_bound, assert_close_ulps
@@ -108,9 +109,15 @@ def check_against_float64(h, up, down, w, idx, go, act, got, fp32_tol=None):
 
 # --------------------------------------------------------------------------- correctness
 
-@pytest.fixture(params=["token", "expert", "rows"])
+@pytest.fixture(params=["token", "expert", "rows", "dense"])
 def mode(request, monkeypatch):
-    """Every schedule of the kernels, forced through the op's launch rule."""
+    """Every schedule of the kernels, forced through the op's launch rule.  "dense" takes
+    bfloat16 h, u and v only (other dtypes run the "expert" schedule, tested as such):
+    tests of other dtypes skip it."""
+    params = getattr(request.node, "callspec", None)
+    dtype = params.params.get("dtype") if params is not None else None
+    if request.param == "dense" and dtype is not None and dtype != torch.bfloat16:
+        pytest.skip("the dense schedule takes bfloat16 only")
     force_expert_schedule(monkeypatch, request.param)
     yield request.param
 
@@ -572,15 +579,71 @@ def test_floor_bytes():
     assert kern.expert_floor_bytes(4, 8, 16, 2, 2, distinct=3) == 2 * 3 * 8 * 2 + 2 * 4 * 8 * 2 + 4 * 2 * 6
 
 
+# --------------------------------------------------------------------------- dense schedule
+
+@pytest.mark.parametrize("chunk", [0, 16, 33], ids=lambda c: f"chunk{c}")
+def test_dense_chunks(chunk, device, monkeypatch):
+    """The dense forward in one chunk of experts or several (a short last one), with
+    duplicate experts in a token's slots (recomputed pair by pair): out and every
+    gradient against float64, three calls on fresh inputs."""
+    force_expert_schedule(monkeypatch, "dense", dense_chunk=chunk)
+    for call in range(3):
+        inputs = make_inputs(23, 40, 70, 9, torch.bfloat16, device, "random", seed=40 + call)
+        assert (inputs[4][:, :, None] == inputs[4][:, None, :]).sum() > 23 * 9   # duplicates
+        check_against_float64(*inputs, ACTS[call], run_op(*inputs, ACTS[call]))
+
+
+def test_dense_coefficient_beyond_bfloat16(device):
+    """A finite float32 coefficient too large for bfloat16 (its first part would be inf):
+    the token is recomputed pair by pair and its output stays finite."""
+    T, H, E, k = 5, 16, 40, 3
+    h, up, down, w, idx, _ = make_inputs(T, H, E, k, torch.bfloat16, device, "distinct", seed=5)
+    w = w.float()
+    e = int(idx[0, 0])
+    h[0] = 0
+    h[0, 0] = 1
+    up[e] = 0
+    up[e, 0] = 1                                         # a = 1 exactly
+    down[e] = down[e].clamp(-0.5, 0.5)
+    w[0, 0] = 3.4e38                                     # c = 3.4e38 > bfloat16's max
+    rule = kern.default_config(T, H, E, k, 2)
+    dense, _, _, _ = kern.expert_forward(h, up, down, w, idx, "relu",
+                                         config=replace(rule, schedule="dense"))
+    ref, _, _, _ = kern.expert_forward(h, up, down, w, idx, "relu",
+                                       config=replace(rule, schedule="expert"))
+    assert torch.isfinite(ref).all() and ref[0].abs().max() > 1e37
+    assert torch.equal(dense, ref)
+
+
+def test_dense_rule():
+    """The rule takes the dense forward for bfloat16 h, u, v (and only then) when a token
+    routes to at least 1/64 of the experts, past decode batches and L2-resident tables."""
+    E = 102400
+    mode = lambda T, K, dtype=torch.bfloat16, H=1024: kern.choose_mode(T, H, E, K, 2, dtype)
+    assert mode(4096, 1600) == mode(4096, 4096) == mode(1024, 2048) == "dense"
+    assert mode(4096, 1599) == mode(4096, 512) == "expert"
+    assert mode(4096, 4096, torch.float16) == mode(4096, 4096, None) == "expert"
+    assert mode(64, 4096) == "token" and mode(4096, 4096, H=16) == "token"
+    assert kern.choose_mode(4096, 1024, E, 4096, 2) == "expert"      # dtype unknown
+    cfg = kern.default_config(4096, 1024, E, 4096, 2, dtype=torch.bfloat16)
+    assert cfg.schedule == "dense" and cfg.dense_chunk == 0
+    assert dense_mod.dense_chunk(4096, E) == 13056 and dense_mod.dense_chunk(8, 70) == 70
+    assert dense_mod.dense_chunk(4096, E, 100) == 100
+    with pytest.raises(ValueError, match="dense_chunk"):
+        kern.expert_forward(*make_inputs(3, 8, 5, 2, torch.bfloat16, "cpu")[:5], "silu",
+                            config=replace(cfg, dense_chunk=-1))
+
+
 # --------------------------------------------------------------------------- GPU, larger
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="large sizes need CUDA")
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", [(512, 256, 4096, 16, "random"), (1024, 512, 65536, 32, "distinct"),
-                                  (1000, 200, 300, 8, "skewed")],
+                                  (1000, 200, 300, 8, "skewed"), (300, 256, 50000, 800, "distinct")],
                          ids=lambda c: "T{}_H{}_E{}_k{}_{}".format(*c))
 def test_large_gpu(case, dtype):
+    """The launch rule's own schedules (the last case: "dense" in bfloat16)."""
     T, H, E, k, kind = case
     for call in range(3):
         inputs = make_inputs(T, H, E, k, dtype, "cuda", kind, seed=call)

@@ -1,0 +1,187 @@
+"""The "dense" schedule of the expert forward: the two per-pair products as dense GEMMs.
+
+When a token routes to a sizeable share of the experts (the paper's K = 4096 of 102,400
+is 4 %), gathering two H-element rows per pair costs more than multiplying every token
+by every expert on tensor cores.  Per chunk of n experts [e0, e0 + n):
+
+    S      = h U_chunk^T            (T, n) float32: cuBLAS, bfloat16 products exact,
+                                    float32 accumulation (``torch.mm(..., out_dtype=)``)
+    a_p    = S[t, e - e0]           for the pairs whose expert is in the chunk
+    c_p    = act(a_p) w_p
+    C_i    = the i-th bfloat16 part of c scattered into a zeroed (T, n) matrix, where
+             c = C_0 + C_1 + C_2 exactly (8 + 8 + 8 bits of float32's 24)
+    out   += C_0 V_chunk + C_1 V_chunk + C_2 V_chunk      (float32 accumulation)
+
+Every product c_i v is exact in float32, so the result keeps this op's contract (exact
+products, float32 accumulation, one rounding at the end) with the tensor cores' summation
+order.  The work is T * E * H * 2 * 4 flops whatever K is; the measured crossover against
+the per-pair schedules is the launch rule's (``kernels.choose_mode``, docs/expert.md).
+
+A dense product multiplies every token by every expert, so zeros meet every value of the
+tables: a non-finite value in v (anywhere, routed or not) would poison every token's
+output through 0 * inf.  Tokens whose result the dense form cannot reproduce are
+"flagged" and their rows recomputed pair by pair (``_gather_combine_kernel``, the
+"expert" schedule's sum): a token is flagged when one of its c_p is not finite or too
+large for bfloat16, when two of its slots name the same expert (the scatter would keep
+one), or -- all tokens -- when v holds a non-finite value.  So non-finite inputs give the
+per-pair semantics exactly (only slower).
+
+Only bfloat16 h, U and V take this path (the parts must share V's dtype, and float16's
+exponent range cannot hold a float32 coefficient); other dtypes run the "expert"
+schedule.  The backward is the "expert" schedule's.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._activations import act_fwd
+from .._triton import to_dtype, to_f32
+
+# Scratch per chunk: S (float32) and the three bfloat16 parts, 10 bytes a (token, expert).
+_CHUNK_BYTES = 512 * 2**20
+# Largest |c| whose bfloat16 rounding is finite (bfloat16's max is 3.3895e38).
+_C_MAX: tl.constexpr = tl.constexpr(3.38e38)
+
+
+@triton.jit
+def _dense_pairs_kernel(
+    S, S_BITS, IDX, R, A, C, PARTS, FLAG, VMIN, VMAX,
+    e0, n, K, E,
+    stride_st, stride_it, stride_ik, stride_rt, stride_rk, stride_pi, stride_pt,
+    ACT: tl.constexpr, LOG_W: tl.constexpr, FIRST: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One token t per program, its K slots BLOCK_K at a time, for the chunk [e0, e0 + n).
+
+    Pass 1: for the slots whose expert is in the chunk, A[t, r] = S[t, e - e0] and
+    C[t, r] = act(a) w (with ``FIRST``, the slots outside [0, E) get zeros).  Pass 2:
+    each such slot writes its slot number over its S entry.  Pass 3: a slot that does not
+    read its own number back shares its expert with another slot; it, a non-finite or
+    too large c, or (``FIRST``) a non-finite VMIN/VMAX flags the token (FLAG[t] = 1);
+    every in-chunk slot stores the three bfloat16 parts of c at PARTS[i, t, e - e0].
+    Grid: (T,).  Bytes: 3 reads of the token's K indices (the second and third from
+    L2), per in-chunk slot one S read and write, the weight, 8 bytes of A and C and 6 of
+    parts; S's row is the token's own, so programs never share an address.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    anybad = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    if FIRST:
+        vmin = tl.load(VMIN).to(tl.float32)
+        vmax = tl.load(VMAX).to(tl.float32)
+        # NaN compares false: a NaN or an infinity anywhere in v flags every token.
+        vok = (vmin > -float("inf")) & (vmax < float("inf"))
+        anybad += tl.where(vok, 0, 1)
+    for k0 in range(0, K, BLOCK_K):
+        r = k0 + tl.arange(0, BLOCK_K)
+        rm = r < K
+        e = tl.load(IDX + t * stride_it + r.to(tl.int64) * stride_ik, mask=rm, other=-1).to(tl.int64)
+        inc = rm & (e >= e0) & (e < e0 + n)
+        col = tl.where(inc, e - e0, 0)
+        a = tl.load(S + t * stride_st + col, mask=inc, other=0.0)
+        w = to_f32(tl.load(R + t * stride_rt + r.to(tl.int64) * stride_rk, mask=inc, other=0.0))
+        if LOG_W:
+            w = tl.where(inc, tl.exp(w), 0.0)
+        c = tl.where(inc, act_fwd(a, ACT) * w, 0.0)
+        keep = inc
+        if FIRST:
+            keep = rm & ((e < 0) | (e >= E) | inc)
+        tl.store(A + t * K + r, a, mask=keep)
+        tl.store(C + t * K + r, c, mask=keep)
+    tl.debug_barrier()
+    for k0 in range(0, K, BLOCK_K):
+        r = k0 + tl.arange(0, BLOCK_K)
+        rm = r < K
+        e = tl.load(IDX + t * stride_it + r.to(tl.int64) * stride_ik, mask=rm, other=-1).to(tl.int64)
+        inc = rm & (e >= e0) & (e < e0 + n)
+        tl.store(S_BITS + t * stride_st + tl.where(inc, e - e0, 0), r, mask=inc)
+    tl.debug_barrier()
+    for k0 in range(0, K, BLOCK_K):
+        r = k0 + tl.arange(0, BLOCK_K)
+        rm = r < K
+        e = tl.load(IDX + t * stride_it + r.to(tl.int64) * stride_ik, mask=rm, other=-1).to(tl.int64)
+        inc = rm & (e >= e0) & (e < e0 + n)
+        col = tl.where(inc, e - e0, 0)
+        owner = tl.load(S_BITS + t * stride_st + col, mask=inc, other=0, cache_modifier=".cg")
+        c = tl.load(C + t * K + r, mask=inc, other=0.0)
+        big = tl.abs(c) <= _C_MAX            # false for NaN too
+        anybad += tl.where(inc & ((owner != r) | (big == 0)), 1, 0)
+        c = tl.where(big, c, 0.0)
+        p0 = to_dtype(c, tl.bfloat16)
+        r1 = c - to_f32(p0)
+        p1 = to_dtype(r1, tl.bfloat16)
+        p2 = to_dtype(r1 - to_f32(p1), tl.bfloat16)
+        dst = PARTS + t * stride_pt + col
+        tl.store(dst, p0, mask=inc)
+        tl.store(dst + stride_pi, p1, mask=inc)
+        tl.store(dst + 2 * stride_pi, p2, mask=inc)
+    tl.store(FLAG + t, 1, mask=tl.max(anybad, axis=0) > 0)
+
+
+def _mm_f32(x, y, acc=None):
+    """x @ y (+ acc) with float32 output and accumulation; x, y bfloat16.  On CUDA
+    cuBLAS (``out_dtype``); elsewhere (the interpreter's CPU runs) in float32, which holds
+    every product of two bfloat16 values exactly."""
+    if x.is_cuda:
+        if acc is None:
+            return torch.mm(x, y, out_dtype=torch.float32)
+        return torch.addmm(acc, x, y, out_dtype=torch.float32)
+    if acc is None:
+        return torch.mm(x.float(), y.float())
+    return torch.addmm(acc, x.float(), y.float())
+
+
+def dense_chunk(T: int, E: int, chunk: int = 0) -> int:
+    """Experts per chunk: ``chunk`` if > 0, else as many as keep the chunk's scratch
+    (10 bytes a token and expert) within 512 MiB, a multiple of 64."""
+    if chunk > 0:
+        return min(chunk, max(E, 1))
+    n = _CHUNK_BYTES // (10 * max(T, 1))
+    return max(1, min(E, max(64, n // 64 * 64)))
+
+
+def dense_forward(h, up, down, w, idx, a, out, act_id: int, log_weights: bool, chunk: int,
+                  fixup):
+    """out (T, H) and a (T, K) of the op in the dense schedule (h, up, down bfloat16).
+
+    ``fixup(coef, flag, acc)``: recompute the flagged rows of the float32 accumulator
+    ``acc`` pair by pair from the (T, K) float32 coefficients (the caller's gather-combine
+    launch).  No host sync; scratch of about ``dense_chunk`` experts x 10 bytes a token.
+    """
+    T, H = h.shape
+    K = idx.shape[1]
+    E = up.shape[0]
+    dev = h.device
+    if T == 0:
+        return out, a
+    if E == 0 or K == 0 or H == 0:
+        out.zero_()
+        a.zero_()
+        return out, a
+    n_max = dense_chunk(T, E, chunk)
+    vmin, vmax = torch.aminmax(down)
+    acc = torch.zeros((T, H), dtype=torch.float32, device=dev)
+    coef = torch.empty((T, K), dtype=torch.float32, device=dev)
+    flag = torch.zeros((T,), dtype=torch.int32, device=dev)
+    parts_buf = torch.empty((3, T, n_max), dtype=torch.bfloat16, device=dev)
+    block_k = max(16, min(256, triton.next_power_of_2(K)))
+    for e0 in range(0, E, n_max):
+        n = min(n_max, E - e0)
+        s = _mm_f32(h, up[e0:e0 + n].t())
+        parts = parts_buf[:, :, :n]
+        parts.zero_()
+        _dense_pairs_kernel[(T,)](
+            s, s.view(torch.int32), idx, w, a, coef, parts, flag, vmin, vmax,
+            e0, n, K, E,
+            s.stride(0), idx.stride(0), idx.stride(1), w.stride(0), w.stride(1),
+            parts.stride(0), parts.stride(1),
+            ACT=act_id, LOG_W=log_weights, FIRST=e0 == 0, BLOCK_K=block_k, num_warps=4,
+        )
+        del s
+        v = down[e0:e0 + n]
+        for i in range(3):
+            acc = _mm_f32(parts[i], v, acc)
+    fixup(coef, flag, acc)
+    out.copy_(acc)
+    return out, a
