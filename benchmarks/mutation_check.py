@@ -193,6 +193,16 @@ MUTANTS = [
      "chunks = triton.cdiv(K, chunk)",
      "chunks = max(1, K // chunk)",
      ["tests/ops/expert/test_expert.py", "-k", "token_forward_split or token_split_default"]),
+    ("dense-misses-repeated-experts",
+     OPS + "expert/dense.py",
+     "inc & ((owner != r) | (big == 0))",
+     "inc & (big == 0)",
+     ["tests/ops/expert/test_expert.py", "-k", "dense_chunks"]),
+    ("dense-ignores-non-finite-v",
+     OPS + "expert/dense.py",
+     "anybad += tl.where(vok, 0, 1)",
+     "anybad += 0",
+     ["tests/ops/expert/test_expert.py", "-k", "non_finite and dense"]),
 ]
 
 

@@ -37,6 +37,10 @@ the first two):
   computed by grid row on tensor cores (``rows.py``); measured not to pay yet
   (docs/expert.md, "Large K").
 
+"dense" (``config=`` only; bfloat16 h, u, v): the forward as chunked cuBLAS GEMMs with
+  the coefficients in three exact bfloat16 parts (``dense.py``), T*E*H*8 flops whatever
+  k is; the backward is the "expert" schedule's.
+
 The weight gradients (every schedule): ``_expert_grad_kernel`` writes du_e =
 sum_p da_p h_t and dv_e = sum_p c_p do_t over each expert's pairs in sorted (token)
 order; every row of the dense (E, H) gradients is written once (zeros for unused
@@ -523,27 +527,17 @@ class ExpertConfig:
 _DECODE_T = 64   # up to this many tokens: the token schedule (its forward in slot chunks)
 
 
-# The dense forward does T*E*H*8 flops whatever K is, the per-pair ones ~T*K*H*b*4 bytes
-# of gathers: dense from K >= E / _DENSE_MIN_SHARE (docs/expert.md, "Large K").
-_DENSE_MIN_SHARE = 64
-
-
-def choose_mode(T: int, H: int, E: int, K: int, itemsize: int, dtype=None) -> str:
+def choose_mode(T: int, H: int, E: int, K: int, itemsize: int) -> str:
     """"expert" when the u/v tables do not fit in L2, pairs share experts (P >= 2 D,
     D from uniform routing) and T > 64; else "token" (decode batches: the token forward
     in slot chunks beats the expert schedule's sort and per-token-block combine there).
-    "dense" instead of "expert" when ``dtype`` (that of h, u and v alike) is bfloat16 and
-    a token routes to at least 1/64 of the experts.  Shapes only: no data is read.  The
-    measurements behind the rule: docs/expert.md, "Launch rules" and "Large K".
+    Shapes only: no data is read.  The measurements behind the rule: docs/expert.md,
+    "Launch rules".  "rows" and "dense" run only when ``config=`` names them.
     """
     P = T * K
     if P == 0 or 2 * E * H * itemsize <= _L2_TABLES or T <= _DECODE_T:
         return "token"
-    if P < 2 * expected_distinct_experts(T, K, E):
-        return "token"
-    if dtype == torch.bfloat16 and K * _DENSE_MIN_SHARE >= E:
-        return "dense"
-    return "expert"
+    return "expert" if P >= 2 * expected_distinct_experts(T, K, E) else "token"
 
 
 _SPLIT_MIN_K = 128         # fewer slots a token: no chunks (the k <= 32 paths stay as they were)
@@ -610,13 +604,11 @@ def _rows_tile(H: int, E: int) -> RowTile:
     return RowTile(block_t=128, block_j=block_j, block_h=block_h, warps=8)
 
 
-def default_config(T: int, H: int, E: int, K: int, itemsize: int, sms: int = 0,
-                   dtype=None) -> ExpertConfig:
+def default_config(T: int, H: int, E: int, K: int, itemsize: int, sms: int = 0) -> ExpertConfig:
     """The launch configuration the op uses for a shape (the rules above;
     docs/expert.md, "Launch rules"); ``sms``: the device's multiprocessors (0: unknown,
-    the token forward then runs one program per token block); ``dtype``: that of h, u
-    and v when they share one (None otherwise)."""
-    return ExpertConfig(schedule=choose_mode(T, H, E, K, itemsize, dtype),
+    the token forward then runs one program per token block)."""
+    return ExpertConfig(schedule=choose_mode(T, H, E, K, itemsize),
                         token=_token_tile(T, H, K, sms), pair_dot=_pair_dot_tile(T * K, H),
                         gather=_gather_tile(T, H, K), expert_grad=_expert_grad_tile(E, H),
                         rows=_rows_tile(H, E))
@@ -836,15 +828,14 @@ def expert_forward(hidden_states, up_weights, down_weights, routing_weights, ind
     K = indices.shape[1]
     E = up_weights.shape[0]
     dev = hidden_states.device
-    dtype = shared_dtype(hidden_states, up_weights, down_weights)
-    cfg = (default_config(T, H, E, K, up_weights.element_size(), device_info(dev)[0], dtype)
+    cfg = (default_config(T, H, E, K, up_weights.element_size(), device_info(dev)[0])
            if config is None else _check_config(config))
     if out is None:
         out = torch.empty((T, H), dtype=hidden_states.dtype, device=dev)
     if a is None:
         a = torch.empty((T, K), dtype=torch.float32, device=dev)
     schedule = cfg.schedule
-    if schedule == "dense" and dtype != torch.bfloat16:
+    if schedule == "dense" and shared_dtype(hidden_states, up_weights, down_weights) != torch.bfloat16:
         schedule = "expert"                                 # dense.py: bfloat16 only
     if schedule == "dense":
         dense_forward(hidden_states, up_weights, down_weights, routing_weights, indices, a, out,
@@ -895,9 +886,8 @@ def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_w
     K = indices.shape[1]
     E = up_weights.shape[0]
     dev = hidden_states.device
-    cfg = (default_config(T, H, E, K, up_weights.element_size(),
-                          dtype=shared_dtype(hidden_states, up_weights, down_weights))
-           if config is None else _check_config(config))
+    cfg = (default_config(T, H, E, K, up_weights.element_size()) if config is None
+           else _check_config(config))
     if dh is None and need_dh:
         dh = torch.empty((T, H), dtype=hidden_states.dtype, device=dev)
     if used_rows is None:

@@ -615,23 +615,32 @@ def test_dense_coefficient_beyond_bfloat16(device):
     assert torch.equal(dense, ref)
 
 
-def test_dense_rule():
-    """The rule takes the dense forward for bfloat16 h, u, v (and only then) when a token
-    routes to at least 1/64 of the experts, past decode batches and L2-resident tables."""
+def test_dense_config():
+    """The dense schedule runs when ``config=`` names it (the launch rule keeps the paper's
+    sizes on "expert"); its chunk rule keeps the scratch within 512 MiB; a negative
+    ``dense_chunk`` is rejected."""
     E = 102400
-    mode = lambda T, K, dtype=torch.bfloat16, H=1024: kern.choose_mode(T, H, E, K, 2, dtype)
-    assert mode(4096, 1600) == mode(4096, 4096) == mode(1024, 2048) == "dense"
-    assert mode(4096, 1599) == mode(4096, 512) == "expert"
-    assert mode(4096, 4096, torch.float16) == mode(4096, 4096, None) == "expert"
-    assert mode(64, 4096) == "token" and mode(4096, 4096, H=16) == "token"
-    assert kern.choose_mode(4096, 1024, E, 4096, 2) == "expert"      # dtype unknown
-    cfg = kern.default_config(4096, 1024, E, 4096, 2, dtype=torch.bfloat16)
-    assert cfg.schedule == "dense" and cfg.dense_chunk == 0
+    cfg = kern.default_config(4096, 1024, E, 4096, 2)
+    assert cfg.schedule == "expert" and cfg.dense_chunk == 0
     assert dense_mod.dense_chunk(4096, E) == 13056 and dense_mod.dense_chunk(8, 70) == 70
-    assert dense_mod.dense_chunk(4096, E, 100) == 100
+    assert dense_mod.dense_chunk(4096, E, 100) == 100 and dense_mod.dense_chunk(2**20, E) == 64
     with pytest.raises(ValueError, match="dense_chunk"):
         kern.expert_forward(*make_inputs(3, 8, 5, 2, torch.bfloat16, "cpu")[:5], "silu",
                             config=replace(cfg, dense_chunk=-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="large sizes need CUDA")
+@pytest.mark.parametrize("case", [(300, 256, 50000, 800, 0), (512, 256, 4096, 300, 1000)],
+                         ids=lambda c: "T{}_H{}_E{}_k{}_chunk{}".format(*c))
+def test_dense_large_gpu(case, monkeypatch):
+    """The dense schedule through cuBLAS (one chunk; five, the last short) against
+    float64, three calls on fresh inputs."""
+    T, H, E, k, chunk = case
+    force_expert_schedule(monkeypatch, "dense", dense_chunk=chunk)
+    for call in range(3):
+        inputs = make_inputs(T, H, E, k, torch.bfloat16, "cuda", "distinct", seed=call)
+        check_against_float64(*inputs, ACTS[call], run_op(*inputs, ACTS[call]))
 
 
 # --------------------------------------------------------------------------- GPU, larger
@@ -640,10 +649,9 @@ def test_dense_rule():
 @pytest.mark.skipif(not HAS_CUDA, reason="large sizes need CUDA")
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", [(512, 256, 4096, 16, "random"), (1024, 512, 65536, 32, "distinct"),
-                                  (1000, 200, 300, 8, "skewed"), (300, 256, 50000, 800, "distinct")],
+                                  (1000, 200, 300, 8, "skewed")],
                          ids=lambda c: "T{}_H{}_E{}_k{}_{}".format(*c))
 def test_large_gpu(case, dtype):
-    """The launch rule's own schedules (the last case: "dense" in bfloat16)."""
     T, H, E, k, kind = case
     for call in range(3):
         inputs = make_inputs(T, H, E, k, dtype, "cuda", kind, seed=call)
