@@ -198,11 +198,16 @@ MUTANTS = [
      "inc & ((owner != r) | (big == 0))",
      "inc & (big == 0)",
      ["tests/ops/expert/test_expert.py", "-k", "dense_chunks"]),
-    ("dense-ignores-non-finite-v",
+    ("dense-ignores-non-finite-table",
      OPS + "expert/dense.py",
      "anybad += tl.where(vok, 0, 1)",
      "anybad += 0",
-     ["tests/ops/expert/test_expert.py", "-k", "non_finite and dense"]),
+     ["tests/ops/expert/test_expert.py", "-k", "unused_expert"]),
+    ("dense-checks-the-wrong-table",
+     OPS + "expert/dense.py",
+     "torch.aminmax(sums) if write_parts",
+     "torch.aminmax(rows) if write_parts",
+     ["tests/ops/expert/test_expert.py", "-k", "unused_expert"]),
 ]
 
 

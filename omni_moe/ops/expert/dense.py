@@ -1,4 +1,4 @@
-"""The "dense" schedule of the expert forward: the two per-pair products as dense GEMMs.
+"""The "dense" schedule of the expert op: its per-token products as dense GEMMs.
 
 When a token routes to a sizeable share of the experts (the paper's K = 4096 of 102,400
 is 4 %), gathering two H-element rows per pair costs more than multiplying every token
@@ -14,8 +14,9 @@ by every expert on tensor cores.  Per chunk of n experts [e0, e0 + n):
 
 Every product c_i v is exact in float32, so the result keeps this op's contract (exact
 products, float32 accumulation, one rounding at the end) with the tensor cores' summation
-order.  The work is T * E * H * 2 * 4 flops whatever K is; the measured crossover against
-the per-pair schedules is the launch rule's (``kernels.choose_mode``, docs/expert.md).
+order.  The work is T * E * H * 2 * 4 flops whatever K is (each direction); the launch
+rule does not pick this schedule until its crossover with the per-pair ones is measured
+(docs/expert.md, "Large K").
 
 A dense product multiplies every token by every expert, so zeros meet every value of the
 tables: a non-finite value in v (anywhere, routed or not) would poison every token's
@@ -26,9 +27,16 @@ large for bfloat16, when two of its slots name the same expert (the scatter woul
 one), or -- all tokens -- when v holds a non-finite value.  So non-finite inputs give the
 per-pair semantics exactly (only slower).
 
-Only bfloat16 h, U and V take this path (the parts must share V's dtype, and float16's
-exponent range cannot hold a float32 coefficient); other dtypes run the "expert"
-schedule.  The backward is the "expert" schedule's.
+The backward runs the same way with the tables swapped: G = do V^T gives g_p, the pairs
+kernel writes dw_p and da_p = act'(a_p) w_p g_p, and dh += DA_i U (flagged rows: the
+gather-combine of u, every row when u holds a non-finite value).  The weight gradients
+du_e = sum da_p h_t and dv_e = sum c_p do_t stay the per-expert sums of the sorted pairs
+(``_expert_grad_kernel``): a repeated expert or a flagged token cannot be recomputed by
+row there.
+
+Only bfloat16 h, U and V (and do) take this path (the parts must share the table's
+dtype, and float16's exponent range cannot hold a float32 coefficient); other dtypes run
+the "expert" schedule.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._activations import act_fwd
+from .._activations import act_fwd, act_fwd_bwd
 from .._triton import to_dtype, to_f32
 
 # Scratch per chunk: S (float32) and the three bfloat16 parts, 10 bytes a (token, expert).
@@ -48,29 +56,36 @@ _C_MAX: tl.constexpr = tl.constexpr(3.38e38)
 
 @triton.jit
 def _dense_pairs_kernel(
-    S, S_BITS, IDX, R, A, C, PARTS, FLAG, VMIN, VMAX,
+    S, S_BITS, IDX, R, A, COEF, PARTS, FLAG, VMIN, VMAX, DW,
     e0, n, K, E,
     stride_st, stride_it, stride_ik, stride_rt, stride_rk, stride_pi, stride_pt,
-    ACT: tl.constexpr, LOG_W: tl.constexpr, FIRST: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_dwt, stride_dwk,
+    ACT: tl.constexpr, LOG_W: tl.constexpr, BACKWARD: tl.constexpr, FIRST: tl.constexpr,
+    WRITE_PARTS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One token t per program, its K slots BLOCK_K at a time, for the chunk [e0, e0 + n).
 
-    Pass 1: for the slots whose expert is in the chunk, A[t, r] = S[t, e - e0] and
-    C[t, r] = act(a) w (with ``FIRST``, the slots outside [0, E) get zeros).  Pass 2:
-    each such slot writes its slot number over its S entry.  Pass 3: a slot that does not
-    read its own number back shares its expert with another slot; it, a non-finite or
-    too large c, or (``FIRST``) a non-finite VMIN/VMAX flags the token (FLAG[t] = 1);
-    every in-chunk slot stores the three bfloat16 parts of c at PARTS[i, t, e - e0].
+    Pass 1, for the slots whose expert e is in the chunk (with ``FIRST``, the slots
+    outside [0, E) get zeros): forward (S = h U^T), a = S[t, e - e0], A[t, r] = a and
+    COEF[t, r] = c = act(a) w; backward (S = do V^T), g = S[t, e - e0] and, from
+    a = A[t, r], DW[t, r] = act(a) g (times w with LOG_W) and COEF[t, r] = da =
+    act'(a) w g.  Pass 2: each such slot writes its slot number over its S entry.
+    Pass 3: a slot that does not read its own number back shares its expert with another
+    slot; it, a coefficient not finite or too large for bfloat16, or (``FIRST``) a
+    non-finite VMIN/VMAX (of the table the parts multiply) flags the token (FLAG[t] = 1);
+    every in-chunk slot stores the three bfloat16 parts of its coefficient at
+    PARTS[i, t, e - e0].  Passes 2 and 3 only with ``WRITE_PARTS`` (the backward without
+    dh needs pass 1 alone).
     Grid: (T,).  Bytes: 3 reads of the token's K indices (the second and third from
-    L2), per in-chunk slot one S read and write, the weight, 8 bytes of A and C and 6 of
-    parts; S's row is the token's own, so programs never share an address.
+    L2), per in-chunk slot one S read and write, the weight, 8 bytes of A and COEF (and
+    DW) and 6 of parts; S's row is the token's own, so programs never share an address.
     """
     t = tl.program_id(0).to(tl.int64)
     anybad = tl.zeros((BLOCK_K,), dtype=tl.int32)
-    if FIRST:
-        vmin = tl.load(VMIN).to(tl.float32)
-        vmax = tl.load(VMAX).to(tl.float32)
-        # NaN compares false: a NaN or an infinity anywhere in v flags every token.
+    if FIRST and WRITE_PARTS:
+        vmin = to_f32(tl.load(VMIN))
+        vmax = to_f32(tl.load(VMAX))
+        # NaN compares false: a NaN or an infinity anywhere in the table flags every token.
         vok = (vmin > -float("inf")) & (vmax < float("inf"))
         anybad += tl.where(vok, 0, 1)
     for k0 in range(0, K, BLOCK_K):
@@ -78,45 +93,55 @@ def _dense_pairs_kernel(
         rm = r < K
         e = tl.load(IDX + t * stride_it + r.to(tl.int64) * stride_ik, mask=rm, other=-1).to(tl.int64)
         inc = rm & (e >= e0) & (e < e0 + n)
-        col = tl.where(inc, e - e0, 0)
-        a = tl.load(S + t * stride_st + col, mask=inc, other=0.0)
-        w = to_f32(tl.load(R + t * stride_rt + r.to(tl.int64) * stride_rk, mask=inc, other=0.0))
-        if LOG_W:
-            w = tl.where(inc, tl.exp(w), 0.0)
-        c = tl.where(inc, act_fwd(a, ACT) * w, 0.0)
         keep = inc
         if FIRST:
             keep = rm & ((e < 0) | (e >= E) | inc)
-        tl.store(A + t * K + r, a, mask=keep)
-        tl.store(C + t * K + r, c, mask=keep)
-    tl.debug_barrier()
-    for k0 in range(0, K, BLOCK_K):
-        r = k0 + tl.arange(0, BLOCK_K)
-        rm = r < K
-        e = tl.load(IDX + t * stride_it + r.to(tl.int64) * stride_ik, mask=rm, other=-1).to(tl.int64)
-        inc = rm & (e >= e0) & (e < e0 + n)
-        tl.store(S_BITS + t * stride_st + tl.where(inc, e - e0, 0), r, mask=inc)
-    tl.debug_barrier()
-    for k0 in range(0, K, BLOCK_K):
-        r = k0 + tl.arange(0, BLOCK_K)
-        rm = r < K
-        e = tl.load(IDX + t * stride_it + r.to(tl.int64) * stride_ik, mask=rm, other=-1).to(tl.int64)
-        inc = rm & (e >= e0) & (e < e0 + n)
-        col = tl.where(inc, e - e0, 0)
-        owner = tl.load(S_BITS + t * stride_st + col, mask=inc, other=0, cache_modifier=".cg")
-        c = tl.load(C + t * K + r, mask=inc, other=0.0)
-        big = tl.abs(c) <= _C_MAX            # false for NaN too
-        anybad += tl.where(inc & ((owner != r) | (big == 0)), 1, 0)
-        c = tl.where(big, c, 0.0)
-        p0 = to_dtype(c, tl.bfloat16)
-        r1 = c - to_f32(p0)
-        p1 = to_dtype(r1, tl.bfloat16)
-        p2 = to_dtype(r1 - to_f32(p1), tl.bfloat16)
-        dst = PARTS + t * stride_pt + col
-        tl.store(dst, p0, mask=inc)
-        tl.store(dst + stride_pi, p1, mask=inc)
-        tl.store(dst + 2 * stride_pi, p2, mask=inc)
-    tl.store(FLAG + t, 1, mask=tl.max(anybad, axis=0) > 0)
+        d = tl.load(S + t * stride_st + tl.where(inc, e - e0, 0), mask=inc, other=0.0)
+        w = to_f32(tl.load(R + t * stride_rt + r.to(tl.int64) * stride_rk, mask=inc, other=0.0))
+        if LOG_W:
+            w = tl.where(inc, tl.exp(w), 0.0)
+        if BACKWARD:
+            a = tl.load(A + t * K + r, mask=inc, other=0.0)
+            z, dz = act_fwd_bwd(a, ACT)
+            dw = tl.where(inc, z * d, 0.0)
+            if LOG_W:
+                dw = dw * w
+            tl.store(DW + t * stride_dwt + r.to(tl.int64) * stride_dwk,
+                     to_dtype(dw, DW.dtype.element_ty), mask=keep)
+            coef = tl.where(inc, dz * w * d, 0.0)
+        else:
+            tl.store(A + t * K + r, d, mask=keep)
+            coef = tl.where(inc, act_fwd(d, ACT) * w, 0.0)
+        tl.store(COEF + t * K + r, coef, mask=keep)
+    if WRITE_PARTS:
+        tl.debug_barrier()
+        for k0 in range(0, K, BLOCK_K):
+            r = k0 + tl.arange(0, BLOCK_K)
+            rm = r < K
+            e = tl.load(IDX + t * stride_it + r.to(tl.int64) * stride_ik, mask=rm, other=-1).to(tl.int64)
+            inc = rm & (e >= e0) & (e < e0 + n)
+            tl.store(S_BITS + t * stride_st + tl.where(inc, e - e0, 0), r, mask=inc)
+        tl.debug_barrier()
+        for k0 in range(0, K, BLOCK_K):
+            r = k0 + tl.arange(0, BLOCK_K)
+            rm = r < K
+            e = tl.load(IDX + t * stride_it + r.to(tl.int64) * stride_ik, mask=rm, other=-1).to(tl.int64)
+            inc = rm & (e >= e0) & (e < e0 + n)
+            col = tl.where(inc, e - e0, 0)
+            owner = tl.load(S_BITS + t * stride_st + col, mask=inc, other=0, cache_modifier=".cg")
+            c = tl.load(COEF + t * K + r, mask=inc, other=0.0)
+            big = tl.abs(c) <= _C_MAX            # false for NaN too
+            anybad += tl.where(inc & ((owner != r) | (big == 0)), 1, 0)
+            c = tl.where(big, c, 0.0)
+            p0 = to_dtype(c, tl.bfloat16)
+            r1 = c - to_f32(p0)
+            p1 = to_dtype(r1, tl.bfloat16)
+            p2 = to_dtype(r1 - to_f32(p1), tl.bfloat16)
+            dst = PARTS + t * stride_pt + col
+            tl.store(dst, p0, mask=inc)
+            tl.store(dst + stride_pi, p1, mask=inc)
+            tl.store(dst + 2 * stride_pi, p2, mask=inc)
+        tl.store(FLAG + t, 1, mask=tl.max(anybad, axis=0) > 0)
 
 
 def _mm_f32(x, y, acc=None):
@@ -141,47 +166,92 @@ def dense_chunk(T: int, E: int, chunk: int = 0) -> int:
     return max(1, min(E, max(64, n // 64 * 64)))
 
 
+def _dense_sum(x, rows, sums, w, idx, a, coef, dw, act_id: int, log_weights: bool, chunk: int,
+               fixup, backward: bool, write_parts: bool):
+    """The chunk loop of both directions: per chunk S = x rows_chunk^T, the pairs kernel,
+    and (``write_parts``) acc += the parts times sums_chunk; then ``fixup`` of the
+    flagged rows.  Returns the float32 (T, H) accumulator (None without parts)."""
+    T = x.shape[0]
+    K = idx.shape[1]
+    E, H = rows.shape
+    dev = x.device
+    n_max = dense_chunk(T, E, chunk)
+    flag = torch.zeros((T,), dtype=torch.int32, device=dev)
+    vmin, vmax = torch.aminmax(sums) if write_parts else (flag, flag)
+    acc = torch.zeros((T, H), dtype=torch.float32, device=dev) if write_parts else None
+    parts_buf = torch.empty((3, T, n_max if write_parts else 1), dtype=torch.bfloat16, device=dev)
+    block_k = max(16, min(256, triton.next_power_of_2(K)))
+    dw_arg = dw if backward else coef
+    for e0 in range(0, E, n_max):
+        n = min(n_max, E - e0)
+        s = _mm_f32(x, rows[e0:e0 + n].t())
+        parts = parts_buf[:, :, :n] if write_parts else parts_buf
+        if write_parts:
+            parts.zero_()
+        _dense_pairs_kernel[(T,)](
+            s, s.view(torch.int32), idx, w, a, coef, parts, flag, vmin, vmax, dw_arg,
+            e0, n, K, E,
+            s.stride(0), idx.stride(0), idx.stride(1), w.stride(0), w.stride(1),
+            parts.stride(0), parts.stride(1), dw_arg.stride(0), dw_arg.stride(1),
+            ACT=act_id, LOG_W=log_weights, BACKWARD=backward, FIRST=e0 == 0,
+            WRITE_PARTS=write_parts, BLOCK_K=block_k, num_warps=4,
+        )
+        del s
+        if write_parts:
+            v = sums[e0:e0 + n]
+            for i in range(3):
+                acc = _mm_f32(parts[i], v, acc)
+    if write_parts:
+        fixup(coef, flag, acc)
+    return acc
+
+
 def dense_forward(h, up, down, w, idx, a, out, act_id: int, log_weights: bool, chunk: int,
                   fixup):
     """out (T, H) and a (T, K) of the op in the dense schedule (h, up, down bfloat16).
 
     ``fixup(coef, flag, acc)``: recompute the flagged rows of the float32 accumulator
-    ``acc`` pair by pair from the (T, K) float32 coefficients (the caller's gather-combine
-    launch).  No host sync; scratch of about ``dense_chunk`` experts x 10 bytes a token.
+    ``acc`` pair by pair from the (T, K) float32 coefficients with the sum's table (the
+    caller's gather-combine launch of v).  No host sync; scratch of about
+    ``dense_chunk`` experts x 10 bytes a token.
     """
     T, H = h.shape
     K = idx.shape[1]
     E = up.shape[0]
-    dev = h.device
     if T == 0:
         return out, a
     if E == 0 or K == 0 or H == 0:
         out.zero_()
         a.zero_()
         return out, a
-    n_max = dense_chunk(T, E, chunk)
-    vmin, vmax = torch.aminmax(down)
-    acc = torch.zeros((T, H), dtype=torch.float32, device=dev)
-    coef = torch.empty((T, K), dtype=torch.float32, device=dev)
-    flag = torch.zeros((T,), dtype=torch.int32, device=dev)
-    parts_buf = torch.empty((3, T, n_max), dtype=torch.bfloat16, device=dev)
-    block_k = max(16, min(256, triton.next_power_of_2(K)))
-    for e0 in range(0, E, n_max):
-        n = min(n_max, E - e0)
-        s = _mm_f32(h, up[e0:e0 + n].t())
-        parts = parts_buf[:, :, :n]
-        parts.zero_()
-        _dense_pairs_kernel[(T,)](
-            s, s.view(torch.int32), idx, w, a, coef, parts, flag, vmin, vmax,
-            e0, n, K, E,
-            s.stride(0), idx.stride(0), idx.stride(1), w.stride(0), w.stride(1),
-            parts.stride(0), parts.stride(1),
-            ACT=act_id, LOG_W=log_weights, FIRST=e0 == 0, BLOCK_K=block_k, num_warps=4,
-        )
-        del s
-        v = down[e0:e0 + n]
-        for i in range(3):
-            acc = _mm_f32(parts[i], v, acc)
-    fixup(coef, flag, acc)
+    coef = torch.empty((T, K), dtype=torch.float32, device=h.device)
+    acc = _dense_sum(h, up, down, w, idx, a, coef, None, act_id, log_weights, chunk, fixup,
+                     False, True)
     out.copy_(acc)
     return out, a
+
+
+def dense_backward(grad_out, h, up, down, w, idx, a, dw, da, dh, act_id: int, log_weights: bool,
+                   chunk: int, fixup):
+    """dw (T, K), da (T, K) float32 (for the weight gradients) and, if ``dh`` is given,
+    dh (T, H), written in the dense schedule (grad_out, h, up, down bfloat16).
+
+    Per chunk G = do V^T (float32 output of exact products) gives g_p; the pairs kernel
+    writes dw and da and, for dh, the three parts of da, summed against U as the forward
+    sums c against V; ``fixup`` (a gather-combine launch of u) recomputes the flagged rows.
+    """
+    T, H = h.shape
+    K = idx.shape[1]
+    E = up.shape[0]
+    if T == 0:
+        return
+    if E == 0 or K == 0 or H == 0:
+        da.zero_()
+        dw.zero_()
+        if dh is not None:
+            dh.zero_()
+        return
+    acc = _dense_sum(grad_out, down, up, w, idx, a, da, dw, act_id, log_weights, chunk, fixup,
+                     True, dh is not None)
+    if dh is not None:
+        dh.copy_(acc)

@@ -37,9 +37,10 @@ the first two):
   computed by grid row on tensor cores (``rows.py``); measured not to pay yet
   (docs/expert.md, "Large K").
 
-"dense" (``config=`` only; bfloat16 h, u, v): the forward as chunked cuBLAS GEMMs with
-  the coefficients in three exact bfloat16 parts (``dense.py``), T*E*H*8 flops whatever
-  k is; the backward is the "expert" schedule's.
+"dense" (``config=`` only; bfloat16 h, u, v): the per-token products (a_p and out_t
+  forward, g_p and dh_t backward) as chunked cuBLAS GEMMs with the coefficients in three
+  exact bfloat16 parts (``dense.py``), T*E*H*8 flops a direction whatever k is; the
+  weight gradients are the sorted pairs' ``_expert_grad_kernel``.
 
 The weight gradients (every schedule): ``_expert_grad_kernel`` writes du_e =
 sum_p da_p h_t and dv_e = sum_p c_p do_t over each expert's pairs in sorted (token)
@@ -76,7 +77,7 @@ from .._activations import ACT_ID, act_fwd, act_fwd_bwd
 from .._checks import check_choice, check_int, check_pow2, with_fields
 from .._dispatch import device_info
 from .._triton import loop_bound, to_dtype, to_f32
-from .dense import dense_forward
+from .dense import dense_backward, dense_forward
 from .rows import (RowTile, grid_width, group_rows, launch_row_dot, pair_epilogue, row_groups,
                    row_key_dtype)
 
@@ -913,10 +914,21 @@ def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_w
                             dup if need_dup else None, ddown if need_ddown else None, act,
                             log_weights, cfg.expert_grad, sorted_inputs=sorted_inputs)
 
+    dense = cfg.schedule == "dense" and perm.numel() == 0 and T * K > 0
+    if dense and shared_dtype(grad_out, hidden_states, up_weights, down_weights) != torch.bfloat16:
+        sorted_e, perm = group_pairs(indices, E)            # other dtypes: "expert"'s backward
+        dense = False
     da = torch.empty((T, K), dtype=torch.float32, device=dev)
-    if perm.numel() == 0 and cfg.schedule == "dense" and T * K > 0:
-        sorted_e, perm = group_pairs(indices, E)            # the "expert" schedule's backward
-    if perm.numel() == 0:                                   # "token" schedule
+    if dense:
+        dense_backward(grad_out, hidden_states, up_weights, down_weights, routing_weights, indices,
+                       a, dw, da, dh if need_dh else None, ACT_ID[act], bool(log_weights),
+                       cfg.dense_chunk,
+                       lambda coef, flag, acc: launch_gather_combine(up_weights, indices, coef, acc,
+                                                                     cfg.gather, flag=flag))
+        if need_w:
+            sorted_e, perm = group_pairs(indices, E)
+            weight_grads(sorted_e, perm, a, da, False)
+    elif perm.numel() == 0:                                 # "token" schedule
         launch_token_backward(grad_out, up_weights, down_weights, routing_weights, indices, a,
                               dw, da, dh if need_dh else None, act, log_weights, cfg.token)
         if need_w:

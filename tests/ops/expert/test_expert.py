@@ -295,9 +295,14 @@ def test_non_finite_inputs(dtype, device, mode):
     a_ref = torch.einsum("th,tkh->tk", hd, ud[idx64])
     z = torch.nn.functional.silu(a_ref)
     out_ref = torch.einsum("tk,tkh->th", z * wd, vd[idx64])
-    dw_ref = z * torch.einsum("th,tkh->tk", god, vd[idx64])
+    g_ref = torch.einsum("th,tkh->tk", god, vd[idx64])
+    dw_ref = z * g_ref
+    sig = torch.sigmoid(a_ref)
+    da_ref = sig * (1 + a_ref * (1 - sig)) * wd * g_ref
+    dh_ref = torch.einsum("tk,tkh->th", da_ref, ud[idx64])
     for name, got, ref, tol in (("a", a, a_ref, 1e-5), ("out", out, out_ref, 1e-2 if dtype != torch.float32 else 1e-5),
-                                ("dw", dw, dw_ref, 1e-5)):
+                                ("dw", dw, dw_ref, 1e-5),
+                                ("dh", dh, dh_ref, 1e-2 if dtype != torch.float32 else 1e-5)):
         got = got.detach().cpu().double()
         assert torch.equal(got.isnan(), ref.isnan()), name
         assert torch.equal(got == float("inf"), ref == float("inf")), name
@@ -591,6 +596,24 @@ def test_dense_chunks(chunk, device, monkeypatch):
         inputs = make_inputs(23, 40, 70, 9, torch.bfloat16, device, "random", seed=40 + call)
         assert (inputs[4][:, :, None] == inputs[4][:, None, :]).sum() > 23 * 9   # duplicates
         check_against_float64(*inputs, ACTS[call], run_op(*inputs, ACTS[call]))
+
+
+@pytest.mark.parametrize("table", ["up", "down"])
+def test_dense_non_finite_unused_expert(table, device, monkeypatch):
+    """A NaN and an infinity in the u (or v) row of an expert no token routes to: the
+    dense products multiply it by zeros, so every token is recomputed pair by pair and
+    out and every gradient stay those of the float64 formula (which never reads it)."""
+    force_expert_schedule(monkeypatch, "dense", dense_chunk=16)
+    h, up, down, w, idx, go = make_inputs(21, 40, 50, 6, torch.bfloat16, device, "distinct", seed=17)
+    idx = torch.where(idx == 7, torch.full_like(idx, 8), idx)          # expert 7 unused
+    t = up if table == "up" else down
+    t[7, 3], t[7, 11] = float("nan"), -float("inf")
+    got = run_op(h, up, down, w, idx, go, "gelu")
+    assert all(torch.isfinite(g).all() for g in (got[0], got[1], got[4]))
+    for g in got[2:4]:
+        assert torch.equal(g[7], torch.zeros_like(g[7]))
+        g[7] = 0
+    check_against_float64(h, up.nan_to_num(0, 0, 0), down.nan_to_num(0, 0, 0), w, idx, go, "gelu", got)
 
 
 def test_dense_coefficient_beyond_bfloat16(device):
