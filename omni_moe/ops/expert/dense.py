@@ -55,6 +55,15 @@ _C_MAX: tl.constexpr = tl.constexpr(3.38e38)
 
 
 @triton.jit
+def _chunk_slots(IDX, t, k0, K, e0, n, stride_it, stride_ik, BLOCK_K: tl.constexpr):
+    """Slots r = k0.. of token t: (r, r < K, expert e (-1 past K), e in [e0, e0 + n))."""
+    r = k0 + tl.arange(0, BLOCK_K)
+    rm = r < K
+    e = tl.load(IDX + t * stride_it + r.to(tl.int64) * stride_ik, mask=rm, other=-1).to(tl.int64)
+    return r, rm, e, rm & (e >= e0) & (e < e0 + n)
+
+
+@triton.jit
 def _dense_pairs_kernel(
     S, S_BITS, IDX, R, A, COEF, PARTS, FLAG, VMIN, VMAX, DW,
     e0, n, K, E,
@@ -89,10 +98,7 @@ def _dense_pairs_kernel(
         vok = (vmin > -float("inf")) & (vmax < float("inf"))
         anybad += tl.where(vok, 0, 1)
     for k0 in range(0, K, BLOCK_K):
-        r = k0 + tl.arange(0, BLOCK_K)
-        rm = r < K
-        e = tl.load(IDX + t * stride_it + r.to(tl.int64) * stride_ik, mask=rm, other=-1).to(tl.int64)
-        inc = rm & (e >= e0) & (e < e0 + n)
+        r, rm, e, inc = _chunk_slots(IDX, t, k0, K, e0, n, stride_it, stride_ik, BLOCK_K)
         keep = inc
         if FIRST:
             keep = rm & ((e < 0) | (e >= E) | inc)
@@ -116,17 +122,11 @@ def _dense_pairs_kernel(
     if WRITE_PARTS:
         tl.debug_barrier()
         for k0 in range(0, K, BLOCK_K):
-            r = k0 + tl.arange(0, BLOCK_K)
-            rm = r < K
-            e = tl.load(IDX + t * stride_it + r.to(tl.int64) * stride_ik, mask=rm, other=-1).to(tl.int64)
-            inc = rm & (e >= e0) & (e < e0 + n)
+            r, rm, e, inc = _chunk_slots(IDX, t, k0, K, e0, n, stride_it, stride_ik, BLOCK_K)
             tl.store(S_BITS + t * stride_st + tl.where(inc, e - e0, 0), r, mask=inc)
         tl.debug_barrier()
         for k0 in range(0, K, BLOCK_K):
-            r = k0 + tl.arange(0, BLOCK_K)
-            rm = r < K
-            e = tl.load(IDX + t * stride_it + r.to(tl.int64) * stride_ik, mask=rm, other=-1).to(tl.int64)
-            inc = rm & (e >= e0) & (e < e0 + n)
+            r, rm, e, inc = _chunk_slots(IDX, t, k0, K, e0, n, stride_it, stride_ik, BLOCK_K)
             col = tl.where(inc, e - e0, 0)
             owner = tl.load(S_BITS + t * stride_st + col, mask=inc, other=0, cache_modifier=".cg")
             c = tl.load(COEF + t * K + r, mask=inc, other=0.0)
