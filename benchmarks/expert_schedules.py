@@ -94,7 +94,7 @@ def run_case(T, k, H, N, variants, dev, out, schedules=("expert", "rows"), dense
     x = torch.randn(T, N, device=dev, generator=g).log_softmax(-1)
     y = torch.randn(T, N, device=dev, generator=g).log_softmax(-1)
     s, idx = omni_router(x, y, N, k, sorted=False)
-    base = kern.default_config(T, H, E, k, 2)
+    base = kern.default_config(T, H, E, k, 2, dtype=torch.bfloat16)
     row = dict(T=T, k=k, H=H, E=E, rule=base.schedule)
     if not variants:
         return _time_schedules(T, k, h, up, down, go, s, idx, base, row, dev, out, schedules,

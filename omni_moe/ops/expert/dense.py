@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from .._activations import act_fwd, act_fwd_bwd
-from .._triton import to_dtype, to_f32
+from .._triton import loop_bound, to_dtype, to_f32
 
 # Scratch per chunk: S (float32) and the three bfloat16 parts, 10 bytes a (token, expert).
 _CHUNK_BYTES = 512 * 2**20
@@ -97,7 +97,7 @@ def _dense_pairs_kernel(
         # NaN compares false: a NaN or an infinity anywhere in the table flags every token.
         vok = (vmin > -float("inf")) & (vmax < float("inf"))
         anybad += tl.where(vok, 0, 1)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, loop_bound(K), BLOCK_K):
         r, rm, e, inc = _chunk_slots(IDX, t, k0, K, e0, n, stride_it, stride_ik, BLOCK_K)
         keep = inc
         if FIRST:
@@ -121,11 +121,11 @@ def _dense_pairs_kernel(
         tl.store(COEF + t * K + r, coef, mask=keep)
     if WRITE_PARTS:
         tl.debug_barrier()
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, loop_bound(K), BLOCK_K):
             r, rm, e, inc = _chunk_slots(IDX, t, k0, K, e0, n, stride_it, stride_ik, BLOCK_K)
             tl.store(S_BITS + t * stride_st + tl.where(inc, e - e0, 0), r, mask=inc)
         tl.debug_barrier()
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, loop_bound(K), BLOCK_K):
             r, rm, e, inc = _chunk_slots(IDX, t, k0, K, e0, n, stride_it, stride_ik, BLOCK_K)
             col = tl.where(inc, e - e0, 0)
             owner = tl.load(S_BITS + t * stride_st + col, mask=inc, other=0, cache_modifier=".cg")

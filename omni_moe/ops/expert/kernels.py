@@ -37,7 +37,7 @@ the first two):
   computed by grid row on tensor cores (``rows.py``); measured not to pay yet
   (docs/expert.md, "Large K").
 
-"dense" (``config=`` only; bfloat16 h, u, v): the per-token products (a_p and out_t
+"dense" (bfloat16 h, u, v; chosen when a token routes to >= 1/32 of the experts): the per-token products (a_p and out_t
   forward, g_p and dh_t backward) as chunked cuBLAS GEMMs with the coefficients in three
   exact bfloat16 parts (``dense.py``), T*E*H*8 flops a direction whatever k is; the
   weight gradients are the sorted pairs' ``_expert_grad_kernel``.
@@ -528,23 +528,36 @@ class ExpertConfig:
 _DECODE_T = 64   # up to this many tokens: the token schedule (its forward in slot chunks)
 
 
-def choose_mode(T: int, H: int, E: int, K: int, itemsize: int) -> str:
+# Each direction of the dense schedule does T*E*H*8 flops whatever K is; the per-pair
+# gathers grow with T*K.  Measured crossover (H100, T = 4096, E = 102,400): a token
+# routing to 2 % of the experts ties, 4 % is 1.4-2.2x faster (docs/expert.md, "Large K").
+_DENSE_MIN_SHARE = 32
+
+
+def choose_mode(T: int, H: int, E: int, K: int, itemsize: int, dtype=None) -> str:
     """"expert" when the u/v tables do not fit in L2, pairs share experts (P >= 2 D,
     D from uniform routing) and T > 64; else "token" (decode batches: the token forward
     in slot chunks beats the expert schedule's sort and per-token-block combine there).
-    Shapes only: no data is read.  The measurements behind the rule: docs/expert.md,
-    "Launch rules".  "rows" and "dense" run only when ``config=`` names them.
+    "dense" instead of "expert" when ``dtype`` (that of h, u and v alike) is bfloat16 and
+    a token routes to at least 1/32 of the experts.  Shapes and dtype only: no data is
+    read.  The measurements behind the rule: docs/expert.md, "Launch rules" and "Large
+    K".  "rows" runs only when ``config=`` names it.
     """
     P = T * K
     if P == 0 or 2 * E * H * itemsize <= _L2_TABLES or T <= _DECODE_T:
         return "token"
-    return "expert" if P >= 2 * expected_distinct_experts(T, K, E) else "token"
+    if P < 2 * expected_distinct_experts(T, K, E):
+        return "token"
+    if dtype == torch.bfloat16 and K * _DENSE_MIN_SHARE >= E:
+        return "dense"
+    return "expert"
 
 
 _SPLIT_MIN_K = 128         # fewer slots a token: no chunks (the k <= 32 paths stay as they were)
-_SPLIT_MIN_SLOTS = 16      # slots per chunk at the least
+_SPLIT_MIN_SLOTS = 8       # slots per chunk at the least
 _SPLIT_MAX_SLOTS = 128     # slots per chunk at the most, while token blocks are few
 _SPLIT_PROGRAMS_PER_SM = 8
+_SPLIT_MAX_CHUNKS_PER_SM = 2   # chunks of one token block, per multiprocessor, at the most
 
 
 def _token_split(T: int, K: int, block_t: int, sms: int) -> int:
@@ -552,14 +565,24 @@ def _token_split(T: int, K: int, block_t: int, sms: int) -> int:
     # dependent gather after another, so the call lasts k gathers while most of the GPU
     # idles.  Cut the slots into chunks -- enough for _SPLIT_PROGRAMS_PER_SM programs a
     # multiprocessor, and at most _SPLIT_MAX_SLOTS slots a chunk -- never below
-    # _SPLIT_MIN_SLOTS slots a chunk.  From 8 blocks a multiprocessor on: one chunk.
-    # Measured on an H100 (docs/expert.md, "Launch rules"): T = 1 / 8 / 64 / 256, k = 512
-    # and 3072, 2.5 ms -> 0.05-1.0 ms.  sms = 0 (unknown device): one chunk.
+    # _SPLIT_MIN_SLOTS slots a chunk nor above _SPLIT_MAX_CHUNKS_PER_SM chunks a
+    # multiprocessor.  From 8 blocks a multiprocessor on: one chunk.  Measured on an H100
+    # (docs/expert.md, "Decode batches"): T = 1 / 8 / 64 / 256, k = 512 and 3072,
+    # 2.5 ms -> 0.05-1.0 ms.  sms = 0 (unknown device): one chunk.
     blocks = triton.cdiv(max(T, 1), block_t)
     if sms <= 0 or K < _SPLIT_MIN_K or blocks >= _SPLIT_PROGRAMS_PER_SM * sms:
         return 1
     want = max(triton.cdiv(_SPLIT_PROGRAMS_PER_SM * sms, blocks), triton.cdiv(K, _SPLIT_MAX_SLOTS))
-    return max(1, min(want, K // _SPLIT_MIN_SLOTS))
+    return max(1, min(want, K // _SPLIT_MIN_SLOTS, _SPLIT_MAX_CHUNKS_PER_SM * sms))
+
+
+def _sum_width(T: int, H: int) -> int:
+    # The chunk sum reads chunks x T x H float32 once: with a few tokens, 256-column
+    # programs are too few to keep the loads in flight (T = 1, H = 1024: four).  Columns
+    # per program so that about 256 programs run, 32 to 256 (docs/expert.md, "Decode
+    # batches": T = 1, 192 chunks, 20.8 -> 13.4 us).
+    width = triton.next_power_of_2(max(T * H // 256, 1))
+    return max(16, min(256, triton.next_power_of_2(max(H, 1)), max(32, width)))
 
 
 def _token_tile(T: int, H: int, K: int, sms: int = 0) -> Tile:
@@ -605,11 +628,13 @@ def _rows_tile(H: int, E: int) -> RowTile:
     return RowTile(block_t=128, block_j=block_j, block_h=block_h, warps=8)
 
 
-def default_config(T: int, H: int, E: int, K: int, itemsize: int, sms: int = 0) -> ExpertConfig:
+def default_config(T: int, H: int, E: int, K: int, itemsize: int, sms: int = 0,
+                   dtype=None) -> ExpertConfig:
     """The launch configuration the op uses for a shape (the rules above;
     docs/expert.md, "Launch rules"); ``sms``: the device's multiprocessors (0: unknown,
-    the token forward then runs one program per token block)."""
-    return ExpertConfig(schedule=choose_mode(T, H, E, K, itemsize),
+    the token forward then runs one program per token block); ``dtype``: that of h, u
+    and v when they share one (None otherwise)."""
+    return ExpertConfig(schedule=choose_mode(T, H, E, K, itemsize, dtype),
                         token=_token_tile(T, H, K, sms), pair_dot=_pair_dot_tile(T * K, H),
                         gather=_gather_tile(T, H, K), expert_grad=_expert_grad_tile(E, H),
                         rows=_rows_tile(H, E))
@@ -712,7 +737,7 @@ def launch_token_forward(hidden_states, up_weights, down_weights, routing_weight
         ONE_CHUNK=H <= block_h, UNROLL=unroll, num_warps=warps,
     )
     if chunks > 1:
-        sum_h = max(16, min(256, triton.next_power_of_2(H)))
+        sum_h = _sum_width(T, H)
         sum_s = min(16, triton.next_power_of_2(chunks))
         _split_sum_kernel[(T, triton.cdiv(H, sum_h))](dst, out, chunks, T, H, out.stride(0), out.stride(1),
                                                       BLOCK_S=sum_s, BLOCK_H=sum_h, num_warps=4)
@@ -829,14 +854,15 @@ def expert_forward(hidden_states, up_weights, down_weights, routing_weights, ind
     K = indices.shape[1]
     E = up_weights.shape[0]
     dev = hidden_states.device
-    cfg = (default_config(T, H, E, K, up_weights.element_size(), device_info(dev)[0])
+    dtype = shared_dtype(hidden_states, up_weights, down_weights)
+    cfg = (default_config(T, H, E, K, up_weights.element_size(), device_info(dev)[0], dtype)
            if config is None else _check_config(config))
     if out is None:
         out = torch.empty((T, H), dtype=hidden_states.dtype, device=dev)
     if a is None:
         a = torch.empty((T, K), dtype=torch.float32, device=dev)
     schedule = cfg.schedule
-    if schedule == "dense" and shared_dtype(hidden_states, up_weights, down_weights) != torch.bfloat16:
+    if schedule == "dense" and dtype != torch.bfloat16:
         schedule = "expert"                                 # dense.py: bfloat16 only
     if schedule == "dense":
         dense_forward(hidden_states, up_weights, down_weights, routing_weights, indices, a, out,
@@ -887,8 +913,9 @@ def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_w
     K = indices.shape[1]
     E = up_weights.shape[0]
     dev = hidden_states.device
-    cfg = (default_config(T, H, E, K, up_weights.element_size()) if config is None
-           else _check_config(config))
+    cfg = (default_config(T, H, E, K, up_weights.element_size(),
+                          dtype=shared_dtype(hidden_states, up_weights, down_weights))
+           if config is None else _check_config(config))
     if dh is None and need_dh:
         dh = torch.empty((T, H), dtype=hidden_states.dtype, device=dev)
     if used_rows is None:

@@ -100,7 +100,7 @@ def expert_forward_impl(h, up, down, w, idx, act, log_weights=False):
         w = w.float().exp()
     out, a = expert_forward_reference(h, up, down, w, idx, act)
     # The PyTorch path needs no grouping; empty placeholders keep the op's signature.
-    return (out, a.contiguous(), idx.new_empty((0,), dtype=_sort_key_dtype(h, up, idx)),
+    return (out, a.contiguous(), idx.new_empty((0,), dtype=_sort_key_dtype(h, up, down, idx)),
             idx.new_empty((0,), dtype=torch.int64))
 
 
@@ -121,18 +121,19 @@ def expert_backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, 
             ddown if need_ddown else down.new_empty((0,)), dw)
 
 
-def _schedule(h, up, idx) -> str | None:
+def _schedule(h, up, down, idx) -> str | None:
     """The kernels' schedule for these inputs (None: the PyTorch path)."""
     if not use_triton(h):
         return None
     from . import kernels
 
     T, H = h.shape
-    return kernels.default_config(T, H, up.shape[0], idx.shape[1], up.element_size()).schedule
+    return kernels.default_config(T, H, up.shape[0], idx.shape[1], up.element_size(),
+                                  dtype=kernels.shared_dtype(h, up, down)).schedule
 
 
-def _sort_key_dtype(h, up, idx) -> torch.dtype:
-    schedule = _schedule(h, up, idx)
+def _sort_key_dtype(h, up, down, idx) -> torch.dtype:
+    schedule = _schedule(h, up, down, idx)
     if schedule is None:
         return torch.int32
     from .kernels import sort_key_dtype
@@ -140,9 +141,9 @@ def _sort_key_dtype(h, up, idx) -> torch.dtype:
     return sort_key_dtype(up.shape[0], schedule)
 
 
-def _grouped_pairs(h, up, idx) -> int:
+def _grouped_pairs(h, up, down, idx) -> int:
     """How many pairs the forward groups (the fake implementation's output size)."""
-    return idx.numel() if _schedule(h, up, idx) in ("expert", "rows") else 0
+    return idx.numel() if _schedule(h, up, down, idx) in ("expert", "rows") else 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,9 +160,9 @@ def _expert_forward(h: torch.Tensor, up: torch.Tensor, down: torch.Tensor, w: to
 def _(h, up, down, w, idx, act, log_weights=False):
     T, H = h.shape
     K = idx.shape[1]
-    P = _grouped_pairs(h, up, idx)
+    P = _grouped_pairs(h, up, down, idx)
     return (h.new_empty((T, H)), h.new_empty((T, K), dtype=torch.float32),
-            h.new_empty((P,), dtype=_sort_key_dtype(h, up, idx)),
+            h.new_empty((P,), dtype=_sort_key_dtype(h, up, down, idx)),
             h.new_empty((P,), dtype=torch.int64))
 
 

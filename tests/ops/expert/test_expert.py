@@ -405,21 +405,24 @@ def test_token_forward_split(cfg, device, monkeypatch):
 
 def test_token_split_rule():
     """Chunks only for k >= 128 and fewer than 8 token blocks a multiprocessor: enough
-    for 8 programs a multiprocessor and at most 128 slots a chunk, never under 16 slots
-    a chunk; unknown device: none.  Decode batches take the token schedule."""
+    for 8 programs a multiprocessor and at most 128 slots a chunk, never under 8 slots
+    a chunk nor over 2 chunks a multiprocessor; unknown device: none.  Decode batches
+    take the token schedule.  The chunk sum's column width: about 256 programs."""
     split = lambda T, H, K, sms: kern.default_config(T, H, 65536, K, 2, sms).token.split
-    assert split(1, 1024, 3072, 132) == 192
+    assert split(1, 1024, 3072, 132) == 264 and split(1, 1024, 3072, 66) == 132
     assert split(8, 1024, 3072, 132) == 132
     assert split(64, 1024, 3072, 132) == 24
     assert split(256, 1024, 3072, 132) == 24
     assert split(64, 1024, 512, 132) == 17
-    assert split(1, 1024, 512, 132) == 32
+    assert split(1, 1024, 512, 132) == 64 and split(8, 1024, 512, 132) == 64
     assert split(1, 1024, 16, 132) == split(1, 1024, 127, 132) == 1
     assert split(1056, 1024, 3072, 132) == split(4096, 1024, 3072, 132) == 1
     assert split(1, 1024, 3072, 0) == 1
     assert kern.default_config(1, 1024, 65536, 3072, 2).token.split == 1
     assert kern.choose_mode(64, 1024, 65536, 3072, 2) == "token"
     assert kern.choose_mode(65, 1024, 65536, 3072, 2) == "expert"
+    assert [kern._sum_width(T, 1024) for T in (1, 8, 16, 64, 4096)] == [32, 32, 64, 256, 256]
+    assert kern._sum_width(1, 8) == 16 and kern._sum_width(256, 100) == 128
 
 
 def test_token_split_default_rule(device):
@@ -638,13 +641,20 @@ def test_dense_coefficient_beyond_bfloat16(device):
     assert torch.equal(dense, ref)
 
 
-def test_dense_config():
-    """The dense schedule runs when ``config=`` names it (the launch rule keeps the paper's
-    sizes on "expert"); its chunk rule keeps the scratch within 512 MiB; a negative
-    ``dense_chunk`` is rejected."""
+def test_dense_rule():
+    """The rule takes the dense schedule for bfloat16 h, u, v (and only then) when a token
+    routes to at least 1/32 of the experts, past decode batches and L2-resident tables;
+    its chunk rule keeps the scratch within 512 MiB; a negative ``dense_chunk`` is
+    rejected."""
     E = 102400
-    cfg = kern.default_config(4096, 1024, E, 4096, 2)
-    assert cfg.schedule == "expert" and cfg.dense_chunk == 0
+    mode = lambda T, K, dtype=torch.bfloat16, H=1024: kern.choose_mode(T, H, E, K, 2, dtype)
+    assert mode(4096, 3200) == mode(4096, 4096) == mode(1024, 4096) == "dense"
+    assert mode(4096, 3199) == mode(4096, 2048) == mode(4096, 512) == "expert"
+    assert mode(4096, 4096, torch.float16) == mode(4096, 4096, None) == "expert"
+    assert mode(64, 4096) == "token" and mode(4096, 4096, H=16) == "token"
+    assert kern.choose_mode(4096, 1024, E, 4096, 2) == "expert"      # dtype unknown
+    cfg = kern.default_config(4096, 1024, E, 4096, 2, dtype=torch.bfloat16)
+    assert cfg.schedule == "dense" and cfg.dense_chunk == 0
     assert dense_mod.dense_chunk(4096, E) == 13056 and dense_mod.dense_chunk(8, 70) == 70
     assert dense_mod.dense_chunk(4096, E, 100) == 100 and dense_mod.dense_chunk(2**20, E) == 64
     with pytest.raises(ValueError, match="dense_chunk"):
@@ -672,9 +682,10 @@ def test_dense_large_gpu(case, monkeypatch):
 @pytest.mark.skipif(not HAS_CUDA, reason="large sizes need CUDA")
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", [(512, 256, 4096, 16, "random"), (1024, 512, 65536, 32, "distinct"),
-                                  (1000, 200, 300, 8, "skewed")],
+                                  (1000, 200, 300, 8, "skewed"), (300, 256, 50000, 1600, "distinct")],
                          ids=lambda c: "T{}_H{}_E{}_k{}_{}".format(*c))
 def test_large_gpu(case, dtype):
+    """The launch rule's own schedules (the last case: "dense" in bfloat16)."""
     T, H, E, k, kind = case
     for call in range(3):
         inputs = make_inputs(T, H, E, k, dtype, "cuda", kind, seed=call)
