@@ -931,7 +931,7 @@ def plot(rows, path: str) -> None:
     b.set_xlabel("training time (s)")
     a.set_ylabel("validation bits per byte")
     env = rows[0].get("env", {})
-    fig.suptitle(f"byte-level LM on the Python standard library -- {env.get('gpu') or 'CPU'}, "
+    fig.suptitle(f"byte-level LM on Python source files -- {env.get('gpu') or 'CPU'}, "
                  f"{(env.get('date') or '')[:10]}")
     a.legend(fontsize=7)
     for ax in (a, b):
