@@ -15,8 +15,8 @@ by every expert on tensor cores.  Per chunk of n experts [e0, e0 + n):
 Every product c_i v is exact in float32, so the result keeps this op's contract (exact
 products, float32 accumulation, one rounding at the end) with the tensor cores' summation
 order.  The work is T * E * H * 2 * 4 flops whatever K is (each direction); the launch
-rule does not pick this schedule until its crossover with the per-pair ones is measured
-(docs/expert.md, "Large K").
+rule takes this schedule from K >= E / 32, the measured crossover with the per-pair ones
+(``kernels.choose_mode``; docs/expert.md, "Large K").
 
 A dense product multiplies every token by every expert, so zeros meet every value of the
 tables: a non-finite value in v (anywhere, routed or not) would poison every token's
