@@ -11,9 +11,11 @@ and its gradients (per pair, with g = v_e . do_t):
     dh_t    += da * u_e          du_e += da * h_t          dv_e += act(a) * w * do_t
 
 ``expert_forward_reference`` / ``expert_backward_reference`` gather u[idx] and v[idx]
-into (T, k, H) float32 tensors, accumulate in float32 and round once to each output's
-dtype.  Memory O(T*k*H); this is what the Triton kernels avoid.  The test oracle
-(``expert_naive``) lives in ``reference.py``.
+into (tokens, k, H) float32 tensors, accumulate in float32 and round once to each output's
+dtype.  They do so for a chunk of tokens at a time (``token_chunks``: about 256 MiB of
+such temporaries), so memory is O(T*k) plus the chunk, not O(T*k*H) -- at T = 4096,
+k = 4096, H = 1024 one whole gather would be 64 GiB.  The Triton kernels gather nothing.
+The test oracle (``expert_naive``) lives in ``reference.py``.
 """
 
 from __future__ import annotations
@@ -23,15 +25,33 @@ import torch
 from .._activations import activation, activation_and_grad
 
 
+# Bytes of (tokens, k, H) float32 temporaries per chunk of tokens.
+_CHUNK_BYTES = 256 * 2**20
+
+
+def token_chunks(T: int, K: int, H: int, live: int = 2) -> list[slice]:
+    """Slices of the T tokens such that ``live`` (chunk, K, H) float32 tensors fit in
+    about 256 MiB (one token at least); [slice(0, 0)] when T = 0."""
+    step = max(1, _CHUNK_BYTES // max(1, live * K * H * 4))
+    return [slice(t0, min(T, t0 + step)) for t0 in range(0, T, step)] or [slice(0, 0)]
+
+
 def expert_forward_reference(hidden_states, up_weights, down_weights, routing_weights, indices, act="silu"):
     """(out, a): out (T, H) in hidden_states' dtype, a (T, k) float32 pre-activations."""
+    T, H = hidden_states.shape
+    K = indices.shape[1]
     idx = indices.long()
-    hf = hidden_states.float()
-    u = up_weights[idx].float()                                   # (T, k, H)
-    a = torch.bmm(u, hf.unsqueeze(-1)).squeeze(-1)                # (T, k)
-    c = activation(a, act) * routing_weights.float()
-    v = down_weights[idx].float()                                 # (T, k, H)
-    out = torch.bmm(c.unsqueeze(1), v).squeeze(1)                 # (T, H)
+    dev = hidden_states.device
+    out = torch.empty((T, H), dtype=torch.float32, device=dev)
+    a = torch.empty((T, K), dtype=torch.float32, device=dev)
+    for sl in token_chunks(T, K, H):
+        ix = idx[sl]
+        u = up_weights[ix].float()                                    # (chunk, k, H)
+        a[sl] = torch.bmm(u, hidden_states[sl].float().unsqueeze(-1)).squeeze(-1)
+        del u
+        c = activation(a[sl], act) * routing_weights[sl].float()
+        v = down_weights[ix].float()                                  # (chunk, k, H)
+        out[sl] = torch.bmm(c.unsqueeze(1), v).squeeze(1)
     return out.to(hidden_states.dtype), a
 
 
@@ -40,24 +60,30 @@ def expert_backward_reference(grad_out, hidden_states, up_weights, down_weights,
     """(dh, dup, ddown, dw) given the forward's float32 pre-activations ``a``.
 
     dup/ddown are dense (E, H) with zero rows for unused experts; float32 sums
-    (index_add_), each rounded once to its input's dtype.
+    (index_add_, chunk after chunk: the pairs in token order), each rounded once to its
+    input's dtype.
     """
     T, H = hidden_states.shape
+    K = indices.shape[1]
     E = up_weights.shape[0]
     idx = indices.long()
-    flat = idx.reshape(-1)
-    gof = grad_out.float()
-    hf = hidden_states.float()
-    g = torch.bmm(down_weights[idx].float(), gof.unsqueeze(-1)).squeeze(-1)   # (T, k) = v.do
-    z, dz = activation_and_grad(a.float(), act)
-    wf = routing_weights.float()
-    dw = z * g
-    da = dz * wf * g
-    c = z * wf
-    dh = torch.bmm(da.unsqueeze(1), up_weights[idx].float()).squeeze(1)
-    dup = torch.zeros(E, H, dtype=torch.float32, device=hf.device)
-    dup.index_add_(0, flat, (da.unsqueeze(-1) * hf.unsqueeze(1)).reshape(-1, H))
-    ddown = torch.zeros(E, H, dtype=torch.float32, device=hf.device)
-    ddown.index_add_(0, flat, (c.unsqueeze(-1) * gof.unsqueeze(1)).reshape(-1, H))
+    dev = hidden_states.device
+    dh = torch.empty((T, H), dtype=torch.float32, device=dev)
+    dw = torch.empty((T, K), dtype=torch.float32, device=dev)
+    dup = torch.zeros(E, H, dtype=torch.float32, device=dev)
+    ddown = torch.zeros(E, H, dtype=torch.float32, device=dev)
+    for sl in token_chunks(T, K, H):
+        ix = idx[sl]
+        flat = ix.reshape(-1)
+        gof = grad_out[sl].float()
+        hf = hidden_states[sl].float()
+        g = torch.bmm(down_weights[ix].float(), gof.unsqueeze(-1)).squeeze(-1)   # v . do
+        z, dz = activation_and_grad(a[sl].float(), act)
+        wf = routing_weights[sl].float()
+        dw[sl] = z * g
+        da = dz * wf * g
+        dh[sl] = torch.bmm(da.unsqueeze(1), up_weights[ix].float()).squeeze(1)
+        dup.index_add_(0, flat, (da.unsqueeze(-1) * hf.unsqueeze(1)).reshape(-1, H))
+        ddown.index_add_(0, flat, ((z * wf).unsqueeze(-1) * gof.unsqueeze(1)).reshape(-1, H))
     return (dh.to(hidden_states.dtype), dup.to(up_weights.dtype),
             ddown.to(down_weights.dtype), dw.to(routing_weights.dtype))

@@ -27,6 +27,7 @@ import torch
 
 from .._dispatch import use_triton
 from .._activations import activation_and_grad
+from .cpu import token_chunks
 
 
 def _coo(rows: torch.Tensor, values: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -80,31 +81,38 @@ def _triton_backward(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need
 # Not expert_backward_reference + a row gather: that would allocate the (E, H) sums this avoids.
 def _torch_backward(grad_out, h, up, down, w, idx, a, act, need_dh, need_dup, need_ddown,
                     log_weights):
-    """The PyTorch path's backward (``cpu.expert_backward_reference``) with the weight
-    gradients accumulated into one row per used expert instead of E rows."""
+    """The PyTorch path's backward (``cpu.expert_backward_reference``, a chunk of tokens
+    at a time) with the weight gradients accumulated into one row per used expert instead
+    of E rows."""
     T, H = h.shape
+    K = idx.shape[1]
     ix = idx.long()
-    flat = ix.reshape(-1)
-    wf = w.float().exp() if log_weights else w.float()
-    gof, hf = grad_out.float(), h.float()
-    g = torch.bmm(down[ix].float(), gof.unsqueeze(-1)).squeeze(-1)
-    z, dz = activation_and_grad(a.float(), act)
-    dw = z * g
-    da = dz * wf * g
-    if log_weights:
-        dw = dw * wf
-    dh = torch.bmm(da.unsqueeze(1), up[ix].float()).squeeze(1).to(h.dtype) if need_dh else None
-    dup = ddown = rows = None
+    dev = h.device
+    dw = torch.empty((T, K), dtype=torch.float32, device=dev)
+    dh = torch.empty((T, H), dtype=torch.float32, device=dev) if need_dh else None
+    dup = ddown = rows = inv = None
     if need_dup or need_ddown:
-        rows, inv = torch.unique(flat, sorted=True, return_inverse=True)
+        rows, inv = torch.unique(ix.reshape(-1), sorted=True, return_inverse=True)
+        inv = inv.reshape(T, K)
         D = rows.numel()
-    if need_dup:
-        dup = torch.zeros(D, H, dtype=torch.float32, device=hf.device).index_add_(
-            0, inv, (da.unsqueeze(-1) * hf.unsqueeze(1)).reshape(-1, H)).to(up.dtype)
-    if need_ddown:
-        ddown = torch.zeros(D, H, dtype=torch.float32, device=hf.device).index_add_(
-            0, inv, ((z * wf).unsqueeze(-1) * gof.unsqueeze(1)).reshape(-1, H)).to(down.dtype)
-    return dh, dup, ddown, dw.to(w.dtype), rows
+        dup = torch.zeros(D, H, dtype=torch.float32, device=dev) if need_dup else None
+        ddown = torch.zeros(D, H, dtype=torch.float32, device=dev) if need_ddown else None
+    for sl in token_chunks(T, K, H):
+        gof, hf = grad_out[sl].float(), h[sl].float()
+        wf = w[sl].float().exp() if log_weights else w[sl].float()
+        g = torch.bmm(down[ix[sl]].float(), gof.unsqueeze(-1)).squeeze(-1)
+        z, dz = activation_and_grad(a[sl].float(), act)
+        da = dz * wf * g
+        dw[sl] = z * g * wf if log_weights else z * g
+        if need_dh:
+            dh[sl] = torch.bmm(da.unsqueeze(1), up[ix[sl]].float()).squeeze(1)
+        if need_dup:
+            dup.index_add_(0, inv[sl].reshape(-1), (da.unsqueeze(-1) * hf.unsqueeze(1)).reshape(-1, H))
+        if need_ddown:
+            ddown.index_add_(0, inv[sl].reshape(-1),
+                             ((z * wf).unsqueeze(-1) * gof.unsqueeze(1)).reshape(-1, H))
+    return (dh.to(h.dtype) if need_dh else None, dup.to(up.dtype) if need_dup else None,
+            ddown.to(down.dtype) if need_ddown else None, dw.to(w.dtype), rows)
 
 
 def sparse_backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup,

@@ -244,6 +244,28 @@ def test_reference_path_matches_float64():
         check_against_float64(h, up, down, w, idx, go, act, [out, *grads])
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense_grads", "sparse_grads"])
+def test_reference_path_in_token_chunks(sparse, monkeypatch, torch_path):
+    """The PyTorch path builds its (tokens, k, H) temporaries a chunk of tokens at a time:
+    with chunks of one and of three tokens (the last one short) out and every gradient
+    against float64 and against one chunk."""
+    from omni_moe.ops.expert import cpu
+
+    h, up, down, w, idx, go = make_inputs(11, 24, 10, 4, torch.float32, "cpu", "random", seed=8)
+    fn = lambda *a: omni_expert(*a, sparse_grad=sparse)
+    whole = run_op(h, up, down, w, idx, go, "gelu", fn=fn)
+    assert cpu.token_chunks(11, 4, 24) == [slice(0, 11)] and cpu.token_chunks(0, 4, 24) == [slice(0, 0)]
+    for tokens in (1, 3):
+        monkeypatch.setattr(cpu, "_CHUNK_BYTES", 2 * 4 * 24 * 4 * tokens)
+        assert len(cpu.token_chunks(11, 4, 24)) == -(-11 // tokens)
+        got = run_op(h, up, down, w, idx, go, "gelu", fn=fn)
+        got = [g.to_dense() if g.is_sparse else g for g in got]
+        check_against_float64(h, up, down, w, idx, go, "gelu", got)
+        for x, y in zip(got, whole):
+            y = y.to_dense() if y.is_sparse else y
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- launchers: poison, ranges
 
 def _poison(t):
