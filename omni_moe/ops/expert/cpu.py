@@ -29,10 +29,11 @@ from .._activations import activation, activation_and_grad
 _CHUNK_BYTES = 256 * 2**20
 
 
-def token_chunks(T: int, K: int, H: int, live: int = 2) -> list[slice]:
-    """Slices of the T tokens such that ``live`` (chunk, K, H) float32 tensors fit in
-    about 256 MiB (one token at least); [slice(0, 0)] when T = 0."""
-    step = max(1, _CHUNK_BYTES // max(1, live * K * H * 4))
+def token_chunks(T: int, K: int, H: int) -> list[slice]:
+    """Slices of the T tokens such that two (chunk, K, H) float32 tensors (the most the
+    loops below hold at once) fit in about 256 MiB (one token at least); [slice(0, 0)]
+    when T = 0."""
+    step = max(1, _CHUNK_BYTES // max(1, 2 * K * H * 4))
     return [slice(t0, min(T, t0 + step)) for t0 in range(0, T, step)] or [slice(0, 0)]
 
 
@@ -56,25 +57,26 @@ def expert_forward_reference(hidden_states, up_weights, down_weights, routing_we
 
 
 def expert_backward_reference(grad_out, hidden_states, up_weights, down_weights, routing_weights,
-                              indices, a, act="silu"):
+                              indices, a, act="silu", rows=None):
     """(dh, dup, ddown, dw) given the forward's float32 pre-activations ``a``.
 
     dup/ddown are dense (E, H) with zero rows for unused experts; float32 sums
     (index_add_, chunk after chunk: the pairs in token order), each rounded once to its
-    input's dtype.
+    input's dtype.  ``rows`` = (row (T, k) int64, D): accumulate pair (t, r) into row
+    row[t, r] of (D, H) sums instead (the sparse gradients' used rows).
     """
     T, H = hidden_states.shape
     K = indices.shape[1]
-    E = up_weights.shape[0]
     idx = indices.long()
+    row_of, D = (idx, up_weights.shape[0]) if rows is None else rows
     dev = hidden_states.device
     dh = torch.empty((T, H), dtype=torch.float32, device=dev)
     dw = torch.empty((T, K), dtype=torch.float32, device=dev)
-    dup = torch.zeros(E, H, dtype=torch.float32, device=dev)
-    ddown = torch.zeros(E, H, dtype=torch.float32, device=dev)
+    dup = torch.zeros(D, H, dtype=torch.float32, device=dev)
+    ddown = torch.zeros(D, H, dtype=torch.float32, device=dev)
     for sl in token_chunks(T, K, H):
         ix = idx[sl]
-        flat = ix.reshape(-1)
+        flat = row_of[sl].reshape(-1)
         gof = grad_out[sl].float()
         hf = hidden_states[sl].float()
         g = torch.bmm(down_weights[ix].float(), gof.unsqueeze(-1)).squeeze(-1)   # v . do

@@ -26,8 +26,7 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import use_triton
-from .._activations import activation_and_grad
-from .cpu import token_chunks
+from .cpu import expert_backward_reference
 
 
 def _coo(rows: torch.Tensor, values: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -78,41 +77,20 @@ def _triton_backward(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need
                            need_dup, need_ddown, log_weights=log_weights, used_rows=expert_groups)
 
 
-# Not expert_backward_reference + a row gather: that would allocate the (E, H) sums this avoids.
 def _torch_backward(grad_out, h, up, down, w, idx, a, act, need_dh, need_dup, need_ddown,
                     log_weights):
-    """The PyTorch path's backward (``cpu.expert_backward_reference``, a chunk of tokens
-    at a time) with the weight gradients accumulated into one row per used expert instead
-    of E rows."""
-    T, H = h.shape
-    K = idx.shape[1]
-    ix = idx.long()
-    dev = h.device
-    dw = torch.empty((T, K), dtype=torch.float32, device=dev)
-    dh = torch.empty((T, H), dtype=torch.float32, device=dev) if need_dh else None
-    dup = ddown = rows = inv = None
-    if need_dup or need_ddown:
-        rows, inv = torch.unique(ix.reshape(-1), sorted=True, return_inverse=True)
-        inv = inv.reshape(T, K)
-        D = rows.numel()
-        dup = torch.zeros(D, H, dtype=torch.float32, device=dev) if need_dup else None
-        ddown = torch.zeros(D, H, dtype=torch.float32, device=dev) if need_ddown else None
-    for sl in token_chunks(T, K, H):
-        gof, hf = grad_out[sl].float(), h[sl].float()
-        wf = w[sl].float().exp() if log_weights else w[sl].float()
-        g = torch.bmm(down[ix[sl]].float(), gof.unsqueeze(-1)).squeeze(-1)
-        z, dz = activation_and_grad(a[sl].float(), act)
-        da = dz * wf * g
-        dw[sl] = z * g * wf if log_weights else z * g
-        if need_dh:
-            dh[sl] = torch.bmm(da.unsqueeze(1), up[ix[sl]].float()).squeeze(1)
-        if need_dup:
-            dup.index_add_(0, inv[sl].reshape(-1), (da.unsqueeze(-1) * hf.unsqueeze(1)).reshape(-1, H))
-        if need_ddown:
-            ddown.index_add_(0, inv[sl].reshape(-1),
-                             ((z * wf).unsqueeze(-1) * gof.unsqueeze(1)).reshape(-1, H))
-    return (dh.to(h.dtype) if need_dh else None, dup.to(up.dtype) if need_dup else None,
-            ddown.to(down.dtype) if need_ddown else None, dw.to(w.dtype), rows)
+    """The PyTorch path's backward (``cpu.expert_backward_reference``) with the weight
+    gradients accumulated into one row per used expert instead of E rows (not E rows and
+    a row gather: that would allocate the (E, H) sums this avoids)."""
+    T, K = idx.shape
+    rows, inv = torch.unique(idx.long().reshape(-1), sorted=True, return_inverse=True)
+    wx = w.float().exp() if log_weights else w
+    dh, dup, ddown, dw = expert_backward_reference(grad_out, h, up, down, wx, idx, a, act,
+                                                   rows=(inv.reshape(T, K), rows.numel()))
+    if log_weights:  # d score = exp(score) * d weight
+        dw = (dw * wx).to(w.dtype)
+    return (dh if need_dh else None, dup if need_dup else None,
+            ddown if need_ddown else None, dw, rows)
 
 
 def sparse_backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup,
