@@ -213,6 +213,16 @@ MUTANTS = [
      "torch.aminmax(sums) if write_parts",
      "torch.aminmax(rows) if write_parts",
      ["tests/ops/expert/test_expert.py", "-k", "unused_expert"]),
+    ("dense-gemms-under-autocast",
+     OPS + "expert/dense.py",
+     "with autocast_off(x):\n        return _dense_chunks(",
+     "if True:\n        return _dense_chunks(",
+     ["tests/layers/test_autocast.py", "-k", "bfloat16_expert_tables"]),
+    ("cpu-bmm-under-autocast",
+     OPS + "expert/cpu.py",
+     "    with autocast_off(hidden_states):      # float32 bmm under the caller's autocast too",
+     "    if True:",
+     ["tests/ops/expert/test_expert.py", "-k", "autocast_leaves"]),
 ]
 
 

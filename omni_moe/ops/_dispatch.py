@@ -7,6 +7,7 @@ kernels through Triton's interpreter (that is how CI tests every kernel).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -22,6 +23,18 @@ def use_triton(t: torch.Tensor) -> bool:
     if t.device.type == "cuda":
         return True
     return t.device.type == "cpu" and interpret_mode()
+
+
+def autocast_off(t: torch.Tensor):
+    """A context in which ``torch.autocast`` is off on ``t``'s device: for the ops whose
+    GEMMs must keep their float32 operands and results when the caller runs them under
+    autocast (a no-op context where autocast is off already)."""
+    dev = t.device.type
+    if dev not in ("cuda", "cpu") and not torch.amp.is_autocast_available(dev):
+        return contextlib.nullcontext()
+    if not torch.is_autocast_enabled(dev):
+        return contextlib.nullcontext()
+    return torch.autocast(dev, enabled=False)
 
 
 def device_info(device: torch.device) -> tuple[int, int]:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from omni_moe import OmniMoE, OmniMoEConfig
+from router_checks import force_expert_schedule
 from test_omni_moe_layer import assert_no_worse_than_naive, cfg, train_and_compare
 from test_sparse_grad import _Both
 
@@ -50,6 +51,30 @@ def test_three_steps_against_float64(path, amp, norm, sparse):
     results = train_and_compare(_config(norm, sparse), (4, 64, 32), path, torch.float32,
                                 make_optimizer=make_opt, amp=amp)
     assert_no_worse_than_naive(results)
+
+
+def test_bfloat16_expert_tables(path, monkeypatch):
+    """The recipe with the expert tables stored in bfloat16 and every other parameter in
+    float32, under bf16 autocast: h (cast to bf16) and the tables then share bfloat16,
+    which the expert op's "dense" schedule needs (the launch rule takes it from K >= E/32
+    for tables past L2; forced here, the test's tables being small).  Three Adam steps
+    against float64, no worse than the float32 formula; each gradient in its parameter's
+    dtype."""
+    from omni_moe.ops.expert import kernels
+    force_expert_schedule(monkeypatch, "dense")
+    calls = []
+    dense_forward = kernels.dense_forward
+    monkeypatch.setattr(kernels, "dense_forward", lambda *a, **kw: calls.append(1) or dense_forward(*a, **kw))
+
+    def bf16_tables(layer):
+        layer.up_embed.to(torch.bfloat16)
+        layer.down_embed.to(torch.bfloat16)
+
+    results = train_and_compare(_config("batchnorm", False), (4, 64, 32), path, torch.float32,
+                                amp=torch.bfloat16, prepare=bf16_tables)
+    assert_no_worse_than_naive(results)
+    torch_path = path == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    assert len(calls) == (0 if torch_path else 3)   # the kernels ran "dense" at every step
 
 
 def test_output_and_gradient_dtypes(path):

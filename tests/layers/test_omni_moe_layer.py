@@ -52,8 +52,11 @@ def cfg(H=32, I=48, E=64, k=4, act="silu", norm="batchnorm"):
 
 
 def train_and_compare(config, shape, device, dtype, steps=3, seed=0, make_optimizer=None,
-                      amp=None):
+                      amp=None, prepare=None):
     """Three Adam steps; per step returns {name: (err_ours, err_naive_or_None)} vs float64.
+
+    ``prepare(layer)``: applied to the new layer before the optimizer sees it (e.g. a
+    dtype change of some parameters).
 
     ``amp`` (bf16 or fp16): float32 parameters and inputs, the forward under
     ``torch.autocast(device, amp)`` -- the mixed-precision recipe; ``dtype`` must be
@@ -81,6 +84,8 @@ def train_and_compare(config, shape, device, dtype, steps=3, seed=0, make_optimi
     layer = OmniMoE(config).to(device)
     if dtype != torch.float32:
         layer = layer.to(dtype)
+    if prepare is not None:
+        prepare(layer)
     opt = (make_optimizer or (lambda m: torch.optim.Adam(m.parameters(), lr=3e-3)))(layer)
     gen = torch.Generator().manual_seed(seed + 1)
     low = amp or dtype  # the dtype the layer computes in

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .._activations import activation, activation_and_grad
+from .._dispatch import autocast_off
 
 
 # Bytes of (tokens, k, H) float32 temporaries per chunk of tokens.
@@ -45,14 +46,15 @@ def expert_forward_reference(hidden_states, up_weights, down_weights, routing_we
     dev = hidden_states.device
     out = torch.empty((T, H), dtype=torch.float32, device=dev)
     a = torch.empty((T, K), dtype=torch.float32, device=dev)
-    for sl in token_chunks(T, K, H):
-        ix = idx[sl]
-        u = up_weights[ix].float()                                    # (chunk, k, H)
-        a[sl] = torch.bmm(u, hidden_states[sl].float().unsqueeze(-1)).squeeze(-1)
-        del u
-        c = activation(a[sl], act) * routing_weights[sl].float()
-        v = down_weights[ix].float()                                  # (chunk, k, H)
-        out[sl] = torch.bmm(c.unsqueeze(1), v).squeeze(1)
+    with autocast_off(hidden_states):      # float32 bmm under the caller's autocast too
+        for sl in token_chunks(T, K, H):
+            ix = idx[sl]
+            u = up_weights[ix].float()                                # (chunk, k, H)
+            a[sl] = torch.bmm(u, hidden_states[sl].float().unsqueeze(-1)).squeeze(-1)
+            del u
+            c = activation(a[sl], act) * routing_weights[sl].float()
+            v = down_weights[ix].float()                              # (chunk, k, H)
+            out[sl] = torch.bmm(c.unsqueeze(1), v).squeeze(1)
     return out.to(hidden_states.dtype), a
 
 
@@ -74,18 +76,19 @@ def expert_backward_reference(grad_out, hidden_states, up_weights, down_weights,
     dw = torch.empty((T, K), dtype=torch.float32, device=dev)
     dup = torch.zeros(D, H, dtype=torch.float32, device=dev)
     ddown = torch.zeros(D, H, dtype=torch.float32, device=dev)
-    for sl in token_chunks(T, K, H):
-        ix = idx[sl]
-        flat = row_of[sl].reshape(-1)
-        gof = grad_out[sl].float()
-        hf = hidden_states[sl].float()
-        g = torch.bmm(down_weights[ix].float(), gof.unsqueeze(-1)).squeeze(-1)   # v . do
-        z, dz = activation_and_grad(a[sl].float(), act)
-        wf = routing_weights[sl].float()
-        dw[sl] = z * g
-        da = dz * wf * g
-        dh[sl] = torch.bmm(da.unsqueeze(1), up_weights[ix].float()).squeeze(1)
-        dup.index_add_(0, flat, (da.unsqueeze(-1) * hf.unsqueeze(1)).reshape(-1, H))
-        ddown.index_add_(0, flat, ((z * wf).unsqueeze(-1) * gof.unsqueeze(1)).reshape(-1, H))
+    with autocast_off(hidden_states):
+        for sl in token_chunks(T, K, H):
+            ix = idx[sl]
+            flat = row_of[sl].reshape(-1)
+            gof = grad_out[sl].float()
+            hf = hidden_states[sl].float()
+            g = torch.bmm(down_weights[ix].float(), gof.unsqueeze(-1)).squeeze(-1)   # v . do
+            z, dz = activation_and_grad(a[sl].float(), act)
+            wf = routing_weights[sl].float()
+            dw[sl] = z * g
+            da = dz * wf * g
+            dh[sl] = torch.bmm(da.unsqueeze(1), up_weights[ix].float()).squeeze(1)
+            dup.index_add_(0, flat, (da.unsqueeze(-1) * hf.unsqueeze(1)).reshape(-1, H))
+            ddown.index_add_(0, flat, ((z * wf).unsqueeze(-1) * gof.unsqueeze(1)).reshape(-1, H))
     return (dh.to(hidden_states.dtype), dup.to(up_weights.dtype),
             ddown.to(down_weights.dtype), dw.to(routing_weights.dtype))

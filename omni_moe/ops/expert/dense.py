@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from .._activations import act_fwd, act_fwd_bwd
+from .._dispatch import autocast_off
 from .._triton import loop_bound, to_dtype, to_f32
 
 # Scratch per chunk: S (float32) and the three bfloat16 parts, 10 bytes a (token, expert).
@@ -171,6 +172,15 @@ def _dense_sum(x, rows, sums, w, idx, a, coef, dw, act_id: int, log_weights: boo
     """The chunk loop of both directions: per chunk S = x rows_chunk^T, the pairs kernel,
     and (``write_parts``) acc += the parts times sums_chunk; then ``fixup`` of the
     flagged rows.  Returns the float32 (T, H) accumulator (None without parts)."""
+    # Under torch.autocast (bfloat16 tables with float32 other parameters reach this
+    # schedule) autocast would recast the GEMMs' float32 operands and results to its dtype.
+    with autocast_off(x):
+        return _dense_chunks(x, rows, sums, w, idx, a, coef, dw, act_id, log_weights, chunk,
+                             fixup, backward, write_parts)
+
+
+def _dense_chunks(x, rows, sums, w, idx, a, coef, dw, act_id, log_weights, chunk, fixup,
+                  backward, write_parts):
     T = x.shape[0]
     K = idx.shape[1]
     E, H = rows.shape

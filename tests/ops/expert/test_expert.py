@@ -609,6 +609,26 @@ def test_floor_bytes():
     assert kern.expert_floor_bytes(4, 8, 16, 2, 2, distinct=3) == 2 * 3 * 8 * 2 + 2 * 4 * 8 * 2 + 4 * 2 * 6
 
 
+@pytest.mark.parametrize("tables", ["fp32", "bf16-dense"])
+def test_autocast_leaves_the_op_unchanged(path, tables, monkeypatch):
+    """The op's products and sums are float32 whatever autocast its caller runs: under
+    ``torch.autocast(bf16)`` the output and every gradient are bitwise those without it
+    (the PyTorch path's bmm and the dense schedule's GEMMs are ops autocast would recast;
+    the backward runs under the same autocast here)."""
+    if tables == "bf16-dense":
+        force_expert_schedule(monkeypatch, "dense")
+        dtypes = (torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32)
+    else:
+        dtypes = (torch.bfloat16, torch.float32, torch.float32, torch.float32)
+    for call in range(2):
+        inputs = make_inputs(24, 48, 70, 9, dtypes, path, "distinct", seed=call)
+        plain = run_op(*inputs, ACTS[call])
+        with torch.autocast(torch.device(path).type, dtype=torch.bfloat16):
+            amp = run_op(*inputs, ACTS[call])
+        for name, x, y in zip(NAMES, plain, amp):
+            assert x.dtype == y.dtype and torch.equal(x, y), (name, call)
+
+
 # --------------------------------------------------------------------------- dense schedule
 
 @pytest.mark.parametrize("chunk", [0, 16, 33], ids=lambda c: f"chunk{c}")
