@@ -58,8 +58,7 @@ def test_bfloat16_expert_tables(path, monkeypatch):
     float32, under bf16 autocast: h (cast to bf16) and the tables then share bfloat16,
     which the expert op's "dense" schedule needs (the launch rule takes it from K >= E/32
     for tables past L2; forced here, the test's tables being small).  Three Adam steps
-    against float64, no worse than the float32 formula; each gradient in its parameter's
-    dtype."""
+    against float64, no worse than the float32 formula."""
     from omni_moe.ops.expert import kernels
     force_expert_schedule(monkeypatch, "dense")
     calls = []
