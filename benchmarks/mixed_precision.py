@@ -5,10 +5,12 @@ Run on a CUDA machine from the repository root:
     PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/mixed_precision.py [--steps 30]
 
 1. The layer's training step (forward, loss, backward, optimizer step) for each router norm,
-   dense and sparse expert gradients, in three recipes:
-     bf16      bf16 weights (no autocast; the baseline)
-     amp-bf16  float32 weights, the forward under torch.autocast(bf16)
-     amp-fp16  float32 weights, torch.autocast(fp16) and torch.amp.GradScaler
+   dense and sparse expert gradients, in four recipes:
+     bf16             bf16 weights (no autocast; the baseline)
+     amp-bf16         float32 weights, the forward under torch.autocast(bf16)
+     amp-bf16-tables  the same with the two expert tables in bf16 (what reaches the expert
+                      op's "dense" schedule at K >= E/32; docs/layer.md, Mixed precision)
+     amp-fp16         float32 weights, torch.autocast(fp16) and torch.amp.GradScaler
    Each row checks the step (the loss falls over the steps on a fixed regression target,
    every weight stays finite, gradients come back in the weights' dtype) and reports the
    eager ms per step (wall clock between two synchronisations) and, for dense gradients
@@ -18,6 +20,10 @@ Run on a CUDA machine from the repository root:
 
 Writes $OUT/mixed_precision.json (default ./out) and prints a table.  ``--dry`` runs tiny
 sizes on CPU (the PyTorch paths, no graphs, Trainer bf16 only) to test the script.
+``--recipes``, ``--norms`` and ``--grads`` pick subsets, e.g. the paper's largest row:
+
+    python benchmarks/mixed_precision.py --case 4096,1024,1024,102400,4096 --norms batchnorm \
+        --grads dense --recipes bf16,amp-bf16,amp-bf16-tables --no-trainer
 """
 
 from __future__ import annotations
@@ -31,8 +37,20 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # import this checkout's omni_moe, installed or not
 
-RECIPES = ("bf16", "amp-bf16", "amp-fp16")
+RECIPES = ("bf16", "amp-bf16", "amp-bf16-tables", "amp-fp16")
 NORMS = ("batchnorm", "layernorm", "none")
+GRADS = ("dense", "sparse")
+
+
+def _subset(allowed):
+    def parse(text):
+        names = [v for v in text.split(",") if v]
+        bad = [v for v in names if v not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(allowed)}, "
+                                             f"got {text!r}")
+        return [v for v in allowed if v in names]
+    return parse
 
 
 def main(argv=None):
@@ -42,6 +60,12 @@ def main(argv=None):
     ap.add_argument("--trainer-steps", type=int, default=40)
     ap.add_argument("--no-trainer", action="store_true", help="skip the Trainer rows")
     ap.add_argument("--dry", action="store_true", help="tiny sizes on CPU (tests the script)")
+    ap.add_argument("--recipes", type=_subset(RECIPES), default=list(RECIPES),
+                    help=f"comma-separated subset of {','.join(RECIPES)} (default all)")
+    ap.add_argument("--norms", type=_subset(NORMS), default=list(NORMS),
+                    help=f"router norms, a subset of {','.join(NORMS)} (default all)")
+    ap.add_argument("--grads", type=_subset(GRADS), default=list(GRADS),
+                    help="expert gradient layouts, a subset of dense,sparse (default both)")
     args = ap.parse_args(argv)
     try:
         T, H, I, E, k = (int(v) for v in args.case.split(","))
@@ -65,7 +89,8 @@ def main(argv=None):
             opts = [torch.optim.SparseAdam(tables, lr=1e-3), torch.optim.AdamW(rest, lr=1e-3)]
         else:
             opts = [torch.optim.AdamW(layer.parameters(), lr=1e-3, capturable=dev == "cuda")]
-        amp = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}.get(recipe)
+        amp = {"amp-bf16": torch.bfloat16, "amp-bf16-tables": torch.bfloat16,
+               "amp-fp16": torch.float16}.get(recipe)
         scaler = torch.amp.GradScaler(dev) if recipe == "amp-fp16" else None
         losses = []
 
@@ -102,15 +127,18 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(T, H, generator=gen).to(dev)
     target = torch.randn(T, H, generator=gen).to(dev)
-    for norm in NORMS:
-        for sparse in (False, True):
-            for recipe in RECIPES:
+    for norm in args.norms:
+        for sparse in (g == "sparse" for g in args.grads):
+            for recipe in args.recipes:
                 torch.manual_seed(0)
                 cfg = OmniMoEConfig(H, I, num_experts=E, num_experts_per_token=k, router_norm=norm,
                                     sparse_expert_grad=sparse)
                 layer = OmniMoE(cfg).to(dev)
                 if recipe == "bf16":
                     layer = layer.bfloat16()
+                elif recipe == "amp-bf16-tables":
+                    layer.up_embed.bfloat16()
+                    layer.down_embed.bfloat16()
                 xin = x.to(torch.bfloat16) if recipe == "bf16" else x
                 step, losses = make_step(layer, recipe, xin, target)
                 row = {"norm": norm, "grads": "sparse" if sparse else "dense", "recipe": recipe}
@@ -133,11 +161,11 @@ def main(argv=None):
     with open(os.path.join(out_dir, "mixed_precision.json"), "w") as f:
         json.dump({"meta": meta, "layer": rows, "trainer": trainer_rows}, f, indent=1)
     print(f"\nlayer step, T,H,I,E,k = {T},{H},{I},{E},{k}: ms per step (eager / CUDA graph)")
-    print(f"{'norm':10} {'grads':6} " + " ".join(f"{r:>18}" for r in RECIPES))
-    for norm in NORMS:
-        for grads in ("dense", "sparse"):
+    print(f"{'norm':10} {'grads':6} " + " ".join(f"{r:>18}" for r in args.recipes))
+    for norm in args.norms:
+        for grads in args.grads:
             cells = []
-            for recipe in RECIPES:
+            for recipe in args.recipes:
                 r = next(r for r in rows if (r["norm"], r["grads"], r["recipe"]) == (norm, grads, recipe))
                 g = f" / {r['graph_ms']:.2f}" if "graph_ms" in r else ""
                 cells.append(f"{r['eager_ms']:.2f}{g}{'' if r['ok'] else ' FAIL'}".rjust(18))

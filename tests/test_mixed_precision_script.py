@@ -21,7 +21,7 @@ def test_dry_run(tmp_path):
     rows = data["layer"]
     assert {(r["norm"], r["grads"], r["recipe"]) for r in rows} == {
         (n, g, r) for n in ("batchnorm", "layernorm", "none") for g in ("dense", "sparse")
-        for r in ("bf16", "amp-bf16", "amp-fp16")}
+        for r in ("bf16", "amp-bf16", "amp-bf16-tables", "amp-fp16")}
     assert all(r["ok"] and r["loss_last"] < r["loss_first"] for r in rows)
     if importlib.util.find_spec("transformers") and importlib.util.find_spec("accelerate"):
         (trainer,) = data["trainer"]
