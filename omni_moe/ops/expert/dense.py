@@ -172,15 +172,6 @@ def _dense_sum(x, rows, sums, w, idx, a, coef, dw, act_id: int, log_weights: boo
     """The chunk loop of both directions: per chunk S = x rows_chunk^T, the pairs kernel,
     and (``write_parts``) acc += the parts times sums_chunk; then ``fixup`` of the
     flagged rows.  Returns the float32 (T, H) accumulator (None without parts)."""
-    # Under torch.autocast (bfloat16 tables with float32 other parameters reach this
-    # schedule) autocast would recast the GEMMs' float32 operands and results to its dtype.
-    with autocast_off(x):
-        return _dense_chunks(x, rows, sums, w, idx, a, coef, dw, act_id, log_weights, chunk,
-                             fixup, backward, write_parts)
-
-
-def _dense_chunks(x, rows, sums, w, idx, a, coef, dw, act_id, log_weights, chunk, fixup,
-                  backward, write_parts):
     T = x.shape[0]
     K = idx.shape[1]
     E, H = rows.shape
@@ -192,25 +183,28 @@ def _dense_chunks(x, rows, sums, w, idx, a, coef, dw, act_id, log_weights, chunk
     parts_buf = torch.empty((3, T, n_max if write_parts else 1), dtype=torch.bfloat16, device=dev)
     block_k = max(16, min(256, triton.next_power_of_2(K)))
     dw_arg = dw if backward else coef
-    for e0 in range(0, E, n_max):
-        n = min(n_max, E - e0)
-        s = _mm_f32(x, rows[e0:e0 + n].t())
-        parts = parts_buf[:, :, :n] if write_parts else parts_buf
-        if write_parts:
-            parts.zero_()
-        _dense_pairs_kernel[(T,)](
-            s, s.view(torch.int32), idx, w, a, coef, parts, flag, vmin, vmax, dw_arg,
-            e0, n, K, E,
-            s.stride(0), idx.stride(0), idx.stride(1), w.stride(0), w.stride(1),
-            parts.stride(0), parts.stride(1), dw_arg.stride(0), dw_arg.stride(1),
-            ACT=act_id, LOG_W=log_weights, BACKWARD=backward, FIRST=e0 == 0,
-            WRITE_PARTS=write_parts, BLOCK_K=block_k, num_warps=4,
-        )
-        del s
-        if write_parts:
-            v = sums[e0:e0 + n]
-            for i in range(3):
-                acc = _mm_f32(parts[i], v, acc)
+    # Under torch.autocast (bfloat16 tables with float32 other parameters reach this
+    # schedule) autocast would recast the GEMMs' float32 operands and results to its dtype.
+    with autocast_off(x):
+        for e0 in range(0, E, n_max):
+            n = min(n_max, E - e0)
+            s = _mm_f32(x, rows[e0:e0 + n].t())
+            parts = parts_buf[:, :, :n] if write_parts else parts_buf
+            if write_parts:
+                parts.zero_()
+            _dense_pairs_kernel[(T,)](
+                s, s.view(torch.int32), idx, w, a, coef, parts, flag, vmin, vmax, dw_arg,
+                e0, n, K, E,
+                s.stride(0), idx.stride(0), idx.stride(1), w.stride(0), w.stride(1),
+                parts.stride(0), parts.stride(1), dw_arg.stride(0), dw_arg.stride(1),
+                ACT=act_id, LOG_W=log_weights, BACKWARD=backward, FIRST=e0 == 0,
+                WRITE_PARTS=write_parts, BLOCK_K=block_k, num_warps=4,
+            )
+            del s
+            if write_parts:
+                v = sums[e0:e0 + n]
+                for i in range(3):
+                    acc = _mm_f32(parts[i], v, acc)
     if write_parts:
         fixup(coef, flag, acc)
     return acc

@@ -37,10 +37,11 @@ the first two):
   computed by grid row on tensor cores (``rows.py``); measured not to pay yet
   (docs/expert.md, "Large K").
 
-"dense" (bfloat16 h, u, v; chosen when a token routes to >= 1/32 of the experts): the per-token products (a_p and out_t
-  forward, g_p and dh_t backward) as chunked cuBLAS GEMMs with the coefficients in three
-  exact bfloat16 parts (``dense.py``), T*E*H*8 flops a direction whatever k is; the
-  weight gradients are the sorted pairs' ``_expert_grad_kernel``.
+"dense" (bfloat16 h, u, v; chosen when a token routes to >= 1/32 of the experts): the
+  per-token products (a_p and out_t forward, g_p and dh_t backward) as chunked cuBLAS
+  GEMMs with the coefficients in three exact bfloat16 parts (``dense.py``), T*E*H*8 flops
+  a direction whatever k is; the weight gradients are the sorted pairs'
+  ``_expert_grad_kernel``.
 
 The weight gradients (every schedule): ``_expert_grad_kernel`` writes du_e =
 sum_p da_p h_t and dv_e = sum_p c_p do_t over each expert's pairs in sorted (token)
