@@ -149,7 +149,8 @@ class ExpertShard:
             fill = e_l if h.device.type == "cuda" else 0
             idx_l = torch.where(local, i_all - lo, fill).to(torch.int32)
         s_l = torch.where(local, s_all, float("-inf"))
-        out_all = omni_expert_from_scores(h_all, up_l, down_l, s_l, idx_l, act=layer.act)
+        out_all = omni_expert_from_scores(h_all, up_l, down_l, s_l, idx_l, act=layer.act,
+                                          precision=layer.config.expert_precision)
         return _ScatterRows.apply(out_all, sizes, group)
 
 

@@ -215,7 +215,7 @@ def test_layer_config_k_alias():
     with pytest.raises(TypeError, match=r"^num_experts_per_token \(or num_experts_per_tok\) is required$"):
         OmniMoEConfig(16, 24, "silu", 16)
     with pytest.raises(TypeError, match="positional"):
-        OmniMoEConfig(16, 24, "silu", 16, 3, "none", None, False, 3)   # the alias is keyword-only
+        OmniMoEConfig(16, 24, "silu", 16, 3, "none", None, False, "exact", 3)   # the alias is keyword-only
 
 
 def test_layer_config_typed_names():

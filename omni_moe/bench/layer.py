@@ -152,6 +152,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", type=parse_variants, default=None, metavar="A,B",
                         help=f"comma-separated subset of {','.join(VARIANTS)} (default: all but "
                         "peer_layer; with --preset, the preset's)")
+    parser.add_argument("--expert-precision", choices=("exact", "bfloat16"), default="exact",
+                        help="the layer's expert_precision and the expert variant's and check's "
+                        "precision (default exact; docs/expert.md, 'Precision')")
     parser.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     parser.add_argument("--no-graphs", action="store_true",
                         help="skip the CUDA-graph replays (CUDA only)")
@@ -242,8 +245,9 @@ def _rel(a, b):
     return float((a - b).norm() / n) if n > 0 else float((a - b).norm())
 
 
-def check_expert(h, up, down, w, idx, act, dtype):
-    """Expert path vs a float32 token-centric oracle on the rows of the experts used.
+def check_expert(h, up, down, w, idx, act, dtype, precision="exact"):
+    """Expert path (``omni_expert`` at ``precision``) vs a float32 token-centric oracle on
+    the rows of the experts used.
 
     The oracle differentiates w.r.t. float32 copies of only the D used rows, so it needs
     O(T*k*H) memory even at E = 2^20.  Returns {quantity: rel L2}, plus the norm of
@@ -257,7 +261,7 @@ def check_expert(h, up, down, w, idx, act, dtype):
     uu = up.detach().clone().requires_grad_()
     dd = down.detach().clone().requires_grad_()
     ww = w.detach().clone().requires_grad_()
-    out = omni_expert(hh, uu, dd, ww, idx, act)
+    out = omni_expert(hh, uu, dd, ww, idx, act, precision=precision)
     gout = torch.randn_like(out)
     out.backward(gout)
 
@@ -432,8 +436,10 @@ def run_case(case, dtype, act, variants, device, args, bw, label, env=None):
            "times_ms": {}, "peak_mem_MiB": {}, "graph_ms": {}, "host_ms": {}, "launches": {}, "errors": {}}
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
+    precision = getattr(args, "expert_precision", "exact")
+    row["expert_precision"] = precision
     cfg = OmniMoEConfig(hidden_size=H, intermediate_size=I, hidden_act=act, num_experts=E,
-                        num_experts_per_token=K)
+                        num_experts_per_token=K, expert_precision=precision)
     with torch.device(device):
         layer = OmniMoE(cfg)
     layer = layer.to(dtype)
@@ -461,7 +467,8 @@ def run_case(case, dtype, act, variants, device, args, bw, label, env=None):
         row["checked_tokens"] = n
         if n < T:
             _say(f"{label} checks on the first {n} tokens (T*k above {CHECK_PAIRS:,} pairs)")
-        res = check_expert(h[:n], layer.up_embed.weight, layer.down_embed.weight, w[:n], idx[:n], act, dtype)
+        res = check_expert(h[:n], layer.up_embed.weight, layer.down_embed.weight, w[:n], idx[:n], act, dtype,
+                           precision)
         row["check"] = res
         _say(f"{label} check expert path vs float32 oracle: "
              + ", ".join(f"{k} {v:.2e}" for k, v in res.items() if k.startswith(("out", "d_")))
@@ -506,7 +513,7 @@ def run_case(case, dtype, act, variants, device, args, bw, label, env=None):
         "layer": (lambda: layer(h), *fb(lambda: layer(h_req), [h_req] + params)),
         "peer_layer": (lambda: peer_layer(layer, h), *fb(lambda: peer_layer(layer, h_req), [h_req] + params)),
         "router": (lambda: layer.route(h), router_step, router_leaves),
-        "expert": expert_like(omni_expert),
+        "expert": expert_like(lambda *a: omni_expert(*a, precision=precision)),
         **{name: expert_like(fn) for name, fn in PEERS.items()},
         "reference": expert_like(expert_reference),
         "dense_mlp": (lambda: swiglu_mlp(h, Wg, Wu, Wd, act),
@@ -830,7 +837,8 @@ def run(args) -> int:
     rows = []
     env = common.environment()
     result = {"benchmark": "layer", "mode": mode, "environment": env,
-              "settings": {"dtype": args.dtype, "act": args.act, "warmup_ms": args.warmup_ms,
+              "settings": {"dtype": args.dtype, "act": args.act,
+                           "expert_precision": args.expert_precision, "warmup_ms": args.warmup_ms,
                            "rep_ms": args.rep_ms, "min_samples": common.MIN_SAMPLES, "seed": args.seed,
                            "graphs": cuda and not args.no_graphs, "launches": cuda and args.launches},
               "copy_bandwidth_Bps": bw, "rows": rows}

@@ -18,6 +18,8 @@ Added fields:
         router logits are returned (``omni_moe.hf.router_aux_loss``).
     router_z_loss_coef: weight of the router z-loss added to the LM loss (0: off, and
         no extra work; ``omni_moe.hf.router_z_loss``).
+    expert_precision: "exact" (default) or "bfloat16" (the atomic experts' coefficients
+        may be rounded to bfloat16 where that saves time; ``omni_moe.OmniMoEConfig``).
 
 Other names: ``num_experts_per_token`` (``omni_moe.OmniMoEConfig``'s) is accepted for
 ``num_experts_per_tok`` (and reads it back); the keys other MoE configs use either map to
@@ -42,7 +44,7 @@ from ..ops._checks import as_int, check_float, check_int
 def validate_omnimoe_fields(num_experts, num_experts_per_tok, router_norm, moe_layers,
                             num_hidden_layers, hidden_act, router_aux_loss_coef=0.0,
                             router_z_loss_coef=0.0, *, hidden_size=1, intermediate_size=1,
-                            names=None, stacklevel=2):
+                            expert_precision="exact", names=None, stacklevel=2):
     """Raise TypeError/ValueError naming the first bad field, by the name the caller typed
     (``names``: field -> that name, where it differs); return ``(num_experts,
     num_experts_per_tok, moe_layers)`` with Python ints (numpy and torch integer scalars
@@ -59,7 +61,8 @@ def validate_omnimoe_fields(num_experts, num_experts_per_tok, router_norm, moe_l
     layer = OmniMoEConfig.typed(
         names, stacklevel=stacklevel + 1, hidden_size=hidden_size,
         intermediate_size=intermediate_size, hidden_act=hidden_act, num_experts=num_experts,
-        num_experts_per_tok=num_experts_per_tok, router_norm=router_norm)
+        num_experts_per_tok=num_experts_per_tok, router_norm=router_norm,
+        expert_precision=expert_precision)
     check_float("router_aux_loss_coef", router_aux_loss_coef)
     check_float("router_z_loss_coef", router_z_loss_coef, 0)
     if moe_layers is not None:
@@ -155,6 +158,7 @@ def _config_class(base, model_type: str, name: str, doc: str):
         output_router_logits: bool = False
         router_aux_loss_coef: float = 0.0
         router_z_loss_coef: float = 0.0
+        expert_precision: str = "exact"
 
         def __post_init__(self, **kwargs):
             # _given: the keyword arguments of the call (see _accept_other_names), so that
@@ -189,7 +193,8 @@ def _config_class(base, model_type: str, name: str, doc: str):
                 self.num_experts, self.num_experts_per_tok, self.router_norm, self.moe_layers,
                 self.num_hidden_layers, self.hidden_act, self.router_aux_loss_coef,
                 self.router_z_loss_coef, hidden_size=self.hidden_size,
-                intermediate_size=self.intermediate_size, names=names, stacklevel=1)
+                intermediate_size=self.intermediate_size,
+                expert_precision=self.expert_precision, names=names, stacklevel=1)
             if self.moe_layers is not None:
                 self.moe_layers = sorted(self.moe_layers)
             super().__post_init__(**kwargs)
@@ -223,7 +228,7 @@ OmniMoELMConfig = _config_class(
     LlamaConfig, "omni_moe", "OmniMoELMConfig",
     """Config of ``OmniMoEForCausalLM``: ``LlamaConfig``'s fields plus num_experts,
     num_experts_per_tok, router_norm, moe_layers, output_router_logits,
-    router_aux_loss_coef, router_z_loss_coef (see the module docstring).  ``intermediate_size`` is the width
+    router_aux_loss_coef, router_z_loss_coef, expert_precision (see the module docstring).  ``intermediate_size`` is the width
     of each layer's shared SwiGLU branch.""")
 
 # family model_type -> (transformers module, class prefix, our model_type, our prefix)

@@ -64,7 +64,8 @@ def _retag(module: nn.Module, cls: type) -> None:
 def apply_omnimoe(model, *, layers=None, num_experts: int, num_experts_per_tok: int | None = None,
                   router_norm: str = "layernorm", output_router_logits: bool = False,
                   router_aux_loss_coef: float = 0.0, router_z_loss_coef: float = 0.0,
-                  up_embed_std: float | None = None, num_experts_per_token: int | None = None):
+                  up_embed_std: float | None = None, num_experts_per_token: int | None = None,
+                  expert_precision: str = "exact"):
     """Replace the MLP of decoder layers ``layers`` (default: all) of a Llama-, Qwen2-,
     Mistral- or Qwen3-style ``...ForCausalLM`` or ``...Model`` by OmniMoE layers, in place;
     returns the model.
@@ -82,8 +83,8 @@ def apply_omnimoe(model, *, layers=None, num_experts: int, num_experts_per_tok: 
         num_experts_per_tok: k (required); ``num_experts_per_token``, the layer config's
             name, is accepted instead.
         router_norm: "layernorm" (per token; default), "batchnorm" (the paper's) or "none".
-        output_router_logits, router_aux_loss_coef, router_z_loss_coef: stored in the
-            config (docs/hf.md).
+        output_router_logits, router_aux_loss_coef, router_z_loss_coef,
+            expert_precision: stored in the config (docs/hf.md).
 
     The config records all of it, so ``save_pretrained`` and, after ``import omni_moe.hf``,
     ``AutoModelForCausalLM.from_pretrained`` / ``AutoModel.from_pretrained`` rebuild the
@@ -124,7 +125,8 @@ def apply_omnimoe(model, *, layers=None, num_experts: int, num_experts_per_tok: 
     num_experts, k, _ = validate_omnimoe_fields(
         num_experts, k, router_norm, layer_ids, n_layers, config.hidden_act,
         router_aux_loss_coef, router_z_loss_coef, hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, names={"num_experts_per_tok": k_name})
+        intermediate_size=config.intermediate_size, expert_precision=expert_precision,
+        names={"num_experts_per_tok": k_name})
     if not isinstance(output_router_logits, bool):
         raise TypeError(f"output_router_logits must be a bool, got {type(output_router_logits).__name__}")
     if up_embed_std is not None:
@@ -147,6 +149,7 @@ def apply_omnimoe(model, *, layers=None, num_experts: int, num_experts_per_tok: 
     config.output_router_logits = output_router_logits
     config.router_aux_loss_coef = float(router_aux_loss_coef)
     config.router_z_loss_coef = float(router_z_loss_coef)
+    config.expert_precision = expert_precision
 
     blocks = install_blocks(base, config, ids)
     std = 1.0 / math.sqrt(config.hidden_size) if up_embed_std is None else float(up_embed_std)

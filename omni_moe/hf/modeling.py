@@ -132,7 +132,8 @@ def layer_config(config) -> OmniMoEConfig:
                              intermediate_size=config.intermediate_size,
                              hidden_act=config.hidden_act, num_experts=config.num_experts,
                              num_experts_per_token=config.num_experts_per_tok,
-                             router_norm=config.router_norm)
+                             router_norm=config.router_norm,
+                             expert_precision=getattr(config, "expert_precision", "exact"))
 
 
 def check_dense_mlp(mlp: nn.Module, idx: int) -> None:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..ops._checks import check_choice, check_int, check_layer_input, check_num_experts
 from ..ops._dispatch import use_triton
+from ..ops.expert.dense import PRECISIONS as EXPERT_PRECISIONS
 from ..ops.expert.op import omni_expert_from_scores
 from ..ops._activations import ACTIVATIONS
 from ..ops.swiglu.op import swiglu
@@ -104,6 +105,12 @@ class OmniMoEConfig:
             rows (``nn.Embedding(sparse=True)``'s convention; for SparseAdam, SGD,
             Adagrad; one device sync per backward; not CUDA-graph capturable or
             compilable).  See docs/layer.md, "Sparse expert gradients".
+        expert_precision: "exact" (default) or "bfloat16": the atomic experts'
+            coefficients may be rounded to bfloat16 before their products with the
+            tables where that saves time (the expert op's "dense" schedule, at k >=
+            E/32; each term of the experts' output then carries a relative error up to
+            2^-9).  ``omni_moe.ops.omni_expert``'s ``precision``; docs/expert.md,
+            "Precision".
 
     Integer fields accept numpy and torch integer scalars and store Python ints (the
     config then serialises to JSON and compares equal to one built from ints).
@@ -126,6 +133,7 @@ class OmniMoEConfig:
     router_norm: str = "batchnorm"
     sync_router_stats: bool | None = None
     sparse_expert_grad: bool = False
+    expert_precision: str = "exact"
     _: KW_ONLY
     num_experts_per_tok: InitVar[int | None] = None
 
@@ -164,6 +172,8 @@ class OmniMoEConfig:
             raise TypeError(f"sync_router_stats must be a bool or None, got {type(self.sync_router_stats).__name__}")
         if not isinstance(self.sparse_expert_grad, bool):
             raise TypeError(f"sparse_expert_grad must be a bool, got {type(self.sparse_expert_grad).__name__}")
+        check_choice(names.get("expert_precision", "expert_precision"), self.expert_precision,
+                     tuple(EXPERT_PRECISIONS))
 
     @classmethod
     def typed(cls, names: dict, /, *, stacklevel: int = 1, **fields) -> "OmniMoEConfig":
@@ -432,7 +442,8 @@ class OmniMoE(nn.Module):
             # w = exp(scores) is fused into the expert kernels (no launch, no autograd node).
             experts = omni_expert_from_scores(h, self.up_embed.weight, self.down_embed.weight,
                                               scores, indices, act=self.act,
-                                              sparse_grad=self.up_embed.sparse)
+                                              sparse_grad=self.up_embed.sparse,
+                                              precision=self.config.expert_precision)
         inner = swiglu(self.gate_proj(h), self.up_proj(h), self.act)
         if is_plain(self.down_proj) and self.down_proj.weight.dtype == experts.dtype:
             # experts + inner @ W_down^T in one cuBLAS call (the add in its epilogue).

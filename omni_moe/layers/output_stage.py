@@ -28,7 +28,7 @@ from .precision import autocast_dtype
 
 class _OutputStage(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, up, down, scores, idx, wg, wu, wd, act, sparse_grad):
+    def forward(ctx, h, up, down, scores, idx, wg, wu, wd, act, sparse_grad, precision):
         from ..ops.expert.op import expert_forward_impl as expert_forward
         from ..ops.swiglu.op import swiglu_forward_impl as swiglu_forward
 
@@ -39,14 +39,14 @@ class _OutputStage(torch.autograd.Function):
         c = autocast_dtype(h) or h.dtype
         h = h.to(c)
         wg, wu, wd = wg.to(c), wu.to(c), wd.to(c)
-        experts, a, sorted_e, perm = expert_forward(h, up, down, scores, idx, act, True)
+        experts, a, sorted_e, perm = expert_forward(h, up, down, scores, idx, act, True, precision)
         gate = F.linear(h, wg)
         upp = F.linear(h, wu)
         inner = swiglu_forward(gate, upp, act)
         out = torch.addmm(experts, inner, wd.t())
         ctx.save_for_backward(h, up, down, scores, idx, a, sorted_e, perm, wg, wu, wd, gate, upp,
                               inner)
-        ctx.act, ctx.sparse_grad = act, sparse_grad
+        ctx.act, ctx.sparse_grad, ctx.precision = act, sparse_grad, precision
         return out
 
     @staticmethod
@@ -67,7 +67,8 @@ class _OutputStage(torch.autograd.Function):
             else:
                 fn = expert_backward
             dh, dup, ddown, ds = fn(dout, h, up, down, scores, idx, a, sorted_e, perm, act,
-                                    bool(need_h), bool(need_up), bool(need_down), True)
+                                    bool(need_h), bool(need_up), bool(need_down), True,
+                                    ctx.precision)
         wdt = ctx.w_dtype
         if need_wd:
             dwd = dout.t().mm(inner).to(wdt)
@@ -87,7 +88,7 @@ class _OutputStage(torch.autograd.Function):
                 # in place on the experts' fresh dh: no elementwise add launches.
                 dh = dh.addmm_(dgate, wg).addmm_(dupp, wu)
         return (dh if need_h else None, dup if need_up else None, ddown if need_down else None,
-                ds if need_s else None, None, dwg, dwu, dwd, None, None)
+                ds if need_s else None, None, dwg, dwu, dwd, None, None, None)
 
 
 def output_stage(layer, h, scores, indices):
@@ -105,6 +106,7 @@ def output_stage(layer, h, scores, indices):
     ws = (layer.up_embed.weight, layer.down_embed.weight) + tuple(m.weight for m in mods)
     if not all(castable(w, h) and w.dtype == ws[2].dtype for w in ws[2:]):
         return None
-    check_expert_args(h, ws[0], ws[1], scores, indices, layer.act)
+    precision = layer.config.expert_precision
+    check_expert_args(h, ws[0], ws[1], scores, indices, layer.act, precision)
     return _OutputStage.apply(h, ws[0], ws[1], scores, indices, ws[2], ws[3], ws[4], layer.act,
-                              bool(layer.up_embed.sparse))
+                              bool(layer.up_embed.sparse), precision)

@@ -193,6 +193,22 @@ def test_config_built_from_other_names_round_trips(family, tmp_path):
         assert fields(back) == fields(cfg)
 
 
+def test_expert_precision_field(tmp_path):
+    """``expert_precision`` is checked as the layer config checks it, saved, loaded back
+    and handed to every OmniMoE layer's config."""
+    from omni_moe.hf.modeling import layer_config
+
+    assert make().expert_precision == "exact"
+    with pytest.raises(ValueError, match=r"^expert_precision must be one of"):
+        make(expert_precision="float16")
+    cfg = make(expert_precision="bfloat16")
+    cfg.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["expert_precision"] == "bfloat16"
+    back = AutoConfig.from_pretrained(tmp_path)
+    assert back.expert_precision == "bfloat16"
+    assert layer_config(back).expert_precision == "bfloat16"
+
+
 def test_z_loss_coef_checked():
     assert make().router_z_loss_coef == 0.0
     with pytest.raises(ValueError, match=r"^router_z_loss_coef must be a finite number >= 0"):

@@ -100,7 +100,9 @@ def test_conversion_keeps_dense_parameters_and_trains():
     torch.manual_seed(0)
     model = LlamaForCausalLM(small())
     gate = model.model.layers[1].mlp.gate_proj.weight
-    apply_omnimoe(model, num_experts=16, num_experts_per_tok=4)
+    apply_omnimoe(model, num_experts=16, num_experts_per_tok=4, expert_precision="bfloat16")
+    assert model.config.expert_precision == "bfloat16"
+    assert all(model.model.layers[i].mlp.config.expert_precision == "bfloat16" for i in range(2))
     assert model.model.layers[1].mlp.gate_proj.weight is gate
     losses = train_steps(model, steps=6)
     assert losses[-1] < losses[0] - 0.1, losses
@@ -122,6 +124,8 @@ def test_conversion_errors():
         apply_omnimoe(model, num_experts=16, num_experts_per_tok=2, router_norm="rms")
     with pytest.raises(TypeError, match="layers"):
         apply_omnimoe(model, layers="0", num_experts=16, num_experts_per_tok=2)
+    with pytest.raises(ValueError, match="^expert_precision must be one of"):
+        apply_omnimoe(model, num_experts=16, num_experts_per_tok=2, expert_precision="fp8")
     for std, exc in ((-0.1, ValueError), (float("inf"), ValueError), (True, TypeError), ("0.1", TypeError)):
         with pytest.raises(exc, match="^up_embed_std must be a (float|finite number >= 0)"):
             apply_omnimoe(model, num_experts=16, num_experts_per_tok=2, up_embed_std=std)

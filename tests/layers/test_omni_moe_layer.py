@@ -419,11 +419,40 @@ GOOD = dict(hidden_size=32, intermediate_size=48, hidden_act="silu", num_experts
     ("num_experts_per_token", 0, ValueError), ("num_experts_per_token", 65, ValueError),
     ("num_experts_per_token", None, TypeError), ("num_experts_per_token", 2.5, TypeError),
     ("router_norm", "rmsnorm", ValueError), ("router_norm", 1, TypeError),
+    ("expert_precision", "float16", ValueError), ("expert_precision", None, TypeError),
 ])
 def test_config_validation(field, value, exc):
     kwargs = dict(GOOD, **{field: value})
     with pytest.raises(exc, match=field):
         OmniMoEConfig(**kwargs)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=("fused", "unfused"))
+def test_expert_precision(fused, device, monkeypatch):
+    """``expert_precision="bfloat16"`` reaches the expert op on the layer's fused output
+    stage and on the unfused path (a hook on the MLP): with the dense schedule forced and
+    a fixed output gradient, the output and the input gradient move (rounded
+    coefficients) and the table gradients, exact in both precisions, do not."""
+    force_expert_schedule(monkeypatch, "dense")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 13, 32, generator=gen).to(device, torch.bfloat16)
+    go = torch.randn(2, 13, 32, generator=gen).to(device, torch.bfloat16)
+    got = {}
+    for precision in ("exact", "bfloat16"):
+        torch.manual_seed(0)
+        c = OmniMoEConfig(32, 48, num_experts=64, num_experts_per_token=8, router_norm="layernorm",
+                          expert_precision=precision)
+        layer = OmniMoE(c).to(device, torch.bfloat16)
+        if not fused:
+            layer.gate_proj.register_forward_hook(lambda mod, args, out: None)
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        out.backward(go)
+        got[precision] = (out, xi.grad, layer.up_embed.weight.grad, layer.down_embed.weight.grad)
+    exact, fast = got["exact"], got["bfloat16"]
+    assert not torch.equal(exact[0], fast[0]) and not torch.equal(exact[1], fast[1])
+    assert torch.allclose(exact[0].float(), fast[0].float(), rtol=0.05, atol=0.05)
+    assert torch.equal(exact[2], fast[2]) and torch.equal(exact[3], fast[3])
 
 
 def test_config_non_square_count_warns():

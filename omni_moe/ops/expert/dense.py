@@ -37,6 +37,12 @@ row there.
 Only bfloat16 h, U and V (and do) take this path (the parts must share the table's
 dtype, and float16's exponent range cannot hold a float32 coefficient); other dtypes run
 the "expert" schedule.
+
+``precision="bfloat16"`` (opt-in, ``PRECISIONS``) keeps one part: each coefficient c_p
+(and da_p for dh) rounded to bfloat16 (round to nearest even) before its product, one
+GEMM instead of three per sum and a third of the parts' scratch.  A term then carries a
+relative error of at most 2^-9 (bfloat16's own rounding of the output is of that size);
+the flagged rows stay exact, and so do the weight gradients and dw.
 """
 
 from __future__ import annotations
@@ -49,8 +55,11 @@ from .._activations import act_fwd, act_fwd_bwd
 from .._dispatch import autocast_off
 from .._triton import loop_bound, to_dtype, to_f32
 
-# Scratch per chunk: S (float32) and the three bfloat16 parts, 10 bytes a (token, expert).
+# Scratch per chunk: S (float32) and the bfloat16 parts, 10 bytes a (token, expert) with
+# three parts.
 _CHUNK_BYTES = 512 * 2**20
+# Parts of each coefficient per precision: three hold a float32 significand exactly.
+PRECISIONS = {"exact": 3, "bfloat16": 1}
 # Largest |c| whose bfloat16 rounding is finite (bfloat16's max is 3.3895e38).
 _C_MAX: tl.constexpr = tl.constexpr(3.38e38)
 
@@ -71,7 +80,7 @@ def _dense_pairs_kernel(
     stride_st, stride_it, stride_ik, stride_rt, stride_rk, stride_pi, stride_pt,
     stride_dwt, stride_dwk,
     ACT: tl.constexpr, LOG_W: tl.constexpr, BACKWARD: tl.constexpr, FIRST: tl.constexpr,
-    WRITE_PARTS: tl.constexpr, BLOCK_K: tl.constexpr,
+    WRITE_PARTS: tl.constexpr, NPARTS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One token t per program, its K slots BLOCK_K at a time, for the chunk [e0, e0 + n).
 
@@ -83,12 +92,12 @@ def _dense_pairs_kernel(
     Pass 3: a slot that does not read its own number back shares its expert with another
     slot; it, a coefficient not finite or too large for bfloat16, or (``FIRST``) a
     non-finite VMIN/VMAX (of the table the parts multiply) flags the token (FLAG[t] = 1);
-    every in-chunk slot stores the three bfloat16 parts of its coefficient at
-    PARTS[i, t, e - e0].  Passes 2 and 3 only with ``WRITE_PARTS`` (the backward without
+    every in-chunk slot stores the NPARTS bfloat16 parts of its coefficient at
+    PARTS[i, t, e - e0] (three: exact; one: the coefficient rounded).  Passes 2 and 3 only with ``WRITE_PARTS`` (the backward without
     dh needs pass 1 alone).
     Grid: (T,).  Bytes: 3 reads of the token's K indices (the second and third from
     L2), per in-chunk slot one S read and write, the weight, 8 bytes of A and COEF (and
-    DW) and 6 of parts; S's row is the token's own, so programs never share an address.
+    DW) and 2 * NPARTS of parts; S's row is the token's own, so programs never share an address.
     """
     t = tl.program_id(0).to(tl.int64)
     anybad = tl.zeros((BLOCK_K,), dtype=tl.int32)
@@ -135,13 +144,14 @@ def _dense_pairs_kernel(
             anybad += tl.where(inc & ((owner != r) | (big == 0)), 1, 0)
             c = tl.where(big, c, 0.0)
             p0 = to_dtype(c, tl.bfloat16)
-            r1 = c - to_f32(p0)
-            p1 = to_dtype(r1, tl.bfloat16)
-            p2 = to_dtype(r1 - to_f32(p1), tl.bfloat16)
             dst = PARTS + t * stride_pt + col
             tl.store(dst, p0, mask=inc)
-            tl.store(dst + stride_pi, p1, mask=inc)
-            tl.store(dst + 2 * stride_pi, p2, mask=inc)
+            if NPARTS == 3:
+                r1 = c - to_f32(p0)
+                p1 = to_dtype(r1, tl.bfloat16)
+                p2 = to_dtype(r1 - to_f32(p1), tl.bfloat16)
+                tl.store(dst + stride_pi, p1, mask=inc)
+                tl.store(dst + 2 * stride_pi, p2, mask=inc)
         tl.store(FLAG + t, 1, mask=tl.max(anybad, axis=0) > 0)
 
 
@@ -158,29 +168,30 @@ def _mm_f32(x, y, acc=None):
     return torch.addmm(acc, x.float(), y.float())
 
 
-def dense_chunk(T: int, E: int, chunk: int = 0) -> int:
+def dense_chunk(T: int, E: int, chunk: int = 0, parts: int = 3) -> int:
     """Experts per chunk: ``chunk`` if > 0, else as many as keep the chunk's scratch
-    (10 bytes a token and expert) within 512 MiB, a multiple of 64."""
+    (4 + 2 * ``parts`` bytes a token and expert) within 512 MiB, a multiple of 64."""
     if chunk > 0:
         return min(chunk, max(E, 1))
-    n = _CHUNK_BYTES // (10 * max(T, 1))
+    n = _CHUNK_BYTES // ((4 + 2 * parts) * max(T, 1))
     return max(1, min(E, max(64, n // 64 * 64)))
 
 
 def _dense_sum(x, rows, sums, w, idx, a, coef, dw, act_id: int, log_weights: bool, chunk: int,
-               fixup, backward: bool, write_parts: bool):
+               fixup, backward: bool, write_parts: bool, nparts: int):
     """The chunk loop of both directions: per chunk S = x rows_chunk^T, the pairs kernel,
-    and (``write_parts``) acc += the parts times sums_chunk; then ``fixup`` of the
-    flagged rows.  Returns the float32 (T, H) accumulator (None without parts)."""
+    and (``write_parts``) acc += the ``nparts`` parts times sums_chunk; then ``fixup`` of
+    the flagged rows.  Returns the float32 (T, H) accumulator (None without parts)."""
     T = x.shape[0]
     K = idx.shape[1]
     E, H = rows.shape
     dev = x.device
-    n_max = dense_chunk(T, E, chunk)
+    n_max = dense_chunk(T, E, chunk, nparts)
     flag = torch.zeros((T,), dtype=torch.int32, device=dev)
     vmin, vmax = torch.aminmax(sums) if write_parts else (flag, flag)
     acc = torch.zeros((T, H), dtype=torch.float32, device=dev) if write_parts else None
-    parts_buf = torch.empty((3, T, n_max if write_parts else 1), dtype=torch.bfloat16, device=dev)
+    parts_buf = torch.empty((nparts, T, n_max if write_parts else 1), dtype=torch.bfloat16,
+                            device=dev)
     block_k = max(16, min(256, triton.next_power_of_2(K)))
     dw_arg = dw if backward else coef
     # Under torch.autocast (bfloat16 tables with float32 other parameters reach this
@@ -198,12 +209,12 @@ def _dense_sum(x, rows, sums, w, idx, a, coef, dw, act_id: int, log_weights: boo
                 s.stride(0), idx.stride(0), idx.stride(1), w.stride(0), w.stride(1),
                 parts.stride(0), parts.stride(1), dw_arg.stride(0), dw_arg.stride(1),
                 ACT=act_id, LOG_W=log_weights, BACKWARD=backward, FIRST=e0 == 0,
-                WRITE_PARTS=write_parts, BLOCK_K=block_k, num_warps=4,
+                WRITE_PARTS=write_parts, NPARTS=nparts, BLOCK_K=block_k, num_warps=4,
             )
             del s
             if write_parts:
                 v = sums[e0:e0 + n]
-                for i in range(3):
+                for i in range(nparts):
                     acc = _mm_f32(parts[i], v, acc)
     if write_parts:
         fixup(coef, flag, acc)
@@ -211,13 +222,14 @@ def _dense_sum(x, rows, sums, w, idx, a, coef, dw, act_id: int, log_weights: boo
 
 
 def dense_forward(h, up, down, w, idx, a, out, act_id: int, log_weights: bool, chunk: int,
-                  fixup):
-    """out (T, H) and a (T, K) of the op in the dense schedule (h, up, down bfloat16).
+                  fixup, precision: str = "exact"):
+    """out (T, H) and a (T, K) of the op in the dense schedule (h, up, down bfloat16),
+    the coefficients in ``PRECISIONS[precision]`` parts.
 
     ``fixup(coef, flag, acc)``: recompute the flagged rows of the float32 accumulator
     ``acc`` pair by pair from the (T, K) float32 coefficients with the sum's table (the
     caller's gather-combine launch of v).  No host sync; scratch of about
-    ``dense_chunk`` experts x 10 bytes a token.
+    ``dense_chunk`` experts x (4 + 2 x parts) bytes a token.
     """
     T, H = h.shape
     K = idx.shape[1]
@@ -230,19 +242,19 @@ def dense_forward(h, up, down, w, idx, a, out, act_id: int, log_weights: bool, c
         return out, a
     coef = torch.empty((T, K), dtype=torch.float32, device=h.device)
     acc = _dense_sum(h, up, down, w, idx, a, coef, None, act_id, log_weights, chunk, fixup,
-                     False, True)
+                     False, True, PRECISIONS[precision])
     out.copy_(acc)
     return out, a
 
 
 def dense_backward(grad_out, h, up, down, w, idx, a, dw, da, dh, act_id: int, log_weights: bool,
-                   chunk: int, fixup):
+                   chunk: int, fixup, precision: str = "exact"):
     """dw (T, K), da (T, K) float32 (for the weight gradients) and, if ``dh`` is given,
     dh (T, H), written in the dense schedule (grad_out, h, up, down bfloat16).
 
     Per chunk G = do V^T (float32 output of exact products) gives g_p; the pairs kernel
-    writes dw and da and, for dh, the three parts of da, summed against U as the forward
-    sums c against V; ``fixup`` (a gather-combine launch of u) recomputes the flagged rows.
+    writes dw and da and, for dh, the parts of da (``PRECISIONS[precision]``), summed
+    against U as the forward sums c against V; ``fixup`` (a gather-combine launch of u) recomputes the flagged rows.
     """
     T, H = h.shape
     K = idx.shape[1]
@@ -256,6 +268,6 @@ def dense_backward(grad_out, h, up, down, w, idx, a, dw, da, dh, act_id: int, lo
             dh.zero_()
         return
     acc = _dense_sum(grad_out, down, up, w, idx, a, da, dw, act_id, log_weights, chunk, fixup,
-                     True, dh is not None)
+                     True, dh is not None, PRECISIONS[precision])
     if dh is not None:
         dh.copy_(acc)

@@ -78,7 +78,7 @@ from .._activations import ACT_ID, act_fwd, act_fwd_bwd
 from .._checks import check_choice, check_int, check_pow2, with_fields
 from .._dispatch import device_info
 from .._triton import loop_bound, to_dtype, to_f32
-from .dense import dense_backward, dense_forward
+from .dense import PRECISIONS, dense_backward, dense_forward
 from .rows import (RowTile, grid_width, group_rows, launch_row_dot, pair_epilogue, row_groups,
                    row_key_dtype)
 
@@ -842,7 +842,8 @@ def launch_expert_grads(offsets, perm, a, da, routing_weights, hidden_states, gr
 
 
 def expert_forward(hidden_states, up_weights, down_weights, routing_weights, indices, act="silu",
-                   out=None, a=None, log_weights=False, *, config: ExpertConfig | None = None):
+                   out=None, a=None, log_weights=False, *, config: ExpertConfig | None = None,
+                   precision: str = "exact"):
     """Forward: (out (T, H) in hidden dtype, a (T, k) float32, sorted_e, perm).
 
     ``sorted_e``/``perm`` are the pairs' grouping: by expert in the "expert" schedule
@@ -850,7 +851,10 @@ def expert_forward(hidden_states, up_weights, down_weights, routing_weights, ind
     tensors in the "token" one; pass them on to ``expert_backward``.  ``out``/``a`` may
     be preallocated (tests poison them first; ``a`` contiguous).  ``log_weights``: routing_weights holds scores s and the weights
     are exp(s).  No host sync.  ``config`` replaces ``default_config``'s choice.
+    ``precision``: "exact" or "bfloat16" (the dense schedule's coefficients rounded to
+    bfloat16, ``dense.py``; the other schedules are exact either way).
     """
+    check_choice("precision", precision, tuple(PRECISIONS))
     T, H = hidden_states.shape
     K = indices.shape[1]
     E = up_weights.shape[0]
@@ -869,7 +873,8 @@ def expert_forward(hidden_states, up_weights, down_weights, routing_weights, ind
         dense_forward(hidden_states, up_weights, down_weights, routing_weights, indices, a, out,
                       ACT_ID[act], bool(log_weights), cfg.dense_chunk,
                       lambda coef, flag, acc: launch_gather_combine(down_weights, indices, coef,
-                                                                    acc, cfg.gather, flag=flag))
+                                                                    acc, cfg.gather, flag=flag),
+                      precision)
         return (out, a, indices.new_empty((0,), dtype=sort_key_dtype(E)),
                 indices.new_empty((0,), dtype=torch.int64))
     if schedule == "token":
@@ -894,7 +899,8 @@ def expert_forward(hidden_states, up_weights, down_weights, routing_weights, ind
 def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_weights, indices,
                     a, sorted_e, perm, act="silu", need_dh=True, need_dup=True, need_ddown=True,
                     dh=None, dup=None, ddown=None, dw=None, log_weights=False, *,
-                    config: ExpertConfig | None = None, used_rows=None):
+                    config: ExpertConfig | None = None, used_rows=None,
+                    precision: str = "exact"):
     """Backward: (dh, dup, ddown, dw); an output not needed comes back as None.
 
     ``sorted_e``/``perm``: what ``expert_forward`` returned (empty: the "token"
@@ -903,13 +909,15 @@ def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_w
     (E, H) in the weights' dtypes, every row written by ``_expert_grad_kernel`` (zeros
     for unused experts).  dw is (T, k) in routing_weights' dtype (with ``log_weights``:
     the gradient of the scores).  Outputs may be preallocated.  No host sync.  ``config``
-    replaces ``default_config``'s; it must name the forward's schedule.
+    replaces ``default_config``'s; it must name the forward's schedule.  ``precision``: as
+    ``expert_forward``'s (in the dense schedule, dh's coefficients da_p).
 
     ``used_rows``: a function ``(sorted_e, E) -> (rows (D,), offsets (D + 1,) int32)``
     grouping the sorted pairs by used expert (``sparse.expert_groups``); dup/ddown are then
     (D, H), one row per used expert, the same bits as those rows of the dense gradients,
     and a fifth result gives ``rows``.
     """
+    check_choice("precision", precision, tuple(PRECISIONS))
     T, H = hidden_states.shape
     K = indices.shape[1]
     E = up_weights.shape[0]
@@ -952,7 +960,8 @@ def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_w
                        a, dw, da, dh if need_dh else None, ACT_ID[act], bool(log_weights),
                        cfg.dense_chunk,
                        lambda coef, flag, acc: launch_gather_combine(up_weights, indices, coef, acc,
-                                                                     cfg.gather, flag=flag))
+                                                                     cfg.gather, flag=flag),
+                       precision)
         if need_w:
             sorted_e, perm = group_pairs(indices, E)
             weight_grads(sorted_e, perm, a, da, False)

@@ -26,16 +26,18 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_dense, check_float_tensor, check_same
+from .._checks import check_choice, check_dense, check_float_tensor, check_same
 from .._dispatch import use_triton
 from .._activations import check_activation
 from .cpu import expert_backward_reference, expert_forward_reference
+from .dense import PRECISIONS
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _INT32_MAX = 2**31 - 1
 
 
-def check_expert_args(hidden_states, up_weights, down_weights, routing_weights, indices, act):
+def check_expert_args(hidden_states, up_weights, down_weights, routing_weights, indices, act,
+                      precision="exact"):
     """Validate user input; raise TypeError/ValueError naming the offending argument.
 
     Only metadata is checked here (no data reads, so it is free and traceable); the
@@ -54,6 +56,7 @@ def check_expert_args(hidden_states, up_weights, down_weights, routing_weights, 
     if indices.dim() != 2:
         raise ValueError(f"indices must be 2-D, got shape {tuple(indices.shape)}")
     check_activation(act)
+    check_choice("precision", precision, tuple(PRECISIONS))
     for name, t in named[1:]:
         check_same(name, t, "hidden_states", hidden_states, dtype=False, shape=False)
     T, H = hidden_states.shape
@@ -87,15 +90,16 @@ def _check_index_range_cpu(indices: torch.Tensor, num_experts: int):
                 f"got values in [{lo}, {hi}]")
 
 
-def expert_forward_impl(h, up, down, w, idx, act, log_weights=False):
+def expert_forward_impl(h, up, down, w, idx, act, log_weights=False, precision="exact"):
     """(out, a, sorted_e, perm): a (T, k) float32 pre-activations; sorted_e/perm the pairs'
     grouping by expert when the kernels' "expert" schedule ran, else empty (all four
-    saved for backward)."""
+    saved for backward).  ``precision``: see ``omni_expert`` (the PyTorch path is exact)."""
     _check_index_range_cpu(idx, up.shape[0])
     if use_triton(h):
         from .kernels import expert_forward
 
-        return expert_forward(h, up, down, w, idx, act, log_weights=log_weights)
+        return expert_forward(h, up, down, w, idx, act, log_weights=log_weights,
+                              precision=precision)
     if log_weights:
         w = w.float().exp()
     out, a = expert_forward_reference(h, up, down, w, idx, act)
@@ -105,13 +109,14 @@ def expert_forward_impl(h, up, down, w, idx, act, log_weights=False):
 
 
 def expert_backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh,
-                         need_dup, need_ddown, log_weights=False):
+                         need_dup, need_ddown, log_weights=False, precision="exact"):
     """(dh, dup, ddown, dw); a gradient not needed comes back as an empty (0,) tensor."""
     if use_triton(h):
         from .kernels import expert_backward
 
         dh, dup, ddown, dw = expert_backward(grad_out, h, up, down, w, idx, a, sorted_e, perm, act,
-                                             need_dh, need_dup, need_ddown, log_weights=log_weights)
+                                             need_dh, need_dup, need_ddown, log_weights=log_weights,
+                                             precision=precision)
     else:
         wx = w.float().exp() if log_weights else w
         dh, dup, ddown, dw = expert_backward_reference(grad_out, h, up, down, wx, idx, a, act)
@@ -151,13 +156,13 @@ def _grouped_pairs(h, up, down, idx) -> int:
 
 @torch.library.custom_op("omni_moe::expert_forward", mutates_args=())
 def _expert_forward(h: torch.Tensor, up: torch.Tensor, down: torch.Tensor, w: torch.Tensor,
-                    idx: torch.Tensor, act: str,
-                    log_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return expert_forward_impl(h, up, down, w, idx, act, log_weights)
+                    idx: torch.Tensor, act: str, log_weights: bool = False,
+                    precision: str = "exact") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return expert_forward_impl(h, up, down, w, idx, act, log_weights, precision)
 
 
 @_expert_forward.register_fake
-def _(h, up, down, w, idx, act, log_weights=False):
+def _(h, up, down, w, idx, act, log_weights=False, precision="exact"):
     T, H = h.shape
     K = idx.shape[1]
     P = _grouped_pairs(h, up, down, idx)
@@ -170,14 +175,15 @@ def _(h, up, down, w, idx, act, log_weights=False):
 def _expert_backward(grad_out: torch.Tensor, h: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                      w: torch.Tensor, idx: torch.Tensor, a: torch.Tensor, sorted_e: torch.Tensor,
                      perm: torch.Tensor, act: str, need_dh: bool, need_dup: bool, need_ddown: bool,
-                     log_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     log_weights: bool = False,
+                     precision: str = "exact") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return expert_backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup,
-                          need_ddown, log_weights)
+                          need_ddown, log_weights, precision)
 
 
 @_expert_backward.register_fake
 def _(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup, need_ddown,
-      log_weights=False):
+      log_weights=False, precision="exact"):
     return (h.new_empty(h.shape if need_dh else (0,)),
             up.new_empty(up.shape if need_dup else (0,)),
             down.new_empty(down.shape if need_ddown else (0,)),
@@ -185,24 +191,26 @@ def _(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup, 
 
 
 def _setup_context(ctx, inputs, output):
-    h, up, down, w, idx, act, log_weights = inputs
+    h, up, down, w, idx, act, log_weights, precision = inputs
     _, a, sorted_e, perm = output
     ctx.save_for_backward(h, up, down, w, idx, a, sorted_e, perm)
     ctx.act = act
     ctx.log_weights = log_weights
+    ctx.precision = precision
 
 
 def _grads(ctx, grad_out, backward_fn):
     h, up, down, w, idx, a, sorted_e, perm = ctx.saved_tensors
     need_dh, need_dup, need_ddown, need_dw = ctx.needs_input_grad[:4]
     if not (need_dh or need_dup or need_ddown or need_dw):
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     if grad_out is None:
         grad_out = torch.zeros_like(h)
     dh, dup, ddown, dw = backward_fn(grad_out, h, up, down, w, idx, a, sorted_e, perm, ctx.act,
-                                     bool(need_dh), bool(need_dup), bool(need_ddown), ctx.log_weights)
+                                     bool(need_dh), bool(need_dup), bool(need_ddown), ctx.log_weights,
+                                     ctx.precision)
     return (dh if need_dh else None, dup if need_dup else None,
-            ddown if need_ddown else None, dw if need_dw else None, None, None, None)
+            ddown if need_ddown else None, dw if need_dw else None, None, None, None, None)
 
 
 def _backward(ctx, grad_out, _grad_a, _grad_sorted, _grad_perm):
@@ -219,11 +227,13 @@ _expert_forward.register_autograd(_backward, setup_context=_setup_context)
 
 class _ExpertFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, up, down, w, idx, act, log_weights, sparse_grad=False):
-        out, a, sorted_e, perm = expert_forward_impl(h, up, down, w, idx, act, log_weights)
+    def forward(ctx, h, up, down, w, idx, act, log_weights, precision, sparse_grad=False):
+        out, a, sorted_e, perm = expert_forward_impl(h, up, down, w, idx, act, log_weights,
+                                                     precision)
         ctx.save_for_backward(h, up, down, w, idx, a, sorted_e, perm)
         ctx.act = act
         ctx.log_weights = log_weights
+        ctx.precision = precision
         ctx.sparse_grad = sparse_grad
         return out
 
@@ -238,8 +248,9 @@ class _ExpertFunction(torch.autograd.Function):
 
 
 def _apply(hidden_states, up_weights, down_weights, routing_weights, indices, act, log_weights,
-           sparse_grad=False):
-    check_expert_args(hidden_states, up_weights, down_weights, routing_weights, indices, act)
+           sparse_grad=False, precision="exact"):
+    check_expert_args(hidden_states, up_weights, down_weights, routing_weights, indices, act,
+                      precision)
     if not isinstance(sparse_grad, bool):
         raise TypeError(f"sparse_grad must be a bool, got {type(sparse_grad).__name__}")
     if sparse_grad:
@@ -249,16 +260,17 @@ def _apply(hidden_states, up_weights, down_weights, routing_weights, indices, ac
                 "data-dependent); use dense expert gradients (sparse_expert_grad=False / "
                 "sparse_grad=False) in compiled code")
         return _ExpertFunction.apply(hidden_states, up_weights, down_weights, routing_weights,
-                                     indices, act, log_weights, True)
+                                     indices, act, log_weights, precision, True)
     if torch.compiler.is_compiling():
         return torch.ops.omni_moe.expert_forward(
-            hidden_states, up_weights, down_weights, routing_weights, indices, act, log_weights)[0]
+            hidden_states, up_weights, down_weights, routing_weights, indices, act, log_weights,
+            precision)[0]
     return _ExpertFunction.apply(hidden_states, up_weights, down_weights, routing_weights, indices,
-                                 act, log_weights)
+                                 act, log_weights, precision)
 
 
 def omni_expert(hidden_states, up_weights, down_weights, routing_weights, indices, act="silu", *,
-                sparse_grad=False):
+                sparse_grad=False, precision="exact"):
     """Atomic-expert mixture: out[t] = sum_r act(u_e . h_t) * w[t, r] * v_e, e = indices[t, r].
 
     Args:
@@ -269,6 +281,15 @@ def omni_expert(hidden_states, up_weights, down_weights, routing_weights, indice
         routing_weights: (T, k) float tensor (exp of the router scores).
         indices: (T, k) int32 or int64 in [0, E); duplicates allowed.
         act: "silu", "gelu" (exact erf form) or "relu".
+
+        precision: "exact" (default): every product c_p v_e (and da_p u_e in the
+            backward) of the float32 coefficient, float32 accumulation.  "bfloat16"
+            (opt-in): the op may round each coefficient to bfloat16 first where that
+            saves time -- the "dense" schedule at large k (tensor cores take 16-bit
+            operands; one GEMM per sum instead of three): each term of out and dh then
+            carries a relative error up to 2^-9, about the output's own bfloat16
+            rounding.  The weight gradients and routing_weights' gradient stay exact.
+            See docs/expert.md, "Precision".
 
     Returns:
         (T, H) tensor in hidden_states' dtype; float32 accumulation, one rounding.
@@ -282,11 +303,11 @@ def omni_expert(hidden_states, up_weights, down_weights, routing_weights, indice
     reported (reporting would need a host sync); on CPU they raise ValueError.
     """
     return _apply(hidden_states, up_weights, down_weights, routing_weights, indices, act, False,
-                  sparse_grad)
+                  sparse_grad, precision)
 
 
 def omni_expert_from_scores(hidden_states, up_weights, down_weights, scores, indices, act="silu", *,
-                            sparse_grad=False):
+                            sparse_grad=False, precision="exact"):
     """``omni_expert(hidden_states, up_weights, down_weights, scores.exp(), indices, act)``
     with the exp fused into the kernels (no launch and no autograd node of its own).
 
@@ -294,4 +315,5 @@ def omni_expert_from_scores(hidden_states, up_weights, down_weights, scores, ind
     gradient it receives is that of the scores.  Same contract as ``omni_expert``
     otherwise; used by ``omni_moe.OmniMoE``.
     """
-    return _apply(hidden_states, up_weights, down_weights, scores, indices, act, True, sparse_grad)
+    return _apply(hidden_states, up_weights, down_weights, scores, indices, act, True, sparse_grad,
+                  precision)

@@ -70,11 +70,12 @@ def expert_groups(sorted_e: torch.Tensor, num_experts: int):
 
 
 def _triton_backward(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup,
-                     need_ddown, log_weights):
+                     need_ddown, log_weights, precision):
     from .kernels import expert_backward
 
     return expert_backward(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh,
-                           need_dup, need_ddown, log_weights=log_weights, used_rows=expert_groups)
+                           need_dup, need_ddown, log_weights=log_weights, used_rows=expert_groups,
+                           precision=precision)
 
 
 def _torch_backward(grad_out, h, up, down, w, idx, a, act, need_dh, need_dup, need_ddown,
@@ -94,7 +95,7 @@ def _torch_backward(grad_out, h, up, down, w, idx, a, act, need_dh, need_dup, ne
 
 
 def sparse_backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, need_dh, need_dup,
-                         need_ddown, log_weights=False):
+                         need_ddown, log_weights=False, precision="exact"):
     """``op.expert_backward_impl`` with sparse COO (E, H) weight gradients.
 
     Returns (dh, dup, ddown, dw); a gradient not needed comes back as an empty tensor.
@@ -104,7 +105,7 @@ def sparse_backward_impl(grad_out, h, up, down, w, idx, a, sorted_e, perm, act, 
     if use_triton(h):
         dh, dup, ddown, dw, rows = _triton_backward(grad_out, h, up, down, w, idx, a, sorted_e,
                                                     perm, act, need_dh, need_dup, need_ddown,
-                                                    log_weights)
+                                                    log_weights, precision)
     else:
         dh, dup, ddown, dw, rows = _torch_backward(grad_out, h, up, down, w, idx, a, act, need_dh,
                                                    need_dup, need_ddown, log_weights)

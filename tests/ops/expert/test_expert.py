@@ -8,6 +8,7 @@ interpreter (TRITON_INTERPRET=1).  Run:
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -552,9 +553,10 @@ def test_bad_inputs():
     def call(**kw):
         args = dict(good)
         act = kw.pop("act", "silu")
+        precision = kw.pop("precision", "exact")
         args.update(kw)
         return omni_expert(args["hidden_states"], args["up_weights"], args["down_weights"],
-                           args["routing_weights"], args["indices"], act)
+                           args["routing_weights"], args["indices"], act, precision=precision)
 
     cases = [
         (TypeError, "hidden_states", dict(hidden_states=h.numpy())),
@@ -573,6 +575,8 @@ def test_bad_inputs():
         (ValueError, "down_weights", dict(down_weights=down.to("meta"))),
         (ValueError, "act", dict(act="tanh")),
         (TypeError, "act", dict(act=None)),
+        (ValueError, "precision", dict(precision="float16")),
+        (TypeError, "precision", dict(precision=None)),
     ]
     for exc, name, kw in cases:
         with pytest.raises(exc, match=name):
@@ -702,6 +706,44 @@ def test_dense_rule():
     with pytest.raises(ValueError, match="dense_chunk"):
         kern.expert_forward(*make_inputs(3, 8, 5, 2, torch.bfloat16, "cpu")[:5], "silu",
                             config=replace(cfg, dense_chunk=-1))
+
+
+@pytest.mark.parametrize("chunk", [0, 16], ids=lambda c: f"chunk{c}")
+def test_dense_bfloat16_precision(chunk, device, monkeypatch):
+    """``precision="bfloat16"`` in the dense schedule: out and dh within the float64
+    formula's bound plus 2^-8 of their magnitude (each coefficient rounded to bfloat16
+    once) and different from the exact precision's; the weight gradients, the routing
+    weights' gradient and the out / dh rows of tokens with a repeated expert (recomputed
+    pair by pair from float32 coefficients) bitwise the exact precision's.  Three calls
+    on fresh inputs."""
+    force_expert_schedule(monkeypatch, "dense", dense_chunk=chunk)
+    for call in range(3):
+        inputs = make_inputs(23, 40, 70, 9, torch.bfloat16, device, "random", seed=60 + call)
+        idx = inputs[4]
+        repeat = (idx[:, :, None] == idx[:, None, :]).sum((1, 2)) > idx.shape[1]
+        assert repeat.any() and not repeat.all()
+        exact = run_op(*inputs, ACTS[call])
+        fast = run_op(*inputs, ACTS[call], fn=partial(omni_expert, precision="bfloat16"))
+        want, mag, n_ops = expert_oracle(*inputs, ACTS[call])
+        for i in (0, 1):
+            extra = 2 * accumulation_bound(n_ops, mag[i]) + 2.0**-8 * mag[i]
+            assert_close_ulps(fast[i], want[i], 0.5, torch.bfloat16, extra, NAMES[i])
+            assert not torch.equal(fast[i], exact[i]), NAMES[i]
+            assert torch.equal(fast[i][repeat], exact[i][repeat]), NAMES[i]
+        for i in (2, 3, 4):
+            assert torch.equal(fast[i], exact[i]), NAMES[i]
+
+
+@pytest.mark.parametrize("schedule", ["token", "expert", "rows"])
+def test_bfloat16_precision_elsewhere_exact(schedule, path, monkeypatch):
+    """Schedules that gain nothing from 16-bit coefficients (and the PyTorch path) give
+    the exact precision's bits under ``precision="bfloat16"``."""
+    force_expert_schedule(monkeypatch, schedule)
+    inputs = make_inputs(19, 40, 70, 9, torch.bfloat16, path, "random", seed=71)
+    exact = run_op(*inputs, "silu")
+    fast = run_op(*inputs, "silu", fn=partial(omni_expert, precision="bfloat16"))
+    for name, x, y in zip(NAMES, exact, fast):
+        assert torch.equal(x, y), name
 
 
 @pytest.mark.gpu
