@@ -14,7 +14,10 @@ the op).  For each (T, k):
   also under each chunk of ``--dense-chunks``): forward and forward + backward (all four
   gradients), eager (``do_bench`` median, L2 flushed) and CUDA-graph replay, peak memory
   of the forward and of the training step above what was allocated, and each schedule's
-  results against the expert schedule's (relative L2 error of out and each gradient).
+  results against the expert schedule's (relative L2 error of out and each gradient);
+  ``--dense-variants`` adds the dense schedule with its weight gradients as GEMMs
+  (``gemm-grads``: ``ExpertConfig.dense_weight_grads``) and with ``precision="bfloat16"``
+  (``bf16``, ``bf16-gemm-grads``).
 The tables (2 x 210 MB) exceed L2, so no input rotation is needed.
 
 ``--decode``: the token forward's slot chunks at decode sizes instead (``--decode-cases``
@@ -44,6 +47,10 @@ from omni_moe.bench.common import capture_graph, environment  # noqa: E402
 from omni_moe.ops.expert import kernels as kern  # noqa: E402
 from omni_moe.ops.expert import rows as rows_mod  # noqa: E402
 from omni_moe.ops.router import omni_router  # noqa: E402
+
+# --dense-variants: name -> (ExpertConfig.dense_weight_grads, precision)
+DENSE_VARIANTS = {"gemm-grads": (True, "exact"), "bf16": (False, "bfloat16"),
+                  "bf16-gemm-grads": (True, "bfloat16")}
 
 VARIANTS = {
     "t64j64h64": rows_mod.RowTile(64, 64, 64, 256, 4, 3, 2),
@@ -83,7 +90,8 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def run_case(T, k, H, N, variants, dev, out, schedules=("expert", "rows"), dense_chunks=()):
+def run_case(T, k, H, N, variants, dev, out, schedules=("expert", "rows"), dense_chunks=(),
+             dense_variants=()):
     time_ms = timer(dev)
     E = N * N
     g = torch.Generator(device=dev).manual_seed(T * 7919 + k)
@@ -98,7 +106,7 @@ def run_case(T, k, H, N, variants, dev, out, schedules=("expert", "rows"), dense
     row = dict(T=T, k=k, H=H, E=E, rule=base.schedule)
     if not variants:
         return _time_schedules(T, k, h, up, down, go, s, idx, base, row, dev, out, schedules,
-                               dense_chunks)
+                               dense_chunks, dense_variants)
 
     row["group_pairs_ms"] = time_ms(lambda: kern.group_pairs(idx, E))
     row["group_rows_ms"] = time_ms(lambda: rows_mod.row_groups(*rows_mod.group_rows(idx, E), k))
@@ -122,7 +130,8 @@ def run_case(T, k, H, N, variants, dev, out, schedules=("expert", "rows"), dense
         err = ((a - a_ref).abs().max() / a_ref.abs().max()).item()
         row["row_dot"][name] = dict(ms=time_ms(call), rel_err=err, tile=asdict(tile))
     del se, perm, sr, pr, groups, a_ref, c_ref
-    _time_schedules(T, k, h, up, down, go, s, idx, base, row, dev, out, schedules, dense_chunks)
+    _time_schedules(T, k, h, up, down, go, s, idx, base, row, dev, out, schedules, dense_chunks,
+                    dense_variants)
 
 
 def _peak_GiB(fn, dev):
@@ -136,20 +145,25 @@ def _peak_GiB(fn, dev):
     return (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
-def _time_schedules(T, k, h, up, down, go, s, idx, base, row, dev, out, schedules, dense_chunks):
+def _time_schedules(T, k, h, up, down, go, s, idx, base, row, dev, out, schedules, dense_chunks,
+                    dense_variants=()):
     time_ms = timer(dev)
-    runs = [(sch, replace(base, schedule=sch)) for sch in dict.fromkeys(("expert", *schedules))]
-    runs += [(f"dense_chunk{c}", replace(base, schedule="dense", dense_chunk=c)) for c in dense_chunks]
+    runs = [(sch, replace(base, schedule=sch), "exact") for sch in dict.fromkeys(("expert", *schedules))]
+    runs += [(f"dense_chunk{c}", replace(base, schedule="dense", dense_chunk=c), "exact")
+             for c in dense_chunks]
+    runs += [(f"dense_{v}", replace(base, schedule="dense", dense_weight_grads=DENSE_VARIANTS[v][0]),
+              DENSE_VARIANTS[v][1]) for v in dense_variants]
     results = {}
-    for schedule, cfg in runs:
+    for schedule, cfg, precision in runs:
 
         def fwd():
-            return kern.expert_forward(h, up, down, s, idx, "silu", log_weights=True, config=cfg)
+            return kern.expert_forward(h, up, down, s, idx, "silu", log_weights=True, config=cfg,
+                                       precision=precision)
 
         def step():
             o, a, se_, pm = fwd()
             return o, kern.expert_backward(go, h, up, down, s, idx, a, se_, pm, "silu",
-                                           log_weights=True, config=cfg)
+                                           log_weights=True, config=cfg, precision=precision)
         results[schedule] = step()
         row[schedule] = dict(fwd_ms=time_ms(fwd), step_ms=time_ms(step),
                              fwd_graph_ms=graph_ms(fwd, dev, time_ms),
@@ -205,6 +219,9 @@ def main(argv=None):
                         "the others are compared with it)")
     p.add_argument("--dense-chunks", default="",
                    help="also time the dense schedule with these experts per chunk (comma-separated)")
+    p.add_argument("--dense-variants", default="",
+                   help=f"also time the dense schedule as these variants (comma-separated of "
+                        f"{','.join(DENSE_VARIANTS)})")
     p.add_argument("--budget-s", type=float, default=300, help="start no case after this many seconds")
     p.add_argument("--decode", action="store_true", help="time the token forward's slot chunks instead")
     p.add_argument("--decode-cases", default="1:512:102400,8:512:102400,64:512:102400,1:3072:65536,"
@@ -238,6 +255,10 @@ def main(argv=None):
             raise ValueError
     except ValueError:
         p.error(f"--dense-chunks must be positive integers, got {args.dense_chunks!r}")
+    dense_variants = [v for v in args.dense_variants.split(",") if v]
+    bad = [v for v in dense_variants if v not in DENSE_VARIANTS]
+    if bad:
+        p.error(f"--dense-variants: unknown {bad}; choose from {list(DENSE_VARIANTS)}")
     out = []
     if args.decode:
         if args.dry_run:
@@ -261,7 +282,7 @@ def main(argv=None):
             tiles = {n: VARIANTS[n] for n in names}
         jobs = [(f"T={T} k={k}", lambda T=T, k=k: run_case(
             T, k, H, N, tiles if (k in (512, 4096) or args.dry_run) else dict(list(tiles.items())[:1]), dev, out,
-            schedules, [min(c, 16) for c in chunks] if args.dry_run else chunks))
+            schedules, [min(c, 16) for c in chunks] if args.dry_run else chunks, dense_variants))
             for T, k in cases]
     t0 = time.time()
     for name, job in jobs:

@@ -18,16 +18,20 @@ def script():
 def test_dry_run_writes_checked_rows(script, tmp_path):
     path = tmp_path / "rows.json"
     assert script.main(["--dry-run", "--json", str(path), "--variants", "t64j64h64,t128j64h64w8",
-                        "--dense-chunks", "16"]) == 0
+                        "--dense-chunks", "16", "--dense-variants", "gemm-grads,bf16-gemm-grads"]) == 0
     saved = json.loads(path.read_text())
     assert "environment" in saved and len(saved["rows"]) == 1
     for row in saved["rows"]:
         assert set(row["row_dot"]) == {"t64j64h64", "t128j64h64w8"}
         for v in row["row_dot"].values():
             assert v["rel_err"] < 1e-5 and v["ms"] > 0
-        for schedule in ("rows", "dense", "dense_chunk16"):
+        for schedule in ("rows", "dense", "dense_chunk16", "dense_gemm-grads"):
             assert max(row[f"{schedule}_vs_expert_rel_l2"].values()) < 1e-5, schedule
-        for schedule in ("expert", "rows", "dense", "dense_chunk16"):
+        # bfloat16 coefficients: every result but the score gradient moves, by about 2^-9
+        moved = row["dense_bf16-gemm-grads_vs_expert_rel_l2"]
+        assert moved["dscores"] < 1e-5 and 1e-5 < max(moved.values()) < 1e-2, moved
+        for schedule in ("expert", "rows", "dense", "dense_chunk16", "dense_gemm-grads",
+                         "dense_bf16-gemm-grads"):
             assert row[schedule]["fwd_ms"] > 0 and row[schedule]["step_ms"] > 0
 
 
@@ -35,6 +39,7 @@ def test_dry_run_writes_checked_rows(script, tmp_path):
     (["--schedules", "expert,token"], "--schedules"),
     (["--dense-chunks", "0"], "--dense-chunks"),
     (["--dense-chunks", "x"], "--dense-chunks"),
+    (["--dense-variants", "fast"], "--dense-variants"),
 ])
 def test_bad_arguments_exit_2(script, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -60,7 +60,7 @@ def test_bfloat16_expert_tables(path, monkeypatch):
     for tables past L2; forced here, the test's tables being small).  Three Adam steps
     against float64, no worse than the float32 formula."""
     from omni_moe.ops.expert import kernels
-    force_expert_schedule(monkeypatch, "dense")
+    force_expert_schedule(monkeypatch, "dense", dense_weight_grads=True)
     calls = []
     dense_forward = kernels.dense_forward
     monkeypatch.setattr(kernels, "dense_forward", lambda *a, **kw: calls.append(1) or dense_forward(*a, **kw))

@@ -430,10 +430,10 @@ def test_config_validation(field, value, exc):
 @pytest.mark.parametrize("fused", [True, False], ids=("fused", "unfused"))
 def test_expert_precision(fused, device, monkeypatch):
     """``expert_precision="bfloat16"`` reaches the expert op on the layer's fused output
-    stage and on the unfused path (a hook on the MLP): with the dense schedule forced and
-    a fixed output gradient, the output and the input gradient move (rounded
-    coefficients) and the table gradients, exact in both precisions, do not."""
-    force_expert_schedule(monkeypatch, "dense")
+    stage and on the unfused path (a hook on the MLP): with the dense schedule forced,
+    the output, the input gradient and both table gradients move (rounded coefficients),
+    within a few bfloat16 roundings of the exact precision's."""
+    force_expert_schedule(monkeypatch, "dense", dense_weight_grads=True)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 13, 32, generator=gen).to(device, torch.bfloat16)
     go = torch.randn(2, 13, 32, generator=gen).to(device, torch.bfloat16)
@@ -449,10 +449,9 @@ def test_expert_precision(fused, device, monkeypatch):
         out = layer(xi)
         out.backward(go)
         got[precision] = (out, xi.grad, layer.up_embed.weight.grad, layer.down_embed.weight.grad)
-    exact, fast = got["exact"], got["bfloat16"]
-    assert not torch.equal(exact[0], fast[0]) and not torch.equal(exact[1], fast[1])
-    assert torch.allclose(exact[0].float(), fast[0].float(), rtol=0.05, atol=0.05)
-    assert torch.equal(exact[2], fast[2]) and torch.equal(exact[3], fast[3])
+    for x, y in zip(got["exact"], got["bfloat16"]):
+        assert not torch.equal(x, y)
+        assert ((x.float() - y.float()).norm() / x.float().norm()) < 0.02
 
 
 def test_config_non_square_count_warns():

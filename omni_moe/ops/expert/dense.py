@@ -30,19 +30,21 @@ per-pair semantics exactly (only slower).
 The backward runs the same way with the tables swapped: G = do V^T gives g_p, the pairs
 kernel writes dw_p and da_p = act'(a_p) w_p g_p, and dh += DA_i U (flagged rows: the
 gather-combine of u, every row when u holds a non-finite value).  The weight gradients
-du_e = sum da_p h_t and dv_e = sum c_p do_t stay the per-expert sums of the sorted pairs
-(``_expert_grad_kernel``): a repeated expert or a flagged token cannot be recomputed by
-row there.
+(``dense_weight_grads``) are GEMMs of the same kind: per chunk du = DA_i^T h and
+dv = C_i^T do into float32 accumulators; the pairs the parts cannot hold (a token that
+repeats an expert or whose h or do row is not finite, a da_p or c_p not finite or beyond
+bfloat16) are left out of the parts and added pair by pair, grouped by expert with one
+sort, by ``_expert_grad_kernel`` starting from the accumulators, which then rounds once.
 
 Only bfloat16 h, U and V (and do) take this path (the parts must share the table's
 dtype, and float16's exponent range cannot hold a float32 coefficient); other dtypes run
 the "expert" schedule.
 
 ``precision="bfloat16"`` (opt-in, ``PRECISIONS``) keeps one part: each coefficient c_p
-(and da_p for dh) rounded to bfloat16 (round to nearest even) before its product, one
-GEMM instead of three per sum and a third of the parts' scratch.  A term then carries a
-relative error of at most 2^-9 (bfloat16's own rounding of the output is of that size);
-the flagged rows stay exact, and so do the weight gradients and dw.
+(and da_p) rounded to bfloat16 (round to nearest even) before its product, one GEMM
+instead of three per sum and a third of the parts' scratch.  A term of out, dh, du or
+dv then carries a relative error of at most 2^-8 (bfloat16's unit roundoff, that of the
+output's own rounding); the flagged rows and pairs stay exact, and so do a, g and dw.
 """
 
 from __future__ import annotations
@@ -74,8 +76,21 @@ def _chunk_slots(IDX, t, k0, K, e0, n, stride_it, stride_ik, BLOCK_K: tl.constex
 
 
 @triton.jit
+def _store_parts(dst, stride_pi, c, mask, NPARTS: tl.constexpr):
+    """dst[i * stride_pi] = the i-th bfloat16 part of c, i < NPARTS: three add up to c
+    exactly; one is c rounded to nearest even."""
+    p0 = to_dtype(c, tl.bfloat16)
+    tl.store(dst, p0, mask=mask)
+    if NPARTS == 3:
+        r1 = c - to_f32(p0)
+        p1 = to_dtype(r1, tl.bfloat16)
+        tl.store(dst + stride_pi, p1, mask=mask)
+        tl.store(dst + 2 * stride_pi, to_dtype(r1 - to_f32(p1), tl.bfloat16), mask=mask)
+
+
+@triton.jit
 def _dense_pairs_kernel(
-    S, S_BITS, IDX, R, A, COEF, PARTS, FLAG, VMIN, VMAX, DW,
+    S, S_BITS, IDX, R, A, COEF, PARTS, FLAG, DUP, VMIN, VMAX, DW,
     e0, n, K, E,
     stride_st, stride_it, stride_ik, stride_rt, stride_rk, stride_pi, stride_pt,
     stride_dwt, stride_dwk,
@@ -91,7 +106,8 @@ def _dense_pairs_kernel(
     act'(a) w g.  Pass 2: each such slot writes its slot number over its S entry.
     Pass 3: a slot that does not read its own number back shares its expert with another
     slot; it, a coefficient not finite or too large for bfloat16, or (``FIRST``) a
-    non-finite VMIN/VMAX (of the table the parts multiply) flags the token (FLAG[t] = 1);
+    non-finite VMIN/VMAX (of the table the parts multiply) flags the token (FLAG[t] = 1),
+    the first also in DUP[t] = 1;
     every in-chunk slot stores the NPARTS bfloat16 parts of its coefficient at
     PARTS[i, t, e - e0] (three: exact; one: the coefficient rounded).  Passes 2 and 3 only with ``WRITE_PARTS`` (the backward without
     dh needs pass 1 alone).
@@ -101,6 +117,7 @@ def _dense_pairs_kernel(
     """
     t = tl.program_id(0).to(tl.int64)
     anybad = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    repeats = tl.zeros((BLOCK_K,), dtype=tl.int32)
     if FIRST and WRITE_PARTS:
         vmin = to_f32(tl.load(VMIN))
         vmax = to_f32(tl.load(VMAX))
@@ -141,18 +158,11 @@ def _dense_pairs_kernel(
             owner = tl.load(S_BITS + t * stride_st + col, mask=inc, other=0, cache_modifier=".cg")
             c = tl.load(COEF + t * K + r, mask=inc, other=0.0)
             big = tl.abs(c) <= _C_MAX            # false for NaN too
-            anybad += tl.where(inc & ((owner != r) | (big == 0)), 1, 0)
-            c = tl.where(big, c, 0.0)
-            p0 = to_dtype(c, tl.bfloat16)
-            dst = PARTS + t * stride_pt + col
-            tl.store(dst, p0, mask=inc)
-            if NPARTS == 3:
-                r1 = c - to_f32(p0)
-                p1 = to_dtype(r1, tl.bfloat16)
-                p2 = to_dtype(r1 - to_f32(p1), tl.bfloat16)
-                tl.store(dst + stride_pi, p1, mask=inc)
-                tl.store(dst + 2 * stride_pi, p2, mask=inc)
-        tl.store(FLAG + t, 1, mask=tl.max(anybad, axis=0) > 0)
+            repeats += tl.where(inc & (owner != r), 1, 0)
+            anybad += tl.where(inc & (big == 0), 1, 0)
+            _store_parts(PARTS + t * stride_pt + col, stride_pi, tl.where(big, c, 0.0), inc, NPARTS)
+        tl.store(FLAG + t, 1, mask=tl.max(anybad + repeats, axis=0) > 0)
+        tl.store(DUP + t, 1, mask=tl.max(repeats, axis=0) > 0)
 
 
 def _mm_f32(x, y, acc=None):
@@ -181,13 +191,15 @@ def _dense_sum(x, rows, sums, w, idx, a, coef, dw, act_id: int, log_weights: boo
                fixup, backward: bool, write_parts: bool, nparts: int):
     """The chunk loop of both directions: per chunk S = x rows_chunk^T, the pairs kernel,
     and (``write_parts``) acc += the ``nparts`` parts times sums_chunk; then ``fixup`` of
-    the flagged rows.  Returns the float32 (T, H) accumulator (None without parts)."""
+    the flagged rows.  Returns the float32 (T, H) accumulator and the (T,) int32 marks of
+    the tokens that name an expert twice (both None without parts)."""
     T = x.shape[0]
     K = idx.shape[1]
     E, H = rows.shape
     dev = x.device
     n_max = dense_chunk(T, E, chunk, nparts)
     flag = torch.zeros((T,), dtype=torch.int32, device=dev)
+    dup = torch.zeros((T,), dtype=torch.int32, device=dev) if write_parts else None
     vmin, vmax = torch.aminmax(sums) if write_parts else (flag, flag)
     acc = torch.zeros((T, H), dtype=torch.float32, device=dev) if write_parts else None
     parts_buf = torch.empty((nparts, T, n_max if write_parts else 1), dtype=torch.bfloat16,
@@ -204,7 +216,8 @@ def _dense_sum(x, rows, sums, w, idx, a, coef, dw, act_id: int, log_weights: boo
             if write_parts:
                 parts.zero_()
             _dense_pairs_kernel[(T,)](
-                s, s.view(torch.int32), idx, w, a, coef, parts, flag, vmin, vmax, dw_arg,
+                s, s.view(torch.int32), idx, w, a, coef, parts, flag,
+                flag if dup is None else dup, vmin, vmax, dw_arg,
                 e0, n, K, E,
                 s.stride(0), idx.stride(0), idx.stride(1), w.stride(0), w.stride(1),
                 parts.stride(0), parts.stride(1), dw_arg.stride(0), dw_arg.stride(1),
@@ -218,7 +231,7 @@ def _dense_sum(x, rows, sums, w, idx, a, coef, dw, act_id: int, log_weights: boo
                     acc = _mm_f32(parts[i], v, acc)
     if write_parts:
         fixup(coef, flag, acc)
-    return acc
+    return acc, dup
 
 
 def dense_forward(h, up, down, w, idx, a, out, act_id: int, log_weights: bool, chunk: int,
@@ -241,8 +254,8 @@ def dense_forward(h, up, down, w, idx, a, out, act_id: int, log_weights: bool, c
         a.zero_()
         return out, a
     coef = torch.empty((T, K), dtype=torch.float32, device=h.device)
-    acc = _dense_sum(h, up, down, w, idx, a, coef, None, act_id, log_weights, chunk, fixup,
-                     False, True, PRECISIONS[precision])
+    acc, _ = _dense_sum(h, up, down, w, idx, a, coef, None, act_id, log_weights, chunk, fixup,
+                        False, True, PRECISIONS[precision])
     out.copy_(acc)
     return out, a
 
@@ -254,7 +267,9 @@ def dense_backward(grad_out, h, up, down, w, idx, a, dw, da, dh, act_id: int, lo
 
     Per chunk G = do V^T (float32 output of exact products) gives g_p; the pairs kernel
     writes dw and da and, for dh, the parts of da (``PRECISIONS[precision]``), summed
-    against U as the forward sums c against V; ``fixup`` (a gather-combine launch of u) recomputes the flagged rows.
+    against U as the forward sums c against V; ``fixup`` (a gather-combine launch of u)
+    recomputes the flagged rows.  Returns, when ``dh`` is given, the (T,) int32 marks of
+    the tokens that name an expert twice (for ``dense_weight_grads``), else None.
     """
     T, H = h.shape
     K = idx.shape[1]
@@ -267,7 +282,142 @@ def dense_backward(grad_out, h, up, down, w, idx, a, dw, da, dh, act_id: int, lo
         if dh is not None:
             dh.zero_()
         return
-    acc = _dense_sum(grad_out, down, up, w, idx, a, da, dw, act_id, log_weights, chunk, fixup,
-                     True, dh is not None, PRECISIONS[precision])
+    acc, repeats = _dense_sum(grad_out, down, up, w, idx, a, da, dw, act_id, log_weights, chunk,
+                              fixup, True, dh is not None, PRECISIONS[precision])
     if dh is not None:
         dh.copy_(acc)
+    return repeats
+
+
+# --------------------------------------------------------------------------- weight gradients
+# du = DA^T h and dv = C^T do, DA and C the (T, E) matrices of the pairs' da_p and c_p, as
+# chunked GEMMs of their parts; the pairs the dense form cannot hold are summed pair by
+# pair into the same float32 accumulators before the one rounding.
+
+@triton.jit
+def _fix_keys_kernel(IDX, A, DA, R, REPEATS, ROWBAD, KEY, K, E,
+                     stride_it, stride_ik, stride_rt, stride_rk,
+                     ACT: tl.constexpr, LOG_W: tl.constexpr, BLOCK_K: tl.constexpr):
+    """KEY[t, r] = e for the pairs the weight gradients must sum pair by pair, else E:
+    those of tokens that name an expert twice (REPEATS[t]) or whose h or do row is not
+    finite (ROWBAD[t]; 0 * inf in a dense product would reach every expert), and those
+    whose da or c = act(a) w is not finite or too large for bfloat16.  e outside [0, E):
+    E.  Grid: (T, cdiv(K, BLOCK_K)).  Bytes: 16 a pair read, the key written."""
+    t = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rm = r < K
+    e = tl.load(IDX + t * stride_it + r.to(tl.int64) * stride_ik, mask=rm, other=-1).to(tl.int64)
+    ok = rm & (e >= 0) & (e < E)
+    a = tl.load(A + t * K + r, mask=ok, other=0.0)
+    da = tl.load(DA + t * K + r, mask=ok, other=0.0)
+    w = to_f32(tl.load(R + t * stride_rt + r.to(tl.int64) * stride_rk, mask=ok, other=0.0))
+    if LOG_W:
+        w = tl.exp(w)
+    c = act_fwd(a, ACT) * w
+    good = (tl.abs(c) <= _C_MAX) & (tl.abs(da) <= _C_MAX)
+    token_bad = (tl.load(REPEATS + t) + tl.load(ROWBAD + t)) != 0
+    fix = ok & ((good == 0) | token_bad)
+    tl.store(KEY + t * K + r, tl.where(fix, e, E).to(KEY.dtype.element_ty), mask=rm)
+
+
+@triton.jit
+def _weight_parts_kernel(IDX, KEY, A, DA, R, PU, PV, e0, n, K, E,
+                         stride_it, stride_ik, stride_rt, stride_rk, stride_pi, stride_pt,
+                         ACT: tl.constexpr, LOG_W: tl.constexpr, NPARTS: tl.constexpr,
+                         DO_U: tl.constexpr, DO_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Token t's slots whose expert e is in [e0, e0 + n) and not summed pair by pair
+    (KEY[t, r] == E): the parts of da into PU[i, t, e - e0] (``DO_U``) and of
+    c = act(a) w into PV[i, t, e - e0] (``DO_V``).  A token that names an expert twice
+    has every pair keyed, so no two slots write one entry.  Grid: (T,).  Bytes: the
+    token's K indices and keys, per in-chunk slot 12 bytes read, 2 * NPARTS written per
+    table."""
+    t = tl.program_id(0).to(tl.int64)
+    for k0 in range(0, loop_bound(K), BLOCK_K):
+        r, rm, e, inc = _chunk_slots(IDX, t, k0, K, e0, n, stride_it, stride_ik, BLOCK_K)
+        key = tl.load(KEY + t * K + r, mask=inc, other=0).to(tl.int64)
+        inc = inc & (key == E)
+        col = t * stride_pt + tl.where(inc, e - e0, 0)
+        if DO_U:
+            da = tl.load(DA + t * K + r, mask=inc, other=0.0)
+            _store_parts(PU + col, stride_pi, da, inc, NPARTS)
+        if DO_V:
+            a = tl.load(A + t * K + r, mask=inc, other=0.0)
+            w = to_f32(tl.load(R + t * stride_rt + r.to(tl.int64) * stride_rk, mask=inc, other=0.0))
+            if LOG_W:
+                w = tl.exp(w)
+            _store_parts(PV + col, stride_pi, act_fwd(a, ACT) * w, inc, NPARTS)
+
+
+def dense_grad_chunk(T: int, E: int, H: int, chunk: int = 0, parts: int = 3) -> int:
+    """Experts per chunk of the weight gradients: ``chunk`` if > 0, else as many as keep
+    the two tables' parts (4 * ``parts`` bytes a token and expert) and float32
+    accumulators (8 * H bytes an expert) within 512 MiB, a multiple of 64."""
+    if chunk > 0:
+        return min(chunk, max(E, 1))
+    n = _CHUNK_BYTES // (4 * parts * max(T, 1) + 8 * max(H, 1))
+    return max(1, min(E, max(64, n // 64 * 64)))
+
+
+def dense_weight_grads(grad_out, h, w, idx, a, da, repeats, dup, ddown, act_id: int,
+                       log_weights: bool, chunk: int, key_dtype, fixup,
+                       precision: str = "exact"):
+    """du (``dup``, (E, H)) and dv (``ddown``) of the dense schedule, either None: not
+    wanted; every row written.  ``a``, ``da``: the (T, K) float32 pre-activations and
+    their gradients (``dense_backward``'s); ``repeats``: its marks of tokens naming an
+    expert twice.
+
+    Keys (``_fix_keys_kernel``, ``key_dtype`` wide enough for E) pick the pairs summed pair
+    by pair -- usually none --, one stable sort groups them by expert; then per chunk of
+    experts: zero the parts, ``_weight_parts_kernel``, acc_u = sum_i DA_i^T h and acc_v =
+    sum_i C_i^T do (float32 GEMMs of exact products; h and do with their non-finite rows
+    zeroed), and ``fixup(offsets, perm, acc_u, acc_v, du_chunk, dv_chunk)`` adds the keyed
+    pairs in token order and rounds once.  No host sync.
+    """
+    T, H = h.shape
+    K = idx.shape[1]
+    E = (dup if dup is not None else ddown).shape[0]
+    dev = h.device
+    nparts = PRECISIONS[precision]
+    rowbad = (~(torch.isfinite(h).all(1) & torch.isfinite(grad_out).all(1))).to(torch.int32)
+    key = torch.empty((T, K), dtype=key_dtype, device=dev)
+    block_k = max(16, min(1024, triton.next_power_of_2(K)))
+    _fix_keys_kernel[(T, triton.cdiv(K, block_k))](
+        idx, a, da, w, repeats, rowbad, key, K, E,
+        idx.stride(0), idx.stride(1), w.stride(0), w.stride(1),
+        ACT=act_id, LOG_W=log_weights, BLOCK_K=block_k, num_warps=4)
+    sorted_key, perm = torch.sort(key.view(-1), stable=True)
+    bounds = torch.arange(E + 1, dtype=sorted_key.dtype, device=dev)
+    offsets = torch.searchsorted(sorted_key, bounds, out_int32=True)
+    del sorted_key
+    keep = rowbad[:, None] == 0
+    hm = torch.where(keep, h, 0) if dup is not None else None
+    gm = torch.where(keep, grad_out, 0) if ddown is not None else None
+    n_max = dense_grad_chunk(T, E, H, chunk, nparts)
+    pu = torch.empty((nparts, T, n_max), dtype=torch.bfloat16, device=dev) if dup is not None else None
+    pv = torch.empty((nparts, T, n_max), dtype=torch.bfloat16, device=dev) if ddown is not None else None
+    block_k = max(16, min(256, triton.next_power_of_2(K)))
+    with autocast_off(h):
+        for e0 in range(0, E, n_max):
+            n = min(n_max, E - e0)
+            pu_c = pu[:, :, :n] if pu is not None else None
+            pv_c = pv[:, :, :n] if pv is not None else None
+            for p in (pu_c, pv_c):
+                if p is not None:
+                    p.zero_()
+            ref = pu_c if pu_c is not None else pv_c
+            _weight_parts_kernel[(T,)](
+                idx, key, a, da, w, pu_c if pu_c is not None else ref,
+                pv_c if pv_c is not None else ref, e0, n, K, E,
+                idx.stride(0), idx.stride(1), w.stride(0), w.stride(1),
+                ref.stride(0), ref.stride(1),
+                ACT=act_id, LOG_W=log_weights, NPARTS=nparts, DO_U=pu_c is not None,
+                DO_V=pv_c is not None, BLOCK_K=block_k, num_warps=4)
+            acc_u = acc_v = None
+            for i in range(nparts):
+                if pu_c is not None:
+                    acc_u = _mm_f32(pu_c[i].t(), hm, acc_u)
+                if pv_c is not None:
+                    acc_v = _mm_f32(pv_c[i].t(), gm, acc_v)
+            fixup(offsets[e0:e0 + n + 1], perm, acc_u, acc_v,
+                  dup[e0:e0 + n] if dup is not None else None,
+                  ddown[e0:e0 + n] if ddown is not None else None)

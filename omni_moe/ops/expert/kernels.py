@@ -40,10 +40,13 @@ the first two):
 "dense" (bfloat16 h, u, v; chosen when a token routes to >= 1/32 of the experts): the
   per-token products (a_p and out_t forward, g_p and dh_t backward) as chunked cuBLAS
   GEMMs with the coefficients in three exact bfloat16 parts (``dense.py``), T*E*H*8 flops
-  a direction whatever k is; the weight gradients are the sorted pairs'
-  ``_expert_grad_kernel``.
+  a direction whatever k is; the weight gradients by sorted pairs as below, or with
+  ``ExpertConfig.dense_weight_grads`` (``config=`` only, not yet measured) as GEMMs too
+  (``dense.dense_weight_grads``, T*E*H*12 flops each with exact coefficients), with
+  ``_expert_grad_kernel`` adding the pairs the parts cannot hold (usually none) and
+  rounding.
 
-The weight gradients (every schedule): ``_expert_grad_kernel`` writes du_e =
+The weight gradients (otherwise): ``_expert_grad_kernel`` writes du_e =
 sum_p da_p h_t and dv_e = sum_p c_p do_t over each expert's pairs in sorted (token)
 order; every row of the dense (E, H) gradients is written once (zeros for unused
 experts).  2*E*H*b bytes of writes, which autograd's dense parameter gradients
@@ -78,7 +81,7 @@ from .._activations import ACT_ID, act_fwd, act_fwd_bwd
 from .._checks import check_choice, check_int, check_pow2, with_fields
 from .._dispatch import device_info
 from .._triton import loop_bound, to_dtype, to_f32
-from .dense import PRECISIONS, dense_backward, dense_forward
+from .dense import PRECISIONS, dense_backward, dense_forward, dense_weight_grads
 from .rows import (RowTile, grid_width, group_rows, launch_row_dot, pair_epilogue, row_groups,
                    row_key_dtype)
 
@@ -408,13 +411,14 @@ def _gather_combine_kernel(
 
 @triton.jit
 def _expert_grad_kernel(
-    OFFSETS, PERM, A, DA, W, HID, GO, DU, DV,
+    OFFSETS, PERM, A, DA, W, HID, GO, DU, DV, ACC_U, ACC_V,
     E, H, K,
     stride_wt, stride_wk, stride_ht, stride_hh, stride_gt, stride_gh,
-    stride_due, stride_duh, stride_dve, stride_dvh,
+    stride_due, stride_duh, stride_dve, stride_dvh, stride_acc,
     experts_per_program,
     ACT: tl.constexpr, LOG_W: tl.constexpr, SORTED: tl.constexpr, COMPUTE_DU: tl.constexpr,
-    COMPUTE_DV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, UNROLL: tl.constexpr,
+    COMPUTE_DV: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     """du_e = sum_j da_j HID[t_j],  dv_e = sum_j c_j GO[t_j]  over expert e's pairs j.
 
@@ -429,7 +433,9 @@ def _expert_grad_kernel(
     row slice per expert (rows past their n_e are masked): float32 sums in a fixed
     order, no atomics, no cross-thread reduction.  Unused experts get zero rows, so the
     dense (E, H) gradients are fully written by this launch (at E = 2^20 that 8 GiB
-    write is the whole cost).
+    write is the whole cost).  With ``ACC`` the sums start from the float32 rows
+    ACC_U[e], ACC_V[e] (the dense schedule's GEMM results, ``dense.dense_weight_grads``)
+    instead of zero.
     Grid: (cdiv(E, experts_per_program), cdiv(H, BLOCK_H)).  j loop unrolled UNROLL times.
     Bytes: HID/GO rows 2*P*H*b gathered (L2-resident at the benchmark sizes), metadata
     ~16*P per column block, 4*(E+1) offsets, writes 2*E*H*b.
@@ -447,8 +453,17 @@ def _expert_grad_kernel(
         start = tl.load(OFFSETS + es, mask=e_ok, other=0)
         cnt = tl.load(OFFSETS + es + 1, mask=e_ok, other=0) - start
         n = tl.max(cnt, axis=0)
-        acc_u = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
-        acc_v = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
+        if ACC:
+            m_acc = e_ok[:, None] & col_ok[None, :]
+            acc_u = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
+            acc_v = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
+            if COMPUTE_DU:
+                acc_u = _rows_f32(ACC_U, es, cols, m_acc, stride_acc, 1)
+            if COMPUTE_DV:
+                acc_v = _rows_f32(ACC_V, es, cols, m_acc, stride_acc, 1)
+        else:
+            acc_u = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
+            acc_v = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
         for j0 in range(0, loop_bound(n), UNROLL):
             for jj in tl.static_range(UNROLL):
                 ok = (j0 + jj) < cnt
@@ -515,7 +530,9 @@ class ExpertConfig:
     token tile; "expert": pairs grouped by expert; "rows": the dot products by grid
     row on tensor cores, ``rows.py``; "dense": the forward as dense GEMMs, ``dense.py``)
     and each kernel's tile; ``dense_chunk``: experts per chunk of the dense forward (0:
-    ``dense.dense_chunk``'s rule)."""
+    ``dense.dense_chunk``'s rule); ``dense_weight_grads``: the dense schedule's weight
+    gradients as GEMMs too (``dense.dense_weight_grads``; else by sorted pairs).  Not yet
+    measured on a GPU, so the rule leaves it off (``config=`` only)."""
 
     schedule: str
     token: Tile
@@ -524,6 +541,7 @@ class ExpertConfig:
     expert_grad: Tile
     rows: RowTile = RowTile()
     dense_chunk: int = 0
+    dense_weight_grads: bool = False
 
 
 _DECODE_T = 64   # up to this many tokens: the token schedule (its forward in slot chunks)
@@ -669,6 +687,9 @@ def _check_config(config) -> ExpertConfig:
                    for f in ("stages", "progs_per_sm")})
     tiles["rows"] = with_fields(rt, **fields)
     tiles["dense_chunk"] = check_int("config.dense_chunk", config.dense_chunk, 0)
+    if not isinstance(config.dense_weight_grads, bool):
+        raise TypeError(f"config.dense_weight_grads must be a bool, got "
+                        f"{type(config.dense_weight_grads).__name__}")
     return with_fields(config, **tiles)
 
 
@@ -815,11 +836,13 @@ def launch_gather_combine(weights, indices, coef, out, tile: Tile, flag=None):
 
 
 def launch_expert_grads(offsets, perm, a, da, routing_weights, hidden_states, grad_out, dup, ddown,
-                        act, log_weights, tile: Tile, sorted_inputs=False):
+                        act, log_weights, tile: Tile, sorted_inputs=False, acc_u=None, acc_v=None):
     """Dense du/dv (either may be None: not computed); every row written.
 
     ``sorted_inputs``: perm, da, a are (tok_sorted, da_sorted, c_sorted) by sorted
-    position; else the sort permutation and (T, K) float32 a, da by pair."""
+    position; else the sort permutation and (T, K) float32 a, da by pair.  ``acc_u``,
+    ``acc_v``: contiguous float32 (E, H) starting sums of du and dv (given together with
+    the gradients they start)."""
     E = offsets.numel() - 1
     T, H = hidden_states.shape
     K = routing_weights.shape[1]
@@ -829,14 +852,18 @@ def launch_expert_grads(offsets, perm, a, da, routing_weights, hidden_states, gr
     per = tile.per_program or block_e
     du = dup if dup is not None else ddown
     dv = ddown if ddown is not None else dup
+    acc = acc_u is not None or acc_v is not None
+    au = acc_u if acc_u is not None else acc_v
+    av = acc_v if acc_v is not None else acc_u
     grid = (triton.cdiv(E, per), triton.cdiv(H, block_h))
     _expert_grad_kernel[grid](
-        offsets, perm, a, da, routing_weights, hidden_states, grad_out, du, dv, E, H, max(K, 1),
+        offsets, perm, a, da, routing_weights, hidden_states, grad_out, du, dv,
+        au if acc else du, av if acc else dv, E, H, max(K, 1),
         routing_weights.stride(0), routing_weights.stride(1),
         hidden_states.stride(0), hidden_states.stride(1), grad_out.stride(0), grad_out.stride(1),
-        du.stride(0), du.stride(1), dv.stride(0), dv.stride(1), per,
+        du.stride(0), du.stride(1), dv.stride(0), dv.stride(1), H, per,
         ACT=ACT_ID[act], LOG_W=bool(log_weights), SORTED=bool(sorted_inputs),
-        COMPUTE_DU=dup is not None, COMPUTE_DV=ddown is not None,
+        COMPUTE_DU=dup is not None, COMPUTE_DV=ddown is not None, ACC=acc,
         BLOCK_E=block_e, BLOCK_H=block_h, UNROLL=unroll, num_warps=warps,
     )
 
@@ -956,13 +983,25 @@ def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_w
         dense = False
     da = torch.empty((T, K), dtype=torch.float32, device=dev)
     if dense:
-        dense_backward(grad_out, hidden_states, up_weights, down_weights, routing_weights, indices,
-                       a, dw, da, dh if need_dh else None, ACT_ID[act], bool(log_weights),
-                       cfg.dense_chunk,
-                       lambda coef, flag, acc: launch_gather_combine(up_weights, indices, coef, acc,
-                                                                     cfg.gather, flag=flag),
-                       precision)
-        if need_w:
+        repeats = dense_backward(
+            grad_out, hidden_states, up_weights, down_weights, routing_weights, indices, a, dw, da,
+            dh if need_dh else None, ACT_ID[act], bool(log_weights), cfg.dense_chunk,
+            lambda coef, flag, acc: launch_gather_combine(up_weights, indices, coef, acc,
+                                                          cfg.gather, flag=flag),
+            precision)
+        # The weight gradients as GEMMs need the forward's marks of repeated experts
+        # (written with dh) and the dense (E, H) layout.
+        if need_w and cfg.dense_weight_grads and repeats is not None and used_rows is None:
+            def fix(offsets, pairs, acc_u, acc_v, du, dv):
+                launch_expert_grads(offsets, pairs, a, da, routing_weights, hidden_states, grad_out,
+                                    du, dv, act, log_weights, cfg.expert_grad,
+                                    acc_u=acc_u, acc_v=acc_v)
+
+            dense_weight_grads(grad_out, hidden_states, routing_weights, indices, a, da, repeats,
+                               dup if need_dup else None, ddown if need_ddown else None,
+                               ACT_ID[act], bool(log_weights), cfg.dense_chunk,
+                               sort_key_dtype(E), fix, precision)
+        elif need_w:
             sorted_e, perm = group_pairs(indices, E)
             weight_grads(sorted_e, perm, a, da, False)
     elif perm.numel() == 0:                                 # "token" schedule

@@ -281,15 +281,13 @@ def omni_expert(hidden_states, up_weights, down_weights, routing_weights, indice
         routing_weights: (T, k) float tensor (exp of the router scores).
         indices: (T, k) int32 or int64 in [0, E); duplicates allowed.
         act: "silu", "gelu" (exact erf form) or "relu".
-
-        precision: "exact" (default): every product c_p v_e (and da_p u_e in the
-            backward) of the float32 coefficient, float32 accumulation.  "bfloat16"
-            (opt-in): the op may round each coefficient to bfloat16 first where that
-            saves time -- the "dense" schedule at large k (tensor cores take 16-bit
-            operands; one GEMM per sum instead of three): each term of out and dh then
-            carries a relative error up to 2^-9, about the output's own bfloat16
-            rounding.  The weight gradients and routing_weights' gradient stay exact.
-            See docs/expert.md, "Precision".
+        precision: "exact" (default): every product of a float32 coefficient (c_p,
+            da_p) with a table or token row, float32 accumulation.  "bfloat16" (opt-in):
+            the op may round each coefficient to bfloat16 first where that saves time --
+            the "dense" schedule at large k (tensor cores take 16-bit operands; one GEMM
+            per sum instead of three): each term of out, dh, du and dv then carries a
+            relative error up to 2^-8, the size of the output's own bfloat16 rounding.
+            routing_weights' gradient stays exact.  See docs/expert.md, "Precision".
 
     Returns:
         (T, H) tensor in hidden_states' dtype; float32 accumulation, one rounding.

@@ -114,12 +114,14 @@ def check_against_float64(h, up, down, w, idx, go, act, got, fp32_tol=None):
 def mode(request, monkeypatch):
     """Every schedule of the kernels, forced through the op's launch rule.  "dense" takes
     bfloat16 h, u and v only (other dtypes run the "expert" schedule, tested as such):
-    tests of other dtypes skip it."""
+    tests of other dtypes skip it.  It runs with its weight gradients as GEMMs
+    (``dense_weight_grads``); by sorted pairs they are the other schedules' kernel."""
     params = getattr(request.node, "callspec", None)
     dtype = params.params.get("dtype") if params is not None else None
     if request.param == "dense" and dtype is not None and dtype != torch.bfloat16:
         pytest.skip("the dense schedule takes bfloat16 only")
-    force_expert_schedule(monkeypatch, request.param)
+    extra = {"dense_weight_grads": True} if request.param == "dense" else {}
+    force_expert_schedule(monkeypatch, request.param, **extra)
     yield request.param
 
 
@@ -301,8 +303,8 @@ def test_poisoned_outputs(device, mode):
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=lambda d: str(d).split(".")[-1])
 def test_non_finite_inputs(dtype, device, mode):
-    """NaN of both signs, +-inf and subnormals in h, u and v: a, out and dw carry NaN and
-    inf exactly where the float64 formula does, finite entries agree."""
+    """NaN of both signs, +-inf and subnormals in h, u and v: a, out, dw, dh, du and dv
+    carry NaN and inf exactly where the float64 formula does, finite entries agree."""
     T, H, E, k = 19, 40, 36, 5
     h, up, down, w, idx, go = make_inputs(T, H, E, k, dtype, device, "distinct", seed=11)
     w = w.float()
@@ -323,9 +325,15 @@ def test_non_finite_inputs(dtype, device, mode):
     sig = torch.sigmoid(a_ref)
     da_ref = sig * (1 + a_ref * (1 - sig)) * wd * g_ref
     dh_ref = torch.einsum("tk,tkh->th", da_ref, ud[idx64])
-    for name, got, ref, tol in (("a", a, a_ref, 1e-5), ("out", out, out_ref, 1e-2 if dtype != torch.float32 else 1e-5),
-                                ("dw", dw, dw_ref, 1e-5),
-                                ("dh", dh, dh_ref, 1e-2 if dtype != torch.float32 else 1e-5)):
+    flat = idx64.reshape(-1)
+    du_ref = torch.zeros(E, H, dtype=torch.float64).index_add_(
+        0, flat, (da_ref[:, :, None] * hd[:, None, :]).reshape(-1, H))
+    dv_ref = torch.zeros(E, H, dtype=torch.float64).index_add_(
+        0, flat, ((z * wd)[:, :, None] * god[:, None, :]).reshape(-1, H))
+    low = 1e-2 if dtype != torch.float32 else 1e-5
+    for name, got, ref, tol in (("a", a, a_ref, 1e-5), ("out", out, out_ref, low),
+                                ("dw", dw, dw_ref, 1e-5), ("dh", dh, dh_ref, low),
+                                ("du", dup, du_ref, low), ("dv", ddown, dv_ref, low)):
         got = got.detach().cpu().double()
         assert torch.equal(got.isnan(), ref.isnan()), name
         assert torch.equal(got == float("inf"), ref == float("inf")), name
@@ -620,7 +628,7 @@ def test_autocast_leaves_the_op_unchanged(path, tables, monkeypatch):
     (the PyTorch path's bmm and the dense schedule's GEMMs are ops autocast would recast;
     the backward runs under the same autocast here)."""
     if tables == "bf16-dense":
-        force_expert_schedule(monkeypatch, "dense")
+        force_expert_schedule(monkeypatch, "dense", dense_weight_grads=True)
         dtypes = (torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32)
     else:
         dtypes = (torch.bfloat16, torch.float32, torch.float32, torch.float32)
@@ -635,12 +643,14 @@ def test_autocast_leaves_the_op_unchanged(path, tables, monkeypatch):
 
 # --------------------------------------------------------------------------- dense schedule
 
-@pytest.mark.parametrize("chunk", [0, 16, 33], ids=lambda c: f"chunk{c}")
-def test_dense_chunks(chunk, device, monkeypatch):
-    """The dense forward in one chunk of experts or several (a short last one), with
-    duplicate experts in a token's slots (recomputed pair by pair): out and every
-    gradient against float64, three calls on fresh inputs."""
-    force_expert_schedule(monkeypatch, "dense", dense_chunk=chunk)
+@pytest.mark.parametrize("chunk,gemm_grads", [(0, True), (16, True), (33, True), (16, False)],
+                         ids=("chunk0", "chunk16", "chunk33", "chunk16-pair-grads"))
+def test_dense_chunks(chunk, gemm_grads, device, monkeypatch):
+    """The dense schedule in one chunk of experts or several (a short last one), with
+    duplicate experts in a token's slots (recomputed pair by pair), the weight gradients
+    as GEMMs (the rule) or by sorted pairs: out and every gradient against float64, three
+    calls on fresh inputs."""
+    force_expert_schedule(monkeypatch, "dense", dense_chunk=chunk, dense_weight_grads=gemm_grads)
     for call in range(3):
         inputs = make_inputs(23, 40, 70, 9, torch.bfloat16, device, "random", seed=40 + call)
         assert (inputs[4][:, :, None] == inputs[4][:, None, :]).sum() > 23 * 9   # duplicates
@@ -652,7 +662,7 @@ def test_dense_non_finite_unused_expert(table, device, monkeypatch):
     """A NaN and an infinity in the u (or v) row of an expert no token routes to: the
     dense products multiply it by zeros, so every token is recomputed pair by pair and
     out and every gradient stay those of the float64 formula (which never reads it)."""
-    force_expert_schedule(monkeypatch, "dense", dense_chunk=16)
+    force_expert_schedule(monkeypatch, "dense", dense_chunk=16, dense_weight_grads=True)
     h, up, down, w, idx, go = make_inputs(21, 40, 50, 6, torch.bfloat16, device, "distinct", seed=17)
     idx = torch.where(idx == 7, torch.full_like(idx, 8), idx)          # expert 7 unused
     t = up if table == "up" else down
@@ -663,6 +673,37 @@ def test_dense_non_finite_unused_expert(table, device, monkeypatch):
         assert torch.equal(g[7], torch.zeros_like(g[7]))
         g[7] = 0
     check_against_float64(h, up.nan_to_num(0, 0, 0), down.nan_to_num(0, 0, 0), w, idx, go, "gelu", got)
+
+
+def test_dense_infinite_row_with_zero_coefficients(device, monkeypatch):
+    """An infinity in h whose pairs all get a = -inf, so that relu gives c = 0 and da = 0:
+    nothing in the coefficients marks the token, yet du_e = sum da_p h_t holds
+    0 * inf = NaN in that column for each of its experts (the float64 formula's pattern);
+    the weight gradients as GEMMs must sum that token pair by pair."""
+    force_expert_schedule(monkeypatch, "dense", dense_chunk=16, dense_weight_grads=True)
+    T, H, E, k = 9, 16, 40, 4
+    h, up, down, w, idx, go = make_inputs(T, H, E, k, torch.bfloat16, device, "distinct", seed=9)
+    h[2, 5] = float("inf")
+    up[idx[2].long(), 5] = -1.0                         # a[2, :] = -inf, relu: c = da = 0
+    out, a, se, perm = kern.expert_forward(h, up, down, w, idx, "relu")
+    assert torch.isneginf(a[2]).all()
+    dh, dup, ddown, dw = kern.expert_backward(go, h, up, down, w, idx, a, se, perm, "relu")
+    hd, wd, god = h.cpu().double(), w.cpu().double(), go.cpu().double()
+    a_ref = a.cpu().double()
+    z = a_ref.clamp(min=0)
+    g_ref = torch.einsum("th,tkh->tk", god, down.cpu().double()[idx.cpu().long()])
+    da_ref = (a_ref > 0).double() * wd * g_ref
+    flat = idx.cpu().long().reshape(-1)
+    du_ref = torch.zeros(E, H, dtype=torch.float64).index_add_(
+        0, flat, (da_ref[:, :, None] * hd[:, None, :]).reshape(-1, H))
+    dv_ref = torch.zeros(E, H, dtype=torch.float64).index_add_(
+        0, flat, ((z * wd)[:, :, None] * god[:, None, :]).reshape(-1, H))
+    assert du_ref.isnan().sum() == k
+    for name, got, ref in (("du", dup, du_ref), ("dv", ddown, dv_ref)):
+        got = got.cpu().double()
+        assert torch.equal(got.isnan(), ref.isnan()) and torch.isfinite(got).sum() == ref.isfinite().sum(), name
+        fin = ref.isfinite()
+        torch.testing.assert_close(got[fin], ref[fin], rtol=1e-2, atol=1e-2 * ref[fin].abs().max().item())
 
 
 def test_dense_coefficient_beyond_bfloat16(device):
@@ -710,13 +751,13 @@ def test_dense_rule():
 
 @pytest.mark.parametrize("chunk", [0, 16], ids=lambda c: f"chunk{c}")
 def test_dense_bfloat16_precision(chunk, device, monkeypatch):
-    """``precision="bfloat16"`` in the dense schedule: out and dh within the float64
-    formula's bound plus 2^-8 of their magnitude (each coefficient rounded to bfloat16
-    once) and different from the exact precision's; the weight gradients, the routing
-    weights' gradient and the out / dh rows of tokens with a repeated expert (recomputed
-    pair by pair from float32 coefficients) bitwise the exact precision's.  Three calls
-    on fresh inputs."""
-    force_expert_schedule(monkeypatch, "dense", dense_chunk=chunk)
+    """``precision="bfloat16"`` in the dense schedule: out, dh, du and dv within the
+    float64 formula's bound plus 2^-8 of their magnitude (each coefficient rounded to
+    bfloat16 once) and different from the exact precision's; the routing weights'
+    gradient and the out / dh rows of tokens with a repeated expert (recomputed pair by
+    pair from float32 coefficients) bitwise the exact precision's.  Three calls on fresh
+    inputs."""
+    force_expert_schedule(monkeypatch, "dense", dense_chunk=chunk, dense_weight_grads=True)
     for call in range(3):
         inputs = make_inputs(23, 40, 70, 9, torch.bfloat16, device, "random", seed=60 + call)
         idx = inputs[4]
@@ -725,13 +766,13 @@ def test_dense_bfloat16_precision(chunk, device, monkeypatch):
         exact = run_op(*inputs, ACTS[call])
         fast = run_op(*inputs, ACTS[call], fn=partial(omni_expert, precision="bfloat16"))
         want, mag, n_ops = expert_oracle(*inputs, ACTS[call])
-        for i in (0, 1):
+        for i in (0, 1, 2, 3):
             extra = 2 * accumulation_bound(n_ops, mag[i]) + 2.0**-8 * mag[i]
             assert_close_ulps(fast[i], want[i], 0.5, torch.bfloat16, extra, NAMES[i])
             assert not torch.equal(fast[i], exact[i]), NAMES[i]
+        for i in (0, 1):
             assert torch.equal(fast[i][repeat], exact[i][repeat]), NAMES[i]
-        for i in (2, 3, 4):
-            assert torch.equal(fast[i], exact[i]), NAMES[i]
+        assert torch.equal(fast[4], exact[4])
 
 
 @pytest.mark.parametrize("schedule", ["token", "expert", "rows"])
@@ -748,13 +789,14 @@ def test_bfloat16_precision_elsewhere_exact(schedule, path, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="large sizes need CUDA")
+@pytest.mark.parametrize("gemm_grads", [False, True], ids=("pair-grads", "gemm-grads"))
 @pytest.mark.parametrize("case", [(300, 256, 50000, 800, 0), (512, 256, 4096, 300, 1000)],
                          ids=lambda c: "T{}_H{}_E{}_k{}_chunk{}".format(*c))
-def test_dense_large_gpu(case, monkeypatch):
-    """The dense schedule through cuBLAS (one chunk; five, the last short) against
-    float64, three calls on fresh inputs."""
+def test_dense_large_gpu(case, gemm_grads, monkeypatch):
+    """The dense schedule through cuBLAS (one chunk; five, the last short), its weight
+    gradients by sorted pairs or as GEMMs, against float64, three calls on fresh inputs."""
     T, H, E, k, chunk = case
-    force_expert_schedule(monkeypatch, "dense", dense_chunk=chunk)
+    force_expert_schedule(monkeypatch, "dense", dense_chunk=chunk, dense_weight_grads=gemm_grads)
     for call in range(3):
         inputs = make_inputs(T, H, E, k, torch.bfloat16, "cuda", "distinct", seed=call)
         check_against_float64(*inputs, ACTS[call], run_op(*inputs, ACTS[call]))
