@@ -30,7 +30,8 @@ per-pair semantics exactly (only slower).
 The backward runs the same way with the tables swapped: G = do V^T gives g_p, the pairs
 kernel writes dw_p and da_p = act'(a_p) w_p g_p, and dh += DA_i U (flagged rows: the
 gather-combine of u, every row when u holds a non-finite value).  The weight gradients
-(``dense_weight_grads``) are GEMMs of the same kind: per chunk du = DA_i^T h and
+are the sorted pairs' ``_expert_grad_kernel`` or, with ``ExpertConfig.dense_weight_grads``
+(``dense_weight_grads``), GEMMs of the same kind: per chunk du = DA_i^T h and
 dv = C_i^T do into float32 accumulators; the pairs the parts cannot hold (a token that
 repeats an expert or whose h or do row is not finite, a da_p or c_p not finite or beyond
 bfloat16) are left out of the parts and added pair by pair, grouped by expert with one

@@ -213,13 +213,15 @@ def test_only_some_inputs_need_grad(device, mode):
 
 def test_custom_op_path_matches_eager_path(device, mode):
     """omni_expert runs an autograd.Function eagerly and the custom ops under
-    torch.compile; both call the same implementation: identical bits."""
+    torch.compile; both call the same implementation: identical bits, at either
+    precision."""
     inputs = make_inputs(13, 24, 9, 3, torch.bfloat16, device, "random", seed=23)
-    eager = run_op(*inputs, "silu")
-    via_op = run_op(*inputs, "silu",
-                    fn=lambda *a: torch.ops.omni_moe.expert_forward(*a)[0])
-    for x, y in zip(eager, via_op):
-        assert torch.equal(x, y)
+    for precision in ("exact", "bfloat16"):
+        eager = run_op(*inputs, "silu", fn=partial(omni_expert, precision=precision))
+        via_op = run_op(*inputs, "silu", fn=lambda *a: torch.ops.omni_moe.expert_forward(
+            *a, False, precision)[0])
+        for x, y in zip(eager, via_op):
+            assert torch.equal(x, y), precision
     # A .sum() loss hands the backward an expanded (stride-0) gradient.
     h, up, down, w, idx, _ = inputs
     leaves = [x.detach().clone().requires_grad_() for x in (h, up, down, w)]
