@@ -453,17 +453,14 @@ def _expert_grad_kernel(
         start = tl.load(OFFSETS + es, mask=e_ok, other=0)
         cnt = tl.load(OFFSETS + es + 1, mask=e_ok, other=0) - start
         n = tl.max(cnt, axis=0)
+        acc_u = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
+        acc_v = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
         if ACC:
             m_acc = e_ok[:, None] & col_ok[None, :]
-            acc_u = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
-            acc_v = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
             if COMPUTE_DU:
                 acc_u = _rows_f32(ACC_U, es, cols, m_acc, stride_acc, 1)
             if COMPUTE_DV:
                 acc_v = _rows_f32(ACC_V, es, cols, m_acc, stride_acc, 1)
-        else:
-            acc_u = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
-            acc_v = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
         for j0 in range(0, loop_bound(n), UNROLL):
             for jj in tl.static_range(UNROLL):
                 ok = (j0 + jj) < cnt
