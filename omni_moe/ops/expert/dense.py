@@ -189,18 +189,20 @@ def dense_chunk(T: int, E: int, chunk: int = 0, parts: int = 3) -> int:
 
 
 def _dense_sum(x, rows, sums, w, idx, a, coef, dw, act_id: int, log_weights: bool, chunk: int,
-               fixup, backward: bool, write_parts: bool, nparts: int):
+               fixup, backward: bool, write_parts: bool, nparts: int, mark_repeats: bool = False):
     """The chunk loop of both directions: per chunk S = x rows_chunk^T, the pairs kernel,
     and (``write_parts``) acc += the ``nparts`` parts times sums_chunk; then ``fixup`` of
-    the flagged rows.  Returns the float32 (T, H) accumulator and the (T,) int32 marks of
-    the tokens that name an expert twice (both None without parts)."""
+    the flagged rows.  Returns the float32 (T, H) accumulator (None without parts) and,
+    with ``mark_repeats`` and parts, the (T,) int32 marks of the tokens that name an
+    expert twice (else None)."""
     T = x.shape[0]
     K = idx.shape[1]
     E, H = rows.shape
     dev = x.device
     n_max = dense_chunk(T, E, chunk, nparts)
     flag = torch.zeros((T,), dtype=torch.int32, device=dev)
-    dup = torch.zeros((T,), dtype=torch.int32, device=dev) if write_parts else None
+    # Without marks of their own the kernel writes them into flag, which holds them anyway.
+    dup = torch.zeros((T,), dtype=torch.int32, device=dev) if write_parts and mark_repeats else None
     vmin, vmax = torch.aminmax(sums) if write_parts else (flag, flag)
     acc = torch.zeros((T, H), dtype=torch.float32, device=dev) if write_parts else None
     parts_buf = torch.empty((nparts, T, n_max if write_parts else 1), dtype=torch.bfloat16,
@@ -262,15 +264,16 @@ def dense_forward(h, up, down, w, idx, a, out, act_id: int, log_weights: bool, c
 
 
 def dense_backward(grad_out, h, up, down, w, idx, a, dw, da, dh, act_id: int, log_weights: bool,
-                   chunk: int, fixup, precision: str = "exact"):
+                   chunk: int, fixup, precision: str = "exact", mark_repeats: bool = False):
     """dw (T, K), da (T, K) float32 (for the weight gradients) and, if ``dh`` is given,
     dh (T, H), written in the dense schedule (grad_out, h, up, down bfloat16).
 
     Per chunk G = do V^T (float32 output of exact products) gives g_p; the pairs kernel
     writes dw and da and, for dh, the parts of da (``PRECISIONS[precision]``), summed
     against U as the forward sums c against V; ``fixup`` (a gather-combine launch of u)
-    recomputes the flagged rows.  Returns, when ``dh`` is given, the (T,) int32 marks of
-    the tokens that name an expert twice (for ``dense_weight_grads``), else None.
+    recomputes the flagged rows.  Returns, with ``mark_repeats`` and ``dh`` given, the
+    (T,) int32 marks of the tokens that name an expert twice (for ``dense_weight_grads``),
+    else None.
     """
     T, H = h.shape
     K = idx.shape[1]
@@ -284,7 +287,7 @@ def dense_backward(grad_out, h, up, down, w, idx, a, dw, da, dh, act_id: int, lo
             dh.zero_()
         return
     acc, repeats = _dense_sum(grad_out, down, up, w, idx, a, da, dw, act_id, log_weights, chunk,
-                              fixup, True, dh is not None, PRECISIONS[precision])
+                              fixup, True, dh is not None, PRECISIONS[precision], mark_repeats)
     if dh is not None:
         dh.copy_(acc)
     return repeats
@@ -360,7 +363,7 @@ def dense_grad_chunk(T: int, E: int, H: int, chunk: int = 0, parts: int = 3) -> 
 
 
 def dense_weight_grads(grad_out, h, w, idx, a, da, repeats, dup, ddown, act_id: int,
-                       log_weights: bool, chunk: int, key_dtype, fixup,
+                       log_weights: bool, chunk: int, key_dtype, group, fixup,
                        precision: str = "exact"):
     """du (``dup``, (E, H)) and dv (``ddown``) of the dense schedule, either None: not
     wanted; every row written.  ``a``, ``da``: the (T, K) float32 pre-activations and
@@ -368,7 +371,8 @@ def dense_weight_grads(grad_out, h, w, idx, a, da, repeats, dup, ddown, act_id: 
     expert twice.
 
     Keys (``_fix_keys_kernel``, ``key_dtype`` wide enough for E) pick the pairs summed pair
-    by pair -- usually none --, one stable sort groups them by expert; then per chunk of
+    by pair -- usually none --, ``group(key)`` (a stable sort) gives their permutation and
+    per-expert offsets; then per chunk of
     experts: zero the parts, ``_weight_parts_kernel``, acc_u = sum_i DA_i^T h and acc_v =
     sum_i C_i^T do (float32 GEMMs of exact products; h and do with their non-finite rows
     zeroed), and ``fixup(offsets, perm, acc_u, acc_v, du_chunk, dv_chunk)`` adds the keyed
@@ -386,10 +390,7 @@ def dense_weight_grads(grad_out, h, w, idx, a, da, repeats, dup, ddown, act_id: 
         idx, a, da, w, repeats, rowbad, key, K, E,
         idx.stride(0), idx.stride(1), w.stride(0), w.stride(1),
         ACT=act_id, LOG_W=log_weights, BLOCK_K=block_k, num_warps=4)
-    sorted_key, perm = torch.sort(key.view(-1), stable=True)
-    bounds = torch.arange(E + 1, dtype=sorted_key.dtype, device=dev)
-    offsets = torch.searchsorted(sorted_key, bounds, out_int32=True)
-    del sorted_key
+    perm, offsets = group(key)
     keep = rowbad[:, None] == 0
     hm = torch.where(keep, h, 0) if dup is not None else None
     gm = torch.where(keep, grad_out, 0) if ddown is not None else None

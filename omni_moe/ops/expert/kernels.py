@@ -980,15 +980,20 @@ def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_w
         dense = False
     da = torch.empty((T, K), dtype=torch.float32, device=dev)
     if dense:
+        # The weight gradients as GEMMs need the dense (E, H) layout and the marks of
+        # repeated experts, which the pairs kernel finds while it writes dh's parts.
+        gemm_grads = need_w and cfg.dense_weight_grads and need_dh and used_rows is None
         repeats = dense_backward(
             grad_out, hidden_states, up_weights, down_weights, routing_weights, indices, a, dw, da,
             dh if need_dh else None, ACT_ID[act], bool(log_weights), cfg.dense_chunk,
             lambda coef, flag, acc: launch_gather_combine(up_weights, indices, coef, acc,
                                                           cfg.gather, flag=flag),
-            precision)
-        # The weight gradients as GEMMs need the forward's marks of repeated experts
-        # (written with dh) and the dense (E, H) layout.
-        if need_w and cfg.dense_weight_grads and repeats is not None and used_rows is None:
+            precision, mark_repeats=gemm_grads)
+        if gemm_grads and repeats is not None:
+            def group(key):
+                sorted_key, pairs = group_pairs(key, E)
+                return pairs, expert_offsets(sorted_key, E)
+
             def fix(offsets, pairs, acc_u, acc_v, du, dv):
                 launch_expert_grads(offsets, pairs, a, da, routing_weights, hidden_states, grad_out,
                                     du, dv, act, log_weights, cfg.expert_grad,
@@ -997,7 +1002,7 @@ def expert_backward(grad_out, hidden_states, up_weights, down_weights, routing_w
             dense_weight_grads(grad_out, hidden_states, routing_weights, indices, a, da, repeats,
                                dup if need_dup else None, ddown if need_ddown else None,
                                ACT_ID[act], bool(log_weights), cfg.dense_chunk,
-                               sort_key_dtype(E), fix, precision)
+                               sort_key_dtype(E), group, fix, precision)
         elif need_w:
             sorted_e, perm = group_pairs(indices, E)
             weight_grads(sorted_e, perm, a, da, False)
